@@ -1,0 +1,45 @@
+# The one place that says how to build, run and test ferrumkv; CI calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: venv build run test rust-checks rust-test py-lint py-test bench clean
+
+$(VENV)/.ready: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.ready
+
+build: venv
+	maturin develop --release --quiet
+
+run: build
+	$(PY) -m ferrumkv replay
+
+rust-checks:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+rust-test:
+	cargo test --workspace
+
+py-lint: venv
+	ruff check python tests benches
+	ruff format --check python tests benches
+
+py-test: build
+	$(PY) -m pytest
+
+test: rust-checks rust-test py-lint py-test
+
+bench: build
+	$(PY) -m ferrumkv bench
+
+clean:
+	cargo clean
+	rm -rf $(VENV)
