@@ -1,0 +1,59 @@
+"""ferrumkv: a paged KV-cache engine for LLM serving, with a Rust core.
+
+    import ferrumkv
+    cfg = ferrumkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=128)
+    async with ferrumkv.KvCache(cfg) as cache:
+        seq = await cache.allocate("req-1", list(range(100)))
+"""
+
+from __future__ import annotations
+
+from ._core import CacheConfig, KvView, SequenceHandle, __version__
+from .cache import KvCache, Subscription
+from .errors import (
+    CacheClosedError,
+    CudaUnavailableError,
+    DuplicateRequestError,
+    FerrumKVError,
+    InvalidStateError,
+    OutOfBlocksError,
+    UnknownRequestError,
+)
+from .types import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    CacheStats,
+    EvictionEvent,
+    GcStats,
+    IterationStats,
+    PressureEvent,
+    PressureLevel,
+    TierStats,
+)
+
+__all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "CacheClosedError",
+    "CacheConfig",
+    "CacheStats",
+    "CudaUnavailableError",
+    "DuplicateRequestError",
+    "EvictionEvent",
+    "FerrumKVError",
+    "GcStats",
+    "InvalidStateError",
+    "IterationStats",
+    "KvCache",
+    "KvView",
+    "OutOfBlocksError",
+    "PressureEvent",
+    "PressureLevel",
+    "SequenceHandle",
+    "Subscription",
+    "TierStats",
+    "UnknownRequestError",
+    "__version__",
+]

@@ -1,0 +1,378 @@
+"""`KvCache`: the async engine that serving loops await.
+
+Every call goes straight to the Rust engine. A call that can finish at once returns
+without suspending and without a thread hop. A call that must wait for blocks gets a
+ticket; the coroutine parks on a future (asyncio) or Event (trio) until the engine
+signals the ticket through its eventfd (see `_dispatch`), then takes the result. A waiter
+that is cancelled or times out withdraws its ticket, and the engine gives back anything
+it had already granted, so no block is ever lost to an abandoned wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Union
+
+import numpy as np
+
+from . import _core
+from ._dispatch import Dispatcher
+from .errors import CacheClosedError, OutOfBlocksError
+from .types import (
+    CacheStats,
+    EvictionEvent,
+    GcStats,
+    IterationStats,
+    KvEvent,
+    PressureEvent,
+    PressureLevel,
+    _event_from_core,
+)
+
+log = logging.getLogger("ferrumkv")
+
+CacheConfig = _core.CacheConfig
+SequenceHandle = _core.SequenceHandle
+RequestId = Union[str, int]
+PressureCallback = Callable[[PressureEvent], Union[None, Awaitable[None]]]
+
+_NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
+
+
+class Subscription:
+    """A registered pressure callback; `cancel()` removes it (idempotent)."""
+
+    __slots__ = ("_cache", "callback")
+
+    def __init__(self, cache: KvCache, callback: PressureCallback) -> None:
+        self._cache: KvCache | None = cache
+        self.callback = callback
+
+    def cancel(self) -> None:
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache._unsubscribe(self)
+
+    @property
+    def active(self) -> bool:
+        return self._cache is not None
+
+
+class KvCache:
+    """A paged KV cache. See the README and API.md for the contract."""
+
+    def __init__(self, config: CacheConfig, *, clock_start: float | None = None) -> None:
+        """`clock_start`: run on a manual clock starting there (tests); see `set_time`."""
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, not {type(config).__name__}")
+        self.config = config
+        if clock_start is None:
+            self._core = _core.Engine(config)
+        else:
+            self._core = _core.Engine.with_manual_clock(config, float(clock_start))
+        self._subs: list[Subscription] = []
+        self._dispatcher = Dispatcher(self._core, self._fire_pressure)
+        self._async_tasks: set[Any] = set()
+        self._closed = False
+        dtype = _NUMPY_DTYPES.get(config.dtype, np.uint16)  # bfloat16: raw uint16 bits
+        self._np_dtype = np.dtype(dtype)
+        self._kv_shape = (config.num_kv_heads, config.head_dim)
+
+    # ----- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> KvCache:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __enter__(self) -> KvCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the cache (idempotent). Waiting calls fail with CacheClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._core.close()
+        self._dispatcher.close()
+        self._subs.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosedError("the cache is closed")
+
+    def set_time(self, now_s: float) -> None:
+        """Sets the manual clock (only for caches made with `clock_start`)."""
+        self._core.set_time(now_s)
+
+    # ----- waiting -------------------------------------------------------------------------
+
+    async def _settle(self, result: Any, timeout: float | None) -> SequenceHandle:
+        if type(result) is not int:
+            return result
+        ticket = result
+        try:
+            await self._dispatcher.wait(ticket, timeout)
+        except TimeoutError:
+            self._core.cancel_ticket(ticket)
+            raise OutOfBlocksError(f"no blocks became free within {timeout} s") from None
+        except BaseException:
+            self._core.cancel_ticket(ticket)
+            raise
+        return self._core.take_ticket(ticket)
+
+    @staticmethod
+    def _check_timeout(timeout: float | None) -> None:
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"timeout must be None or >= 0, got {timeout!r}")
+
+    # ----- the engine calls ----------------------------------------------------------------
+
+    async def allocate(
+        self,
+        request_id: RequestId,
+        tokens: Sequence[int] | np.ndarray,
+        *,
+        salt: str | bytes | int | None = None,
+        timeout: float | None = None,
+    ) -> SequenceHandle:
+        """Reserves KV space for `tokens`, reusing the longest cached prefix; waits for
+        blocks (first come, first served) up to `timeout` seconds (0: never)."""
+        if self._subs:
+            self._dispatcher.attach()
+        if timeout is not None:
+            self._check_timeout(timeout)
+        r = self._core.allocate(request_id, tokens, salt, timeout != 0)
+        return await self._settle(r, timeout)
+
+    def try_allocate(
+        self,
+        request_id: RequestId,
+        tokens: Sequence[int] | np.ndarray,
+        *,
+        salt: str | bytes | int | None = None,
+    ) -> SequenceHandle | None:
+        """Like `allocate`, synchronous and never waiting: None when blocks are short."""
+        return self._core.try_allocate(request_id, tokens, salt)
+
+    async def extend(
+        self,
+        request_id: RequestId,
+        tokens: Sequence[int] | np.ndarray | int,
+        *,
+        timeout: float | None = None,
+    ) -> SequenceHandle:
+        """Appends generated tokens (ids, or an int count when ids are unknown)."""
+        if self._subs:
+            self._dispatcher.attach()
+        if timeout is not None:
+            self._check_timeout(timeout)
+        r = self._core.extend(request_id, tokens, timeout != 0)
+        return await self._settle(r, timeout)
+
+    def try_extend(
+        self, request_id: RequestId, tokens: Sequence[int] | np.ndarray | int
+    ) -> SequenceHandle | None:
+        """Like `extend`, synchronous and never waiting: None when blocks are short."""
+        try:
+            return self._core.extend(request_id, tokens, False)
+        except OutOfBlocksError:
+            return None
+
+    async def extend_many(
+        self, items: Iterable[tuple[RequestId, Sequence[int] | np.ndarray | int]]
+    ) -> list[SequenceHandle]:
+        """One decode step: extends each sequence in turn (waiting where needed)."""
+        return [await self.extend(rid, toks) for rid, toks in items]
+
+    async def deallocate(self, request_id: RequestId) -> None:
+        """Releases the sequence: full hashed blocks stay cached (evictable)."""
+        self._core.deallocate(request_id)
+
+    async def fork(self, parent_id: RequestId, child_id: RequestId) -> SequenceHandle:
+        """The child shares every block of the parent, copy-on-write."""
+        return self._core.fork(parent_id, child_id)
+
+    async def gc(self, *, target_free_ratio: float | None = None) -> GcStats:
+        """Evicts LRU cached blocks until the blank share of the device tier reaches the
+        target (default: low_watermark)."""
+        return GcStats(**self._core.gc(target_free_ratio))
+
+    def can_allocate(self, num_tokens: int) -> bool:
+        return self._core.can_allocate(num_tokens)
+
+    def get(self, request_id: RequestId) -> SequenceHandle | None:
+        return self._core.get(request_id)
+
+    def __contains__(self, request_id: object) -> bool:
+        return request_id in self._core
+
+    def __len__(self) -> int:
+        return len(self._core)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drops every evictable cached block; False (nothing dropped) while any sequence
+        is live."""
+        return self._core.reset_prefix_cache()
+
+    # ----- pressure ------------------------------------------------------------------------
+
+    @property
+    def pressure_level(self) -> PressureLevel:
+        return PressureLevel(self._core.pressure_level())
+
+    def on_pressure(self, callback: PressureCallback) -> Subscription:
+        """Calls `callback(event)` (plain or async) on each change of pressure level, on the
+        event loop's thread. A callback that raises is logged and counted."""
+        self._check_open()
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        sub = Subscription(self, callback)
+        self._subs.append(sub)
+        self._core.set_subscribed(True)
+        if _in_async_context():
+            self._dispatcher.attach()
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+        if not self._subs and not self._closed:
+            self._core.set_subscribed(False)
+
+    def _fire_pressure(self, raw: tuple[int, ...]) -> None:
+        level, previous, free, evictable, total, needed = raw
+        event = PressureEvent(
+            PressureLevel(level), PressureLevel(previous), free, evictable, total, needed
+        )
+        for sub in list(self._subs):
+            if not sub.active:
+                continue
+            try:
+                result = sub.callback(event)
+                if inspect.isawaitable(result):
+                    self._spawn(result)
+            except Exception:
+                log.exception("ferrumkv pressure callback %r raised", sub.callback)
+                self._core.record_callback_error()
+
+    def _spawn(self, awaitable: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await awaitable
+            except Exception:
+                log.exception("ferrumkv async pressure callback raised")
+                if not self._closed:
+                    self._core.record_callback_error()
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            task = loop.create_task(guarded())
+            self._async_tasks.add(task)
+            task.add_done_callback(self._async_tasks.discard)
+        else:
+            import trio
+
+            trio.lowlevel.spawn_system_task(guarded)
+
+    # ----- stats and events ----------------------------------------------------------------
+
+    def stats(self) -> CacheStats:
+        return CacheStats._from_core(self._core.stats())
+
+    def iteration_stats(self) -> IterationStats:
+        return IterationStats._from_core(self._core.iteration_stats())
+
+    def drain_events(self) -> list[KvEvent]:
+        return [_event_from_core(e) for e in self._core.drain_events()]
+
+    def drain_eviction_events(self) -> list[EvictionEvent]:
+        return [
+            EvictionEvent(life, idle, tuple(gaps))
+            for life, idle, gaps in self._core.drain_eviction_events()
+        ]
+
+    # ----- data ----------------------------------------------------------------------------
+
+    def block_table(self, request_ids: Sequence[RequestId], pad: int = -1) -> np.ndarray:
+        """int32 `[len(request_ids), max_blocks]` block ids, padded with `pad`."""
+        raw, rows, cols = self._core.block_table(list(request_ids), int(pad))
+        return np.frombuffer(raw, dtype=np.int32).reshape(rows, cols)
+
+    def kv_view(self, layer: int) -> Any:
+        """Zero-copy DLPack view `[num_blocks, 2, block_size, heads, head_dim]` of a layer."""
+        return self._core.kv_view(layer)
+
+    def _kv_array(self, name: str, a: Any, n: int | None) -> np.ndarray:
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name} must be a numpy array, not {type(a).__name__}")
+        if a.dtype != self._np_dtype:
+            raise TypeError(f"{name} must have dtype {self._np_dtype} (the cache's), not {a.dtype}")
+        if a.ndim != 3 or a.shape[1:] != self._kv_shape or (n is not None and a.shape[0] != n):
+            want = f"[{'n' if n is None else n}, {self._kv_shape[0]}, {self._kv_shape[1]}]"
+            raise ValueError(f"{name} must have shape {want}, got {list(a.shape)}")
+        return np.ascontiguousarray(a)
+
+    def write_kv(self, request_id: RequestId, layer: int, start: int, k: Any, v: Any) -> None:
+        """Copies K and V (`[n, num_kv_heads, head_dim]` of the cache's dtype) into token
+        positions `start .. start+n` of one layer of the sequence."""
+        k = self._kv_array("k", k, None)
+        v = self._kv_array("v", v, k.shape[0])
+        _check_index("layer", layer)
+        _check_index("start", start)
+        self._core.write_kv(request_id, layer, start, k.view(np.uint8), v.view(np.uint8))
+
+    def read_kv(
+        self, request_id: RequestId, layer: int, start: int, n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Copies K and V of token positions `start .. start+n` of one layer out."""
+        _check_index("layer", layer)
+        _check_index("start", start)
+        _check_index("n", n)
+        k = np.empty((n, *self._kv_shape), dtype=self._np_dtype)
+        v = np.empty_like(k)
+        self._core.read_kv(request_id, layer, start, k.view(np.uint8), v.view(np.uint8), k.nbytes)
+        return k, v
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self)} sequences"
+        c = self.config
+        return f"KvCache(device={c.device!r}, num_blocks={c.num_blocks}, {state})"
+
+
+def _check_index(name: str, v: object) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def _in_async_context() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_trio_token()
+        return True
+    except RuntimeError:
+        return False

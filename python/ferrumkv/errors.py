@@ -1,0 +1,45 @@
+"""The exception tree of ferrumkv (see API.md "Errors")."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CacheClosedError",
+    "CudaUnavailableError",
+    "DuplicateRequestError",
+    "FerrumKVError",
+    "InvalidStateError",
+    "OutOfBlocksError",
+    "UnknownRequestError",
+]
+
+
+class FerrumKVError(Exception):
+    """Base of every error the engine raises (bad argument types/values raise the
+    built-in TypeError / ValueError)."""
+
+
+class OutOfBlocksError(FerrumKVError):
+    """Not enough blocks: the request can never fit, or waiting ended (timeout)."""
+
+
+class UnknownRequestError(FerrumKVError, KeyError):
+    """No live sequence has this request id."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateRequestError(FerrumKVError, ValueError):
+    """A live or waiting sequence already has this request id."""
+
+
+class InvalidStateError(FerrumKVError):
+    """The call does not fit the sequence's state (e.g. extend of a swapped-out one)."""
+
+
+class CacheClosedError(FerrumKVError):
+    """The cache was closed."""
+
+
+class CudaUnavailableError(FerrumKVError):
+    """`device="cuda:N"` without a usable CUDA driver or GPU."""

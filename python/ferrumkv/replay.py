@@ -1,0 +1,602 @@
+"""Drive a :class:`~ferrumkv.KvCache` the way a serving loop would (``ferrumkv replay``).
+
+Every request is an asyncio task: it waits for its arrival (and for the previous turn of its
+chat), takes one of ``max_concurrency`` slots, allocates its prompt, decodes one token per
+step (yielding to the other tasks between steps) and deallocates.
+
+Scheduling follows vLLM's first-come-first-served policy:
+
+* Admission is FIFO. A request is admitted when no preempted sequence is waiting to resume
+  and its prompt leaves the device tier above the CRITICAL watermark (or nothing runs).
+* On CRITICAL pressure (reported through ``on_pressure``) a controller task preempts the
+  newest running sequences, never the oldest one, until the level drops. Preemption is a
+  ``swap_out`` when the cache has a host tier, otherwise ``deallocate`` followed later by
+  recomputation (re-allocating the tokens so far, which the prefix cache mostly serves).
+* A sequence whose extend cannot get a block within ``wait_timeout_s`` preempts itself,
+  unless it is the oldest running one, which keeps waiting: everything newer yields to it.
+  A sequence that could not fit even in an empty device tier is rejected.
+* Preempted sequences resume oldest first once the device tier would stay at LOW pressure
+  with them back (or nothing else runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import math
+import sys
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from ferrumkv import CacheConfig, KvCache, OutOfBlocksError, PressureLevel
+from ferrumkv.workload import InfiniteCacheHits, Request, Workload
+
+PROGRESS_INTERVAL_S = 0.1
+"""How often the progress line on stderr is redrawn."""
+
+
+@dataclass(frozen=True)
+class ReplayOptions:
+    """How to replay a workload.
+
+    ``speedup``: arrival times are divided by it; ``None`` ignores them (as fast as
+    possible). ``wait_timeout_s``: how long one engine call may wait for blocks before the
+    scheduler reconsiders. ``sample_interval_s``: period of the time series kept for plots,
+    ``None`` for none.
+    """
+
+    max_concurrency: int
+    speedup: float | None = None
+    wait_timeout_s: float = 0.1
+    progress: bool = False
+    sample_interval_s: float | None = None
+
+
+@dataclass
+class Counters:
+    """What the serving loop itself counted."""
+
+    done: int = 0
+    rejected: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    swap_outs: int = 0
+    swap_ins: int = 0
+    recomputes: int = 0
+    critical_events: int = 0
+    engine_ops: int = 0
+    peak_usage: float = 0.0
+    peak_used_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One point of the time series: seconds since start, device usage, cumulative block hit
+    rate and pressure level."""
+
+    time_s: float
+    usage: float
+    hit_rate: float
+    pressure: int
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Everything a replay measured: loop counters, final engine stats, wall time, samples."""
+
+    counters: Counters
+    stats: Any
+    wall_s: float
+    samples: tuple[Sample, ...]
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A request between admission and completion."""
+
+    request: Request
+    order: int
+    prompt: np.ndarray
+    output: np.ndarray
+    generated: int = 0
+    busy: bool = False
+    preempted: bool = False
+    swapped: bool = False
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + self.generated
+
+    def tokens(self) -> np.ndarray:
+        """Prompt plus the tokens generated so far (what a recompute re-allocates)."""
+        return np.concatenate([self.prompt, self.output[: self.generated]])
+
+
+class _Broadcast:
+    """Wakes every current waiter on ``notify`` (unlike an Event, nobody has to clear it)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class ProgressBar:
+    """A one-line progress bar redrawn in place with ``\\r``."""
+
+    def __init__(self, total: int, stream: TextIO, width: int = 30) -> None:
+        self._total = total
+        self._stream = stream
+        self._width = width
+
+    def draw(self, finished: int, running: int, preempted: int, usage: float, elapsed: float):
+        """Redraw the line for ``finished`` of the total requests."""
+        filled = round(self._width * finished / self._total)
+        bar = "#" * filled + "-" * (self._width - filled)
+        self._stream.write(
+            f"\r[{bar}] {finished}/{self._total} requests  running {running}"
+            f"  preempted {preempted}  usage {usage:6.1%}  {elapsed:6.1f}s"
+        )
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.write("\n")
+        self._stream.flush()
+
+
+class _Replayer:
+    """The serving loop: request tasks, the preemption controller and the observers."""
+
+    def __init__(
+        self, cache: KvCache, config: CacheConfig, workload: Workload, options: ReplayOptions
+    ) -> None:
+        self._cache = cache
+        self._workload = workload
+        self._options = options
+        self._block_size = config.block_size
+        self._total_blocks = cache.stats().device.total_blocks
+        self._low_watermark = config.low_watermark
+        self._high_watermark = config.high_watermark
+        self._host_tier = config.host_blocks > 0
+        self.counters = Counters()
+        self.samples: list[Sample] = []
+        self._running: dict[str, _Sequence] = {}
+        self._preempted: list[_Sequence] = []
+        self._admitted = 0
+        self._finished = {request.request_id: asyncio.Event() for request in workload.requests}
+        self._slots = asyncio.Semaphore(options.max_concurrency)
+        self._admission = asyncio.Lock()
+        self._changed = _Broadcast()
+        self._wake_controller = asyncio.Event()
+        self._start = time.perf_counter()
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> float:
+        """Serve every request; return the wall time in seconds."""
+        subscription = self._cache.on_pressure(self._on_pressure)
+        self._start = time.perf_counter()
+        try:
+            async with asyncio.TaskGroup() as group:
+                requests = [group.create_task(self._serve(r)) for r in self._workload.requests]
+                helpers = [group.create_task(self._control())]
+                if self._options.sample_interval_s is not None:
+                    helpers.append(group.create_task(self._sample_periodically()))
+                if self._options.progress:
+                    helpers.append(group.create_task(self._show_progress()))
+                group.create_task(_cancel_when_done(requests, helpers))
+        except BaseExceptionGroup as group_error:
+            raise _first_leaf(group_error) from None
+        finally:
+            subscription.cancel()
+        self._sample()
+        return time.perf_counter() - self._start
+
+    async def _serve(self, request: Request) -> None:
+        """One request from arrival to completion (or rejection)."""
+        try:
+            await self._arrive(request)
+            async with self._slots:
+                seq = await self._admit(request)
+                if seq is not None and await self._decode(seq):
+                    await self._finish(seq)
+        finally:
+            self._finished[request.request_id].set()
+
+    async def _arrive(self, request: Request) -> None:
+        """Wait for the arrival time (scaled by the speedup) and the previous turn."""
+        if request.after is not None:
+            await self._finished[request.after].wait()
+        if self._options.speedup is not None:
+            due = self._start + request.arrival_s / self._options.speedup
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _admit(self, request: Request) -> _Sequence | None:
+        """Allocate the prompt, first come first served; ``None`` when rejected."""
+        vocab = self._workload.vocab_size
+        prompt = request.prompt_tokens(vocab)
+        async with self._admission:
+            while True:
+                await self._wait_for_room(len(prompt))
+                try:
+                    await self._engine(
+                        self._cache.allocate(
+                            request.request_id, prompt, timeout=self._options.wait_timeout_s
+                        )
+                    )
+                    break
+                except OutOfBlocksError:
+                    if self._never_fits(len(prompt)):
+                        self.counters.rejected += 1
+                        return None
+        self._admitted += 1
+        seq = _Sequence(request, self._admitted, prompt, request.output_tokens(vocab))
+        self._running[seq.request_id] = seq
+        self.counters.prompt_tokens += len(prompt)
+        self._note_usage()
+        return seq
+
+    async def _wait_for_room(self, num_tokens: int) -> None:
+        """Wait until no preempted sequence waits to resume and ``num_tokens`` fit without
+        making the pressure CRITICAL. A prompt that can never fit goes at once (the engine
+        rejects it)."""
+        while not self._never_fits(num_tokens) and (
+            self._preempted or not self._has_room(num_tokens, self._high_watermark)
+        ):
+            await self._changed.wait()
+
+    async def _decode(self, seq: _Sequence) -> bool:
+        """Generate the output one token per step; False when the sequence was rejected.
+
+        Each step first yields to the other tasks, so steps interleave and the last one is
+        directly followed by the deallocation (a finished sequence is never preempted).
+        """
+        while seq.generated < len(seq.output):
+            await asyncio.sleep(0)
+            if not await self._step(seq):
+                return False
+        return True
+
+    async def _step(self, seq: _Sequence) -> bool:
+        """Append the next token, preempting or rejecting this sequence when it cannot."""
+        while True:
+            while seq.preempted:
+                await seq.resumed.wait()
+            if await self._try_extend(seq):
+                return True
+            if self._never_fits(seq.num_tokens + 1):
+                await self._reject_running(seq)
+                return False
+            if seq is not self._oldest_running():
+                await self._preempt(seq)
+
+    async def _try_extend(self, seq: _Sequence) -> bool:
+        """One extend by the next token; False when no block came within the wait timeout."""
+        token = [int(seq.output[seq.generated])]
+        seq.busy = True
+        try:
+            await self._engine(
+                self._cache.extend(seq.request_id, token, timeout=self._options.wait_timeout_s)
+            )
+        except OutOfBlocksError:
+            self._notify()
+            return False
+        finally:
+            seq.busy = False
+        seq.generated += 1
+        self.counters.generated_tokens += 1
+        if (seq.num_tokens - 1) % self._block_size == 0:
+            self._note_usage()
+        return True
+
+    async def _finish(self, seq: _Sequence) -> None:
+        del self._running[seq.request_id]
+        await self._engine(self._cache.deallocate(seq.request_id))
+        self.counters.done += 1
+        self._notify()
+
+    async def _reject_running(self, seq: _Sequence) -> None:
+        """Drop a sequence that outgrew the whole device tier."""
+        del self._running[seq.request_id]
+        await self._engine(self._cache.deallocate(seq.request_id))
+        self.counters.rejected += 1
+        self._notify()
+
+    # ------------------------------------------------------------------ preemption
+
+    async def _control(self) -> None:
+        """Rebalance whenever something changed (pressure level, a finish, a failed wait)."""
+        while True:
+            await self._wake_controller.wait()
+            self._wake_controller.clear()
+            await self._rebalance()
+
+    async def _rebalance(self) -> None:
+        """Preempt the newest sequences while CRITICAL, else resume the oldest preempted."""
+        while self._cache.pressure_level is PressureLevel.CRITICAL:
+            victim = self._newest_preemptible()
+            if victim is None:
+                break
+            await self._preempt(victim)
+        while self._preempted and self._cache.pressure_level is not PressureLevel.CRITICAL:
+            seq = self._preempted[0]
+            if self._running and not self._has_room(seq.num_tokens, self._low_watermark):
+                break
+            if not await self._resume(seq):
+                break
+
+    async def _preempt(self, seq: _Sequence) -> None:
+        """Take a running sequence off the device: swap it out, or drop it to recompute."""
+        del self._running[seq.request_id]
+        seq.preempted = True
+        seq.resumed.clear()
+        self.counters.preemptions += 1
+        seq.swapped = self._host_tier and await self._swap_out(seq)
+        if not seq.swapped:
+            await self._engine(self._cache.deallocate(seq.request_id))
+        bisect.insort(self._preempted, seq, key=lambda s: s.order)
+        self._notify()
+
+    async def _swap_out(self, seq: _Sequence) -> bool:
+        """Move the sequence to the host tier; False when the host tier is full."""
+        try:
+            await self._engine(self._cache.swap_out(seq.request_id))
+        except OutOfBlocksError:
+            return False
+        self.counters.swap_outs += 1
+        return True
+
+    async def _resume(self, seq: _Sequence) -> bool:
+        """Bring a preempted sequence back; False when its blocks are not available yet."""
+        try:
+            if seq.swapped:
+                async with asyncio.timeout(self._options.wait_timeout_s):
+                    await self._engine(self._cache.swap_in(seq.request_id))
+                self.counters.swap_ins += 1
+            else:
+                await self._engine(
+                    self._cache.allocate(
+                        seq.request_id, seq.tokens(), timeout=self._options.wait_timeout_s
+                    )
+                )
+                self.counters.recomputes += 1
+        except (OutOfBlocksError, TimeoutError):
+            return False
+        self._preempted.remove(seq)
+        self._running[seq.request_id] = seq
+        seq.preempted = False
+        seq.swapped = False
+        seq.resumed.set()
+        self._note_usage()
+        self._notify()
+        return True
+
+    def _newest_preemptible(self) -> _Sequence | None:
+        """The newest running sequence that is not inside an engine call and not the oldest."""
+        oldest = self._oldest_running()
+        candidates = [s for s in self._running.values() if not s.busy and s is not oldest]
+        return max(candidates, key=lambda s: s.order, default=None)
+
+    def _oldest_running(self) -> _Sequence | None:
+        return min(self._running.values(), key=lambda s: s.order, default=None)
+
+    def _on_pressure(self, event: Any) -> None:
+        """Pressure callback: note CRITICAL episodes, sample, and wake the controller."""
+        if event.level is PressureLevel.CRITICAL:
+            self.counters.critical_events += 1
+        if self._options.sample_interval_s is not None:
+            self._sample()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._wake_controller.set()
+        self._changed.notify()
+
+    # ------------------------------------------------------------------ capacity
+
+    def _never_fits(self, num_tokens: int) -> bool:
+        """Whether ``num_tokens`` need more blocks than the whole device tier holds."""
+        return math.ceil(num_tokens / self._block_size) > self._total_blocks
+
+    def _has_room(self, num_tokens: int, floor_ratio: float) -> bool:
+        """Whether ``num_tokens`` more tokens leave at least ``floor_ratio`` of the device
+        tier reclaimable (free or evictable)."""
+        free = self._cache.stats().device.free_blocks
+        needed = math.ceil(num_tokens / self._block_size)
+        return free - needed >= floor_ratio * self._total_blocks
+
+    async def _engine(self, call: Awaitable[Any]) -> Any:
+        """Await one engine call, counting it."""
+        self.counters.engine_ops += 1
+        return await call
+
+    # ------------------------------------------------------------------ observers
+
+    def _note_usage(self) -> None:
+        """Track the peak device usage (called whenever usage may have grown)."""
+        stats = self._cache.stats()
+        self.counters.peak_usage = max(self.counters.peak_usage, stats.usage)
+        self.counters.peak_used_blocks = max(
+            self.counters.peak_used_blocks, stats.device.used_blocks
+        )
+
+    def _sample(self) -> None:
+        stats = self._cache.stats()
+        elapsed = time.perf_counter() - self._start
+        self.samples.append(
+            Sample(elapsed, stats.usage, stats.cache_hit_rate, int(stats.pressure_level))
+        )
+
+    async def _sample_periodically(self) -> None:
+        interval = self._options.sample_interval_s
+        while True:
+            self._sample()
+            await asyncio.sleep(interval)
+
+    async def _show_progress(self) -> None:
+        bar = ProgressBar(len(self._workload), sys.stderr)
+        try:
+            while True:
+                self._draw(bar)
+                await asyncio.sleep(PROGRESS_INTERVAL_S)
+        finally:
+            self._draw(bar)
+            bar.close()
+
+    def _draw(self, bar: ProgressBar) -> None:
+        finished = self.counters.done + self.counters.rejected
+        usage = self._cache.stats().usage
+        elapsed = time.perf_counter() - self._start
+        bar.draw(finished, len(self._running), len(self._preempted), usage, elapsed)
+
+
+async def _cancel_when_done(requests: list[asyncio.Task], helpers: list[asyncio.Task]) -> None:
+    """Stop the helper tasks once every request task has finished."""
+    await asyncio.wait(requests)
+    for helper in helpers:
+        helper.cancel()
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    """The first exception inside a (possibly nested) exception group."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+async def replay(config: CacheConfig, workload: Workload, options: ReplayOptions) -> ReplayResult:
+    """Replay ``workload`` against a new cache built from ``config``."""
+    async with KvCache(config) as cache:
+        replayer = _Replayer(cache, config, workload, options)
+        wall_s = await replayer.run()
+        return ReplayResult(replayer.counters, cache.stats(), wall_s, tuple(replayer.samples))
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def summarize(result: ReplayResult, workload: Workload, infinite: InfiniteCacheHits) -> dict:
+    """The figures of a replay as one flat dict (the table's and the JSON file's)."""
+    counters, stats = result.counters, result.stats
+    return {
+        "workload": workload.description,
+        "requests": len(workload),
+        "requests_done": counters.done,
+        "requests_rejected": counters.rejected,
+        "prompt_tokens": counters.prompt_tokens,
+        "generated_tokens": counters.generated_tokens,
+        "block_hit_rate": stats.cache_hit_rate,
+        "infinite_block_hit_rate": infinite.block_hit_rate,
+        "token_hit_rate": stats.token_hit_rate,
+        "infinite_token_hit_rate": infinite.token_hit_rate,
+        "device_blocks": stats.device.total_blocks,
+        "peak_usage": counters.peak_usage,
+        "peak_used_blocks": counters.peak_used_blocks,
+        "critical_events": counters.critical_events,
+        "preemptions": counters.preemptions,
+        "swap_outs": counters.swap_outs,
+        "swap_ins": counters.swap_ins,
+        "recomputes": counters.recomputes,
+        "offload_blocks": stats.offload_blocks,
+        "offload_bytes": stats.offload_bytes,
+        "onboard_blocks": stats.onboard_blocks,
+        "onboard_bytes": stats.onboard_bytes,
+        "engine_ops": counters.engine_ops,
+        "engine_ops_per_s": counters.engine_ops / result.wall_s if result.wall_s else 0.0,
+        "wall_s": result.wall_s,
+    }
+
+
+def format_table(summary: dict) -> str:
+    """A two-column, human-readable table of a summary."""
+    s = summary
+    rows = [
+        ("workload", s["workload"]),
+        (
+            "requests",
+            f"{s['requests']} ({s['requests_done']} done, {s['requests_rejected']} rejected)",
+        ),
+        ("prompt tokens", f"{s['prompt_tokens']:,}"),
+        ("generated tokens", f"{s['generated_tokens']:,}"),
+        (
+            "block hit rate",
+            f"{s['block_hit_rate']:.1%} (infinite cache {s['infinite_block_hit_rate']:.1%})",
+        ),
+        (
+            "token hit rate",
+            f"{s['token_hit_rate']:.1%} (infinite cache {s['infinite_token_hit_rate']:.1%})",
+        ),
+        (
+            "peak usage",
+            f"{s['peak_usage']:.1%} ({s['peak_used_blocks']:,} of {s['device_blocks']:,} blocks)",
+        ),
+        ("CRITICAL episodes", f"{s['critical_events']:,}"),
+        (
+            "preemptions",
+            f"{s['preemptions']:,} ({s['swap_outs']:,} swapped out, "
+            f"{s['swap_ins']:,} swapped in, {s['recomputes']:,} recomputed)",
+        ),
+        ("offloaded", f"{_bytes(s['offload_bytes'])} ({s['offload_blocks']:,} blocks)"),
+        ("onboarded", f"{_bytes(s['onboard_bytes'])} ({s['onboard_blocks']:,} blocks)"),
+        ("engine ops", f"{s['engine_ops']:,} ({s['engine_ops_per_s']:,.0f}/s)"),
+        ("wall time", f"{s['wall_s']:.2f} s"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    rule = "-" * (width + 2 + max(len(value) for _, value in rows))
+    lines = [rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule]
+    return "\n".join(lines)
+
+
+def _bytes(count: float) -> str:
+    """A byte count with a binary unit."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count:.0f} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def write_json(path: Path, summary: dict, result: ReplayResult) -> None:
+    """Write the summary plus the final ``stats().to_dict()`` under ``"stats"``."""
+    document = {**summary, "stats": result.stats.to_dict()}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def write_plot(path: Path, samples: tuple[Sample, ...], title: str) -> None:
+    """Plot usage, cumulative hit rate and pressure level over time into an image."""
+    from matplotlib.figure import Figure
+
+    times = [sample.time_s for sample in samples]
+    figure = Figure(figsize=(9, 7), layout="constrained")
+    usage, hits, pressure = figure.subplots(3, 1, sharex=True)
+    usage.plot(times, [sample.usage for sample in samples])
+    usage.set_ylabel("device usage")
+    usage.set_ylim(0, 1.05)
+    hits.plot(times, [sample.hit_rate for sample in samples])
+    hits.set_ylabel("block hit rate\n(cumulative)")
+    hits.set_ylim(0, 1.05)
+    pressure.step(times, [sample.pressure for sample in samples], where="post")
+    pressure.set_yticks([level.value for level in PressureLevel])
+    pressure.set_yticklabels([level.name for level in PressureLevel])
+    pressure.set_ylabel("pressure")
+    pressure.set_xlabel("seconds")
+    figure.suptitle(title)
+    figure.savefig(path)

@@ -1,0 +1,244 @@
+"""Frozen value types: stats, pressure, events. Each has `to_dict()` and a readable repr.
+
+Derived figures (`usage`, `reused_blocks`, hit rates, `prompt_tokens`) are properties
+computed from the stored counters, never stored themselves, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = [
+    "COUNTER_FIELDS",
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "CacheStats",
+    "EvictionEvent",
+    "GcStats",
+    "IterationStats",
+    "PressureEvent",
+    "PressureLevel",
+    "TierStats",
+]
+
+
+class PressureLevel(enum.IntEnum):
+    """Device-tier memory pressure, from the watermarks (see `CacheConfig`)."""
+
+    LOW = 0
+    HIGH = 1
+    CRITICAL = 2
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else 0.0
+
+
+class _ToDict:
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)  # type: ignore[call-overload]
+        for name in getattr(type(self), "_DERIVED", ()):
+            d[name] = getattr(self, name)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class PressureEvent(_ToDict):
+    level: PressureLevel
+    previous: PressureLevel
+    free_blocks: int
+    evictable_blocks: int
+    total_blocks: int
+    needed_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats(_ToDict):
+    """Blocks of one tier: used (owned by a live sequence) + free == total; evictable
+    blocks are free blocks that still hold cached data."""
+
+    total_blocks: int
+    free_blocks: int
+    used_blocks: int
+    evictable_blocks: int
+    total_bytes: int
+    used_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Counters(_ToDict):
+    """Counters shared by `CacheStats` (totals since start) and `IterationStats` (deltas)."""
+
+    alloc_total_blocks: int
+    alloc_new_blocks: int
+    full_reused_blocks: int
+    partial_reused_blocks: int
+    missed_blocks: int
+    gen_alloc_blocks: int
+    onboard_blocks: int
+    onboard_bytes: int
+    offload_blocks: int
+    offload_bytes: int
+    intra_device_copy_blocks: int
+    intra_device_copy_bytes: int
+    h2d_blocks_copied: int
+    d2h_blocks_copied: int
+    disk_blocks_written: int
+    disk_blocks_read: int
+    disk_checksum_failures: int
+    evicted_blocks: int
+    input_tokens: int
+    cache_tokens: int
+    swap_out_count: int
+    swap_in_count: int
+    preempted_waits: int
+    dropped_events: int
+
+    _DERIVED = ("reused_blocks", "cache_hit_rate", "prompt_tokens", "token_hit_rate")
+
+    @property
+    def reused_blocks(self) -> int:
+        return self.full_reused_blocks + self.partial_reused_blocks
+
+    @property
+    def cache_hit_rate(self) -> float:
+        """reused / (reused + missed) prompt blocks."""
+        return _ratio(self.reused_blocks, self.reused_blocks + self.missed_blocks)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.input_tokens + self.cache_tokens
+
+    @property
+    def token_hit_rate(self) -> float:
+        """Share of prompt tokens served from the cache."""
+        return _ratio(self.cache_tokens, self.prompt_tokens)
+
+
+COUNTER_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(_Counters))
+
+
+def _counters(raw: dict[str, Any]) -> dict[str, int]:
+    return {name: raw[name] for name in COUNTER_FIELDS}
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats(_Counters):
+    """Gauges now and every counter as a cumulative total since start."""
+
+    device: TierStats
+    host: TierStats
+    disk: TierStats
+    total_tokens: int
+    used_tokens: int
+    free_tokens: int
+    num_sequences: int
+    num_swapped: int
+    num_waiting: int
+    pressure_level: PressureLevel
+    callback_errors: int
+
+    _DERIVED = (*_Counters._DERIVED, "usage")
+
+    @property
+    def usage(self) -> float:
+        """Share of device token capacity owned by live sequences (0..1)."""
+        return _ratio(self.used_tokens, self.total_tokens)
+
+    @classmethod
+    def _from_core(cls, raw: dict[str, Any]) -> CacheStats:
+        return cls(
+            device=TierStats(**raw["device"]),
+            host=TierStats(**raw["host"]),
+            disk=TierStats(**raw["disk"]),
+            total_tokens=raw["total_tokens"],
+            used_tokens=raw["used_tokens"],
+            free_tokens=raw["free_tokens"],
+            num_sequences=raw["num_sequences"],
+            num_swapped=raw["num_swapped"],
+            num_waiting=raw["num_waiting"],
+            pressure_level=PressureLevel(raw["pressure_level"]),
+            callback_errors=raw["callback_errors"],
+            **_counters(raw),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IterationStats(_Counters):
+    """Counters since the previous `iteration_stats()` call, plus gauges now."""
+
+    primary_max_num_blocks: int
+    primary_free_num_blocks: int
+    primary_used_num_blocks: int
+    secondary_max_num_blocks: int
+    secondary_free_num_blocks: int
+    secondary_used_num_blocks: int
+    inflight_disk_ops: int
+
+    @classmethod
+    def _from_core(cls, raw: dict[str, Any]) -> IterationStats:
+        dev, host = raw["device"], raw["host"]
+        return cls(
+            primary_max_num_blocks=dev["total_blocks"],
+            primary_free_num_blocks=dev["free_blocks"],
+            primary_used_num_blocks=dev["used_blocks"],
+            secondary_max_num_blocks=host["total_blocks"],
+            secondary_free_num_blocks=host["free_blocks"],
+            secondary_used_num_blocks=host["used_blocks"],
+            inflight_disk_ops=raw.get("inflight_disk_ops", 0),
+            **_counters(raw),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GcStats(_ToDict):
+    evicted_blocks: int
+    offloaded_blocks: int
+    freed_bytes: int
+    duration_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class EvictionEvent(_ToDict):
+    """Residency of a sampled block at its eviction."""
+
+    lifetime_seconds: float
+    idle_seconds: float
+    reuse_gaps_seconds: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStored(_ToDict):
+    block_hashes: tuple[int, ...]
+    parent_block_hash: int | None
+    token_ids: tuple[int, ...]
+    block_size: int
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRemoved(_ToDict):
+    block_hashes: tuple[int, ...]
+    tier: str
+
+
+@dataclass(frozen=True, slots=True)
+class AllBlocksCleared(_ToDict):
+    pass
+
+
+KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+def _event_from_core(raw: tuple[Any, ...]) -> KvEvent:
+    kind = raw[0]
+    if kind == "stored":
+        return BlockStored(tuple(raw[1]), raw[2], tuple(raw[3]), raw[4], raw[5])
+    if kind == "removed":
+        return BlockRemoved(tuple(raw[1]), raw[2])
+    return AllBlocksCleared()

@@ -1,0 +1,398 @@
+//! Engine configuration and its validation.
+//!
+//! `CacheConfig::validate` is the single place where field ranges are checked; every
+//! violation names the field and the allowed range. A validated config is immutable.
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    Float16,
+    BFloat16,
+    Float32,
+    /// fp8 storage (e4m3 / e5m2 are the same bytes to the cache).
+    Uint8,
+}
+
+impl DType {
+    pub const NAMES: &'static str = "float16, bfloat16, float32, uint8";
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "float16" | "half" => DType::Float16,
+            "bfloat16" => DType::BFloat16,
+            "float32" | "float" => DType::Float32,
+            "uint8" | "fp8" => DType::Uint8,
+            _ => {
+                return Err(Error::config(
+                    "dtype",
+                    format!("{s:?} is not one of {}", Self::NAMES),
+                ))
+            }
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Float16 => "float16",
+            DType::BFloat16 => "bfloat16",
+            DType::Float32 => "float32",
+            DType::Uint8 => "uint8",
+        }
+    }
+
+    pub fn itemsize(self) -> usize {
+        match self {
+            DType::Float16 | DType::BFloat16 => 2,
+            DType::Float32 => 4,
+            DType::Uint8 => 1,
+        }
+    }
+}
+
+/// Where the device (primary) tier lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(u32),
+}
+
+impl Device {
+    /// Parses `"cpu"`, `"cuda"` (= `cuda:0`) or `"cuda:N"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::config(
+                "device",
+                format!("{s:?} is not \"cpu\", \"cuda\" or \"cuda:N\""),
+            )
+        };
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => {
+                let n = s.strip_prefix("cuda:").ok_or_else(bad)?;
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad());
+                }
+                n.parse().map(Device::Cuda).map_err(|_| bad())
+            }
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutKind {
+    /// `[num_blocks][num_layers][2][block_size][heads][head_dim]`: a block is one run.
+    BlockMajor,
+    /// `[num_layers][num_blocks][2][block_size][heads][head_dim]`: vLLM's per-layer tensors.
+    LayerMajor,
+}
+
+impl LayoutKind {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "block_major" => Ok(LayoutKind::BlockMajor),
+            "layer_major" => Ok(LayoutKind::LayerMajor),
+            _ => Err(Error::config(
+                "layout",
+                format!("{s:?} is not one of block_major, layer_major"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LayoutKind::BlockMajor => "block_major",
+            LayoutKind::LayerMajor => "layer_major",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashAlgo {
+    Xxh3_128,
+    Sha256,
+}
+
+impl HashAlgo {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "xxh3_128" => Ok(HashAlgo::Xxh3_128),
+            "sha256" => Ok(HashAlgo::Sha256),
+            _ => Err(Error::config(
+                "hash_algo",
+                format!("{s:?} is not one of xxh3_128, sha256"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlgo::Xxh3_128 => "xxh3_128",
+            HashAlgo::Sha256 => "sha256",
+        }
+    }
+}
+
+/// Raw, unvalidated settings as the user gave them (sizes are signed so that a negative
+/// value is reported as a range error, not a conversion error).
+#[derive(Debug, Clone)]
+pub struct ConfigInput {
+    pub num_layers: i64,
+    pub num_kv_heads: i64,
+    pub head_dim: i64,
+    pub block_size: i64,
+    pub dtype: String,
+    pub device: String,
+    pub num_blocks: Option<i64>,
+    pub memory_bytes: Option<i64>,
+    pub host_blocks: i64,
+    pub disk_path: Option<String>,
+    pub disk_blocks: i64,
+    pub enable_prefix_cache: bool,
+    pub hash_algo: String,
+    pub low_watermark: f64,
+    pub high_watermark: f64,
+    pub residency_sample_rate: f64,
+    pub layout: String,
+    pub enable_kv_events: bool,
+    pub seed: u64,
+}
+
+impl ConfigInput {
+    /// A small valid config for tests: 2 layers, 2 heads, head_dim 4, block_size 4.
+    pub fn small(num_blocks: i64) -> Self {
+        ConfigInput {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 4,
+            block_size: 4,
+            dtype: "float16".into(),
+            device: "cpu".into(),
+            num_blocks: Some(num_blocks),
+            memory_bytes: None,
+            host_blocks: 0,
+            disk_path: None,
+            disk_blocks: 0,
+            enable_prefix_cache: true,
+            hash_algo: "xxh3_128".into(),
+            low_watermark: 0.3,
+            high_watermark: 0.1,
+            residency_sample_rate: 0.01,
+            layout: "block_major".into(),
+            enable_kv_events: true,
+            seed: 0,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub dtype: DType,
+    pub device: Device,
+    pub num_blocks: usize,
+    pub host_blocks: usize,
+    pub disk_path: Option<String>,
+    pub disk_blocks: usize,
+    pub enable_prefix_cache: bool,
+    pub hash_algo: HashAlgo,
+    pub low_watermark: f64,
+    pub high_watermark: f64,
+    pub residency_sample_rate: f64,
+    pub layout: LayoutKind,
+    pub enable_kv_events: bool,
+    pub seed: u64,
+}
+
+/// Largest block count of one tier (block ids are u32; keep clear of the list sentinel).
+pub const MAX_BLOCKS: i64 = (u32::MAX - 1) as i64;
+
+fn positive(field: &'static str, v: i64, max: i64) -> Result<usize> {
+    if v < 1 || v > max {
+        return Err(Error::config(field, format!("{v} is outside 1..={max}")));
+    }
+    Ok(v as usize)
+}
+
+fn non_negative(field: &'static str, v: i64, max: i64) -> Result<usize> {
+    if v < 0 || v > max {
+        return Err(Error::config(field, format!("{v} is outside 0..={max}")));
+    }
+    Ok(v as usize)
+}
+
+impl CacheConfig {
+    pub fn validate(c: &ConfigInput) -> Result<Self> {
+        let num_layers = positive("num_layers", c.num_layers, 4096)?;
+        let num_kv_heads = positive("num_kv_heads", c.num_kv_heads, 4096)?;
+        let head_dim = positive("head_dim", c.head_dim, 65536)?;
+        let block_size = positive("block_size", c.block_size, 65536)?;
+        let dtype = DType::parse(&c.dtype)?;
+        let device = Device::parse(&c.device)?;
+        let layout = LayoutKind::parse(&c.layout)?;
+        let hash_algo = HashAlgo::parse(&c.hash_algo)?;
+        let bytes_per_block = block_size
+            .checked_mul(num_layers * 2 * num_kv_heads * head_dim * dtype.itemsize())
+            .filter(|&b| b <= isize::MAX as usize / 2)
+            .ok_or_else(|| Error::config("block_size", "bytes_per_block overflows"))?;
+        let num_blocks = match (c.num_blocks, c.memory_bytes) {
+            (Some(n), None) => positive("num_blocks", n, MAX_BLOCKS)?,
+            (None, Some(m)) => {
+                if m < 1 {
+                    return Err(Error::config("memory_bytes", format!("{m} is outside 1..")));
+                }
+                let n = m as usize / bytes_per_block;
+                if n == 0 {
+                    return Err(Error::config(
+                        "memory_bytes",
+                        format!("{m} holds no block of {bytes_per_block} bytes"),
+                    ));
+                }
+                n.min(MAX_BLOCKS as usize)
+            }
+            _ => {
+                return Err(Error::config(
+                    "num_blocks",
+                    "exactly one of num_blocks and memory_bytes must be given",
+                ))
+            }
+        };
+        let host_blocks = non_negative("host_blocks", c.host_blocks, MAX_BLOCKS)?;
+        let disk_blocks = non_negative("disk_blocks", c.disk_blocks, MAX_BLOCKS)?;
+        if disk_blocks > 0 && c.disk_path.as_deref().is_none_or(str::is_empty) {
+            return Err(Error::config(
+                "disk_path",
+                "a path is required when disk_blocks > 0",
+            ));
+        }
+        let unit = |field: &'static str, v: f64| {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::config(field, format!("{v} is outside [0, 1]")));
+            }
+            Ok(v)
+        };
+        let low_watermark = unit("low_watermark", c.low_watermark)?;
+        let high_watermark = unit("high_watermark", c.high_watermark)?;
+        if high_watermark >= low_watermark {
+            return Err(Error::config(
+                "high_watermark",
+                format!("{high_watermark} must be below low_watermark ({low_watermark})"),
+            ));
+        }
+        let rate = c.residency_sample_rate;
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(Error::config(
+                "residency_sample_rate",
+                format!("{rate} is outside (0, 1]"),
+            ));
+        }
+        Ok(CacheConfig {
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            dtype,
+            device,
+            num_blocks,
+            host_blocks,
+            disk_path: c.disk_path.clone(),
+            disk_blocks,
+            enable_prefix_cache: c.enable_prefix_cache,
+            hash_algo,
+            low_watermark,
+            high_watermark,
+            residency_sample_rate: rate,
+            layout,
+            enable_kv_events: c.enable_kv_events,
+            seed: c.seed,
+        })
+    }
+
+    /// block_size x num_layers x 2 x num_kv_heads x head_dim x itemsize.
+    pub fn bytes_per_block(&self) -> usize {
+        self.block_size
+            * self.num_layers
+            * 2
+            * self.num_kv_heads
+            * self.head_dim
+            * self.dtype.itemsize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err_field(c: &ConfigInput) -> &'static str {
+        match CacheConfig::validate(c) {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bytes_per_block_formula() {
+        let c = CacheConfig::validate(&ConfigInput::small(8)).unwrap();
+        assert_eq!(c.bytes_per_block(), 4 * 2 * 2 * 2 * 4 * 2);
+    }
+
+    #[test]
+    fn memory_bytes_sizes_the_tier() {
+        let mut c = ConfigInput::small(1);
+        c.num_blocks = None;
+        c.memory_bytes = Some(256 * 10 + 7);
+        assert_eq!(CacheConfig::validate(&c).unwrap().num_blocks, 10);
+        c.memory_bytes = Some(255);
+        assert_eq!(err_field(&c), "memory_bytes");
+        c.num_blocks = Some(3);
+        assert_eq!(err_field(&c), "num_blocks");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases: Vec<(fn(&mut ConfigInput), &str)> = vec![
+            (|c| c.num_layers = 0, "num_layers"),
+            (|c| c.num_kv_heads = -1, "num_kv_heads"),
+            (|c| c.head_dim = 0, "head_dim"),
+            (|c| c.block_size = -16, "block_size"),
+            (|c| c.num_blocks = Some(0), "num_blocks"),
+            (|c| c.dtype = "int4".into(), "dtype"),
+            (|c| c.layout = "weird".into(), "layout"),
+            (|c| c.device = "cuda:x".into(), "device"),
+            (|c| c.device = "gpu".into(), "device"),
+            (|c| c.hash_algo = "md5".into(), "hash_algo"),
+            (|c| c.high_watermark = 0.3, "high_watermark"),
+            (|c| c.low_watermark = 1.5, "low_watermark"),
+            (|c| c.residency_sample_rate = 0.0, "residency_sample_rate"),
+            (|c| c.host_blocks = -1, "host_blocks"),
+            (|c| c.disk_blocks = 4, "disk_path"),
+        ];
+        for (mutate, field) in cases {
+            let mut c = ConfigInput::small(8);
+            mutate(&mut c);
+            assert_eq!(err_field(&c), field);
+        }
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(Device::parse("cpu").unwrap(), Device::Cpu);
+        assert_eq!(Device::parse("cuda").unwrap(), Device::Cuda(0));
+        assert_eq!(Device::parse("cuda:3").unwrap(), Device::Cuda(3));
+        assert!(Device::parse("cuda:").is_err());
+        assert!(Device::parse("cuda:-1").is_err());
+        assert!(Device::parse("CPU").is_err());
+    }
+}

@@ -1,0 +1,505 @@
+//! The engine: one lock around `State`, the memory it manages, and the notifier.
+//!
+//! Every public method takes the lock once, does bookkeeping (and the small block copies it
+//! implies), updates the pressure level and, when a waiter finished or the level changed,
+//! signals the eventfd. None of them calls Python or blocks on anything but the lock.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::clock::Clock;
+use crate::config::{CacheConfig, Device};
+use crate::error::{Error, Result};
+use crate::events::KvEvent;
+use crate::layout::{KvLayout, LayerView};
+use crate::notify::Notifier;
+use crate::prefix::{Hasher, Salt};
+use crate::pressure::{Level, PressureEvent};
+use crate::residency::EvictionEvent;
+use crate::sequence::{Append, SeqView};
+use crate::state::{Ctx, State};
+use crate::stats::{Counters, GcStats, Snapshot, TierStats};
+use crate::storage::host::HostSlab;
+use crate::types::{RequestId, Tier};
+use crate::waiters::{Ticket, WaitOp};
+
+/// What a call that may wait returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ready(SeqView),
+    /// Queued: the ticket finishes later (see `drain_notifications`).
+    Waiting(Ticket),
+}
+
+pub struct Engine {
+    ctx: Ctx,
+    state: Mutex<State>,
+    notifier: Notifier,
+}
+
+impl Engine {
+    pub fn new(config: CacheConfig) -> Result<Self> {
+        Self::with_clock(config, Clock::default())
+    }
+
+    pub fn with_clock(config: CacheConfig, clock: Clock) -> Result<Self> {
+        if let Device::Cuda(n) = config.device {
+            return Err(crate::cuda::unavailable_reason(n));
+        }
+        if config.host_blocks > 0 || config.disk_blocks > 0 {
+            return Err(Error::config(
+                "host_blocks",
+                "host and disk tiers are not available in this build (use 0)",
+            ));
+        }
+        let layout = KvLayout::new(&config, config.num_blocks);
+        let memory = Arc::new(HostSlab::new(layout.total_bytes())?);
+        let hasher = Hasher::new(config.hash_algo);
+        let ctx = Ctx {
+            config,
+            layout,
+            memory,
+            hasher,
+            clock,
+        };
+        let state = Mutex::new(State::new(&ctx));
+        Ok(Engine {
+            ctx,
+            state,
+            notifier: Notifier::new()?,
+        })
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.ctx.config
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.ctx.layout
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.ctx.clock
+    }
+
+    /// The eventfd the event loop watches.
+    pub fn notify_fd(&self) -> i32 {
+        self.notifier.fd()
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.state.lock();
+        st.check_open()?;
+        Ok(st)
+    }
+
+    /// Runs a mutating operation, then serves waiters (if `freed`), updates pressure and
+    /// signals the event loop if needed.
+    fn mutate<T>(&self, freed: bool, f: impl FnOnce(&mut State, &Ctx) -> Result<T>) -> Result<T> {
+        let mut st = self.lock()?;
+        let out = f(&mut st, &self.ctx);
+        if freed {
+            st.serve_waiters(&self.ctx);
+        }
+        st.update_pressure();
+        if std::mem::take(&mut st.needs_signal) {
+            self.notifier.signal();
+        }
+        out
+    }
+
+    /// Salt -> the root hash its sequences chain from.
+    pub fn root_hash(&self, salt: Option<&Salt>) -> crate::types::BlockHash {
+        self.ctx.hasher.root_hash(salt)
+    }
+
+    /// Reserves KV space for a new sequence. `wait`: queue when short (else `OutOfBlocks`).
+    pub fn allocate(
+        &self,
+        rid: RequestId,
+        tokens: Vec<u32>,
+        salt: Option<&Salt>,
+        wait: bool,
+    ) -> Result<Outcome> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("tokens must not be empty".into()));
+        }
+        let root = self.root_hash(salt);
+        self.mutate(false, |st, ctx| {
+            st.check_new_rid(&rid)?;
+            let total = st.pool.num_blocks();
+            let need = st.blocks_needed(ctx, tokens.len());
+            if need > total {
+                return Err(Error::OutOfBlocks {
+                    needed: need,
+                    available: total,
+                    never_fits: true,
+                });
+            }
+            // First come, first served: nobody overtakes a waiting allocation.
+            if st.waiters.allocates.is_empty() {
+                match st.allocate_now(ctx, &rid, &tokens, root) {
+                    Ok(v) => return Ok(Outcome::Ready(v)),
+                    Err(Error::OutOfBlocks {
+                        never_fits: false, ..
+                    }) if wait => {}
+                    Err(e) => return Err(e),
+                }
+            } else if !wait {
+                let free = st.pool.num_free_blocks();
+                return Err(Error::OutOfBlocks {
+                    needed: need,
+                    available: free,
+                    never_fits: false,
+                });
+            }
+            st.counters.preempted_waits += 1;
+            Ok(Outcome::Waiting(
+                st.waiters
+                    .push(WaitOp::Allocate { rid, tokens, root }, need),
+            ))
+        })
+    }
+
+    /// Appends tokens to a sequence. `wait`: queue when short (else `OutOfBlocks`).
+    pub fn extend(&self, rid: RequestId, append: Append, wait: bool) -> Result<Outcome> {
+        self.mutate(false, |st, ctx| {
+            if st.waiters.has_pending_extend(&rid) {
+                return Err(Error::InvalidState(format!(
+                    "request {rid} already has an extend waiting"
+                )));
+            }
+            match st.extend_now(ctx, &rid, &append) {
+                Ok((v, _)) => Ok(Outcome::Ready(v)),
+                Err(Error::OutOfBlocks { needed, .. }) if wait => {
+                    let never = needed > st.pool.num_blocks();
+                    if never {
+                        return Err(Error::OutOfBlocks {
+                            needed,
+                            available: st.pool.num_blocks(),
+                            never_fits: true,
+                        });
+                    }
+                    st.counters.preempted_waits += 1;
+                    Ok(Outcome::Waiting(
+                        st.waiters.push(WaitOp::Extend { rid, append }, needed),
+                    ))
+                }
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    pub fn deallocate(&self, rid: &RequestId) -> Result<()> {
+        self.mutate(true, |st, _| st.deallocate(rid))
+    }
+
+    pub fn fork(&self, parent: &RequestId, child: RequestId) -> Result<SeqView> {
+        self.mutate(false, |st, _| st.fork(parent, &child))
+    }
+
+    pub fn take_ticket(&self, t: Ticket) -> Result<SeqView> {
+        self.mutate(false, |st, _| st.take_ticket(t))
+    }
+
+    /// Withdraws a ticket (a cancelled or timed-out waiter): nothing it took is kept.
+    /// On a closed engine there is nothing left to give back, so this never fails.
+    pub fn cancel_ticket(&self, t: Ticket) {
+        let _ = self.mutate(true, |st, ctx| {
+            st.cancel_ticket(ctx, t);
+            Ok(())
+        });
+    }
+
+    /// Finished tickets and pressure transitions since the last call; clears the eventfd.
+    pub fn drain_notifications(&self) -> (Vec<Ticket>, Vec<PressureEvent>) {
+        self.notifier.clear();
+        let mut st = self.state.lock();
+        (
+            std::mem::take(&mut st.waiters.completed),
+            std::mem::take(&mut st.pressure_events),
+        )
+    }
+
+    pub fn set_subscribed(&self, on: bool) {
+        self.state.lock().subscribed = on;
+    }
+
+    pub fn record_callback_error(&self) {
+        self.state.lock().callback_errors += 1;
+    }
+
+    pub fn gc(&self, target_free_ratio: Option<f64>) -> Result<GcStats> {
+        let target = target_free_ratio.unwrap_or(self.ctx.config.low_watermark);
+        if !(0.0..=1.0).contains(&target) {
+            return Err(Error::InvalidArgument(format!(
+                "target_free_ratio {target} is outside [0, 1]"
+            )));
+        }
+        let t0 = Instant::now();
+        let evicted = self.mutate(false, |st, ctx| Ok(st.gc(ctx, target)))?;
+        Ok(GcStats {
+            evicted_blocks: evicted,
+            offloaded_blocks: 0,
+            freed_bytes: evicted * self.ctx.bytes_per_block(),
+            duration_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    pub fn reset_prefix_cache(&self) -> Result<bool> {
+        self.mutate(false, |st, _| Ok(st.reset_prefix_cache()))
+    }
+
+    pub fn can_allocate(&self, num_tokens: usize) -> Result<bool> {
+        let st = self.lock()?;
+        let need = st.blocks_needed(&self.ctx, num_tokens);
+        Ok(st.waiters.allocates.is_empty() && need <= st.pool.num_free_blocks())
+    }
+
+    pub fn get(&self, rid: &RequestId) -> Result<Option<SeqView>> {
+        let st = self.lock()?;
+        Ok(st.seqs.get(rid).map(|s| SeqView::of(rid, s)))
+    }
+
+    pub fn contains(&self, rid: &RequestId) -> Result<bool> {
+        Ok(self.lock()?.seqs.contains_key(rid))
+    }
+
+    pub fn num_sequences(&self) -> Result<usize> {
+        Ok(self.lock()?.seqs.len())
+    }
+
+    pub fn pressure_level(&self) -> Result<Level> {
+        Ok(self.lock()?.level())
+    }
+
+    /// Row-major `[rids.len(), max_blocks]` block ids padded with `pad`, and the column count.
+    pub fn block_table(&self, rids: &[RequestId], pad: i32) -> Result<(Vec<i32>, usize)> {
+        let st = self.lock()?;
+        let rows = rids
+            .iter()
+            .map(|r| {
+                st.seqs
+                    .get(r)
+                    .ok_or_else(|| Error::UnknownRequest(r.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cols = rows.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
+        let mut out = vec![pad; rows.len() * cols];
+        for (row, s) in out.chunks_mut(cols.max(1)).zip(&rows) {
+            for (o, b) in row.iter_mut().zip(&s.blocks) {
+                *o = b.0 as i32;
+            }
+        }
+        Ok((out, cols))
+    }
+
+    fn kv_span(
+        &self,
+        st: &State,
+        rid: &RequestId,
+        layer: usize,
+        start: usize,
+        n: usize,
+        what: &str,
+    ) -> Result<()> {
+        let s = st
+            .seqs
+            .get(rid)
+            .ok_or_else(|| Error::UnknownRequest(rid.clone()))?;
+        if s.tier != Tier::Device {
+            return Err(Error::InvalidState(format!(
+                "cannot {what} request {rid}: it is swapped out"
+            )));
+        }
+        if layer >= self.ctx.config.num_layers {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer} is outside 0..{}",
+                self.ctx.config.num_layers
+            )));
+        }
+        if start.checked_add(n).is_none_or(|e| e > s.num_tokens) {
+            return Err(Error::InvalidArgument(format!(
+                "positions {start}..{} are past the end of request {rid} ({} tokens)",
+                start.saturating_add(n),
+                s.num_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    /// Visits the contiguous runs of token positions `start..start+n` of one layer:
+    /// `(byte offset of K in the slab, byte offset of V, bytes, offset in the caller's array)`.
+    fn for_each_run(
+        &self,
+        blocks: &[crate::types::BlockId],
+        layer: usize,
+        start: usize,
+        n: usize,
+        mut f: impl FnMut(usize, usize, usize, usize),
+    ) {
+        let bs = self.ctx.config.block_size;
+        let tb = self.ctx.layout.token_bytes();
+        let mut pos = start;
+        while pos < start + n {
+            let slot = pos % bs;
+            let run = (bs - slot).min(start + n - pos);
+            let b = blocks[pos / bs].idx();
+            let k = self.ctx.layout.offset(b, layer, 0, slot);
+            let v = self.ctx.layout.offset(b, layer, 1, slot);
+            f(k, v, run * tb, (pos - start) * tb);
+            pos += run;
+        }
+    }
+
+    /// Copies K and V (`n x heads x head_dim` elements each, as bytes) into positions
+    /// `start..start+n` of one layer. A shared block is copied first (copy-on-write).
+    pub fn write_kv(
+        &self,
+        rid: &RequestId,
+        layer: usize,
+        start: usize,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<()> {
+        let tb = self.ctx.layout.token_bytes();
+        if k.len() != v.len() || k.len() % tb != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "k and v must both hold n x {tb} bytes (got {} and {})",
+                k.len(),
+                v.len()
+            )));
+        }
+        let n = k.len() / tb;
+        self.mutate(false, |st, ctx| {
+            self.kv_span(st, rid, layer, start, n, "write_kv")?;
+            st.unshare_span(ctx, rid, start, n)?;
+            let blocks = &st.seqs[rid].blocks;
+            self.for_each_run(blocks, layer, start, n, |ko, vo, len, at| {
+                ctx.memory.write(ko, &k[at..at + len]);
+                ctx.memory.write(vo, &v[at..at + len]);
+            });
+            Ok(())
+        })
+    }
+
+    /// Copies K and V of positions `start..start+n` of one layer out into `k` and `v`.
+    pub fn read_kv(
+        &self,
+        rid: &RequestId,
+        layer: usize,
+        start: usize,
+        k: &mut [u8],
+        v: &mut [u8],
+    ) -> Result<()> {
+        let tb = self.ctx.layout.token_bytes();
+        if k.len() != v.len() || k.len() % tb != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "k and v must both hold n x {tb} bytes"
+            )));
+        }
+        let n = k.len() / tb;
+        let st = self.lock()?;
+        self.kv_span(&st, rid, layer, start, n, "read_kv")?;
+        self.for_each_run(&st.seqs[rid].blocks, layer, start, n, |ko, vo, len, at| {
+            self.ctx.memory.read(ko, &mut k[at..at + len]);
+            self.ctx.memory.read(vo, &mut v[at..at + len]);
+        });
+        Ok(())
+    }
+
+    /// The device tier's memory and one layer's view of it (for DLPack).
+    pub fn layer_view(&self, layer: usize) -> Result<(Arc<HostSlab>, LayerView)> {
+        drop(self.lock()?);
+        if layer >= self.ctx.config.num_layers {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer} is outside 0..{}",
+                self.ctx.config.num_layers
+            )));
+        }
+        Ok((self.ctx.memory.clone(), self.ctx.layout.layer_view(layer)))
+    }
+
+    fn snapshot(&self, st: &State, counters: Counters) -> Snapshot {
+        let bpb = self.ctx.bytes_per_block();
+        let p = &st.pool;
+        Snapshot {
+            device: TierStats::new(
+                p.num_blocks(),
+                p.num_free_blocks(),
+                p.num_evictable_blocks(),
+                bpb,
+            ),
+            host: TierStats::default(),
+            disk: TierStats::default(),
+            block_size: self.ctx.config.block_size,
+            num_sequences: st.seqs.len(),
+            num_swapped: st.seqs.values().filter(|s| s.tier != Tier::Device).count(),
+            num_waiting: st.waiters.num_pending(),
+            pressure_level: st.level() as u8,
+            callback_errors: st.callback_errors,
+            counters: Counters {
+                dropped_events: st.events.dropped,
+                ..counters
+            },
+        }
+    }
+
+    /// Gauges now and cumulative counters since start.
+    pub fn stats(&self) -> Result<Snapshot> {
+        let st = self.lock()?;
+        Ok(self.snapshot(&st, st.counters))
+    }
+
+    /// Gauges now and counters since the previous call (which this call resets).
+    pub fn iteration_stats(&self) -> Result<Snapshot> {
+        let mut st = self.lock()?;
+        let delta = st.counters.since(&st.iter_mark);
+        st.iter_mark = st.counters;
+        let mut snap = self.snapshot(&st, delta);
+        snap.counters.dropped_events = delta.dropped_events;
+        Ok(snap)
+    }
+
+    pub fn drain_events(&self) -> Result<Vec<KvEvent>> {
+        Ok(self.lock()?.events.drain())
+    }
+
+    pub fn drain_eviction_events(&self) -> Result<Vec<EvictionEvent>> {
+        Ok(self.lock()?.residency.drain())
+    }
+
+    /// Closes the engine: pending waiters fail with `Closed`, every later call fails too.
+    /// Memory stays alive while DLPack views hold it. Idempotent.
+    pub fn close(&self) {
+        let mut st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        let pending: Vec<_> = st.waiters.tickets.keys().copied().collect();
+        for t in pending {
+            st.waiters
+                .finish(t, crate::waiters::TicketState::Failed(Error::Closed));
+        }
+        st.waiters.extends.clear();
+        st.waiters.allocates.clear();
+        st.waiters.pending_rids.clear();
+        let seqs: Vec<_> = st.seqs.drain().map(|(_, s)| s).collect();
+        for s in seqs {
+            st.free_sequence(s);
+        }
+        st.closed = true;
+        self.notifier.signal();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
+    /// Panics if any bookkeeping invariant is broken (tests).
+    pub fn check_invariants(&self) {
+        self.state.lock().check_invariants(&self.ctx);
+    }
+}

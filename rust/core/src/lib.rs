@@ -1,0 +1,30 @@
+//! ferrumkv's engine: paged KV-cache block pools, a prefix cache, waiters, pressure levels
+//! and stats, with no Python in sight (the bindings live in `rust/py`).
+//!
+//! Map: `config` (validated settings), `layout` (byte geometry), `storage` (memory),
+//! `pool` (refcounts and free queues), `prefix` (hashes and the cached-block index),
+//! `sequence`, `waiters` (tickets of calls that wait for blocks), `state` (the bookkeeping
+//! under the lock), `engine` (the lock, the notifier and the public calls), `stats`,
+//! `events`, `residency`, `pressure`, `notify`, `clock`, `cuda`, `error`.
+
+pub mod clock;
+pub mod config;
+pub mod cuda;
+pub mod engine;
+pub mod error;
+pub mod events;
+pub mod layout;
+pub mod notify;
+pub mod pool;
+pub mod prefix;
+pub mod pressure;
+pub mod residency;
+pub mod sequence;
+pub mod state;
+pub mod stats;
+pub mod storage;
+pub mod types;
+pub mod waiters;
+
+pub use engine::{Engine, Outcome};
+pub use error::{Error, Result};

@@ -1,0 +1,271 @@
+//! The prefix cache index: chained block hashes and the cached blocks they name.
+//!
+//! Hashing: a sequence's root hash comes from its salt (`root_hash`); a full block's hash is
+//! `H(parent_hash || token ids)` with `H` = xxh3-128 or the first 16 bytes of SHA-256, so equal
+//! token runs share a block only when their whole prefix and salt are equal.
+//!
+//! Index: `by_hash` maps a hash to the one block that holds it; `children` maps a parent hash
+//! to the cached blocks that follow it, which is what partial reuse searches (TensorRT-LLM's
+//! partial matching: the child whose first k tokens equal the request's next k tokens).
+//! Each cached block also keeps its token ids and parent hash.
+//! Invariants: `by_hash[h] == b` iff `entry[b] == Some((h, parent))` and `b` is in
+//! `children[parent]`; a hash is held by at most one block (later duplicates stay unindexed).
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::xxh3_128;
+
+use crate::config::HashAlgo;
+use crate::types::{BlockHash, BlockId};
+
+/// Hashes blocks of token ids under one algorithm.
+#[derive(Debug, Clone, Copy)]
+pub struct Hasher {
+    algo: HashAlgo,
+}
+
+/// A request salt, as bytes tagged by their Python type so `"1"`, `b"1"` and `1` differ.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Salt {
+    Str(String),
+    Bytes(Vec<u8>),
+    Int(i64),
+}
+
+impl Hasher {
+    pub fn new(algo: HashAlgo) -> Self {
+        Hasher { algo }
+    }
+
+    fn digest(&self, bytes: &[u8]) -> BlockHash {
+        match self.algo {
+            HashAlgo::Xxh3_128 => xxh3_128(bytes),
+            HashAlgo::Sha256 => {
+                let d = Sha256::digest(bytes);
+                u128::from_le_bytes(d[..16].try_into().expect("sha256 has 32 bytes"))
+            }
+        }
+    }
+
+    /// The hash every sequence of this salt chains from (0 without a salt).
+    pub fn root_hash(&self, salt: Option<&Salt>) -> BlockHash {
+        let Some(salt) = salt else { return 0 };
+        let mut buf = b"ferrumkv-salt:".to_vec();
+        match salt {
+            Salt::Str(s) => {
+                buf.push(b's');
+                buf.extend_from_slice(s.as_bytes());
+            }
+            Salt::Bytes(b) => {
+                buf.push(b'b');
+                buf.extend_from_slice(b);
+            }
+            Salt::Int(i) => {
+                buf.push(b'i');
+                buf.extend_from_slice(&i.to_le_bytes());
+            }
+        }
+        self.digest(&buf)
+    }
+
+    /// Hash of one full block given its parent's hash. `scratch` is reused between calls.
+    pub fn block_hash(
+        &self,
+        parent: BlockHash,
+        tokens: &[u32],
+        scratch: &mut Vec<u8>,
+    ) -> BlockHash {
+        scratch.clear();
+        scratch.extend_from_slice(&parent.to_le_bytes());
+        scratch.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
+        self.digest(scratch)
+    }
+
+    /// Chained hashes of every full block of `tokens`.
+    pub fn chain(&self, root: BlockHash, tokens: &[u32], block_size: usize) -> Vec<BlockHash> {
+        let mut scratch = Vec::with_capacity(16 + 4 * block_size);
+        let mut parent = root;
+        tokens
+            .chunks_exact(block_size)
+            .map(|blk| {
+                parent = self.block_hash(parent, blk, &mut scratch);
+                parent
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    hash: BlockHash,
+    parent: BlockHash,
+}
+
+/// hash -> block for the cached blocks of one tier.
+#[derive(Debug, Clone)]
+pub struct PrefixIndex {
+    block_size: usize,
+    by_hash: HashMap<BlockHash, BlockId>,
+    children: HashMap<BlockHash, Vec<BlockId>>,
+    entry: Vec<Option<Entry>>,
+    /// Token ids of each cached block (`block_size` per block).
+    tokens: Vec<u32>,
+}
+
+impl PrefixIndex {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        PrefixIndex {
+            block_size,
+            by_hash: HashMap::new(),
+            children: HashMap::new(),
+            entry: vec![None; num_blocks],
+            tokens: vec![0; num_blocks * block_size],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    pub fn get(&self, h: BlockHash) -> Option<BlockId> {
+        self.by_hash.get(&h).copied()
+    }
+
+    pub fn hash_of(&self, b: BlockId) -> Option<BlockHash> {
+        self.entry[b.idx()].as_ref().map(|e| e.hash)
+    }
+
+    pub fn parent_of(&self, b: BlockId) -> Option<BlockHash> {
+        self.entry[b.idx()].as_ref().map(|e| e.parent)
+    }
+
+    pub fn tokens_of(&self, b: BlockId) -> &[u32] {
+        &self.tokens[b.idx() * self.block_size..(b.idx() + 1) * self.block_size]
+    }
+
+    /// Indexes `b` under `hash`; returns false (and indexes nothing) if the hash is already
+    /// held by another block.
+    pub fn insert(
+        &mut self,
+        b: BlockId,
+        hash: BlockHash,
+        parent: BlockHash,
+        tokens: &[u32],
+    ) -> bool {
+        debug_assert_eq!(tokens.len(), self.block_size);
+        debug_assert!(self.entry[b.idx()].is_none(), "block {} indexed twice", b.0);
+        if self.by_hash.contains_key(&hash) {
+            return false;
+        }
+        self.by_hash.insert(hash, b);
+        self.children.entry(parent).or_default().push(b);
+        self.entry[b.idx()] = Some(Entry { hash, parent });
+        self.tokens[b.idx() * self.block_size..(b.idx() + 1) * self.block_size]
+            .copy_from_slice(tokens);
+        true
+    }
+
+    /// Drops `b` from the index; returns its hash.
+    pub fn remove(&mut self, b: BlockId) -> Option<BlockHash> {
+        let e = self.entry[b.idx()].take()?;
+        self.by_hash.remove(&e.hash);
+        if let Some(kids) = self.children.get_mut(&e.parent) {
+            if let Some(i) = kids.iter().position(|&k| k == b) {
+                kids.swap_remove(i);
+            }
+            if kids.is_empty() {
+                self.children.remove(&e.parent);
+            }
+        }
+        Some(e.hash)
+    }
+
+    pub fn clear(&mut self) {
+        self.by_hash.clear();
+        self.children.clear();
+        self.entry.iter_mut().for_each(|e| *e = None);
+    }
+
+    /// The cached child of `parent` sharing the longest run of leading tokens with `window`,
+    /// as `(block, matched_tokens)`, if any shares at least one. Ties go to the lowest id.
+    pub fn best_partial(&self, parent: BlockHash, window: &[u32]) -> Option<(BlockId, usize)> {
+        let kids = self.children.get(&parent)?;
+        kids.iter()
+            .map(|&b| {
+                let m = self
+                    .tokens_of(b)
+                    .iter()
+                    .zip(window)
+                    .take_while(|(a, c)| a == c)
+                    .count();
+                (b, m)
+            })
+            .filter(|&(_, m)| m > 0)
+            .max_by(|x, y| x.1.cmp(&y.1).then(y.0.cmp(&x.0)))
+    }
+
+    /// Every indexed (hash, block).
+    pub fn iter(&self) -> impl Iterator<Item = (BlockHash, BlockId)> + '_ {
+        self.by_hash.iter().map(|(&h, &b)| (h, b))
+    }
+
+    /// Panics if the index disagrees with itself.
+    pub fn check_invariants(&self) {
+        for (&h, &b) in &self.by_hash {
+            let e = self.entry[b.idx()]
+                .as_ref()
+                .expect("indexed block has an entry");
+            assert_eq!(e.hash, h, "block {} carries another hash", b.0);
+            assert!(self.children[&e.parent].contains(&b));
+        }
+        let n = self.entry.iter().filter(|e| e.is_some()).count();
+        assert_eq!(n, self.by_hash.len());
+        assert_eq!(self.children.values().map(Vec::len).sum::<usize>(), n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_depends_on_prefix_and_salt() {
+        for algo in [HashAlgo::Xxh3_128, HashAlgo::Sha256] {
+            let h = Hasher::new(algo);
+            let a = h.chain(0, &[1, 2, 3, 4, 5, 6, 7, 8, 9], 4);
+            assert_eq!(a.len(), 2);
+            let b = h.chain(0, &[1, 2, 3, 4, 5, 6, 7, 8], 4);
+            assert_eq!(a, b);
+            let c = h.chain(0, &[0, 2, 3, 4, 5, 6, 7, 8], 4);
+            assert_ne!(a[1], c[1], "a different parent changes the child");
+            let salted = h.root_hash(Some(&Salt::Str("tenant".into())));
+            assert_ne!(h.chain(salted, &[1, 2, 3, 4], 4)[0], a[0]);
+            assert_ne!(
+                h.root_hash(Some(&Salt::Int(1))),
+                h.root_hash(Some(&Salt::Str("1".into())))
+            );
+        }
+    }
+
+    #[test]
+    fn partial_match_picks_the_longest() {
+        let mut ix = PrefixIndex::new(4, 4);
+        assert!(ix.insert(BlockId(0), 10, 0, &[1, 2, 3, 4]));
+        assert!(ix.insert(BlockId(1), 11, 0, &[1, 2, 9, 9]));
+        assert!(
+            !ix.insert(BlockId(2), 10, 0, &[1, 2, 3, 4]),
+            "duplicate hash stays unindexed"
+        );
+        assert_eq!(ix.best_partial(0, &[1, 2, 3, 7]), Some((BlockId(0), 3)));
+        assert_eq!(ix.best_partial(0, &[1, 2]), Some((BlockId(0), 2)));
+        assert_eq!(ix.best_partial(0, &[5]), None);
+        assert_eq!(ix.remove(BlockId(0)), Some(10));
+        assert_eq!(ix.best_partial(0, &[1, 2, 3, 7]), Some((BlockId(1), 2)));
+        ix.check_invariants();
+    }
+}

@@ -1,0 +1,70 @@
+//! A sequence (request) and what the engine knows of it.
+//!
+//! Invariants: `blocks.len() == ceil(num_tokens / block_size)` (every block holds some of its
+//! tokens and every token has a slot); while `cacheable`, `hashes[i]` is the chained hash of
+//! full block `i` for `i < hashes.len() == num_tokens / block_size`, and `tail` holds the ids
+//! of the tokens after the last full block. A sequence extended by a bare token count is no
+//! longer cacheable (its ids are unknown), and neither are blocks after that point.
+
+use crate::types::{BlockHash, BlockId, RequestId, Tier};
+
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    pub num_tokens: usize,
+    pub num_cached_tokens: usize,
+    pub blocks: Vec<BlockId>,
+    pub hashes: Vec<BlockHash>,
+    pub root: BlockHash,
+    pub tail: Vec<u32>,
+    pub cacheable: bool,
+    pub tier: Tier,
+}
+
+impl Sequence {
+    /// Hash the next full block chains from.
+    pub fn last_hash(&self) -> BlockHash {
+        self.hashes.last().copied().unwrap_or(self.root)
+    }
+}
+
+/// Tokens appended by `extend`: their ids, or only their number (never cached).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Append {
+    Ids(Vec<u32>),
+    Count(usize),
+}
+
+impl Append {
+    pub fn len(&self) -> usize {
+        match self {
+            Append::Ids(v) => v.len(),
+            Append::Count(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a caller sees of a sequence: a copy, never a reference into the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqView {
+    pub request_id: RequestId,
+    pub num_tokens: usize,
+    pub num_cached_tokens: usize,
+    pub block_ids: Vec<u32>,
+    pub tier: Tier,
+}
+
+impl SeqView {
+    pub fn of(rid: &RequestId, s: &Sequence) -> Self {
+        SeqView {
+            request_id: rid.clone(),
+            num_tokens: s.num_tokens,
+            num_cached_tokens: s.num_cached_tokens,
+            block_ids: s.blocks.iter().map(|b| b.0).collect(),
+            tier: s.tier,
+        }
+    }
+}

@@ -1,0 +1,736 @@
+//! The engine's bookkeeping: everything that lives under the one engine lock.
+//!
+//! `State` composes the block pool (free queues, refcounts), the prefix index (hashes),
+//! the sequences, the waiters, the counters, pressure and events. Each public operation
+//! first checks and plans without changing anything, then commits; so a call that fails
+//! leaves the state exactly as it was. Block data moves (copy-on-write, partial reuse) are
+//! done by the caller-supplied `Memory` while the lock is held, so a block's bytes never
+//! change owner mid-copy.
+//!
+//! Allocation order: blank blocks first (FIFO), then the least recently released evictable
+//! block (a sequence releases its blocks tail first, so children go before parents).
+//! Invariants (checked by `check_invariants`): every block's refcount equals the number of
+//! sequences holding it; an evictable block is referenced by none; every index entry names a
+//! block carrying that hash; used + free == total.
+
+use std::collections::HashMap;
+
+use crate::clock::Clock;
+use crate::config::CacheConfig;
+use crate::error::{Error, Result};
+use crate::events::EventQueue;
+use crate::layout::KvLayout;
+use crate::pool::{BlockPool, Released};
+use crate::prefix::{Hasher, PrefixIndex};
+use crate::pressure::{Level, Pressure, PressureEvent};
+use crate::residency::Residency;
+use crate::sequence::{Append, SeqView, Sequence};
+use crate::stats::Counters;
+use crate::storage::host::HostSlab;
+use crate::types::{blocks_for, BlockHash, BlockId, RequestId, Tier};
+use crate::waiters::{ExtendUndo, TicketState, Undo, WaitOp, Waiters};
+
+/// Immutable context of the state: config, geometry, memory, hashing, time.
+pub struct Ctx {
+    pub config: CacheConfig,
+    pub layout: KvLayout,
+    pub memory: std::sync::Arc<HostSlab>,
+    pub hasher: Hasher,
+    pub clock: Clock,
+}
+
+impl Ctx {
+    pub fn bytes_per_block(&self) -> usize {
+        self.layout.bytes_per_block()
+    }
+
+    /// Copies every byte of block `src` into block `dst` (device tier).
+    fn copy_block(&self, src: BlockId, dst: BlockId) {
+        for ((s, n), (d, _)) in self
+            .layout
+            .block_runs(src.idx())
+            .zip(self.layout.block_runs(dst.idx()))
+        {
+            self.memory.copy_within(s, d, n);
+        }
+    }
+}
+
+/// Plan of a prompt allocation, computed without side effects.
+struct AllocPlan {
+    hits: Vec<BlockId>,
+    /// Chained hashes of every full block of the prompt.
+    hashes: Vec<BlockHash>,
+    partial: Option<(BlockId, usize)>,
+    num_blocks: usize,
+}
+
+pub struct State {
+    pub closed: bool,
+    pub pool: BlockPool,
+    pub index: PrefixIndex,
+    pub seqs: HashMap<RequestId, Sequence>,
+    pub waiters: Waiters,
+    pub counters: Counters,
+    pub iter_mark: Counters,
+    pub pressure: Pressure,
+    pub subscribed: bool,
+    pub pressure_events: Vec<PressureEvent>,
+    pub events: EventQueue,
+    pub residency: Residency,
+    pub callback_errors: u64,
+    /// Set when the event loop must be woken (tickets finished, pressure changed).
+    pub needs_signal: bool,
+    scratch: Vec<u8>,
+}
+
+fn short(needed: usize, available: usize) -> Error {
+    Error::OutOfBlocks {
+        needed,
+        available,
+        never_fits: false,
+    }
+}
+
+impl State {
+    pub fn new(ctx: &Ctx) -> Self {
+        let c = &ctx.config;
+        State {
+            closed: false,
+            pool: BlockPool::new(c.num_blocks),
+            index: PrefixIndex::new(c.num_blocks, c.block_size),
+            seqs: HashMap::new(),
+            waiters: Waiters::default(),
+            counters: Counters::default(),
+            iter_mark: Counters::default(),
+            pressure: Pressure::new(c.low_watermark, c.high_watermark),
+            subscribed: false,
+            pressure_events: Vec::new(),
+            events: EventQueue::new(c.enable_kv_events),
+            residency: Residency::new(c.residency_sample_rate, c.seed),
+            callback_errors: 0,
+            needs_signal: false,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn check_open(&self) -> Result<()> {
+        if self.closed {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn seq(&self, rid: &RequestId) -> Result<&Sequence> {
+        self.seqs
+            .get(rid)
+            .ok_or_else(|| Error::UnknownRequest(rid.clone()))
+    }
+
+    fn resident(&self, rid: &RequestId, what: &str) -> Result<&Sequence> {
+        let s = self.seq(rid)?;
+        if s.tier != Tier::Device {
+            return Err(Error::InvalidState(format!(
+                "cannot {what} request {rid}: it is swapped out"
+            )));
+        }
+        Ok(s)
+    }
+
+    // ----- blocks -------------------------------------------------------------------------
+
+    /// Takes one block (blank first, then LRU eviction). The caller checked availability.
+    fn alloc_block(&mut self, now: f64) -> BlockId {
+        let b = match self.pool.take_blank() {
+            Some(b) => b,
+            None => {
+                let b = self.pool.evict_lru().expect("availability was checked");
+                self.forget_cached(b, now, true);
+                b
+            }
+        };
+        self.residency.on_allocate(b, now);
+        b
+    }
+
+    /// Drops an evicted block's hash from the index and reports it.
+    fn forget_cached(&mut self, b: BlockId, now: f64, evicted: bool) {
+        if let Some(h) = self.index.remove(b) {
+            self.events.removed(h, Tier::Device);
+        }
+        if evicted {
+            self.counters.evicted_blocks += 1;
+            self.residency.on_evict(b, now);
+        } else {
+            self.residency.forget(b);
+        }
+    }
+
+    fn release_block(&mut self, b: BlockId) {
+        if self.pool.release(b) == Released::Blank {
+            self.residency.forget(b);
+        }
+    }
+
+    /// Indexes a full block of a sequence unless another block already holds its hash.
+    fn register(
+        &mut self,
+        b: BlockId,
+        hash: BlockHash,
+        parent: BlockHash,
+        root: BlockHash,
+        tokens: &[u32],
+    ) {
+        if self.index.insert(b, hash, parent, tokens) {
+            self.pool.set_cached(b, true);
+            // The first block of a chain has no parent block (the root is a salt, not a block).
+            let parent = (parent != root).then_some(parent);
+            self.events.stored(hash, parent, tokens, Tier::Device);
+        }
+    }
+
+    /// Blocks a new allocation may take: free ones, minus the given cached blocks it pins.
+    fn available_excluding(&self, pinned: impl Iterator<Item = BlockId>) -> usize {
+        let pinned_free = pinned.filter(|&b| self.pool.is_evictable(b)).count();
+        self.pool.num_free_blocks() - pinned_free
+    }
+
+    // ----- allocate -----------------------------------------------------------------------
+
+    fn plan_allocate(&mut self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> AllocPlan {
+        let bs = ctx.config.block_size;
+        let n = tokens.len();
+        let num_blocks = blocks_for(n, bs);
+        if !ctx.config.enable_prefix_cache {
+            return AllocPlan {
+                hits: vec![],
+                hashes: vec![],
+                partial: None,
+                num_blocks,
+            };
+        }
+        let hashes = ctx.hasher.chain(root, tokens, bs);
+        // A full hit must end before the last token: one token is always left to compute.
+        let hits: Vec<BlockId> = hashes
+            .iter()
+            .take((n - 1) / bs)
+            .map_while(|&h| self.index.get(h))
+            .collect();
+        let k = hits.len();
+        let parent = if k == 0 { root } else { hashes[k - 1] };
+        let window = &tokens[k * bs..(n - 1).min((k + 1) * bs)];
+        let partial = if window.is_empty() {
+            None
+        } else {
+            self.index.best_partial(parent, window)
+        };
+        AllocPlan {
+            hits,
+            hashes,
+            partial,
+            num_blocks,
+        }
+    }
+
+    /// Allocates `tokens` for a new sequence now, or fails with nothing changed.
+    pub fn allocate_now(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        tokens: &[u32],
+        root: BlockHash,
+    ) -> Result<SeqView> {
+        let bs = ctx.config.block_size;
+        let plan = self.plan_allocate(ctx, tokens, root);
+        if plan.num_blocks > self.pool.num_blocks() {
+            return Err(Error::OutOfBlocks {
+                needed: plan.num_blocks,
+                available: self.pool.num_blocks(),
+                never_fits: true,
+            });
+        }
+        let k = plan.hits.len();
+        let new = plan.num_blocks - k;
+        let available =
+            self.available_excluding(plan.hits.iter().copied().chain(plan.partial.map(|p| p.0)));
+        if new > available {
+            return Err(short(new, available));
+        }
+        // Commit.
+        let now = ctx.clock.now();
+        for &b in &plan.hits {
+            self.pool.acquire(b);
+            self.residency.on_access(b, now);
+        }
+        if let Some((src, _)) = plan.partial {
+            self.pool.acquire(src); // pinned so the allocation below cannot evict it
+        }
+        let mut blocks = plan.hits;
+        blocks.extend((0..new).map(|_| self.alloc_block(now)));
+        let mut cached_tokens = k * bs;
+        if let Some((src, m)) = plan.partial {
+            ctx.copy_block(src, blocks[k]);
+            self.release_block(src);
+            self.residency.on_access(src, now);
+            self.counters.intra_device_copy_blocks += 1;
+            self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
+            cached_tokens += m;
+        }
+        let cacheable = ctx.config.enable_prefix_cache;
+        let n_full = tokens.len() / bs;
+        if cacheable {
+            for i in k..n_full {
+                let parent = if i == 0 { root } else { plan.hashes[i - 1] };
+                self.register(
+                    blocks[i],
+                    plan.hashes[i],
+                    parent,
+                    root,
+                    &tokens[i * bs..(i + 1) * bs],
+                );
+            }
+        }
+        self.events.end_op();
+        let partial = usize::from(plan.partial.is_some());
+        let c = &mut self.counters;
+        c.alloc_total_blocks += plan.num_blocks as u64;
+        c.alloc_new_blocks += new as u64;
+        c.full_reused_blocks += k as u64;
+        c.partial_reused_blocks += partial as u64;
+        c.missed_blocks += (plan.num_blocks - k - partial) as u64;
+        c.cache_tokens += cached_tokens as u64;
+        c.input_tokens += (tokens.len() - cached_tokens) as u64;
+        let seq = Sequence {
+            num_tokens: tokens.len(),
+            num_cached_tokens: cached_tokens,
+            blocks,
+            hashes: if cacheable { plan.hashes } else { vec![] },
+            root,
+            tail: if cacheable {
+                tokens[n_full * bs..].to_vec()
+            } else {
+                vec![]
+            },
+            cacheable,
+            tier: Tier::Device,
+        };
+        let view = SeqView::of(rid, &seq);
+        self.seqs.insert(rid.clone(), seq);
+        Ok(view)
+    }
+
+    /// Checks that `rid` may be used for a new sequence.
+    pub fn check_new_rid(&self, rid: &RequestId) -> Result<()> {
+        if self.seqs.contains_key(rid) || self.waiters.pending_rids.contains(rid) {
+            return Err(Error::DuplicateRequest(rid.clone()));
+        }
+        Ok(())
+    }
+
+    /// Blocks a prompt of `n` tokens needs if nothing is cached.
+    pub fn blocks_needed(&self, ctx: &Ctx, n: usize) -> usize {
+        blocks_for(n, ctx.config.block_size)
+    }
+
+    // ----- extend -------------------------------------------------------------------------
+
+    /// Appends tokens to a resident sequence now, or fails with nothing changed.
+    pub fn extend_now(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        append: &Append,
+    ) -> Result<(SeqView, ExtendUndo)> {
+        let bs = ctx.config.block_size;
+        let s = self.resident(rid, "extend")?;
+        let n = s.num_tokens;
+        let m = append.len();
+        let new_blocks = blocks_for(n + m, bs) - s.blocks.len();
+        let tail_shared =
+            n % bs != 0 && m > 0 && self.pool.ref_cnt(*s.blocks.last().expect("n > 0")) > 1;
+        let needed = new_blocks + usize::from(tail_shared);
+        let available = self.pool.num_free_blocks();
+        if needed > available {
+            return Err(short(needed, available));
+        }
+        let undo = ExtendUndo {
+            num_tokens: n,
+            num_blocks: s.blocks.len(),
+            num_hashes: s.hashes.len(),
+            tail: s.tail.clone(),
+            cacheable: s.cacheable,
+        };
+        // Commit.
+        let now = ctx.clock.now();
+        let mut s = self.seqs.remove(rid).expect("checked above");
+        if tail_shared {
+            let old = *s.blocks.last().expect("n > 0");
+            let copy = self.alloc_block(now);
+            ctx.copy_block(old, copy);
+            self.release_block(old);
+            *s.blocks.last_mut().expect("n > 0") = copy;
+            self.counters.intra_device_copy_blocks += 1;
+            self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
+        }
+        for _ in 0..new_blocks {
+            let b = self.alloc_block(now);
+            s.blocks.push(b);
+        }
+        self.counters.gen_alloc_blocks += new_blocks as u64;
+        match append {
+            Append::Ids(ids) if s.cacheable => {
+                let mut rest = &ids[..];
+                while !rest.is_empty() {
+                    let take = (bs - s.tail.len()).min(rest.len());
+                    s.tail.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if s.tail.len() == bs {
+                        let parent = s.last_hash();
+                        let h = ctx.hasher.block_hash(parent, &s.tail, &mut self.scratch);
+                        let b = s.blocks[s.hashes.len()];
+                        let tail = std::mem::take(&mut s.tail);
+                        self.register(b, h, parent, s.root, &tail);
+                        s.hashes.push(h);
+                    }
+                }
+            }
+            Append::Ids(_) => {}
+            Append::Count(_) => {
+                s.cacheable = false;
+                s.tail.clear();
+            }
+        }
+        self.events.end_op();
+        s.num_tokens = n + m;
+        let view = SeqView::of(rid, &s);
+        self.seqs.insert(rid.clone(), s);
+        Ok((view, undo))
+    }
+
+    /// Gives back what a granted `extend` took (the sequence keeps its earlier tokens).
+    fn undo_extend(&mut self, ctx: &Ctx, rid: &RequestId, u: &ExtendUndo) {
+        let Some(mut s) = self.seqs.remove(rid) else {
+            return;
+        };
+        for i in u.num_hashes..s.hashes.len() {
+            let b = s.blocks[i];
+            if self.index.hash_of(b) == Some(s.hashes[i]) && self.pool.ref_cnt(b) == 1 {
+                self.forget_cached(b, ctx.clock.now(), false);
+                self.pool.set_cached(b, false);
+            }
+        }
+        for b in s.blocks.drain(u.num_blocks..).rev().collect::<Vec<_>>() {
+            self.release_block(b);
+        }
+        s.hashes.truncate(u.num_hashes);
+        s.num_tokens = u.num_tokens;
+        s.tail.clone_from(&u.tail);
+        s.cacheable = u.cacheable;
+        self.events.end_op();
+        self.seqs.insert(rid.clone(), s);
+    }
+
+    /// Copy-on-write: gives `rid` private copies of the shared blocks that hold positions
+    /// `start..start+n`, so a write there is never seen by another sequence.
+    pub fn unshare_span(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let bs = ctx.config.block_size;
+        let span = start / bs..=(start + n - 1) / bs;
+        let s = self.seq(rid)?;
+        let shared: Vec<usize> = span
+            .filter(|&i| self.pool.ref_cnt(s.blocks[i]) > 1)
+            .collect();
+        if shared.len() > self.pool.num_free_blocks() {
+            return Err(short(shared.len(), self.pool.num_free_blocks()));
+        }
+        let now = ctx.clock.now();
+        for i in shared {
+            let old = self.seqs[rid].blocks[i];
+            let copy = self.alloc_block(now);
+            ctx.copy_block(old, copy);
+            self.release_block(old);
+            self.seqs.get_mut(rid).expect("checked above").blocks[i] = copy;
+            self.counters.intra_device_copy_blocks += 1;
+            self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
+        }
+        self.events.end_op();
+        Ok(())
+    }
+
+    // ----- release ------------------------------------------------------------------------
+
+    /// Releases every block of a sequence, tail first.
+    pub fn free_sequence(&mut self, s: Sequence) {
+        for &b in s.blocks.iter().rev() {
+            self.release_block(b);
+        }
+    }
+
+    /// Gives back a granted `allocate`: blocks it registered are uncached, not kept.
+    fn undo_allocate(&mut self, ctx: &Ctx, rid: &RequestId) {
+        let Some(s) = self.seqs.remove(rid) else {
+            return;
+        };
+        for (i, &b) in s.blocks.iter().enumerate() {
+            let registered_here = s
+                .hashes
+                .get(i)
+                .is_some_and(|&h| self.index.get(h) == Some(b));
+            if registered_here
+                && self.pool.ref_cnt(b) == 1
+                && i * ctx.config.block_size >= s.num_cached_tokens
+            {
+                self.forget_cached(b, ctx.clock.now(), false);
+                self.pool.set_cached(b, false);
+            }
+        }
+        self.events.end_op();
+        self.free_sequence(s);
+    }
+
+    pub fn deallocate(&mut self, rid: &RequestId) -> Result<()> {
+        let s = self
+            .seqs
+            .remove(rid)
+            .ok_or_else(|| Error::UnknownRequest(rid.clone()))?;
+        self.free_sequence(s);
+        self.fail_tickets_of(rid, "it was deallocated while waiting");
+        Ok(())
+    }
+
+    /// Fails pending tickets of `rid` and drops granted ones (their sequence is gone).
+    fn fail_tickets_of(&mut self, rid: &RequestId, why: &str) {
+        let pending: Vec<_> = self
+            .waiters
+            .extends
+            .iter()
+            .copied()
+            .filter(|t| matches!(self.waiters.tickets.get(t), Some(TicketState::Pending { op, .. }) if op.rid() == rid))
+            .collect();
+        for t in pending {
+            self.waiters.unqueue(t);
+            self.waiters.finish(
+                t,
+                TicketState::Failed(Error::InvalidState(format!("request {rid}: {why}"))),
+            );
+            self.needs_signal = true;
+        }
+        self.waiters.tickets.retain(|_, st| !matches!(st, TicketState::Granted { rid: r, undo: Undo::Extend(_) } if r == rid));
+    }
+
+    // ----- fork ---------------------------------------------------------------------------
+
+    pub fn fork(&mut self, parent: &RequestId, child: &RequestId) -> Result<SeqView> {
+        let p = self.resident(parent, "fork")?.clone();
+        self.check_new_rid(child)?;
+        for &b in &p.blocks {
+            self.pool.acquire(b);
+        }
+        let view = SeqView::of(child, &p);
+        self.seqs.insert(child.clone(), p);
+        Ok(view)
+    }
+
+    // ----- waiters ------------------------------------------------------------------------
+
+    /// Serves waiting tickets in order while blocks last (extends first, then allocates).
+    pub fn serve_waiters(&mut self, ctx: &Ctx) {
+        for allocates in [false, true] {
+            loop {
+                let queue = if allocates {
+                    &self.waiters.allocates
+                } else {
+                    &self.waiters.extends
+                };
+                let Some(&t) = queue.front() else { break };
+                let Some(TicketState::Pending { op, .. }) = self.waiters.tickets.get(&t) else {
+                    unreachable!("queued tickets are pending")
+                };
+                let result = match op.clone() {
+                    WaitOp::Allocate { rid, tokens, root } => self
+                        .allocate_now(ctx, &rid, &tokens, root)
+                        .map(|_| (rid, Undo::Allocate)),
+                    WaitOp::Extend { rid, append } => self
+                        .extend_now(ctx, &rid, &append)
+                        .map(|(_, u)| (rid, Undo::Extend(u))),
+                };
+                let state = match result {
+                    Err(Error::OutOfBlocks {
+                        never_fits: false, ..
+                    }) => break,
+                    Ok((rid, undo)) => TicketState::Granted { rid, undo },
+                    Err(e) => TicketState::Failed(e),
+                };
+                self.waiters.unqueue(t);
+                self.waiters.finish(t, state);
+                self.needs_signal = true;
+            }
+        }
+    }
+
+    /// The result of a finished ticket, handed to its waiter (the ticket is consumed).
+    pub fn take_ticket(&mut self, t: crate::waiters::Ticket) -> Result<SeqView> {
+        match self.waiters.tickets.remove(&t) {
+            Some(TicketState::Granted { rid, .. }) => Ok(SeqView::of(&rid, self.seq(&rid)?)),
+            Some(TicketState::Failed(e)) => Err(e),
+            Some(pending) => {
+                self.waiters.tickets.insert(t, pending);
+                Err(Error::InvalidState(format!("ticket {t} is still waiting")))
+            }
+            None => Err(Error::InvalidState(format!(
+                "ticket {t} is unknown or already taken"
+            ))),
+        }
+    }
+
+    /// Withdraws a ticket: a pending one leaves its queue, a granted one is undone.
+    pub fn cancel_ticket(&mut self, ctx: &Ctx, t: crate::waiters::Ticket) {
+        match self.waiters.tickets.get(&t) {
+            Some(TicketState::Pending { .. }) => {
+                self.waiters.unqueue(t);
+            }
+            Some(TicketState::Granted { .. }) => {
+                let Some(TicketState::Granted { rid, undo }) = self.waiters.tickets.remove(&t)
+                else {
+                    unreachable!()
+                };
+                match undo {
+                    Undo::Allocate => self.undo_allocate(ctx, &rid),
+                    Undo::Extend(u) => self.undo_extend(ctx, &rid, &u),
+                }
+            }
+            Some(TicketState::Failed(_)) => {
+                self.waiters.tickets.remove(&t);
+            }
+            None => {}
+        }
+        self.waiters.completed.retain(|&x| x != t);
+        self.serve_waiters(ctx);
+    }
+
+    // ----- gc / reset ---------------------------------------------------------------------
+
+    /// Evicts LRU cached blocks until the blank share of the device tier reaches `target`.
+    pub fn gc(&mut self, ctx: &Ctx, target: f64) -> usize {
+        let total = self.pool.num_blocks();
+        let now = ctx.clock.now();
+        let mut evicted = 0;
+        while (self.pool.num_blank_blocks() as f64) < target * total as f64 {
+            let Some(b) = self.pool.evict_lru_to_blank() else {
+                break;
+            };
+            self.forget_cached(b, now, true);
+            evicted += 1;
+        }
+        self.events.end_op();
+        evicted
+    }
+
+    pub fn reset_prefix_cache(&mut self) -> bool {
+        if !self.seqs.is_empty() || self.waiters.num_pending() > 0 {
+            return false;
+        }
+        while let Some(b) = self.pool.evict_lru_to_blank() {
+            self.residency.forget(b);
+        }
+        self.index.clear();
+        self.events.all_cleared();
+        true
+    }
+
+    // ----- pressure -----------------------------------------------------------------------
+
+    pub fn update_pressure(&mut self) {
+        let waiting = self.waiters.num_pending() > 0;
+        let needed = if waiting {
+            self.waiters.needed_blocks().max(1)
+        } else {
+            0
+        };
+        let ev = self.pressure.update(
+            self.pool.num_free_blocks(),
+            self.pool.num_evictable_blocks(),
+            self.pool.num_blocks(),
+            needed,
+        );
+        if let Some(e) = ev {
+            if self.subscribed {
+                self.pressure_events.push(e);
+                self.needs_signal = true;
+            }
+        }
+    }
+
+    pub fn level(&self) -> Level {
+        self.pressure.level
+    }
+
+    // ----- checks -------------------------------------------------------------------------
+
+    /// Panics with a description if an invariant of the module header is broken.
+    pub fn check_invariants(&self, ctx: &Ctx) {
+        self.pool.check_invariants();
+        self.index.check_invariants();
+        let mut owners = vec![0u32; self.pool.num_blocks()];
+        for (rid, s) in &self.seqs {
+            if s.tier != Tier::Device {
+                continue;
+            }
+            assert_eq!(
+                s.blocks.len(),
+                blocks_for(s.num_tokens, ctx.config.block_size),
+                "{rid}: block count"
+            );
+            if s.cacheable {
+                assert_eq!(
+                    s.hashes.len(),
+                    s.num_tokens / ctx.config.block_size,
+                    "{rid}: hash count"
+                );
+                assert_eq!(
+                    s.tail.len(),
+                    s.num_tokens % ctx.config.block_size,
+                    "{rid}: tail"
+                );
+            }
+            for &b in &s.blocks {
+                owners[b.idx()] += 1;
+            }
+        }
+        for (b, &o) in owners.iter().enumerate() {
+            assert_eq!(
+                self.pool.ref_cnt(BlockId(b as u32)),
+                o,
+                "block {b}: refcount != owners"
+            );
+        }
+        for (h, b) in self.index.iter() {
+            assert_eq!(self.index.hash_of(b), Some(h));
+            assert!(
+                self.pool.is_cached(b),
+                "indexed block {} is not marked cached",
+                b.0
+            );
+        }
+        for b in self.pool.evictable_lru() {
+            assert!(
+                self.index.hash_of(b).is_some(),
+                "evictable block {} has no hash",
+                b.0
+            );
+        }
+        assert_eq!(
+            self.pool.num_used_blocks() + self.pool.num_free_blocks(),
+            self.pool.num_blocks()
+        );
+    }
+}

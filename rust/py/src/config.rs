@@ -1,0 +1,197 @@
+//! `CacheConfig`: keyword-only construction, validated by the core (one place for ranges).
+
+use ferrumkv_core::config::{CacheConfig, ConfigInput};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::IntoPy;
+
+#[pyclass(frozen, name = "CacheConfig", module = "ferrumkv._core")]
+pub struct PyCacheConfig {
+    pub input: ConfigInput,
+    pub config: CacheConfig,
+}
+
+#[pymethods]
+impl PyCacheConfig {
+    #[new]
+    #[pyo3(signature = (*, num_layers, num_kv_heads, head_dim, block_size=16, dtype="float16".to_string(),
+        device="cpu".to_string(), num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None,
+        disk_blocks=0, enable_prefix_cache=true, hash_algo="xxh3_128".to_string(), low_watermark=0.3,
+        high_watermark=0.1, residency_sample_rate=0.01, layout="block_major".to_string(),
+        enable_kv_events=true, seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        num_layers: i64,
+        num_kv_heads: i64,
+        head_dim: i64,
+        block_size: i64,
+        dtype: String,
+        device: String,
+        num_blocks: Option<i64>,
+        memory_bytes: Option<i64>,
+        host_blocks: i64,
+        disk_path: Option<std::path::PathBuf>,
+        disk_blocks: i64,
+        enable_prefix_cache: bool,
+        hash_algo: String,
+        low_watermark: f64,
+        high_watermark: f64,
+        residency_sample_rate: f64,
+        layout: String,
+        enable_kv_events: bool,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let input = ConfigInput {
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            dtype,
+            device,
+            num_blocks,
+            memory_bytes,
+            host_blocks,
+            disk_path: disk_path.map(|p| p.to_string_lossy().into_owned()),
+            disk_blocks,
+            enable_prefix_cache,
+            hash_algo,
+            low_watermark,
+            high_watermark,
+            residency_sample_rate,
+            layout,
+            enable_kv_events,
+            seed,
+        };
+        let config = CacheConfig::validate(&input).py_err()?;
+        Ok(PyCacheConfig { input, config })
+    }
+
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.config.num_layers
+    }
+    #[getter]
+    fn num_kv_heads(&self) -> usize {
+        self.config.num_kv_heads
+    }
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.config.head_dim
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.config.block_size
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.config.dtype.name()
+    }
+    #[getter]
+    fn itemsize(&self) -> usize {
+        self.config.dtype.itemsize()
+    }
+    #[getter]
+    fn device(&self) -> String {
+        self.config.device.name()
+    }
+    /// Blocks of the device tier (from `num_blocks`, or `memory_bytes // bytes_per_block`).
+    #[getter]
+    fn num_blocks(&self) -> usize {
+        self.config.num_blocks
+    }
+    #[getter]
+    fn memory_bytes(&self) -> Option<i64> {
+        self.input.memory_bytes
+    }
+    #[getter]
+    fn host_blocks(&self) -> usize {
+        self.config.host_blocks
+    }
+    #[getter]
+    fn disk_path(&self) -> Option<String> {
+        self.config.disk_path.clone()
+    }
+    #[getter]
+    fn disk_blocks(&self) -> usize {
+        self.config.disk_blocks
+    }
+    #[getter]
+    fn enable_prefix_cache(&self) -> bool {
+        self.config.enable_prefix_cache
+    }
+    #[getter]
+    fn hash_algo(&self) -> &'static str {
+        self.config.hash_algo.name()
+    }
+    #[getter]
+    fn low_watermark(&self) -> f64 {
+        self.config.low_watermark
+    }
+    #[getter]
+    fn high_watermark(&self) -> f64 {
+        self.config.high_watermark
+    }
+    #[getter]
+    fn residency_sample_rate(&self) -> f64 {
+        self.config.residency_sample_rate
+    }
+    #[getter]
+    fn layout(&self) -> &'static str {
+        self.config.layout.name()
+    }
+    #[getter]
+    fn enable_kv_events(&self) -> bool {
+        self.config.enable_kv_events
+    }
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.config.seed
+    }
+    /// block_size x num_layers x 2 x num_kv_heads x head_dim x itemsize.
+    #[getter]
+    fn bytes_per_block(&self) -> usize {
+        self.config.bytes_per_block()
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.config;
+        let d = PyDict::new(py);
+        d.set_item("num_layers", c.num_layers)?;
+        d.set_item("num_kv_heads", c.num_kv_heads)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("block_size", c.block_size)?;
+        d.set_item("dtype", c.dtype.name())?;
+        d.set_item("device", c.device.name())?;
+        d.set_item("num_blocks", c.num_blocks)?;
+        d.set_item("memory_bytes", self.input.memory_bytes)?;
+        d.set_item("host_blocks", c.host_blocks)?;
+        d.set_item("disk_path", c.disk_path.clone())?;
+        d.set_item("disk_blocks", c.disk_blocks)?;
+        d.set_item("enable_prefix_cache", c.enable_prefix_cache)?;
+        d.set_item("hash_algo", c.hash_algo.name())?;
+        d.set_item("low_watermark", c.low_watermark)?;
+        d.set_item("high_watermark", c.high_watermark)?;
+        d.set_item("residency_sample_rate", c.residency_sample_rate)?;
+        d.set_item("layout", c.layout.name())?;
+        d.set_item("enable_kv_events", c.enable_kv_events)?;
+        d.set_item("seed", c.seed)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let d = self.to_dict(py)?;
+        let parts = d
+            .iter()
+            .map(|(k, v)| Ok(format!("{}={}", k.str()?, v.repr()?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(format!("CacheConfig({})", parts.join(", ")))
+    }
+
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match other.cast::<PyCacheConfig>() {
+            Ok(o) => self.to_dict(py)?.eq(o.get().to_dict(py)?),
+            Err(_) => Ok(false),
+        }
+    }
+}

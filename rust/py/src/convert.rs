@@ -1,0 +1,183 @@
+//! Argument conversion: request ids, token ids, salts, byte buffers.
+//!
+//! Token ids arrive as a list / tuple of ints or a 1-D integer array (anything with the
+//! buffer protocol: numpy, array.array, torch CPU tensors via numpy). Each id must be an
+//! integer in `0..=u32::MAX`; a float array is a `TypeError`, a negative or too large id a
+//! `ValueError`. Lists are read item by item without building Python objects; arrays are
+//! read in place through the buffer protocol.
+
+use ferrumkv_core::prefix::Salt;
+use ferrumkv_core::types::RequestId;
+use pyo3::buffer::{Element, PyBuffer};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
+
+pub fn request_id(obj: &Bound<'_, PyAny>) -> PyResult<RequestId> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(RequestId::Str(s.to_str()?.into()));
+    }
+    if obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>() {
+        let v: i64 = obj
+            .extract()
+            .map_err(|_| PyValueError::new_err("an int request_id must fit in 64 bits"))?;
+        return Ok(RequestId::Int(v));
+    }
+    Err(PyTypeError::new_err(format!(
+        "request_id must be str or int, not {}",
+        obj.get_type().name()?
+    )))
+}
+
+pub fn request_id_to_py<'py>(py: Python<'py>, rid: &RequestId) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match rid {
+        RequestId::Int(i) => i.into_pyobject(py)?.into_any(),
+        RequestId::Str(s) => PyString::new(py, s).into_any(),
+    })
+}
+
+pub fn salt(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Salt>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(Some(Salt::Str(s.to_str()?.to_owned())));
+    }
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Some(Salt::Bytes(b.as_bytes().to_vec())));
+    }
+    if obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>() {
+        let v: i64 = obj
+            .extract()
+            .map_err(|_| PyValueError::new_err("an int salt must fit in 64 bits"))?;
+        return Ok(Some(Salt::Int(v)));
+    }
+    Err(PyTypeError::new_err(format!(
+        "salt must be str, bytes, int or None, not {}",
+        obj.get_type().name()?
+    )))
+}
+
+fn token_of(item: &Bound<'_, PyAny>, i: usize) -> PyResult<u32> {
+    if item.is_instance_of::<PyFloat>() || item.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!(
+            "token ids must be integers; item {i} is {}",
+            item.get_type().name()?
+        )));
+    }
+    let v: i64 = item.extract().map_err(|e: PyErr| {
+        if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(item.py()) {
+            PyValueError::new_err(format!("token id at {i} is too large (max {})", u32::MAX))
+        } else {
+            PyTypeError::new_err(format!("token ids must be integers; item {i} is not"))
+        }
+    })?;
+    check_id(v, i)
+}
+
+#[inline]
+fn check_id(v: i64, i: usize) -> PyResult<u32> {
+    u32::try_from(v).map_err(|_| {
+        PyValueError::new_err(format!("token id {v} at {i} is outside 0..={}", u32::MAX))
+    })
+}
+
+fn from_buffer<T: Element + Copy + Into<i128>>(
+    obj: &Bound<'_, PyAny>,
+) -> Option<PyResult<Vec<u32>>> {
+    let buf = PyBuffer::<T>::get(obj).ok()?;
+    if buf.dimensions() != 1 {
+        return Some(Err(PyValueError::new_err(format!(
+            "token ids must be a 1-D array, got {} dimensions",
+            buf.dimensions()
+        ))));
+    }
+    let vals = match buf.to_vec(obj.py()) {
+        Ok(v) => v,
+        Err(e) => return Some(Err(e)),
+    };
+    Some(
+        vals.into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let v: i128 = v.into();
+                u32::try_from(v).map_err(|_| {
+                    PyValueError::new_err(format!(
+                        "token id {v} at {i} is outside 0..={}",
+                        u32::MAX
+                    ))
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Token ids from a list, tuple or 1-D integer buffer.
+pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Ok(list) = obj.cast::<PyList>() {
+        return list
+            .iter()
+            .enumerate()
+            .map(|(i, x)| token_of(&x, i))
+            .collect();
+    }
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        return t.iter().enumerate().map(|(i, x)| token_of(&x, i)).collect();
+    }
+    if obj.is_instance_of::<PyString>()
+        || obj.is_instance_of::<PyBytes>()
+        || obj.is_instance_of::<PyInt>()
+    {
+        return Err(PyTypeError::new_err(
+            "tokens must be a list of ints or a 1-D integer array",
+        ));
+    }
+    let attempts: [fn(&Bound<'_, PyAny>) -> Option<PyResult<Vec<u32>>>; 8] = [
+        from_buffer::<i64>,
+        from_buffer::<i32>,
+        from_buffer::<u32>,
+        from_buffer::<u64>,
+        from_buffer::<i16>,
+        from_buffer::<u16>,
+        from_buffer::<u8>,
+        from_buffer::<i8>,
+    ];
+    for f in attempts {
+        if let Some(r) = f(obj) {
+            return r;
+        }
+    }
+    Err(PyTypeError::new_err(format!(
+        "tokens must be a list of ints or a 1-D integer array, not {}",
+        describe(obj)
+    )))
+}
+
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    let ty = obj
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into());
+    match obj.getattr("dtype") {
+        Ok(d) => format!(
+            "{ty} of dtype {}",
+            d.str().map(|s| s.to_string()).unwrap_or_default()
+        ),
+        Err(_) => ty,
+    }
+}
+
+/// The bytes of a C-contiguous uint8 buffer.
+pub fn bytes_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
+    let buf = PyBuffer::<u8>::get(obj)
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be a contiguous byte buffer")))?;
+    buf.to_vec(obj.py())
+}
+
+/// Copies `data` into a writable C-contiguous uint8 buffer of the same length.
+pub fn fill(obj: &Bound<'_, PyAny>, data: &[u8], what: &str) -> PyResult<()> {
+    let buf = PyBuffer::<u8>::get(obj)
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be a writable byte buffer")))?;
+    buf.copy_from_slice(obj.py(), data)
+}

@@ -1,0 +1,431 @@
+//! `Engine`: the synchronous core that `ferrumkv.KvCache` wraps with its async layer.
+//!
+//! Every method converts its arguments, calls the engine once and converts the result. A
+//! call that must wait returns an int ticket; the Python layer watches `notify_fd`, calls
+//! `drain_notifications` on its event loop's thread, then `take_ticket` (or `cancel_ticket`).
+//! The GIL is released around block copies that may take long (big `write_kv`/`read_kv`).
+
+use std::sync::Arc;
+
+use ferrumkv_core::clock::Clock;
+use ferrumkv_core::events::KvEvent;
+use ferrumkv_core::sequence::{Append, SeqView};
+use ferrumkv_core::stats::{Snapshot, TierStats};
+use ferrumkv_core::{Engine, Error, Outcome};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyDict, PyInt, PyList, PyTuple};
+
+use crate::config::PyCacheConfig;
+use crate::convert;
+use crate::errors::IntoPy;
+use crate::handle::PySequenceHandle;
+use crate::view::PyKvView;
+
+#[pyclass(frozen, name = "Engine", module = "ferrumkv._core")]
+pub struct PyEngine {
+    engine: Arc<Engine>,
+}
+
+fn handle(py: Python<'_>, view: SeqView) -> PyResult<Py<PyAny>> {
+    Ok(Py::new(py, PySequenceHandle { view })?.into_any())
+}
+
+fn outcome(py: Python<'_>, o: Outcome) -> PyResult<Py<PyAny>> {
+    match o {
+        Outcome::Ready(v) => handle(py, v),
+        Outcome::Waiting(t) => Ok(t.into_pyobject(py)?.into_any().unbind()),
+    }
+}
+
+fn tier_dict<'py>(py: Python<'py>, t: &TierStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("total_blocks", t.total_blocks)?;
+    d.set_item("free_blocks", t.free_blocks)?;
+    d.set_item("used_blocks", t.used_blocks)?;
+    d.set_item("evictable_blocks", t.evictable_blocks)?;
+    d.set_item("total_bytes", t.total_bytes)?;
+    d.set_item("used_bytes", t.used_bytes)?;
+    Ok(d)
+}
+
+fn snapshot_dict<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("device", tier_dict(py, &s.device)?)?;
+    d.set_item("host", tier_dict(py, &s.host)?)?;
+    d.set_item("disk", tier_dict(py, &s.disk)?)?;
+    d.set_item("total_tokens", s.total_tokens())?;
+    d.set_item("used_tokens", s.used_tokens())?;
+    d.set_item("free_tokens", s.free_tokens())?;
+    d.set_item("num_sequences", s.num_sequences)?;
+    d.set_item("num_swapped", s.num_swapped)?;
+    d.set_item("num_waiting", s.num_waiting)?;
+    d.set_item("pressure_level", s.pressure_level)?;
+    d.set_item("callback_errors", s.callback_errors)?;
+    for (name, v) in s.counters.fields() {
+        d.set_item(name, v)?;
+    }
+    Ok(d)
+}
+
+fn event_tuple<'py>(py: Python<'py>, e: KvEvent) -> PyResult<Bound<'py, PyTuple>> {
+    match e {
+        KvEvent::Stored {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+            tier,
+        } => PyTuple::new(
+            py,
+            [
+                "stored".into_pyobject(py)?.into_any(),
+                PyList::new(py, block_hashes)?.into_any(),
+                parent_block_hash.into_pyobject(py)?.into_any(),
+                PyList::new(py, token_ids)?.into_any(),
+                block_size.into_pyobject(py)?.into_any(),
+                tier.as_str().into_pyobject(py)?.into_any(),
+            ],
+        ),
+        KvEvent::Removed { block_hashes, tier } => PyTuple::new(
+            py,
+            [
+                "removed".into_pyobject(py)?.into_any(),
+                PyList::new(py, block_hashes)?.into_any(),
+                tier.as_str().into_pyobject(py)?.into_any(),
+            ],
+        ),
+        KvEvent::AllCleared => PyTuple::new(py, ["cleared"]),
+    }
+}
+
+/// Copies above this size release the GIL while they run.
+const DETACH_BYTES: usize = 1 << 20;
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    fn new(config: &Bound<'_, PyCacheConfig>) -> PyResult<Self> {
+        let engine = Engine::new(config.get().config.clone()).py_err()?;
+        Ok(PyEngine {
+            engine: Arc::new(engine),
+        })
+    }
+
+    /// Switches to a manual clock starting at `now_s` (tests); later `set_time` moves it.
+    #[staticmethod]
+    fn with_manual_clock(config: &Bound<'_, PyCacheConfig>, now_s: f64) -> PyResult<Self> {
+        let engine =
+            Engine::with_clock(config.get().config.clone(), Clock::manual(now_s)).py_err()?;
+        Ok(PyEngine {
+            engine: Arc::new(engine),
+        })
+    }
+
+    fn set_time(&self, now_s: f64) -> PyResult<()> {
+        if self.engine.clock().set(now_s) {
+            Ok(())
+        } else {
+            Err(PyValueError::new_err(
+                "this cache runs on the monotonic clock",
+            ))
+        }
+    }
+
+    #[getter]
+    fn notify_fd(&self) -> i32 {
+        self.engine.notify_fd()
+    }
+
+    /// A handle, an int ticket (queued; only when `wait`), or OutOfBlocksError.
+    #[pyo3(signature = (request_id, tokens, salt=None, wait=true))]
+    fn allocate(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+        wait: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let rid = convert::request_id(request_id)?;
+        let salt = convert::salt(salt)?;
+        let tokens = convert::tokens(tokens)?;
+        outcome(
+            py,
+            self.engine
+                .allocate(rid, tokens, salt.as_ref(), wait)
+                .py_err()?,
+        )
+    }
+
+    /// A handle, or None when blocks are short (never waits).
+    #[pyo3(signature = (request_id, tokens, salt=None))]
+    fn try_allocate(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let rid = convert::request_id(request_id)?;
+        let salt = convert::salt(salt)?;
+        let tokens = convert::tokens(tokens)?;
+        match self.engine.allocate(rid, tokens, salt.as_ref(), false) {
+            Ok(o) => outcome(py, o).map(Some),
+            Err(Error::OutOfBlocks {
+                never_fits: false, ..
+            }) => Ok(None),
+            Err(e) => Err(crate::errors::to_py(e)),
+        }
+    }
+
+    /// `tokens`: ids (list / array) or an int count of tokens whose ids are unknown.
+    #[pyo3(signature = (request_id, tokens, wait=true))]
+    fn extend(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        wait: bool,
+    ) -> PyResult<Py<PyAny>> {
+        let rid = convert::request_id(request_id)?;
+        let append = if tokens.is_instance_of::<PyInt>()
+            && !tokens.is_instance_of::<pyo3::types::PyBool>()
+        {
+            let n: i64 = tokens.extract()?;
+            if n < 1 {
+                return Err(PyValueError::new_err(format!(
+                    "a token count must be >= 1, got {n}"
+                )));
+            }
+            Append::Count(n as usize)
+        } else {
+            let ids = convert::tokens(tokens)?;
+            if ids.is_empty() {
+                return Err(PyValueError::new_err("tokens must not be empty"));
+            }
+            Append::Ids(ids)
+        };
+        outcome(py, self.engine.extend(rid, append, wait).py_err()?)
+    }
+
+    fn deallocate(&self, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.engine
+            .deallocate(&convert::request_id(request_id)?)
+            .py_err()
+    }
+
+    fn fork(
+        &self,
+        py: Python<'_>,
+        parent_id: &Bound<'_, PyAny>,
+        child_id: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let p = convert::request_id(parent_id)?;
+        let c = convert::request_id(child_id)?;
+        handle(py, self.engine.fork(&p, c).py_err()?)
+    }
+
+    fn take_ticket(&self, py: Python<'_>, ticket: u64) -> PyResult<Py<PyAny>> {
+        handle(py, self.engine.take_ticket(ticket).py_err()?)
+    }
+
+    fn cancel_ticket(&self, ticket: u64) {
+        self.engine.cancel_ticket(ticket);
+    }
+
+    /// `(finished tickets, pressure events as (level, previous, free, evictable, total, needed))`.
+    #[allow(clippy::type_complexity)]
+    fn drain_notifications(&self) -> (Vec<u64>, Vec<(u8, u8, usize, usize, usize, usize)>) {
+        let (tickets, events) = self.engine.drain_notifications();
+        let events = events
+            .into_iter()
+            .map(|e| {
+                (
+                    e.level as u8,
+                    e.previous as u8,
+                    e.free_blocks,
+                    e.evictable_blocks,
+                    e.total_blocks,
+                    e.needed_blocks,
+                )
+            })
+            .collect();
+        (tickets, events)
+    }
+
+    fn set_subscribed(&self, on: bool) {
+        self.engine.set_subscribed(on);
+    }
+
+    fn record_callback_error(&self) {
+        self.engine.record_callback_error();
+    }
+
+    #[pyo3(signature = (target_free_ratio=None))]
+    fn gc<'py>(
+        &self,
+        py: Python<'py>,
+        target_free_ratio: Option<f64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let g = self.engine.gc(target_free_ratio).py_err()?;
+        let d = PyDict::new(py);
+        d.set_item("evicted_blocks", g.evicted_blocks)?;
+        d.set_item("offloaded_blocks", g.offloaded_blocks)?;
+        d.set_item("freed_bytes", g.freed_bytes)?;
+        d.set_item("duration_s", g.duration_s)?;
+        Ok(d)
+    }
+
+    fn reset_prefix_cache(&self) -> PyResult<bool> {
+        self.engine.reset_prefix_cache().py_err()
+    }
+
+    fn can_allocate(&self, num_tokens: i64) -> PyResult<bool> {
+        if num_tokens < 0 {
+            return Err(PyValueError::new_err(format!(
+                "num_tokens must be >= 0, got {num_tokens}"
+            )));
+        }
+        self.engine.can_allocate(num_tokens as usize).py_err()
+    }
+
+    fn get(&self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+        let rid = convert::request_id(request_id)?;
+        self.engine
+            .get(&rid)
+            .py_err()?
+            .map(|v| handle(py, v))
+            .transpose()
+    }
+
+    fn __contains__(&self, request_id: &Bound<'_, PyAny>) -> PyResult<bool> {
+        match convert::request_id(request_id) {
+            Ok(rid) => self.engine.contains(&rid).py_err(),
+            Err(_) => Ok(false),
+        }
+    }
+
+    fn __len__(&self) -> PyResult<usize> {
+        self.engine.num_sequences().py_err()
+    }
+
+    fn pressure_level(&self) -> PyResult<u8> {
+        Ok(self.engine.pressure_level().py_err()? as u8)
+    }
+
+    /// `(int32 bytes as a bytearray, rows, cols)`.
+    fn block_table<'py>(
+        &self,
+        py: Python<'py>,
+        request_ids: &Bound<'py, PyAny>,
+        pad: i32,
+    ) -> PyResult<(Bound<'py, PyByteArray>, usize, usize)> {
+        let rids = request_ids
+            .try_iter()?
+            .map(|r| convert::request_id(&r?))
+            .collect::<PyResult<Vec<_>>>()?;
+        let (ids, cols) = self.engine.block_table(&rids, pad).py_err()?;
+        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        Ok((PyByteArray::new(py, &bytes), rids.len(), cols))
+    }
+
+    /// `k`, `v`: C-contiguous uint8 views of `[n, heads, head_dim]` arrays of the cache dtype.
+    fn write_kv(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        layer: usize,
+        start: usize,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let rid = convert::request_id(request_id)?;
+        let k = convert::bytes_of(k, "k")?;
+        let v = convert::bytes_of(v, "v")?;
+        if k.len() >= DETACH_BYTES {
+            py.detach(|| self.engine.write_kv(&rid, layer, start, &k, &v))
+                .py_err()
+        } else {
+            self.engine.write_kv(&rid, layer, start, &k, &v).py_err()
+        }
+    }
+
+    /// Fills `k_out`, `v_out` (writable uint8 views of `[n, heads, head_dim]` arrays).
+    fn read_kv(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        layer: usize,
+        start: usize,
+        k_out: &Bound<'_, PyAny>,
+        v_out: &Bound<'_, PyAny>,
+        nbytes: usize,
+    ) -> PyResult<()> {
+        let rid = convert::request_id(request_id)?;
+        let mut k = vec![0u8; nbytes];
+        let mut v = vec![0u8; nbytes];
+        if nbytes >= DETACH_BYTES {
+            py.detach(|| self.engine.read_kv(&rid, layer, start, &mut k, &mut v))
+                .py_err()?;
+        } else {
+            self.engine
+                .read_kv(&rid, layer, start, &mut k, &mut v)
+                .py_err()?;
+        }
+        convert::fill(k_out, &k, "k_out")?;
+        convert::fill(v_out, &v, "v_out")
+    }
+
+    fn kv_view(&self, layer: usize) -> PyResult<PyKvView> {
+        let (slab, view) = self.engine.layer_view(layer).py_err()?;
+        Ok(PyKvView {
+            slab,
+            view,
+            dtype: self.engine.config().dtype,
+        })
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        snapshot_dict(py, &self.engine.stats().py_err()?)
+    }
+
+    fn iteration_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        snapshot_dict(py, &self.engine.iteration_stats().py_err()?)
+    }
+
+    fn drain_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+        self.engine
+            .drain_events()
+            .py_err()?
+            .into_iter()
+            .map(|e| event_tuple(py, e))
+            .collect()
+    }
+
+    /// `[(lifetime_s, idle_s, reuse_gaps_s), ...]`.
+    #[allow(clippy::type_complexity)]
+    fn drain_eviction_events(&self) -> PyResult<Vec<(f64, f64, Vec<f64>)>> {
+        Ok(self
+            .engine
+            .drain_eviction_events()
+            .py_err()?
+            .into_iter()
+            .map(|e| (e.lifetime_seconds, e.idle_seconds, e.reuse_gaps_seconds))
+            .collect())
+    }
+
+    fn close(&self) {
+        self.engine.close();
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.engine.is_closed()
+    }
+
+    /// Raises AssertionError-like PanicException if bookkeeping is inconsistent (tests).
+    fn check_invariants(&self) {
+        self.engine.check_invariants();
+    }
+}
