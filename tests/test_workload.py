@@ -77,9 +77,7 @@ def test_blank_lines_are_skipped_but_counted(tmp_path: Path) -> None:
     path = write_trace(tmp_path, [record(), "", "   ", record(input_length=-1)])
     with pytest.raises(TraceError) as error:
         load(path)
-    assert str(error.value) == (
-        f"{path}:4: 'input_length' must be a non-negative integer, got -1"
-    )
+    assert str(error.value) == (f"{path}:4: 'input_length' must be a non-negative integer, got -1")
 
 
 @pytest.mark.parametrize(
@@ -87,29 +85,45 @@ def test_blank_lines_are_skipped_but_counted(tmp_path: Path) -> None:
     [
         ('{"timestamp": 0,', "invalid JSON"),
         ("[1, 2]", "expected a JSON object, got list"),
-        (json.dumps({"timestamp": 0, "input_length": 5, "output_length": 1}),
-         "missing field(s) hash_ids"),
-        (json.dumps(record(input_length=-5)),
-         "'input_length' must be a non-negative integer, got -5"),
-        (json.dumps(record(output_length=-1)),
-         "'output_length' must be a non-negative integer, got -1"),
-        (json.dumps(record(output_length=2.5)),
-         "'output_length' must be a non-negative integer, got 2.5"),
-        (json.dumps(record(input_length=True)),
-         "'input_length' must be a non-negative integer, got True"),
+        (
+            json.dumps({"timestamp": 0, "input_length": 5, "output_length": 1}),
+            "missing field(s) hash_ids",
+        ),
+        (
+            json.dumps(record(input_length=-5)),
+            "'input_length' must be a non-negative integer, got -5",
+        ),
+        (
+            json.dumps(record(output_length=-1)),
+            "'output_length' must be a non-negative integer, got -1",
+        ),
+        (
+            json.dumps(record(output_length=2.5)),
+            "'output_length' must be a non-negative integer, got 2.5",
+        ),
+        (
+            json.dumps(record(input_length=True)),
+            "'input_length' must be a non-negative integer, got True",
+        ),
         (json.dumps(record(timestamp=-3)), "'timestamp' must be a non-negative number, got -3"),
-        (json.dumps(record(timestamp="0")),
-         "'timestamp' must be a non-negative number, got '0'"),
-        (json.dumps({**record(), "hash_ids": 7}),
-         "'hash_ids' must be a list of integers in [0, 2**64)"),
-        (json.dumps(record(hash_ids=[1, "2"])),
-         "'hash_ids' must be a list of integers in [0, 2**64)"),
-        (json.dumps(record(hash_ids=[1, 2.0])),
-         "'hash_ids' must be a list of integers in [0, 2**64)"),
-        (json.dumps(record(hash_ids=[-1])),
-         "'hash_ids' must be a list of integers in [0, 2**64)"),
-        (json.dumps(record(hash_ids=[2**64])),
-         "'hash_ids' must be a list of integers in [0, 2**64)"),
+        (json.dumps(record(timestamp="0")), "'timestamp' must be a non-negative number, got '0'"),
+        (
+            json.dumps({**record(), "hash_ids": 7}),
+            "'hash_ids' must be a list of integers in [0, 2**64)",
+        ),
+        (
+            json.dumps(record(hash_ids=[1, "2"])),
+            "'hash_ids' must be a list of integers in [0, 2**64)",
+        ),
+        (
+            json.dumps(record(hash_ids=[1, 2.0])),
+            "'hash_ids' must be a list of integers in [0, 2**64)",
+        ),
+        (json.dumps(record(hash_ids=[-1])), "'hash_ids' must be a list of integers in [0, 2**64)"),
+        (
+            json.dumps(record(hash_ids=[2**64])),
+            "'hash_ids' must be a list of integers in [0, 2**64)",
+        ),
         (json.dumps(record(input_length=0)), "the request has no prompt tokens"),
         (json.dumps(record(hash_ids=[])), "the request has no prompt tokens"),
     ],

@@ -191,11 +191,21 @@ class KvCache:
         except OutOfBlocksError:
             return None
 
-    async def extend_many(
-        self, items: Iterable[tuple[RequestId, Sequence[int] | np.ndarray | int]]
+    async def extend_batch(
+        self,
+        request_ids: Sequence[RequestId],
+        tokens: Sequence[Sequence[int] | np.ndarray | int] | np.ndarray,
     ) -> list[SequenceHandle]:
-        """One decode step: extends each sequence in turn (waiting where needed)."""
-        return [await self.extend(rid, toks) for rid, toks in items]
+        """One decode step in one engine call, all or nothing (never waits): `tokens` has one
+        entry per request (ids or an int count), or is a 1-D array of one new token each.
+        Raises OutOfBlocksError, with nothing changed, when blocks are short."""
+        return self._core.extend_batch(request_ids, tokens)
+
+    def lookup_prefix(
+        self, tokens: Sequence[int] | np.ndarray, *, salt: str | bytes | int | None = None
+    ) -> int:
+        """Prompt tokens the prefix cache would serve now (nothing is allocated)."""
+        return self._core.lookup_prefix(tokens, salt)
 
     async def deallocate(self, request_id: RequestId) -> None:
         """Releases the sequence: full hashed blocks stay cached (evictable)."""

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ferrumkv import CacheConfig, FerrumKVError
+from ferrumkv import CacheConfig, FerrumKVError, KvCache
 from ferrumkv.replay import (
     ReplayOptions,
     format_table,
@@ -103,10 +102,12 @@ positive_float = _ranged(float, 0.0, False, "a positive number")
 
 
 def _output_path(text: str) -> Path:
-    """A file path whose directory exists."""
+    """A path a file can be written to: its directory exists and it is not a directory."""
     path = Path(text)
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"directory {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
     return path
 
 
@@ -274,10 +275,15 @@ def run_bench(argv: list[str]) -> int:
 
 def run_replay(args: argparse.Namespace) -> int:
     """Validate inputs, replay, and report; raise :class:`UsageError` for bad input."""
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("--plot needs the matplotlib package (pip install matplotlib)")
+    if args.plot is not None:
+        _require_matplotlib()
     config = _cache_config(args)
     workload = _workload(args)
+    try:
+        cache = _open_cache(config)
+    except FerrumKVError as exc:
+        print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     options = ReplayOptions(
         max_concurrency=args.max_concurrency,
         speedup=args.speedup,
@@ -287,7 +293,7 @@ def run_replay(args: argparse.Namespace) -> int:
     )
     infinite = infinite_cache_hits(workload, config.block_size)
     try:
-        result = asyncio.run(replay(config, workload, options))
+        result = asyncio.run(replay(cache, config, workload, options))
         summary = summarize(result, workload, infinite)
         print(format_table(summary))
         if args.json is not None:
@@ -298,6 +304,14 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _require_matplotlib() -> None:
+    """Fail before the run, not after it, when --plot cannot work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs the matplotlib package (pip install matplotlib)") from None
 
 
 def _cache_config(args: argparse.Namespace) -> CacheConfig:
@@ -322,6 +336,14 @@ def _cache_config(args: argparse.Namespace) -> CacheConfig:
             **size,
         )
     except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _open_cache(config: CacheConfig) -> KvCache:
+    """The engine for ``config``; a ValueError (a combination it rejects) is a usage error."""
+    try:
+        return KvCache(config)
+    except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 

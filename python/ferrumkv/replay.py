@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import json
 import math
 import sys
@@ -139,22 +140,27 @@ class _Broadcast:
 
 
 class ProgressBar:
-    """A one-line progress bar redrawn in place with ``\\r``."""
+    """A one-line progress bar redrawn in place with ``\r``."""
 
     def __init__(self, total: int, stream: TextIO, width: int = 30) -> None:
         self._total = total
         self._stream = stream
         self._width = width
+        self._drawn = 0
 
-    def draw(self, finished: int, running: int, preempted: int, usage: float, elapsed: float):
+    def draw(
+        self, finished: int, running: int, preempted: int, usage: float, elapsed: float
+    ) -> None:
         """Redraw the line for ``finished`` of the total requests."""
         filled = round(self._width * finished / self._total)
         bar = "#" * filled + "-" * (self._width - filled)
-        self._stream.write(
-            f"\r[{bar}] {finished}/{self._total} requests  running {running}"
+        line = (
+            f"[{bar}] {finished}/{self._total} requests  running {running}"
             f"  preempted {preempted}  usage {usage:6.1%}  {elapsed:6.1f}s"
         )
+        self._stream.write("\r" + line.ljust(self._drawn))
         self._stream.flush()
+        self._drawn = len(line)
 
     def close(self) -> None:
         self._stream.write("\n")
@@ -195,12 +201,12 @@ class _Replayer:
         self._start = time.perf_counter()
         try:
             async with asyncio.TaskGroup() as group:
-                requests = [group.create_task(self._serve(r)) for r in self._workload.requests]
                 helpers = [group.create_task(self._control())]
                 if self._options.sample_interval_s is not None:
                     helpers.append(group.create_task(self._sample_periodically()))
                 if self._options.progress:
                     helpers.append(group.create_task(self._show_progress()))
+                requests = [group.create_task(self._serve(r)) for r in self._workload.requests]
                 group.create_task(_cancel_when_done(requests, helpers))
         except BaseExceptionGroup as group_error:
             raise _first_leaf(group_error) from None
@@ -324,9 +330,14 @@ class _Replayer:
     # ------------------------------------------------------------------ preemption
 
     async def _control(self) -> None:
-        """Rebalance whenever something changed (pressure level, a finish, a failed wait)."""
+        """Rebalance whenever something changed (pressure level, a finish, a failed wait),
+        and at least every ``wait_timeout_s`` while a preempted sequence waits to resume."""
         while True:
-            await self._wake_controller.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(
+                    self._options.wait_timeout_s if self._preempted else None
+                ):
+                    await self._wake_controller.wait()
             self._wake_controller.clear()
             await self._rebalance()
 
@@ -482,9 +493,11 @@ def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-async def replay(config: CacheConfig, workload: Workload, options: ReplayOptions) -> ReplayResult:
-    """Replay ``workload`` against a new cache built from ``config``."""
-    async with KvCache(config) as cache:
+async def replay(
+    cache: KvCache, config: CacheConfig, workload: Workload, options: ReplayOptions
+) -> ReplayResult:
+    """Replay ``workload`` against ``cache`` (built from ``config``), closing it at the end."""
+    async with cache:
         replayer = _Replayer(cache, config, workload, options)
         wall_s = await replayer.run()
         return ReplayResult(replayer.counters, cache.stats(), wall_s, tuple(replayer.samples))

@@ -165,11 +165,11 @@ def load_trace(path: str | Path, *, vocab_size: int, limit: int | None = None) -
     requests: list[Request] = []
     clamped = 0
     for line_no, record in _trace_records(path):
-        if limit is not None and len(requests) >= limit:
-            break
         request, was_clamped = _trace_request(record, len(requests), f"{path}:{line_no}")
         requests.append(request)
         clamped += was_clamped
+        if len(requests) == limit:
+            break
     if not requests:
         raise TraceError(f"{path}: the trace holds no requests")
     ordered = tuple(sorted(requests, key=lambda request: request.arrival_s))

@@ -192,6 +192,20 @@ impl Engine {
         })
     }
 
+    /// One decode step: extends every sequence in `items`, all or nothing (never waits).
+    /// On any failure the sequences already extended are given back and the error returned.
+    pub fn extend_batch(&self, items: &[(RequestId, Append)]) -> Result<Vec<SeqView>> {
+        self.mutate(false, |st, ctx| st.extend_batch(ctx, items))
+    }
+
+    /// Tokens of `tokens` the prefix cache would serve now (full hits and a partial copy),
+    /// without allocating anything.
+    pub fn lookup_prefix(&self, tokens: &[u32], salt: Option<&Salt>) -> Result<usize> {
+        let root = self.root_hash(salt);
+        let st = self.lock()?;
+        Ok(st.cached_prefix_len(&self.ctx, tokens, root))
+    }
+
     pub fn deallocate(&self, rid: &RequestId) -> Result<()> {
         self.mutate(true, |st, _| st.deallocate(rid))
     }

@@ -107,7 +107,7 @@ impl State {
             subscribed: false,
             pressure_events: Vec::new(),
             events: EventQueue::new(c.enable_kv_events),
-            residency: Residency::new(c.residency_sample_rate, c.seed),
+            residency: Residency::new(c.residency_sample_rate, c.seed, c.num_blocks),
             callback_errors: 0,
             needs_signal: false,
             scratch: Vec::new(),
@@ -198,7 +198,7 @@ impl State {
 
     // ----- allocate -----------------------------------------------------------------------
 
-    fn plan_allocate(&mut self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> AllocPlan {
+    fn plan_allocate(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> AllocPlan {
         let bs = ctx.config.block_size;
         let n = tokens.len();
         let num_blocks = blocks_for(n, bs);
@@ -335,6 +335,18 @@ impl State {
 
     // ----- extend -------------------------------------------------------------------------
 
+    /// Blocks an extend by `m` tokens takes: new blocks, and whether the shared partial tail
+    /// must be copied first (copy-on-write).
+    fn extend_need(&self, ctx: &Ctx, rid: &RequestId, m: usize) -> Result<(usize, bool)> {
+        let bs = ctx.config.block_size;
+        let s = self.resident(rid, "extend")?;
+        let n = s.num_tokens;
+        let new_blocks = blocks_for(n + m, bs) - s.blocks.len();
+        let tail_shared =
+            n % bs != 0 && m > 0 && self.pool.ref_cnt(*s.blocks.last().expect("n > 0")) > 1;
+        Ok((new_blocks, tail_shared))
+    }
+
     /// Appends tokens to a resident sequence now, or fails with nothing changed.
     pub fn extend_now(
         &mut self,
@@ -343,12 +355,10 @@ impl State {
         append: &Append,
     ) -> Result<(SeqView, ExtendUndo)> {
         let bs = ctx.config.block_size;
-        let s = self.resident(rid, "extend")?;
+        let (new_blocks, tail_shared) = self.extend_need(ctx, rid, append.len())?;
+        let s = &self.seqs[rid];
         let n = s.num_tokens;
         let m = append.len();
-        let new_blocks = blocks_for(n + m, bs) - s.blocks.len();
-        let tail_shared =
-            n % bs != 0 && m > 0 && self.pool.ref_cnt(*s.blocks.last().expect("n > 0")) > 1;
         let needed = new_blocks + usize::from(tail_shared);
         let available = self.pool.num_free_blocks();
         if needed > available {
@@ -406,6 +416,61 @@ impl State {
         let view = SeqView::of(rid, &s);
         self.seqs.insert(rid.clone(), s);
         Ok((view, undo))
+    }
+
+    /// Extends every sequence of `items` or none (see `Engine::extend_batch`): everything
+    /// is checked before anything changes, so a failure leaves the state as it was.
+    pub fn extend_batch(
+        &mut self,
+        ctx: &Ctx,
+        items: &[(RequestId, Append)],
+    ) -> Result<Vec<SeqView>> {
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let mut needed = 0;
+        for (rid, append) in items {
+            if !seen.insert(rid) {
+                return Err(Error::InvalidArgument(format!(
+                    "request {rid} appears twice in one batch"
+                )));
+            }
+            let (new_blocks, cow) = self.extend_need(ctx, rid, append.len())?;
+            needed += new_blocks + usize::from(cow);
+        }
+        let available = self.pool.num_free_blocks();
+        if needed > available {
+            return Err(short(needed, available));
+        }
+        let mut done: Vec<(&RequestId, ExtendUndo)> = Vec::with_capacity(items.len());
+        let mut views = Vec::with_capacity(items.len());
+        for (rid, append) in items {
+            match self.extend_now(ctx, rid, append) {
+                Ok((v, u)) => {
+                    views.push(v);
+                    done.push((rid, u));
+                }
+                Err(e) => {
+                    // Unreachable after the checks above; kept so no path can leak blocks.
+                    self.undo_batch(ctx, done);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(views)
+    }
+
+    fn undo_batch(&mut self, ctx: &Ctx, done: Vec<(&RequestId, ExtendUndo)>) {
+        for (rid, u) in done.into_iter().rev() {
+            self.undo_extend(ctx, rid, &u);
+        }
+    }
+
+    /// Tokens a prompt would get from the cache now (see `plan_allocate`).
+    pub fn cached_prefix_len(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> usize {
+        if tokens.is_empty() {
+            return 0;
+        }
+        let plan = self.plan_allocate(ctx, tokens, root);
+        plan.hits.len() * ctx.config.block_size + plan.partial.map_or(0, |p| p.1)
     }
 
     /// Gives back what a granted `extend` took (the sequence keeps its earlier tokens).

@@ -11,7 +11,7 @@ use ferrumkv_core::types::RequestId;
 use pyo3::buffer::{Element, PyBuffer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString, PyTuple};
 
 pub fn request_id(obj: &Bound<'_, PyAny>) -> PyResult<RequestId> {
     if let Ok(s) = obj.cast::<PyString>() {
@@ -59,20 +59,20 @@ pub fn salt(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Salt>> {
 }
 
 fn token_of(item: &Bound<'_, PyAny>, i: usize) -> PyResult<u32> {
-    if item.is_instance_of::<PyFloat>() || item.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(format!(
-            "token ids must be integers; item {i} is {}",
-            item.get_type().name()?
+    // Fast path: an int that fits; everything else is diagnosed on the slow path.
+    if let Ok(v) = item.extract::<i64>() {
+        return check_id(v, i);
+    }
+    if item.is_instance_of::<PyInt>() {
+        return Err(PyValueError::new_err(format!(
+            "token id at {i} is too large (max {})",
+            u32::MAX
         )));
     }
-    let v: i64 = item.extract().map_err(|e: PyErr| {
-        if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(item.py()) {
-            PyValueError::new_err(format!("token id at {i} is too large (max {})", u32::MAX))
-        } else {
-            PyTypeError::new_err(format!("token ids must be integers; item {i} is not"))
-        }
-    })?;
-    check_id(v, i)
+    Err(PyTypeError::new_err(format!(
+        "token ids must be integers; item {i} is {}",
+        item.get_type().name()?
+    )))
 }
 
 #[inline]
@@ -82,9 +82,22 @@ fn check_id(v: i64, i: usize) -> PyResult<u32> {
     })
 }
 
-fn from_buffer<T: Element + Copy + Into<i128>>(
-    obj: &Bound<'_, PyAny>,
-) -> Option<PyResult<Vec<u32>>> {
+/// Integer element types accepted for token arrays.
+trait TokenInt: Element + Copy {
+    fn to_i128(self) -> i128;
+}
+
+macro_rules! token_int {
+    ($($t:ty),*) => {$(impl TokenInt for $t {
+        #[inline]
+        fn to_i128(self) -> i128 {
+            self as i128
+        }
+    })*};
+}
+token_int!(i64, i32, u32, u64, i16, u16, u8, i8);
+
+fn from_buffer<T: TokenInt>(obj: &Bound<'_, PyAny>) -> Option<PyResult<Vec<u32>>> {
     let buf = PyBuffer::<T>::get(obj).ok()?;
     if buf.dimensions() != 1 {
         return Some(Err(PyValueError::new_err(format!(
@@ -92,24 +105,25 @@ fn from_buffer<T: Element + Copy + Into<i128>>(
             buf.dimensions()
         ))));
     }
-    let vals = match buf.to_vec(obj.py()) {
-        Ok(v) => v,
-        Err(e) => return Some(Err(e)),
+    let vals: Vec<T> = match buf.as_slice(obj.py()) {
+        Some(cells) => cells.iter().map(|c| c.get()).collect(),
+        None => match buf.to_vec(obj.py()) {
+            Ok(v) => v, // strided: copied into order once
+            Err(e) => return Some(Err(e)),
+        },
     };
-    Some(
-        vals.into_iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let v: i128 = v.into();
-                u32::try_from(v).map_err(|_| {
-                    PyValueError::new_err(format!(
-                        "token id {v} at {i} is outside 0..={}",
-                        u32::MAX
-                    ))
-                })
-            })
-            .collect(),
-    )
+    // Two passes (check, then convert) keep both loops branch-free and vectorized.
+    if let Some(i) = vals
+        .iter()
+        .position(|&v| !(0..=i128::from(u32::MAX)).contains(&v.to_i128()))
+    {
+        return Some(Err(PyValueError::new_err(format!(
+            "token id {} at {i} is outside 0..={}",
+            vals[i].to_i128(),
+            u32::MAX
+        ))));
+    }
+    Some(Ok(vals.iter().map(|&v| v.to_i128() as u32).collect()))
 }
 
 /// Token ids from a list, tuple or 1-D integer buffer.

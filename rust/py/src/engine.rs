@@ -99,6 +99,24 @@ fn event_tuple<'py>(py: Python<'py>, e: KvEvent) -> PyResult<Bound<'py, PyTuple>
     }
 }
 
+/// Tokens to append: ids (list / array) or an int count of tokens whose ids are unknown.
+fn append_of(tokens: &Bound<'_, PyAny>) -> PyResult<Append> {
+    if tokens.is_instance_of::<PyInt>() && !tokens.is_instance_of::<pyo3::types::PyBool>() {
+        let n: i64 = tokens.extract()?;
+        if n < 1 {
+            return Err(PyValueError::new_err(format!(
+                "a token count must be >= 1, got {n}"
+            )));
+        }
+        return Ok(Append::Count(n as usize));
+    }
+    let ids = convert::tokens(tokens)?;
+    if ids.is_empty() {
+        return Err(PyValueError::new_err("tokens must not be empty"));
+    }
+    Ok(Append::Ids(ids))
+}
+
 /// Copies above this size release the GIL while they run.
 const DETACH_BYTES: usize = 1 << 20;
 
@@ -189,24 +207,59 @@ impl PyEngine {
         wait: bool,
     ) -> PyResult<Py<PyAny>> {
         let rid = convert::request_id(request_id)?;
-        let append = if tokens.is_instance_of::<PyInt>()
-            && !tokens.is_instance_of::<pyo3::types::PyBool>()
-        {
-            let n: i64 = tokens.extract()?;
-            if n < 1 {
-                return Err(PyValueError::new_err(format!(
-                    "a token count must be >= 1, got {n}"
-                )));
-            }
-            Append::Count(n as usize)
-        } else {
-            let ids = convert::tokens(tokens)?;
-            if ids.is_empty() {
-                return Err(PyValueError::new_err("tokens must not be empty"));
-            }
-            Append::Ids(ids)
-        };
+        let append = append_of(tokens)?;
         outcome(py, self.engine.extend(rid, append, wait).py_err()?)
+    }
+
+    /// One decode step, all or nothing: `tokens` is a list with one entry per request (ids
+    /// or an int count), or a 1-D int array of one new token per request.
+    fn extend_batch(
+        &self,
+        py: Python<'_>,
+        request_ids: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Vec<Py<PyAny>>> {
+        let rids = request_ids
+            .try_iter()?
+            .map(|r| convert::request_id(&r?))
+            .collect::<PyResult<Vec<_>>>()?;
+        let appends: Vec<Append> = if let Ok(list) = tokens.cast::<PyList>() {
+            list.iter()
+                .map(|t| append_of(&t))
+                .collect::<PyResult<_>>()?
+        } else {
+            convert::tokens(tokens)?
+                .into_iter()
+                .map(|t| Append::Ids(vec![t]))
+                .collect()
+        };
+        if appends.len() != rids.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} request ids but {} token entries",
+                rids.len(),
+                appends.len()
+            )));
+        }
+        let items: Vec<_> = rids.into_iter().zip(appends).collect();
+        self.engine
+            .extend_batch(&items)
+            .py_err()?
+            .into_iter()
+            .map(|v| handle(py, v))
+            .collect()
+    }
+
+    /// Prompt tokens the prefix cache would serve now, without allocating.
+    #[pyo3(signature = (tokens, salt=None))]
+    fn lookup_prefix(
+        &self,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<usize> {
+        let salt = convert::salt(salt)?;
+        self.engine
+            .lookup_prefix(&convert::tokens(tokens)?, salt.as_ref())
+            .py_err()
     }
 
     fn deallocate(&self, request_id: &Bound<'_, PyAny>) -> PyResult<()> {

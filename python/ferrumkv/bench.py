@@ -1,0 +1,292 @@
+"""The benchmark suite: engine bookkeeping beside naive Python baselines, in one run.
+
+Each case is timed in rounds of `ops` operations; the figure reported is the median time per
+operation over the rounds (so a GC pause or a scheduler hiccup does not move it). Baselines
+are what a Python serving stack does without ferrumkv: a deque free list, and chained
+prefix hashing with `hashlib` / dict lookups. Run: `python -m ferrumkv bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from . import CacheConfig, KvCache
+
+BLOCK = 16
+
+
+def _cfg(num_blocks: int, prefix: bool) -> CacheConfig:
+    # A tiny model shape: these cases time bookkeeping, not memory.
+    return CacheConfig(
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=8,
+        block_size=BLOCK,
+        num_blocks=num_blocks,
+        enable_prefix_cache=prefix,
+        enable_kv_events=False,
+    )
+
+
+def _median_us(run_round: Callable[[], None], ops: int, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        run_round()
+        times.append((time.perf_counter_ns() - t0) / ops / 1e3)
+    return statistics.median(times)
+
+
+async def _amedian_us(run_round: Callable[[], Any], ops: int, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        await run_round()
+        times.append((time.perf_counter_ns() - t0) / ops / 1e3)
+    return statistics.median(times)
+
+
+class PyFreeList:
+    """Baseline: the plain Python block manager (deque free list, dict of block lists)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.free = collections.deque(range(num_blocks))
+        self.tables: dict[Any, list[int]] = {}
+        self.lens: dict[Any, int] = {}
+
+    def allocate(self, rid: Any, tokens: Any) -> list[int]:
+        n = -(-len(tokens) // BLOCK)
+        if n > len(self.free):
+            raise MemoryError
+        blocks = [self.free.popleft() for _ in range(n)]
+        self.tables[rid] = blocks
+        self.lens[rid] = len(tokens)
+        return blocks
+
+    def extend(self, rid: Any, token: int) -> None:
+        n = self.lens[rid]
+        if n % BLOCK == 0:
+            self.tables[rid].append(self.free.popleft())
+        self.lens[rid] = n + 1
+
+    def deallocate(self, rid: Any) -> None:
+        self.free.extend(reversed(self.tables.pop(rid)))
+        del self.lens[rid]
+
+    async def aallocate(self, rid: Any, tokens: Any) -> list[int]:
+        return self.allocate(rid, tokens)
+
+    async def adeallocate(self, rid: Any) -> None:
+        self.deallocate(rid)
+
+
+def _py_chain_hashes(tokens: list[int]) -> list[bytes]:
+    """Baseline: vLLM-style chained sha256 block hashes in Python."""
+    out, parent = [], b""
+    for i in range(0, len(tokens) - len(tokens) % BLOCK, BLOCK):
+        parent = hashlib.sha256(parent + repr(tokens[i : i + BLOCK]).encode()).digest()
+        out.append(parent)
+    return out
+
+
+def _py_lookup(index: dict[bytes, int], tokens: list[int]) -> int:
+    hits = 0
+    for h in _py_chain_hashes(tokens):
+        if h not in index:
+            break
+        hits += 1
+    return hits
+
+
+async def _alloc_dealloc(rounds: int) -> list[tuple[str, float, float, str]]:
+    ops = 200
+    prompt = np.arange(512, dtype=np.int64)
+    prompt_list = prompt.tolist()
+    rows = []
+    with KvCache(_cfg(4096, prefix=False)) as cache:
+        base = PyFreeList(4096)
+
+        def sync_round() -> None:
+            for i in range(ops):
+                cache.try_allocate(i, prompt)
+                cache._core.deallocate(i)
+
+        def base_sync_round() -> None:
+            for i in range(ops):
+                base.allocate(i, prompt_list)
+                base.deallocate(i)
+
+        async def awaited_round() -> None:
+            for i in range(ops):
+                await cache.allocate(i, prompt)
+                await cache.deallocate(i)
+
+        async def awaited_list_round() -> None:
+            for i in range(ops):
+                await cache.allocate(i, prompt_list)
+                await cache.deallocate(i)
+
+        async def base_awaited_round() -> None:
+            for i in range(ops):
+                await base.aallocate(i, prompt_list)
+                await base.adeallocate(i)
+
+        ours = _median_us(sync_round, ops, rounds)
+        rows.append(("allocate+deallocate 512 tok, sync", ours, _median_us(base_sync_round, ops, rounds), "us/req"))
+        b = await _amedian_us(base_awaited_round, ops, rounds)
+        rows.append(("allocate+deallocate 512 tok, awaited", await _amedian_us(awaited_round, ops, rounds), b, "us/req"))
+        rows.append(("  same, tokens as a Python list", await _amedian_us(awaited_list_round, ops, rounds), b, "us/req"))
+    return rows
+
+
+async def _decode_step(rounds: int) -> list[tuple[str, float, float, str]]:
+    nseq, steps = 256, 64
+    with KvCache(_cfg(256 * 64, prefix=True)) as cache:
+        base = PyFreeList(256 * 64)
+        rids = list(range(nseq))
+        for r in rids:
+            await cache.allocate(r, np.arange(100 + r, 117 + r, dtype=np.int64))
+            base.allocate(r, list(range(17)))
+        next_tokens = np.arange(nseq, dtype=np.int64)
+
+        async def batch_round() -> None:
+            for _ in range(steps):
+                await cache.extend_batch(rids, next_tokens)
+
+        async def one_by_one_round() -> None:
+            for _ in range(steps // 8):
+                for r in rids:
+                    await cache.extend(r, [7])
+
+        def base_round() -> None:
+            for _ in range(steps):
+                for r in rids:
+                    base.extend(r, 7)
+
+        batch = await _amedian_us(batch_round, steps, rounds)
+        b = _median_us(base_round, steps, rounds)
+        each = await _amedian_us(one_by_one_round, steps // 8, max(3, rounds // 4))
+    return [
+        ("decode step: 256 seqs +1 token, extend_batch", batch, b, "us/step"),
+        ("decode step: 256 awaited extend() calls", each, b, "us/step"),
+    ]
+
+
+async def _prefix(rounds: int) -> list[tuple[str, float, float, str]]:
+    rng = np.random.default_rng(0)
+    rows = []
+    with KvCache(_cfg(8192, prefix=True)) as cache:
+        long_prompt = rng.integers(0, 32000, 32768, dtype=np.int64)
+        long_list = long_prompt.tolist()
+        hash_us = _median_us(lambda: cache.lookup_prefix(long_prompt), 1, rounds)
+        base_hash = _median_us(lambda: _py_chain_hashes(long_list), 1, max(3, rounds // 4))
+        rows.append(("hash+lookup 32k-token prompt (miss)", hash_us, base_hash, "us"))
+
+        prompt = rng.integers(0, 32000, 32 * BLOCK, dtype=np.int64)
+        await cache.allocate("warm", prompt)
+        await cache.deallocate("warm")
+        assert cache.lookup_prefix(prompt) == 31 * BLOCK + BLOCK - 1
+        query = prompt.copy()
+        query[-1] += 1  # hits 31 full blocks, then a partial match
+        plist = query.tolist()
+        index = {h: i for i, h in enumerate(_py_chain_hashes(prompt.tolist())[:31])}
+        ops = 200
+
+        def ours() -> None:
+            for _ in range(ops):
+                cache.lookup_prefix(query)
+
+        def theirs() -> None:
+            for _ in range(ops):
+                _py_lookup(index, plist)
+
+        rows.append(("lookup 32-block prompt, 31 hits", _median_us(ours, ops, rounds), _median_us(theirs, ops, rounds), "us"))
+
+    # 1,000 512-token requests, half sharing a 256-token system prompt.
+    shared = rng.integers(0, 32000, 256, dtype=np.int64)
+    prompts = []
+    for i in range(1000):
+        tail = rng.integers(0, 32000, 256, dtype=np.int64)
+        prompts.append(np.concatenate([shared, tail]) if i % 2 == 0 else rng.integers(0, 32000, 512, dtype=np.int64))
+    prompt_lists = [p.tolist() for p in prompts]
+    with KvCache(_cfg(4096, prefix=True)) as cache:
+        base = PyFreeList(4096)
+        index: dict[bytes, int] = {}
+
+        async def ours_round() -> None:
+            for i, p in enumerate(prompts):
+                await cache.allocate(i, p)
+                await cache.deallocate(i)
+
+        def base_round() -> None:
+            for i, p in enumerate(prompt_lists):
+                _py_lookup(index, p)
+                for h in _py_chain_hashes(p):
+                    index.setdefault(h, i)
+                base.allocate(i, p)
+                base.deallocate(i)
+
+        ours_us = await _amedian_us(ours_round, len(prompts), max(3, rounds // 4))
+        base_us = _median_us(base_round, len(prompts), max(3, rounds // 4))
+        st = cache.stats()
+        rows.append((f"alloc+dealloc 512 tok, caching on (hit rate {st.cache_hit_rate:.2f})", ours_us, base_us, "us/req"))
+    return rows
+
+
+def _copy_bandwidth(rounds: int) -> list[tuple[str, float, float, str]]:
+    """write_kv/read_kv of 64 KiB per call beside numpy.copyto of the same bytes."""
+    cfg = CacheConfig(num_layers=1, num_kv_heads=8, head_dim=128, block_size=16, num_blocks=256)
+    n = 16 * 16  # tokens per call: 16 blocks
+    with KvCache(cfg) as cache:
+        cache.try_allocate("s", np.arange(n, dtype=np.int64))
+        k = np.random.default_rng(1).standard_normal((n, 8, 128)).astype(np.float16)
+        nbytes = 2 * k.nbytes
+        ours = _median_us(lambda: cache.write_kv("s", 0, 0, k, k), 1, rounds)
+        dst = np.empty_like(k)
+
+        def base() -> None:
+            np.copyto(dst, k)
+            np.copyto(dst, k)
+
+        ref = _median_us(base, 1, rounds)
+        return [(f"write_kv {nbytes >> 10} KiB (GB/s: ours {nbytes / ours / 1e3:.1f}, copyto {nbytes / ref / 1e3:.1f})", ours, ref, "us")]
+
+
+async def run_suite(rounds: int) -> list[tuple[str, float, float, str]]:
+    rows: list[tuple[str, float, float, str]] = []
+    rows += await _alloc_dealloc(rounds)
+    rows += await _decode_step(rounds)
+    rows += await _prefix(rounds)
+    rows += _copy_bandwidth(rounds)
+    return rows
+
+
+def format_table(rows: list[tuple[str, float, float, str]]) -> str:
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'case':<{w}}  {'ferrumkv':>10}  {'baseline':>10}  {'speedup':>8}  unit"]
+    for name, ours, base, unit in rows:
+        lines.append(f"{name:<{w}}  {ours:>10.2f}  {base:>10.2f}  {base / ours:>7.1f}x  {unit}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ferrumkv bench", description=__doc__)
+    p.add_argument("--rounds", type=int, default=21, help="timed rounds per case (median)")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
+    print(format_table(asyncio.run(run_suite(args.rounds))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,295 @@
+"""``python -m ferrumkv``: the replay job end to end in a subprocess, its figures, its exit
+codes for bad input, and the bench entry point."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+pytest.importorskip("ferrumkv._core", reason="the engine is not built", exc_type=ImportError)
+
+from ferrumkv import CacheConfig
+from ferrumkv.workload import DEFAULT_VOCAB_SIZE, infinite_cache_hits, load_trace
+
+pytestmark = pytest.mark.slow
+
+SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared/data/mooncake_synthetic_trace.jsonl"
+SMALL_MODEL = ["--num-layers", "2", "--num-kv-heads", "2", "--head-dim", "64"]
+BYTES_PER_BLOCK = CacheConfig(
+    num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=1
+).bytes_per_block
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRACE_LIMIT = 50
+
+
+class Run(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(argv: list[str], timeout: float) -> Run:
+    """Run a command, decoding its output without newline translation (keeps ``\r``)."""
+    done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    return Run(done.returncode, done.stdout.decode(), done.stderr.decode())
+
+
+def ferrumkv(*args: str, timeout: float = 240) -> Run:
+    """Run ``python -m ferrumkv ARGS``."""
+    return run([sys.executable, "-m", "ferrumkv", *args], timeout)
+
+
+def replay_json(tmp_path: Path, *args: str) -> dict:
+    """Run a replay that must succeed and return its JSON figures."""
+    out = tmp_path / "figures.json"
+    result = ferrumkv("replay", *args, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "block hit rate" in result.stdout and "wall time" in result.stdout
+    assert result.stderr == ""
+    return json.loads(out.read_text())
+
+
+def write_trace(tmp_path: Path, lines: list[str]) -> Path:
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def line(input_length: int = 512, output_length: int = 2, hash_ids=(0,), ts: int = 0) -> str:
+    return json.dumps(
+        {
+            "timestamp": ts,
+            "input_length": input_length,
+            "output_length": output_length,
+            "hash_ids": list(hash_ids),
+        }
+    )
+
+
+def assert_consistent(figures: dict) -> None:
+    """Relations that hold for every finished replay."""
+    stats = figures["stats"]
+    device = stats["device"]
+    assert figures["requests_done"] + figures["requests_rejected"] == figures["requests"]
+    assert device["used_blocks"] + device["free_blocks"] == device["total_blocks"]
+    assert stats["used_tokens"] + stats["free_tokens"] == stats["total_tokens"]
+    assert device["used_blocks"] == 0 and stats["num_sequences"] == 0  # all released
+    assert stats["reused_blocks"] <= stats["alloc_total_blocks"]
+    assert stats["cache_tokens"] <= stats["prompt_tokens"]
+    for rate in ("block_hit_rate", "token_hit_rate", "infinite_block_hit_rate", "peak_usage"):
+        assert 0.0 <= figures[rate] <= 1.0, rate
+    assert figures["block_hit_rate"] == pytest.approx(stats["cache_hit_rate"])
+    assert figures["token_hit_rate"] == pytest.approx(stats["token_hit_rate"])
+    assert figures["peak_used_blocks"] <= figures["device_blocks"] == device["total_blocks"]
+    assert figures["swap_outs"] + figures["recomputes"] == figures["preemptions"]
+    assert figures["swap_ins"] == figures["swap_outs"]
+    assert figures["offload_bytes"] == figures["offload_blocks"] * BYTES_PER_BLOCK
+    assert figures["onboard_bytes"] == figures["onboard_blocks"] * BYTES_PER_BLOCK
+    # Every admitted request allocates once and deallocates once; every token is one extend.
+    admitted = figures["requests"] - figures["requests_rejected"]
+    assert figures["engine_ops"] >= 2 * admitted + figures["generated_tokens"]
+    assert figures["engine_ops_per_s"] == pytest.approx(
+        figures["engine_ops"] / figures["wall_s"], rel=1e-6
+    )
+
+
+# ---------------------------------------------------------------------- successful runs
+
+
+@pytest.fixture
+def shared_trace() -> Path:
+    if not SHARED_TRACE.exists():
+        pytest.skip("the shared Mooncake trace is not present")
+    return SHARED_TRACE
+
+
+def test_trace_slice(tmp_path: Path, shared_trace: Path) -> None:
+    figures = replay_json(
+        tmp_path,
+        "--trace", str(shared_trace), "--limit", str(TRACE_LIMIT),
+        *SMALL_MODEL, "--num-blocks", "6000",
+    )  # fmt: skip
+    assert_consistent(figures)
+    workload = load_trace(shared_trace, vocab_size=DEFAULT_VOCAB_SIZE, limit=TRACE_LIMIT)
+    assert figures["requests"] == TRACE_LIMIT and figures["requests_rejected"] == 0
+    assert figures["prompt_tokens"] == sum(r.prompt_len for r in workload.requests)
+    assert figures["generated_tokens"] == sum(r.output_len for r in workload.requests)
+    infinite = infinite_cache_hits(workload, block_size=16)
+    assert figures["infinite_block_hit_rate"] == pytest.approx(infinite.block_hit_rate)
+    assert figures["infinite_token_hit_rate"] == pytest.approx(infinite.token_hit_rate)
+
+
+def test_synthetic_run_under_pressure_recomputes(tmp_path: Path) -> None:
+    figures = replay_json(
+        tmp_path, "--requests", "60", "--seed", "5", *SMALL_MODEL, "--num-blocks", "256"
+    )
+    assert_consistent(figures)
+    assert figures["requests_done"] == 60
+    assert figures["preemptions"] > 0 and figures["recomputes"] == figures["preemptions"]
+    assert figures["critical_events"] > 0
+    assert figures["block_hit_rate"] > 0
+
+
+def test_prefix_cache_off_means_no_hits(tmp_path: Path) -> None:
+    figures = replay_json(
+        tmp_path, "--requests", "20", *SMALL_MODEL, "--num-blocks", "2000", "--no-prefix-cache"
+    )
+    assert_consistent(figures)
+    assert figures["block_hit_rate"] == 0.0 and figures["infinite_block_hit_rate"] > 0.0
+
+
+def test_requests_that_can_never_fit_are_rejected(tmp_path: Path) -> None:
+    trace = write_trace(
+        tmp_path,
+        [
+            line(input_length=100, output_length=3),  # fits
+            line(input_length=1000, output_length=1, hash_ids=[1, 2]),  # prompt too long
+            line(input_length=100, output_length=100, hash_ids=[3]),  # outgrows the cache
+        ],
+    )
+    figures = replay_json(tmp_path, "--trace", str(trace), *SMALL_MODEL, "--num-blocks", "8")
+    assert_consistent(figures)
+    assert (figures["requests_done"], figures["requests_rejected"]) == (1, 2)
+
+
+def test_speedup_follows_arrival_times(tmp_path: Path) -> None:
+    trace = write_trace(tmp_path, [line(ts=0), line(ts=2000, hash_ids=[1])])
+    figures = replay_json(
+        tmp_path, "--trace", str(trace), *SMALL_MODEL, "--num-blocks", "64", "--speedup", "10"
+    )
+    assert figures["wall_s"] >= 0.2
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "replay.png"
+    result = ferrumkv(
+        "replay", "--requests", "30", *SMALL_MODEL, "--num-blocks", "256", "--plot", str(image)
+    )
+    assert result.returncode == 0, result.stderr
+    assert image.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_default_run_prints_the_table() -> None:
+    result = ferrumkv("replay", timeout=120)
+    assert result.returncode == 0, result.stderr
+    for row in ("requests", "prompt tokens", "generated tokens", "block hit rate",
+                "token hit rate", "peak usage", "preemptions", "offloaded", "onboarded",
+                "engine ops", "wall time"):  # fmt: skip
+        assert row in result.stdout
+    assert "infinite cache" in result.stdout
+
+
+def test_progress_bar_only_when_asked() -> None:
+    args = ["replay", "--requests", "5", *SMALL_MODEL, "--num-blocks", "256"]
+    assert "\r" not in ferrumkv(*args).stderr
+    forced = ferrumkv(*args, "--progress").stderr
+    assert "\r[" in forced and "5/5 requests" in forced
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def assert_usage_error(result: Run, *fragments: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_missing_trace_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.jsonl"
+    assert_usage_error(ferrumkv("replay", "--trace", str(missing)), f"{missing}: cannot read trace")
+
+
+@pytest.mark.parametrize(
+    ("bad", "fragment"),
+    [
+        ("{broken", "invalid JSON"),
+        (line(input_length=-4), "'input_length' must be a non-negative integer, got -4"),
+        (line(output_length=-1), "'output_length' must be a non-negative integer, got -1"),
+        (line(hash_ids=["a"]), "'hash_ids' must be a list of integers"),
+        (json.dumps({"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": 3}),
+         "'hash_ids' must be a list of integers"),
+    ],
+)  # fmt: skip
+def test_malformed_trace_line(tmp_path: Path, bad: str, fragment: str) -> None:
+    trace = write_trace(tmp_path, [line(), bad])
+    assert_usage_error(ferrumkv("replay", "--trace", str(trace)), f"{trace}:2: ", fragment)
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--num-blocks", "0"], "--num-blocks: '0' is not a positive integer"),
+        (["--requests", "-3"], "--requests: '-3' is not a positive integer"),
+        (["--limit", "0"], "--limit: '0' is not a positive integer"),
+        (["--block-size", "abc"], "--block-size: 'abc' is not a positive integer"),
+        (["--speedup", "0"], "--speedup: '0' is not a positive number"),
+        (["--wait-timeout", "-1"], "--wait-timeout: '-1' is not a positive number"),
+        (["--host-blocks", "-1"], "--host-blocks: '-1' is not a non-negative integer"),
+        (["--num-blocks", "8", "--memory-mb", "8"], "not allowed with argument"),
+        (["--dtype", "float64"], "dtype"),
+        (["--json", "/nonexistent-dir/x.json"], "does not exist"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_flags_out_of_range(flags: list[str], fragment: str) -> None:
+    assert_usage_error(ferrumkv("replay", *flags), fragment)
+
+
+def test_plot_without_matplotlib_fails_before_running(tmp_path: Path) -> None:
+    image = tmp_path / "replay.png"
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "from ferrumkv.cli import main\n"
+        f"raise SystemExit(main(['replay', '--plot', {str(image)!r}]))\n"
+    )
+    assert_usage_error(run([sys.executable, "-c", code], timeout=60), "matplotlib")
+    assert not image.exists()
+
+
+def test_failed_run_exits_1() -> None:
+    if Path("/dev/nvidiactl").exists():
+        pytest.skip("a CUDA device is present, so cuda:0 does not fail")
+    result = ferrumkv("replay", "--requests", "2", *SMALL_MODEL, "--device", "cuda:0")
+    assert result.returncode == 1
+    assert "run failed" in result.stderr and "CUDA" in result.stderr
+
+
+# ---------------------------------------------------------------------- help and bench
+
+
+def test_help_documents_both_commands() -> None:
+    top = ferrumkv("--help")
+    assert top.returncode == 0 and "replay" in top.stdout and "bench" in top.stdout
+    replay = ferrumkv("replay", "--help")
+    assert replay.returncode == 0
+    for flag in ("--trace", "--limit", "--speedup", "--requests", "--seed", "--num-blocks",
+                 "--host-blocks", "--no-prefix-cache", "--max-concurrency", "--json",
+                 "--plot", "--progress"):  # fmt: skip
+        assert flag in replay.stdout
+    assert ferrumkv().returncode == 2
+
+
+def test_bench_hands_its_arguments_to_the_suite() -> None:
+    if importlib.util.find_spec("ferrumkv.bench") is None:
+        pytest.skip("ferrumkv.bench is not installed")
+    result = ferrumkv("bench", "--help")
+    assert result.returncode == 0 and "bench" in result.stdout
+
+
+def test_bench_without_the_suite_says_so() -> None:
+    code = (
+        "import sys; sys.modules['ferrumkv.bench'] = None\n"
+        "from ferrumkv.cli import main\n"
+        "raise SystemExit(main(['bench', '--quick']))\n"
+    )
+    result = run([sys.executable, "-c", code], timeout=60)
+    assert result.returncode == 1 and "ferrumkv.bench" in result.stderr

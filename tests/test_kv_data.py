@@ -1,0 +1,271 @@
+"""K/V data: write_kv / read_kv round trips, and the zero-copy DLPack views of a layer.
+
+Position p of a sequence lives in block `block_ids[p // block_size]`, slot
+`p % block_size`; in a view `[num_blocks, 2, block_size, heads, head_dim]` index 0 on dim 1
+is K and index 1 is V.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from conftest import drive, make_config
+
+import ferrumkv
+
+LAYOUTS = ["block_major", "layer_major"]
+# dtype -> (numpy dtype of the cache's arrays, unsigned int of the same width)
+DTYPES = {
+    "float16": (np.float16, np.uint16),
+    "float32": (np.float32, np.uint32),
+    "uint8": (np.uint8, np.uint8),
+    "bfloat16": (np.uint16, np.uint16),  # raw bf16 bit patterns
+}
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "uint8": torch.uint8,
+    "bfloat16": torch.bfloat16,
+}
+HEADS, HEAD_DIM, BS, LAYERS = 2, 4, 4, 2
+
+
+def random_kv(rng: np.random.Generator, n: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Random bit patterns (NaNs and infinities included) of the cache's dtype."""
+    np_dtype, bits = DTYPES[dtype]
+    info = np.iinfo(bits)
+    shape = (n, HEADS, HEAD_DIM)
+    k = rng.integers(0, info.max, size=shape, dtype=bits, endpoint=True).view(np_dtype)
+    v = rng.integers(0, info.max, size=shape, dtype=bits, endpoint=True).view(np_dtype)
+    return k, v
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def cache_for(dtype: str = "float16", layout: str = "block_major", **kw) -> ferrumkv.KvCache:
+    return ferrumkv.KvCache(make_config(dtype=dtype, layout=layout, **kw))
+
+
+def alloc(cache, rid, tokens):
+    return drive(cache.allocate(rid, tokens))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_round_trip_is_exact(dtype: str, layout: str) -> None:
+    rng = np.random.default_rng(7)
+    cache = cache_for(dtype, layout)
+    alloc(cache, "other", list(range(1000, 1006)))  # blocks 0, 1: our blocks are not 0..
+    h = alloc(cache, "a", list(range(11)))  # 3 blocks
+    assert h.block_ids == (2, 3, 4)
+    written = {}
+    for layer in range(LAYERS):
+        k, v = random_kv(rng, 11, dtype)
+        cache.write_kv("a", layer, 0, k, v)
+        written[layer] = (k, v)
+    ok, ov = random_kv(rng, 6, dtype)
+    cache.write_kv("other", 1, 0, ok, ov)
+    for layer in range(LAYERS):
+        k, v = cache.read_kv("a", layer, 0, 11)
+        assert k.dtype == DTYPES[dtype][0] and k.shape == (11, HEADS, HEAD_DIM)
+        assert same_bits(k, written[layer][0]), f"K of layer {layer}"
+        assert same_bits(v, written[layer][1]), f"V of layer {layer}"
+        for start, n in [(0, 1), (3, 2), (4, 4), (5, 6), (10, 1), (0, 0)]:
+            k, v = cache.read_kv("a", layer, start, n)
+            assert same_bits(k, written[layer][0][start : start + n])
+            assert same_bits(v, written[layer][1][start : start + n])
+    k, v = cache.read_kv("other", 1, 0, 6)
+    assert same_bits(k, ok) and same_bits(v, ov)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_writes_across_block_boundaries(layout: str) -> None:
+    rng = np.random.default_rng(1)
+    cache = cache_for("float32", layout)
+    alloc(cache, "a", list(range(13)))  # 4 blocks: 0..3
+    base_k, base_v = random_kv(rng, 13, "float32")
+    cache.write_kv("a", 0, 0, base_k, base_v)
+    # positions 2..10 span blocks 0, 1 and 2
+    k, v = random_kv(rng, 9, "float32")
+    cache.write_kv("a", 0, 2, k, v)
+    want_k, want_v = base_k.copy(), base_v.copy()
+    want_k[2:11], want_v[2:11] = k, v
+    got_k, got_v = cache.read_kv("a", 0, 0, 13)
+    assert same_bits(got_k, want_k) and same_bits(got_v, want_v)
+    # layer 1 was never touched by the layer-0 writes
+    k1, v1 = random_kv(rng, 13, "float32")
+    cache.write_kv("a", 1, 0, k1, v1)
+    got_k, got_v = cache.read_kv("a", 0, 0, 13)
+    assert same_bits(got_k, want_k) and same_bits(got_v, want_v)
+    # one-token writes at each boundary
+    for p in (3, 4, 7, 8, 12):
+        k, v = random_kv(rng, 1, "float32")
+        cache.write_kv("a", 0, p, k, v)
+        want_k[p], want_v[p] = k[0], v[0]
+    got_k, got_v = cache.read_kv("a", 0, 0, 13)
+    assert same_bits(got_k, want_k) and same_bits(got_v, want_v)
+
+
+def test_write_kv_accepts_non_contiguous_arrays() -> None:
+    cache = cache_for("float16")
+    alloc(cache, "a", list(range(4)))
+    big = np.arange(4 * 2 * 8, dtype=np.float16).reshape(4, 2, 8)
+    k = big[:, :, ::2]  # a strided view
+    v = big[:, :, 1::2]
+    assert not k.flags.c_contiguous
+    cache.write_kv("a", 0, 0, k, v)
+    got_k, got_v = cache.read_kv("a", 0, 0, 4)
+    assert same_bits(got_k, np.ascontiguousarray(k)) and same_bits(got_v, np.ascontiguousarray(v))
+
+
+def test_write_kv_grows_with_extend() -> None:
+    cache = cache_for("uint8")
+    alloc(cache, "a", [1, 2, 3])
+    k = np.full((1, HEADS, HEAD_DIM), 9, np.uint8)
+    with pytest.raises(ValueError):
+        cache.write_kv("a", 0, 3, k, k)
+    drive(cache.extend("a", [4, 5]))
+    cache.write_kv("a", 0, 4, k, k + 1)
+    got_k, got_v = cache.read_kv("a", 0, 4, 1)
+    assert (got_k == 9).all() and (got_v == 10).all()
+
+
+# ----------------------------------------------------------------------------- views
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "uint8"])
+def test_numpy_view_matches_read_kv(dtype: str, layout: str) -> None:
+    rng = np.random.default_rng(3)
+    cache = cache_for(dtype, layout)
+    alloc(cache, "x", [900, 901])
+    h = alloc(cache, "a", list(range(10)))
+    assert h.block_ids == (1, 2, 3)
+    data = {layer: random_kv(rng, 10, dtype) for layer in range(LAYERS)}
+    for layer, (k, v) in data.items():
+        cache.write_kv("a", layer, 0, k, v)
+    for layer, (k, v) in data.items():
+        view = cache.kv_view(layer)
+        assert view.shape == (8, 2, BS, HEADS, HEAD_DIM)
+        arr = np.from_dlpack(view)
+        assert arr.shape == (8, 2, BS, HEADS, HEAD_DIM)
+        assert arr.dtype == DTYPES[dtype][0]
+        for p in range(10):
+            b, slot = h.block_ids[p // BS], p % BS
+            assert same_bits(arr[b, 0, slot], k[p]), (layer, p)
+            assert same_bits(arr[b, 1, slot], v[p]), (layer, p)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_torch_write_is_visible_through_read_kv(dtype: str, layout: str) -> None:
+    cache = cache_for(dtype, layout)
+    alloc(cache, "x", [900, 901, 902, 903, 904])  # blocks 0, 1
+    h = alloc(cache, "a", list(range(7)))
+    assert h.block_ids == (2, 3)
+    for layer in range(LAYERS):
+        t = torch.from_dlpack(cache.kv_view(layer))
+        assert tuple(t.shape) == (8, 2, BS, HEADS, HEAD_DIM)
+        assert t.dtype == TORCH_DTYPES[dtype]
+        assert t.device.type == "cpu"
+        p = 5  # block_ids[1] = 3, slot 1
+        t[3, 0, 1] = 10 + layer  # K
+        t[3, 1, 1] = 20 + layer  # V
+        t[2, 1, 3] = 30 + layer  # V of position 3
+    np_dtype = DTYPES[dtype][0]
+    for layer in range(LAYERS):
+        k, v = cache.read_kv("a", layer, 0, 7)
+        if dtype == "bfloat16":  # bf16 of small integers: the high half of their float32
+            k = (k.astype(np.uint32) << 16).view(np.float32)
+            v = (v.astype(np.uint32) << 16).view(np.float32)
+        assert (k[p] == 10 + layer).all() and (v[p] == 20 + layer).all()
+        assert (v[3] == 30 + layer).all()
+        others = [i for i in range(7) if i != p]
+        assert not (k[others] == 10 + layer).any()
+        assert k.dtype == np_dtype or dtype == "bfloat16"
+        # the other sequence's blocks were not touched
+        xk, xv = cache.read_kv("x", layer, 0, 5)
+        assert not (xk == 10 + layer).any() and not (xv == 20 + layer).any()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_read_kv_write_is_visible_through_torch(layout: str) -> None:
+    rng = np.random.default_rng(5)
+    cache = cache_for("bfloat16", layout)
+    h = alloc(cache, "a", list(range(6)))
+    k, v = random_kv(rng, 6, "bfloat16")
+    cache.write_kv("a", 1, 0, k, v)
+    t = torch.from_dlpack(cache.kv_view(1)).view(torch.int16)
+    for p in range(6):
+        b, slot = h.block_ids[p // BS], p % BS
+        assert t[b, 0, slot].numpy().tobytes() == k[p].tobytes()
+        assert t[b, 1, slot].numpy().tobytes() == v[p].tobytes()
+
+
+def test_view_strides_describe_the_layout() -> None:
+    bm = cache_for("float16", "block_major").kv_view(1)
+    # block_major: a block is layers x 2 x bs x heads x hd elements
+    assert bm.strides == (LAYERS * 2 * BS * HEADS * HEAD_DIM, BS * HEADS * HEAD_DIM, 8, 4, 1)
+    lm = cache_for("float16", "layer_major").kv_view(1)
+    assert lm.strides == (2 * BS * HEADS * HEAD_DIM, BS * HEADS * HEAD_DIM, 8, 4, 1)
+    assert bm.__dlpack_device__() == (1, 0)
+    assert bm.dtype == "float16"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layers_do_not_alias(layout: str) -> None:
+    cache = cache_for("float32", layout)
+    alloc(cache, "a", [1, 2, 3, 4])
+    a0 = np.from_dlpack(cache.kv_view(0))
+    a1 = np.from_dlpack(cache.kv_view(1))
+    a0[...] = 1.0
+    a1[...] = 2.0
+    assert (np.from_dlpack(cache.kv_view(0)) == 1.0).all()
+    k, v = cache.read_kv("a", 0, 0, 4)
+    assert (k == 1.0).all() and (v == 1.0).all()
+    k, v = cache.read_kv("a", 1, 0, 4)
+    assert (k == 2.0).all() and (v == 2.0).all()
+
+
+def test_kv_view_bad_layer() -> None:
+    cache = cache_for()
+    with pytest.raises(ValueError):
+        cache.kv_view(LAYERS)
+    with pytest.raises(TypeError):
+        cache.kv_view(1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        cache.kv_view(-1)
+
+
+@pytest.mark.parametrize("how", ["close", "del"])
+def test_view_keeps_memory_alive(how: str) -> None:
+    cache = cache_for("float32")
+    alloc(cache, "a", [1, 2, 3, 4, 5])
+    k = np.full((5, HEADS, HEAD_DIM), 1.5, np.float32)
+    cache.write_kv("a", 0, 0, k, -k)
+    view = cache.kv_view(0)
+    t = torch.from_dlpack(view)
+    arr = np.from_dlpack(cache.kv_view(0))
+    if how == "close":
+        cache.close()
+        with pytest.raises(ferrumkv.CacheClosedError):
+            cache.kv_view(0)
+    del cache
+    gc.collect()
+    assert float(t[0, 0, 0, 0, 0]) == 1.5
+    assert float(t[1, 1, 0, 1, 3]) == -1.5
+    t[7, 1, 3] = 4.25  # write then read through the tensor after the cache is gone
+    assert (arr[7, 1, 3] == 4.25).all()
+    del view
+    gc.collect()
+    t[6, 0, 0] += 1.0
+    assert (arr[6, 0, 0] == 1.0).all()
+    del t
+    gc.collect()
+    arr[5] = 3.0
+    assert (arr[5] == 3.0).all() and arr[0, 0, 0, 0, 0] == 1.5
