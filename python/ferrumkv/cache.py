@@ -195,11 +195,12 @@ class KvCache:
         self,
         request_ids: Sequence[RequestId],
         tokens: Sequence[Sequence[int] | np.ndarray | int] | np.ndarray,
-    ) -> list[SequenceHandle]:
+    ) -> None:
         """One decode step in one engine call, all or nothing (never waits): `tokens` has one
         entry per request (ids or an int count), or is a 1-D array of one new token each.
-        Raises OutOfBlocksError, with nothing changed, when blocks are short."""
-        return self._core.extend_batch(request_ids, tokens)
+        Raises OutOfBlocksError, with nothing changed, when blocks are short. Read the new
+        block ids with `block_table(request_ids)`."""
+        self._core.extend_batch(request_ids, tokens)
 
     def lookup_prefix(
         self, tokens: Sequence[int] | np.ndarray, *, salt: str | bytes | int | None = None

@@ -194,7 +194,7 @@ impl Engine {
 
     /// One decode step: extends every sequence in `items`, all or nothing (never waits).
     /// On any failure the sequences already extended are given back and the error returned.
-    pub fn extend_batch(&self, items: &[(RequestId, Append)]) -> Result<Vec<SeqView>> {
+    pub fn extend_batch(&self, items: &[(RequestId, Append)]) -> Result<()> {
         self.mutate(false, |st, ctx| st.extend_batch(ctx, items))
     }
 

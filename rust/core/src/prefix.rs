@@ -12,6 +12,7 @@
 //! `children[parent]`; a hash is held by at most one block (later duplicates stay unindexed).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher as StdHasher};
 
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_128;
@@ -96,6 +97,29 @@ impl Hasher {
     }
 }
 
+/// Block hashes are already uniform 128-bit digests: hashing them again (SipHash) only
+/// costs time, so the index maps use their low 64 bits as the table hash.
+#[derive(Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl StdHasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 ^= v as u64;
+    }
+}
+
+type HashKeyed<V> = HashMap<BlockHash, V, BuildHasherDefault<PassThrough>>;
+
 #[derive(Debug, Clone)]
 struct Entry {
     hash: BlockHash,
@@ -106,8 +130,8 @@ struct Entry {
 #[derive(Debug, Clone)]
 pub struct PrefixIndex {
     block_size: usize,
-    by_hash: HashMap<BlockHash, BlockId>,
-    children: HashMap<BlockHash, Vec<BlockId>>,
+    by_hash: HashKeyed<BlockId>,
+    children: HashKeyed<Vec<BlockId>>,
     entry: Vec<Option<Entry>>,
     /// Token ids of each cached block (`block_size` per block).
     tokens: Vec<u32>,
@@ -117,8 +141,8 @@ impl PrefixIndex {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
         PrefixIndex {
             block_size,
-            by_hash: HashMap::new(),
-            children: HashMap::new(),
+            by_hash: HashKeyed::default(),
+            children: HashKeyed::default(),
             entry: vec![None; num_blocks],
             tokens: vec![0; num_blocks * block_size],
         }

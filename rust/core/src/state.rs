@@ -65,6 +65,32 @@ struct AllocPlan {
     num_blocks: usize,
 }
 
+/// The parts of `State` that registering a block touches (borrowed apart from `seqs`, so a
+/// sequence can be updated in place while its blocks are registered).
+struct Registry<'a> {
+    pool: &'a mut BlockPool,
+    index: &'a mut PrefixIndex,
+    events: &'a mut EventQueue,
+}
+
+impl Registry<'_> {
+    fn register(
+        &mut self,
+        b: BlockId,
+        hash: BlockHash,
+        parent: BlockHash,
+        root: BlockHash,
+        tokens: &[u32],
+    ) {
+        if self.index.insert(b, hash, parent, tokens) {
+            self.pool.set_cached(b, true);
+            // The first block of a chain has no parent block (the root is a salt, not a block).
+            let parent = (parent != root).then_some(parent);
+            self.events.stored(hash, parent, tokens, Tier::Device);
+        }
+    }
+}
+
 pub struct State {
     pub closed: bool,
     pub pool: BlockPool,
@@ -182,12 +208,12 @@ impl State {
         root: BlockHash,
         tokens: &[u32],
     ) {
-        if self.index.insert(b, hash, parent, tokens) {
-            self.pool.set_cached(b, true);
-            // The first block of a chain has no parent block (the root is a salt, not a block).
-            let parent = (parent != root).then_some(parent);
-            self.events.stored(hash, parent, tokens, Tier::Device);
+        Registry {
+            pool: &mut self.pool,
+            index: &mut self.index,
+            events: &mut self.events,
         }
+        .register(b, hash, parent, root, tokens);
     }
 
     /// Blocks a new allocation may take: free ones, minus the given cached blocks it pins.
@@ -354,40 +380,58 @@ impl State {
         rid: &RequestId,
         append: &Append,
     ) -> Result<(SeqView, ExtendUndo)> {
+        let undo = self
+            .extend_apply(ctx, rid, append, true)?
+            .expect("asked for an undo record");
+        Ok((SeqView::of(rid, &self.seqs[rid]), undo))
+    }
+
+    /// Appends tokens; returns the record that undoes it when `want_undo`.
+    fn extend_apply(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        append: &Append,
+        want_undo: bool,
+    ) -> Result<Option<ExtendUndo>> {
         let bs = ctx.config.block_size;
         let (new_blocks, tail_shared) = self.extend_need(ctx, rid, append.len())?;
-        let s = &self.seqs[rid];
-        let n = s.num_tokens;
-        let m = append.len();
         let needed = new_blocks + usize::from(tail_shared);
         let available = self.pool.num_free_blocks();
         if needed > available {
             return Err(short(needed, available));
         }
-        let undo = ExtendUndo {
-            num_tokens: n,
+        let s = &self.seqs[rid];
+        let undo = want_undo.then(|| ExtendUndo {
+            num_tokens: s.num_tokens,
             num_blocks: s.blocks.len(),
             num_hashes: s.hashes.len(),
             tail: s.tail.clone(),
             cacheable: s.cacheable,
-        };
-        // Commit.
+        });
+        // Commit: take blocks first, then update the sequence in place.
         let now = ctx.clock.now();
-        let mut s = self.seqs.remove(rid).expect("checked above");
         if tail_shared {
             let old = *s.blocks.last().expect("n > 0");
             let copy = self.alloc_block(now);
             ctx.copy_block(old, copy);
             self.release_block(old);
-            *s.blocks.last_mut().expect("n > 0") = copy;
+            *self
+                .seqs
+                .get_mut(rid)
+                .expect("checked")
+                .blocks
+                .last_mut()
+                .expect("n > 0") = copy;
             self.counters.intra_device_copy_blocks += 1;
             self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
         }
         for _ in 0..new_blocks {
             let b = self.alloc_block(now);
-            s.blocks.push(b);
+            self.seqs.get_mut(rid).expect("checked").blocks.push(b);
         }
         self.counters.gen_alloc_blocks += new_blocks as u64;
+        let s = self.seqs.get_mut(rid).expect("checked");
         match append {
             Append::Ids(ids) if s.cacheable => {
                 let mut rest = &ids[..];
@@ -399,8 +443,13 @@ impl State {
                         let parent = s.last_hash();
                         let h = ctx.hasher.block_hash(parent, &s.tail, &mut self.scratch);
                         let b = s.blocks[s.hashes.len()];
-                        let tail = std::mem::take(&mut s.tail);
-                        self.register(b, h, parent, s.root, &tail);
+                        let mut reg = Registry {
+                            pool: &mut self.pool,
+                            index: &mut self.index,
+                            events: &mut self.events,
+                        };
+                        reg.register(b, h, parent, s.root, &s.tail);
+                        s.tail.clear();
                         s.hashes.push(h);
                     }
                 }
@@ -411,20 +460,14 @@ impl State {
                 s.tail.clear();
             }
         }
+        s.num_tokens += append.len();
         self.events.end_op();
-        s.num_tokens = n + m;
-        let view = SeqView::of(rid, &s);
-        self.seqs.insert(rid.clone(), s);
-        Ok((view, undo))
+        Ok(undo)
     }
 
     /// Extends every sequence of `items` or none (see `Engine::extend_batch`): everything
     /// is checked before anything changes, so a failure leaves the state as it was.
-    pub fn extend_batch(
-        &mut self,
-        ctx: &Ctx,
-        items: &[(RequestId, Append)],
-    ) -> Result<Vec<SeqView>> {
+    pub fn extend_batch(&mut self, ctx: &Ctx, items: &[(RequestId, Append)]) -> Result<()> {
         let mut seen = std::collections::HashSet::with_capacity(items.len());
         let mut needed = 0;
         for (rid, append) in items {
@@ -440,28 +483,12 @@ impl State {
         if needed > available {
             return Err(short(needed, available));
         }
-        let mut done: Vec<(&RequestId, ExtendUndo)> = Vec::with_capacity(items.len());
-        let mut views = Vec::with_capacity(items.len());
         for (rid, append) in items {
-            match self.extend_now(ctx, rid, append) {
-                Ok((v, u)) => {
-                    views.push(v);
-                    done.push((rid, u));
-                }
-                Err(e) => {
-                    // Unreachable after the checks above; kept so no path can leak blocks.
-                    self.undo_batch(ctx, done);
-                    return Err(e);
-                }
-            }
+            let applied = self.extend_apply(ctx, rid, append, false);
+            debug_assert!(applied.is_ok(), "checked above: {applied:?}");
+            applied?;
         }
-        Ok(views)
-    }
-
-    fn undo_batch(&mut self, ctx: &Ctx, done: Vec<(&RequestId, ExtendUndo)>) {
-        for (rid, u) in done.into_iter().rev() {
-            self.undo_extend(ctx, rid, &u);
-        }
+        Ok(())
     }
 
     /// Tokens a prompt would get from the cache now (see `plan_allocate`).

@@ -215,10 +215,9 @@ impl PyEngine {
     /// or an int count), or a 1-D int array of one new token per request.
     fn extend_batch(
         &self,
-        py: Python<'_>,
         request_ids: &Bound<'_, PyAny>,
         tokens: &Bound<'_, PyAny>,
-    ) -> PyResult<Vec<Py<PyAny>>> {
+    ) -> PyResult<()> {
         let rids = request_ids
             .try_iter()?
             .map(|r| convert::request_id(&r?))
@@ -241,12 +240,7 @@ impl PyEngine {
             )));
         }
         let items: Vec<_> = rids.into_iter().zip(appends).collect();
-        self.engine
-            .extend_batch(&items)
-            .py_err()?
-            .into_iter()
-            .map(|v| handle(py, v))
-            .collect()
+        self.engine.extend_batch(&items).py_err()
     }
 
     /// Prompt tokens the prefix cache would serve now, without allocating.
