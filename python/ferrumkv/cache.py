@@ -327,6 +327,7 @@ class KvCache:
 
     def kv_view(self, layer: int) -> Any:
         """Zero-copy DLPack view `[num_blocks, 2, block_size, heads, head_dim]` of a layer."""
+        _check_index("layer", layer)
         return self._core.kv_view(layer)
 
     def _kv_array(self, name: str, a: Any, n: int | None) -> np.ndarray:

@@ -567,7 +567,9 @@ impl State {
         }
     }
 
-    /// Gives back a granted `allocate`: blocks it registered are uncached, not kept.
+    /// Gives back a granted `allocate`: blocks it registered are uncached, not kept. Its
+    /// first `num_cached_tokens / block_size` blocks were full hits (a partial copy is never
+    /// a whole block), so every later block was filled, and registered, by this call.
     fn undo_allocate(&mut self, ctx: &Ctx, rid: &RequestId) {
         let Some(s) = self.seqs.remove(rid) else {
             return;
@@ -579,7 +581,7 @@ impl State {
                 .is_some_and(|&h| self.index.get(h) == Some(b));
             if registered_here
                 && self.pool.ref_cnt(b) == 1
-                && i * ctx.config.block_size >= s.num_cached_tokens
+                && i >= s.num_cached_tokens / ctx.config.block_size
             {
                 self.forget_cached(b, ctx.clock.now(), false);
                 self.pool.set_cached(b, false);

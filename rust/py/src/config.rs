@@ -1,10 +1,28 @@
 //! `CacheConfig`: keyword-only construction, validated by the core (one place for ranges).
 
 use ferrumkv_core::config::{CacheConfig, ConfigInput};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBool, PyDict, PyInt};
 
 use crate::errors::IntoPy;
+
+/// An int setting: a bool or non-int is a `TypeError`, an int beyond 64 bits a
+/// `ValueError` naming the field (ranges are checked by the core).
+fn int_field(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<i64> {
+    if obj.is_instance_of::<PyBool>() || !obj.is_instance_of::<PyInt>() {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be an int, not {}",
+            obj.get_type().name()?
+        )));
+    }
+    obj.extract::<i64>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "invalid {name}: {} is out of range",
+            obj.repr().map(|r| r.to_string()).unwrap_or_default()
+        ))
+    })
+}
 
 #[pyclass(frozen, name = "CacheConfig", module = "ferrumkv._core")]
 pub struct PyCacheConfig {
@@ -15,24 +33,24 @@ pub struct PyCacheConfig {
 #[pymethods]
 impl PyCacheConfig {
     #[new]
-    #[pyo3(signature = (*, num_layers, num_kv_heads, head_dim, block_size=16, dtype="float16".to_string(),
-        device="cpu".to_string(), num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None,
-        disk_blocks=0, enable_prefix_cache=true, hash_algo="xxh3_128".to_string(), low_watermark=0.3,
+    #[pyo3(signature = (*, num_layers, num_kv_heads, head_dim, block_size=None, dtype="float16".to_string(),
+        device="cpu".to_string(), num_blocks=None, memory_bytes=None, host_blocks=None, disk_path=None,
+        disk_blocks=None, enable_prefix_cache=true, hash_algo="xxh3_128".to_string(), low_watermark=0.3,
         high_watermark=0.1, residency_sample_rate=0.01, layout="block_major".to_string(),
-        enable_kv_events=true, seed=0))]
+        enable_kv_events=true, seed=None), text_signature = "(*, num_layers, num_kv_heads, head_dim, block_size=16, dtype='float16', device='cpu', num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None, disk_blocks=0, enable_prefix_cache=True, hash_algo='xxh3_128', low_watermark=0.3, high_watermark=0.1, residency_sample_rate=0.01, layout='block_major', enable_kv_events=True, seed=0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        num_layers: i64,
-        num_kv_heads: i64,
-        head_dim: i64,
-        block_size: i64,
+        num_layers: &Bound<'_, PyAny>,
+        num_kv_heads: &Bound<'_, PyAny>,
+        head_dim: &Bound<'_, PyAny>,
+        block_size: Option<&Bound<'_, PyAny>>,
         dtype: String,
         device: String,
-        num_blocks: Option<i64>,
-        memory_bytes: Option<i64>,
-        host_blocks: i64,
+        num_blocks: Option<&Bound<'_, PyAny>>,
+        memory_bytes: Option<&Bound<'_, PyAny>>,
+        host_blocks: Option<&Bound<'_, PyAny>>,
         disk_path: Option<std::path::PathBuf>,
-        disk_blocks: i64,
+        disk_blocks: Option<&Bound<'_, PyAny>>,
         enable_prefix_cache: bool,
         hash_algo: String,
         low_watermark: f64,
@@ -40,20 +58,25 @@ impl PyCacheConfig {
         residency_sample_rate: f64,
         layout: String,
         enable_kv_events: bool,
-        seed: u64,
+        seed: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let opt = |name, v: Option<&Bound<'_, PyAny>>| {
+            v.filter(|o| !o.is_none())
+                .map(|o| int_field(name, o))
+                .transpose()
+        };
         let input = ConfigInput {
-            num_layers,
-            num_kv_heads,
-            head_dim,
-            block_size,
+            num_layers: int_field("num_layers", num_layers)?,
+            num_kv_heads: int_field("num_kv_heads", num_kv_heads)?,
+            head_dim: int_field("head_dim", head_dim)?,
+            block_size: opt("block_size", block_size)?.unwrap_or(16),
             dtype,
             device,
-            num_blocks,
-            memory_bytes,
-            host_blocks,
+            num_blocks: opt("num_blocks", num_blocks)?,
+            memory_bytes: opt("memory_bytes", memory_bytes)?,
+            host_blocks: opt("host_blocks", host_blocks)?.unwrap_or(0),
             disk_path: disk_path.map(|p| p.to_string_lossy().into_owned()),
-            disk_blocks,
+            disk_blocks: opt("disk_blocks", disk_blocks)?.unwrap_or(0),
             enable_prefix_cache,
             hash_algo,
             low_watermark,
@@ -61,7 +84,8 @@ impl PyCacheConfig {
             residency_sample_rate,
             layout,
             enable_kv_events,
-            seed,
+            seed: u64::try_from(opt("seed", seed)?.unwrap_or(0))
+                .map_err(|_| PyValueError::new_err("invalid seed: must be >= 0"))?,
         };
         let config = CacheConfig::validate(&input).py_err()?;
         Ok(PyCacheConfig { input, config })

@@ -59,11 +59,14 @@ pub fn salt(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Salt>> {
 }
 
 fn token_of(item: &Bound<'_, PyAny>, i: usize) -> PyResult<u32> {
-    // Fast path: an int that fits; everything else is diagnosed on the slow path.
-    if let Ok(v) = item.extract::<i64>() {
-        return check_id(v, i);
+    // Fast path: an int that fits (not a bool: True is no token id); everything else is
+    // diagnosed on the slow path.
+    if !item.is_instance_of::<PyBool>() {
+        if let Ok(v) = item.extract::<i64>() {
+            return check_id(v, i);
+        }
     }
-    if item.is_instance_of::<PyInt>() {
+    if item.is_instance_of::<PyInt>() && !item.is_instance_of::<PyBool>() {
         return Err(PyValueError::new_err(format!(
             "token id at {i} is too large (max {})",
             u32::MAX
