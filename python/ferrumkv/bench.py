@@ -141,10 +141,31 @@ async def _alloc_dealloc(rounds: int) -> list[tuple[str, float, float, str]]:
                 await base.adeallocate(i)
 
         ours = _median_us(sync_round, ops, rounds)
-        rows.append(("allocate+deallocate 512 tok, sync", ours, _median_us(base_sync_round, ops, rounds), "us/req"))
+        rows.append(
+            (
+                "allocate+deallocate 512 tok, sync",
+                ours,
+                _median_us(base_sync_round, ops, rounds),
+                "us/req",
+            )
+        )
         b = await _amedian_us(base_awaited_round, ops, rounds)
-        rows.append(("allocate+deallocate 512 tok, awaited", await _amedian_us(awaited_round, ops, rounds), b, "us/req"))
-        rows.append(("  same, tokens as a Python list", await _amedian_us(awaited_list_round, ops, rounds), b, "us/req"))
+        rows.append(
+            (
+                "allocate+deallocate 512 tok, awaited",
+                await _amedian_us(awaited_round, ops, rounds),
+                b,
+                "us/req",
+            )
+        )
+        rows.append(
+            (
+                "  same, tokens as a Python list",
+                await _amedian_us(awaited_list_round, ops, rounds),
+                b,
+                "us/req",
+            )
+        )
     return rows
 
 
@@ -209,14 +230,25 @@ async def _prefix(rounds: int) -> list[tuple[str, float, float, str]]:
             for _ in range(ops):
                 _py_lookup(index, plist)
 
-        rows.append(("lookup 32-block prompt, 31 hits", _median_us(ours, ops, rounds), _median_us(theirs, ops, rounds), "us"))
+        rows.append(
+            (
+                "lookup 32-block prompt, 31 hits",
+                _median_us(ours, ops, rounds),
+                _median_us(theirs, ops, rounds),
+                "us",
+            )
+        )
 
     # 1,000 512-token requests, half sharing a 256-token system prompt.
     shared = rng.integers(0, 32000, 256, dtype=np.int64)
     prompts = []
     for i in range(1000):
         tail = rng.integers(0, 32000, 256, dtype=np.int64)
-        prompts.append(np.concatenate([shared, tail]) if i % 2 == 0 else rng.integers(0, 32000, 512, dtype=np.int64))
+        prompts.append(
+            np.concatenate([shared, tail])
+            if i % 2 == 0
+            else rng.integers(0, 32000, 512, dtype=np.int64)
+        )
     prompt_lists = [p.tolist() for p in prompts]
     with KvCache(_cfg(4096, prefix=True)) as cache:
         base = PyFreeList(4096)
@@ -238,7 +270,14 @@ async def _prefix(rounds: int) -> list[tuple[str, float, float, str]]:
         ours_us = await _amedian_us(ours_round, len(prompts), max(3, rounds // 4))
         base_us = _median_us(base_round, len(prompts), max(3, rounds // 4))
         st = cache.stats()
-        rows.append((f"alloc+dealloc 512 tok, caching on (hit rate {st.cache_hit_rate:.2f})", ours_us, base_us, "us/req"))
+        rows.append(
+            (
+                f"alloc+dealloc 512 tok, caching on (hit rate {st.cache_hit_rate:.2f})",
+                ours_us,
+                base_us,
+                "us/req",
+            )
+        )
     return rows
 
 
@@ -258,7 +297,15 @@ def _copy_bandwidth(rounds: int) -> list[tuple[str, float, float, str]]:
             np.copyto(dst, k)
 
         ref = _median_us(base, 1, rounds)
-        return [(f"write_kv {nbytes >> 10} KiB (GB/s: ours {nbytes / ours / 1e3:.1f}, copyto {nbytes / ref / 1e3:.1f})", ours, ref, "us")]
+        return [
+            (
+                f"write_kv {nbytes >> 10} KiB (GB/s: ours {nbytes / ours / 1e3:.1f}, "
+                f"copyto {nbytes / ref / 1e3:.1f})",
+                ours,
+                ref,
+                "us",
+            )
+        ]
 
 
 async def run_suite(rounds: int) -> list[tuple[str, float, float, str]]:

@@ -11,11 +11,12 @@ it had already granted, so no block is ever lost to an abandoned wait.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Union
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,8 +38,8 @@ log = logging.getLogger("ferrumkv")
 
 CacheConfig = _core.CacheConfig
 SequenceHandle = _core.SequenceHandle
-RequestId = Union[str, int]
-PressureCallback = Callable[[PressureEvent], Union[None, Awaitable[None]]]
+RequestId = str | int
+PressureCallback = Callable[[PressureEvent], Awaitable[None] | None]
 
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8}
 
@@ -77,6 +78,8 @@ class KvCache:
         self._subs: list[Subscription] = []
         self._dispatcher = Dispatcher(self._core, self._fire_pressure)
         self._async_tasks: set[Any] = set()
+        self._async_queue: collections.deque[Awaitable[None]] = collections.deque()
+        self._async_runner_active = False
         self._closed = False
         dtype = _NUMPY_DTYPES.get(config.dtype, np.uint16)  # bfloat16: raw uint16 bits
         self._np_dtype = np.dtype(dtype)
@@ -280,26 +283,38 @@ class KvCache:
                 self._core.record_callback_error()
 
     def _spawn(self, awaitable: Awaitable[None]) -> None:
-        async def guarded() -> None:
-            try:
-                await awaitable
-            except Exception:
-                log.exception("ferrumkv async pressure callback raised")
-                if not self._closed:
-                    self._core.record_callback_error()
-
+        """Queues an async callback's coroutine; one runner awaits them in order, so async
+        callbacks see level changes in the order they happened (trio would otherwise start
+        spawned tasks in random order)."""
+        self._async_queue.append(awaitable)
+        if self._async_runner_active:
+            return
+        self._async_runner_active = True
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is not None:
-            task = loop.create_task(guarded())
+            task = loop.create_task(self._run_async_callbacks())
             self._async_tasks.add(task)
             task.add_done_callback(self._async_tasks.discard)
         else:
             import trio
 
-            trio.lowlevel.spawn_system_task(guarded)
+            trio.lowlevel.spawn_system_task(self._run_async_callbacks)
+
+    async def _run_async_callbacks(self) -> None:
+        try:
+            while self._async_queue:
+                awaitable = self._async_queue.popleft()
+                try:
+                    await awaitable
+                except Exception:
+                    log.exception("ferrumkv async pressure callback raised")
+                    if not self._closed:
+                        self._core.record_callback_error()
+        finally:
+            self._async_runner_active = False
 
     # ----- stats and events ----------------------------------------------------------------
 

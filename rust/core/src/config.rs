@@ -362,7 +362,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(fn(&mut ConfigInput), &str)> = vec![
+        type Case = (fn(&mut ConfigInput), &'static str);
+        let cases: Vec<Case> = vec![
             (|c| c.num_layers = 0, "num_layers"),
             (|c| c.num_kv_heads = -1, "num_kv_heads"),
             (|c| c.head_dim = 0, "head_dim"),

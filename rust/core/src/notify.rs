@@ -25,9 +25,8 @@ impl Notifier {
             )));
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        Ok(Notifier {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Notifier { fd })
     }
 
     pub fn fd(&self) -> RawFd {

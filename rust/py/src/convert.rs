@@ -149,7 +149,8 @@ pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
             "tokens must be a list of ints or a 1-D integer array",
         ));
     }
-    let attempts: [fn(&Bound<'_, PyAny>) -> Option<PyResult<Vec<u32>>>; 8] = [
+    type Attempt = fn(&Bound<'_, PyAny>) -> Option<PyResult<Vec<u32>>>;
+    let attempts: [Attempt; 8] = [
         from_buffer::<i64>,
         from_buffer::<i32>,
         from_buffer::<u32>,

@@ -398,6 +398,7 @@ impl PyEngine {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Fills `k_out`, `v_out` (writable uint8 views of `[n, heads, head_dim]` arrays).
     fn read_kv(
         &self,
