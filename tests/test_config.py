@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SMALL, SMALL_BYTES_PER_BLOCK, make_config
 
 import ferrumkv
+from conftest import SMALL, SMALL_BYTES_PER_BLOCK, make_config
 from ferrumkv import _core
 
 # (overrides, the field the error must name)

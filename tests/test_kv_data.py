@@ -12,9 +12,9 @@ import gc
 import numpy as np
 import pytest
 import torch
-from conftest import drive, make_config
 
 import ferrumkv
+from conftest import drive, make_config
 
 LAYOUTS = ["block_major", "layer_major"]
 # dtype -> (numpy dtype of the cache's arrays, unsigned int of the same width)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+import ferrumkv
 from conftest import (
     SMALL_BYTES_PER_BLOCK,
     assert_stats_unchanged,
@@ -14,8 +16,6 @@ from conftest import (
     make_config,
     stats_dict,
 )
-
-import ferrumkv
 from ferrumkv import (
     AllBlocksCleared,
     BlockRemoved,
@@ -519,7 +519,7 @@ def test_event_order_stored_removed_cleared() -> None:
     # every hash is stored before it is removed
     for h in rem.block_hashes:
         assert stored_hashes(events[: events.index(rem)]).count(h) == 1
-    alloc(cache, "c", list(range(4)) + [5])
+    alloc(cache, "c", [0, 1, 2, 3, 5])
     dealloc(cache, "c")
     assert cache.reset_prefix_cache()
     events = cache.drain_events()

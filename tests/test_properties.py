@@ -6,11 +6,11 @@ figures add up and the engine's invariant check passes."""
 from __future__ import annotations
 
 import numpy as np
-from conftest import check_invariants, drive, gauges, make_config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ferrumkv
+from conftest import check_invariants, drive, gauges, make_config
 from ferrumkv import OutOfBlocksError
 
 BS = 4
@@ -160,9 +160,7 @@ def step(cache: ferrumkv.KvCache, model: Model, op: tuple, prefix_cache: bool) -
 )
 @given(program=st.lists(ops, min_size=20, max_size=60), prefix_cache=st.booleans())
 def test_random_programs_keep_data_and_bookkeeping(program, prefix_cache) -> None:
-    cache = ferrumkv.KvCache(
-        make_config(num_blocks=NUM_BLOCKS, enable_prefix_cache=prefix_cache)
-    )
+    cache = ferrumkv.KvCache(make_config(num_blocks=NUM_BLOCKS, enable_prefix_cache=prefix_cache))
     model = Model()
     for op in program:
         step(cache, model, op, prefix_cache)
@@ -185,9 +183,7 @@ def test_random_programs_keep_data_and_bookkeeping(program, prefix_cache) -> Non
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    prompts=st.lists(st.lists(small_ids, min_size=1, max_size=20), min_size=1, max_size=12)
-)
+@given(prompts=st.lists(st.lists(small_ids, min_size=1, max_size=20), min_size=1, max_size=12))
 def test_cached_prefix_is_a_real_prefix(prompts) -> None:
     """num_cached_tokens <= len - 1, and the cached positions hold what the earlier
     sequence with the same leading tokens wrote there."""
