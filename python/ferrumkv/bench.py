@@ -171,8 +171,11 @@ async def _alloc_dealloc(rounds: int) -> list[tuple[str, float, float, str]]:
 
 async def _decode_step(rounds: int) -> list[tuple[str, float, float, str]]:
     nseq, steps = 256, 64
-    with KvCache(_cfg(256 * 64, prefix=True)) as cache:
-        base = PyFreeList(256 * 64)
+    # Room for every token the rounds append (blocks are never freed in between).
+    max_tokens = 17 + (rounds + 1) * steps + max(3, rounds // 4) * (steps // 8)
+    num_blocks = nseq * (-(-max_tokens // BLOCK) + 1)
+    with KvCache(_cfg(num_blocks, prefix=True)) as cache:
+        base = PyFreeList(num_blocks)
         rids = list(range(nseq))
         for r in rids:
             await cache.allocate(r, np.arange(100 + r, 117 + r, dtype=np.int64))

@@ -263,10 +263,11 @@ class _Replayer:
 
     async def _wait_for_room(self, num_tokens: int) -> None:
         """Wait until no preempted sequence waits to resume and ``num_tokens`` fit without
-        making the pressure CRITICAL. A prompt that can never fit goes at once (the engine
-        rejects it)."""
+        making the pressure CRITICAL, or nothing runs. A prompt that can never fit goes at
+        once (the engine rejects it)."""
         while not self._never_fits(num_tokens) and (
-            self._preempted or not self._has_room(num_tokens, self._high_watermark)
+            self._preempted
+            or (self._running and not self._has_room(num_tokens, self._high_watermark))
         ):
             await self._changed.wait()
 
