@@ -21,11 +21,11 @@ build: venv
 run: build
 	$(PY) -m ferrumkv replay
 
-rust-checks:
+rust-checks: venv
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
-rust-test:
+rust-test: venv
 	cargo test --workspace
 
 py-lint: venv
