@@ -3,7 +3,6 @@ codes for bad input, and the bench entry point."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -279,8 +278,6 @@ def test_help_documents_both_commands() -> None:
 
 
 def test_bench_hands_its_arguments_to_the_suite() -> None:
-    if importlib.util.find_spec("ferrumkv.bench") is None:
-        pytest.skip("ferrumkv.bench is not installed")
     result = ferrumkv("bench", "--help")
     assert result.returncode == 0 and "bench" in result.stdout
 
