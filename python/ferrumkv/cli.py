@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from ferrumkv import CacheConfig, FerrumKVError, KvCache
 from ferrumkv.replay import (
+    DEFAULT_WAIT_TIMEOUT_S,
     ReplayOptions,
     format_table,
     replay,
@@ -35,13 +36,13 @@ from ferrumkv.workload import (
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 DEFAULT_DEVICE_MIB = 512
 """Device tier size when neither --num-blocks nor --memory-mb is given."""
 
 DEFAULT_REQUESTS = 256
 DEFAULT_MAX_CONCURRENCY = 64
-DEFAULT_WAIT_TIMEOUT_S = 0.1
 PLOT_SAMPLE_INTERVAL_S = 0.02
 
 _DESCRIPTION = """\
@@ -303,6 +304,9 @@ def run_replay(args: argparse.Namespace) -> int:
     except (FerrumKVError, OSError) as exc:
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("ferrumkv replay: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

@@ -14,9 +14,11 @@ Scheduling follows vLLM's first-come-first-served policy:
   recomputation (re-allocating the tokens so far, which the prefix cache mostly serves).
 * A sequence whose extend cannot get a block within ``wait_timeout_s`` preempts itself,
   unless it is the oldest running one, which keeps waiting: everything newer yields to it.
-  A sequence that could not fit even in an empty device tier is rejected.
 * Preempted sequences resume oldest first once the device tier would stay at LOW pressure
   with them back (or nothing else runs).
+* A request is rejected when it needs more blocks than the device tier holds, or when a
+  call for it fails although no other live sequence owns a device block (waiting for
+  releases cannot help then).
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ferrumkv import CacheConfig, KvCache, OutOfBlocksError, PressureLevel
+from ferrumkv import (
+    CacheConfig,
+    CacheStats,
+    KvCache,
+    OutOfBlocksError,
+    PressureEvent,
+    PressureLevel,
+)
 from ferrumkv.workload import InfiniteCacheHits, Request, Workload
 
 PROGRESS_INTERVAL_S = 0.1
 """How often the progress line on stderr is redrawn."""
+
+DEFAULT_WAIT_TIMEOUT_S = 0.1
+"""How long one engine call may wait for blocks before the loop reconsiders."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ class ReplayOptions:
 
     max_concurrency: int
     speedup: float | None = None
-    wait_timeout_s: float = 0.1
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
     progress: bool = False
     sample_interval_s: float | None = None
 
@@ -93,14 +105,20 @@ class ReplayResult:
     """Everything a replay measured: loop counters, final engine stats, wall time, samples."""
 
     counters: Counters
-    stats: Any
+    stats: CacheStats
     wall_s: float
     samples: tuple[Sample, ...]
 
 
 @dataclass(eq=False)
 class _Sequence:
-    """A request between admission and completion."""
+    """A request between admission and completion.
+
+    ``order`` is the admission rank (larger: newer). ``busy``: inside an engine call that
+    may wait, so not preemptible. ``preempted``: off the device (``swapped`` to the host
+    tier, or dropped for recompute) until ``resumed`` is set. ``dropped``: rejected while
+    preempted.
+    """
 
     request: Request
     order: int
@@ -110,6 +128,7 @@ class _Sequence:
     busy: bool = False
     preempted: bool = False
     swapped: bool = False
+    dropped: bool = False
     resumed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -246,12 +265,12 @@ class _Replayer:
                 try:
                     await self._engine(
                         self._cache.allocate(
-                            request.request_id, prompt, timeout=self._options.wait_timeout_s
+                            request.request_id, prompt, timeout=self._timeout_for(len(prompt))
                         )
                     )
                     break
                 except OutOfBlocksError:
-                    if self._never_fits(len(prompt)):
+                    if self._never_fits(len(prompt)) or self._hopeless(own_blocks=0):
                         self.counters.rejected += 1
                         return None
         self._admitted += 1
@@ -288,9 +307,12 @@ class _Replayer:
         while True:
             while seq.preempted:
                 await seq.resumed.wait()
+            if seq.dropped:
+                return False
             if await self._try_extend(seq):
                 return True
-            if self._never_fits(seq.num_tokens + 1):
+            own_blocks = len(self._cache.get(seq.request_id).block_ids)
+            if self._never_fits(seq.num_tokens + 1) or self._hopeless(own_blocks):
                 await self._reject_running(seq)
                 return False
             if seq is not self._oldest_running():
@@ -301,9 +323,8 @@ class _Replayer:
         token = [int(seq.output[seq.generated])]
         seq.busy = True
         try:
-            await self._engine(
-                self._cache.extend(seq.request_id, token, timeout=self._options.wait_timeout_s)
-            )
+            timeout = self._timeout_for(seq.num_tokens + 1)
+            await self._engine(self._cache.extend(seq.request_id, token, timeout=timeout))
         except OutOfBlocksError:
             self._notify()
             return False
@@ -353,8 +374,11 @@ class _Replayer:
             seq = self._preempted[0]
             if self._running and not self._has_room(seq.num_tokens, self._low_watermark):
                 break
-            if not await self._resume(seq):
+            if await self._resume(seq):
+                continue
+            if not self._hopeless(own_blocks=0):
                 break
+            await self._drop_preempted(seq)
 
     async def _preempt(self, seq: _Sequence) -> None:
         """Take a running sequence off the device: swap it out, or drop it to recompute."""
@@ -402,6 +426,17 @@ class _Replayer:
         self._notify()
         return True
 
+    async def _drop_preempted(self, seq: _Sequence) -> None:
+        """Reject a preempted sequence the device cannot take back even when empty."""
+        self._preempted.remove(seq)
+        if seq.swapped:
+            await self._engine(self._cache.deallocate(seq.request_id))
+        seq.dropped = True
+        seq.preempted = False
+        seq.resumed.set()
+        self.counters.rejected += 1
+        self._notify()
+
     def _newest_preemptible(self) -> _Sequence | None:
         """The newest running sequence that is not inside an engine call and not the oldest."""
         oldest = self._oldest_running()
@@ -411,7 +446,7 @@ class _Replayer:
     def _oldest_running(self) -> _Sequence | None:
         return min(self._running.values(), key=lambda s: s.order, default=None)
 
-    def _on_pressure(self, event: Any) -> None:
+    def _on_pressure(self, event: PressureEvent) -> None:
         """Pressure callback: note CRITICAL episodes, sample, and wake the controller."""
         if event.level is PressureLevel.CRITICAL:
             self.counters.critical_events += 1
@@ -428,6 +463,15 @@ class _Replayer:
     def _never_fits(self, num_tokens: int) -> bool:
         """Whether ``num_tokens`` need more blocks than the whole device tier holds."""
         return math.ceil(num_tokens / self._block_size) > self._total_blocks
+
+    def _timeout_for(self, num_tokens: int) -> float:
+        """How long a call for ``num_tokens`` may wait: not at all when it can never fit."""
+        return 0.0 if self._never_fits(num_tokens) else self._options.wait_timeout_s
+
+    def _hopeless(self, own_blocks: int) -> bool:
+        """Whether waiting cannot help a call that failed after waiting: every device block a
+        live sequence owns is among the caller's ``own_blocks``, so no release frees any."""
+        return self._cache.stats().device.used_blocks <= own_blocks
 
     def _has_room(self, num_tokens: int, floor_ratio: float) -> bool:
         """Whether ``num_tokens`` more tokens leave at least ``floor_ratio`` of the device

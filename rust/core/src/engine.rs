@@ -174,7 +174,8 @@ impl Engine {
             match st.extend_now(ctx, &rid, &append) {
                 Ok((v, _)) => Ok(Outcome::Ready(v)),
                 Err(Error::OutOfBlocks { needed, .. }) if wait => {
-                    let never = needed > st.pool.num_blocks();
+                    let held = st.seqs.get(&rid).map_or(0, |s| s.blocks.len());
+                    let never = held + needed > st.pool.num_blocks();
                     if never {
                         return Err(Error::OutOfBlocks {
                             needed,

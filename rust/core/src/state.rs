@@ -276,10 +276,16 @@ impl State {
                 never_fits: true,
             });
         }
+        let mut plan = plan;
         let k = plan.hits.len();
         let new = plan.num_blocks - k;
-        let available =
+        let mut available =
             self.available_excluding(plan.hits.iter().copied().chain(plan.partial.map(|p| p.0)));
+        if new > available && plan.partial.is_some() {
+            // Pinning the partial source is what makes it short: skip the partial copy.
+            plan.partial = None;
+            available = self.available_excluding(plan.hits.iter().copied());
+        }
         if new > available {
             return Err(short(new, available));
         }

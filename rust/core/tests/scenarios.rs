@@ -308,3 +308,32 @@ fn failed_calls_change_nothing() {
     e.close();
     assert_eq!(e.stats().unwrap_err(), Error::Closed);
 }
+
+#[test]
+fn a_prompt_that_fits_only_without_its_partial_copy_still_fits() {
+    let e = engine(4, true);
+    alloc(&e, "a", &toks(0..16));
+    e.deallocate(&rid("a")).unwrap();
+    // 15 tokens: 3 full hits + a partial copy of block 3 would need a 5th block.
+    let b = alloc(&e, "b", &toks(0..15));
+    assert_eq!(b.num_cached_tokens, 12);
+    assert_eq!(b.block_ids.len(), 4);
+    e.check_invariants();
+}
+
+#[test]
+fn an_extend_past_the_whole_tier_fails_at_once() {
+    let e = engine(2, false);
+    alloc(&e, "a", &toks(0..8));
+    let r = e.extend(rid("a"), ferrumkv_core::sequence::Append::Count(1), true);
+    assert!(
+        matches!(
+            r,
+            Err(Error::OutOfBlocks {
+                never_fits: true,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
