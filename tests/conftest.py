@@ -109,3 +109,23 @@ async def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     with anyio.fail_after(timeout):
         while not cond():
             await anyio.sleep(0.001)
+
+
+BS = 4  # block_size of make_config()
+
+
+def new_cache(**overrides: Any) -> ferrumkv.KvCache:
+    return ferrumkv.KvCache(make_config(**overrides))
+
+
+def alloc(cache: ferrumkv.KvCache, rid: Any, tokens: Any, **kw: Any) -> Any:
+    """allocate, driven to completion without an event loop (it never suspends here)."""
+    return drive(cache.allocate(rid, tokens, **kw))
+
+
+def extend(cache: ferrumkv.KvCache, rid: Any, tokens: Any) -> Any:
+    return drive(cache.extend(rid, tokens))
+
+
+def dealloc(cache: ferrumkv.KvCache, rid: Any) -> None:
+    drive(cache.deallocate(rid))

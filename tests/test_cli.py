@@ -18,7 +18,7 @@ from ferrumkv.workload import DEFAULT_VOCAB_SIZE, infinite_cache_hits, load_trac
 
 pytestmark = pytest.mark.slow
 
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared/data/mooncake_synthetic_trace.jsonl"
+TRACE = Path(__file__).resolve().parent / "data" / "mooncake_first100.jsonl"
 SMALL_MODEL = ["--num-layers", "2", "--num-kv-heads", "2", "--head-dim", "64"]
 BYTES_PER_BLOCK = CacheConfig(
     num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=1
@@ -101,21 +101,15 @@ def assert_consistent(figures: dict) -> None:
 # ---------------------------------------------------------------------- successful runs
 
 
-@pytest.fixture
-def shared_trace() -> Path:
-    if not SHARED_TRACE.exists():
-        pytest.skip("the shared Mooncake trace is not present")
-    return SHARED_TRACE
-
-
-def test_trace_slice(tmp_path: Path, shared_trace: Path) -> None:
+def test_trace_slice(tmp_path: Path) -> None:
+    trace = TRACE
     figures = replay_json(
         tmp_path,
-        "--trace", str(shared_trace), "--limit", str(TRACE_LIMIT),
+        "--trace", str(trace), "--limit", str(TRACE_LIMIT),
         *SMALL_MODEL, "--num-blocks", "6000",
     )  # fmt: skip
     assert_consistent(figures)
-    workload = load_trace(shared_trace, vocab_size=DEFAULT_VOCAB_SIZE, limit=TRACE_LIMIT)
+    workload = load_trace(trace, vocab_size=DEFAULT_VOCAB_SIZE, limit=TRACE_LIMIT)
     assert figures["requests"] == TRACE_LIMIT and figures["requests_rejected"] == 0
     assert figures["prompt_tokens"] == sum(r.prompt_len for r in workload.requests)
     assert figures["generated_tokens"] == sum(r.output_len for r in workload.requests)
@@ -255,9 +249,8 @@ def test_plot_without_matplotlib_fails_before_running(tmp_path: Path) -> None:
 
 
 def test_failed_run_exits_1() -> None:
-    if Path("/dev/nvidiactl").exists():
-        pytest.skip("a CUDA device is present, so cuda:0 does not fail")
-    result = ferrumkv("replay", "--requests", "2", *SMALL_MODEL, "--device", "cuda:0")
+    # No machine has 1000 GPUs, so this fails with or without a driver.
+    result = ferrumkv("replay", "--requests", "2", *SMALL_MODEL, "--device", "cuda:999")
     assert result.returncode == 1
     assert "run failed" in result.stderr and "CUDA" in result.stderr
 

@@ -9,11 +9,15 @@ import pytest
 import ferrumkv
 from conftest import (
     SMALL_BYTES_PER_BLOCK,
+    alloc,
     assert_stats_unchanged,
     assert_tier_consistent,
     check_invariants,
+    dealloc,
     drive,
+    extend,
     make_config,
+    new_cache,
     stats_dict,
 )
 from ferrumkv import (
@@ -25,24 +29,6 @@ from ferrumkv import (
     GcStats,
     UnknownRequestError,
 )
-
-BS = 4
-
-
-def new_cache(**overrides) -> ferrumkv.KvCache:
-    return ferrumkv.KvCache(make_config(**overrides))
-
-
-def alloc(cache, rid, tokens, **kw):
-    return drive(cache.allocate(rid, tokens, **kw))
-
-
-def extend(cache, rid, tokens):
-    return drive(cache.extend(rid, tokens))
-
-
-def dealloc(cache, rid) -> None:
-    drive(cache.deallocate(rid))
 
 
 def fork(cache, parent, child):

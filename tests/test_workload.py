@@ -175,10 +175,7 @@ def test_requests_are_ordered_by_arrival(tmp_path: Path) -> None:
 
 
 def test_shared_trace_loads() -> None:
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
-    path = shared / "mooncake_synthetic_trace.jsonl"
-    if not path.exists():
-        pytest.skip("the shared Mooncake trace is not present")
+    path = Path(__file__).resolve().parent / "data" / "mooncake_first100.jsonl"
     workload = load(path, limit=100)
     assert len(workload) == 100 and workload.clamped == 0
     assert all(request.prompt_len > 0 for request in workload.requests)

@@ -74,6 +74,7 @@ struct Registry<'a> {
 }
 
 impl Registry<'_> {
+    /// Indexes a full block of a sequence unless another block already holds its hash.
     fn register(
         &mut self,
         b: BlockId,
@@ -199,21 +200,13 @@ impl State {
         }
     }
 
-    /// Indexes a full block of a sequence unless another block already holds its hash.
-    fn register(
-        &mut self,
-        b: BlockId,
-        hash: BlockHash,
-        parent: BlockHash,
-        root: BlockHash,
-        tokens: &[u32],
-    ) {
+    /// The parts that registering a block touches, borrowed apart from `seqs`.
+    fn registry(&mut self) -> Registry<'_> {
         Registry {
             pool: &mut self.pool,
             index: &mut self.index,
             events: &mut self.events,
         }
-        .register(b, hash, parent, root, tokens);
     }
 
     /// Blocks a new allocation may take: free ones, minus the given cached blocks it pins.
@@ -314,7 +307,7 @@ impl State {
         if cacheable {
             for i in k..n_full {
                 let parent = if i == 0 { root } else { plan.hashes[i - 1] };
-                self.register(
+                self.registry().register(
                     blocks[i],
                     plan.hashes[i],
                     parent,
@@ -449,6 +442,7 @@ impl State {
                         let parent = s.last_hash();
                         let h = ctx.hasher.block_hash(parent, &s.tail, &mut self.scratch);
                         let b = s.blocks[s.hashes.len()];
+                        // Field by field, not `self.registry()`: `s` still borrows `self.seqs`.
                         let mut reg = Registry {
                             pool: &mut self.pool,
                             index: &mut self.index,

@@ -120,6 +120,15 @@ fn append_of(tokens: &Bound<'_, PyAny>) -> PyResult<Append> {
 /// Copies above this size release the GIL while they run.
 const DETACH_BYTES: usize = 1 << 20;
 
+/// Runs an engine call that copies `bytes` bytes, without the GIL when the copy is large.
+fn detach_if_large<T: Send>(py: Python<'_>, bytes: usize, f: impl FnOnce() -> T + Send) -> T {
+    if bytes >= DETACH_BYTES {
+        py.detach(f)
+    } else {
+        f()
+    }
+}
+
 #[pymethods]
 impl PyEngine {
     #[new]
@@ -390,12 +399,10 @@ impl PyEngine {
         let rid = convert::request_id(request_id)?;
         let k = convert::bytes_of(k, "k")?;
         let v = convert::bytes_of(v, "v")?;
-        if k.len() >= DETACH_BYTES {
-            py.detach(|| self.engine.write_kv(&rid, layer, start, &k, &v))
-                .py_err()
-        } else {
-            self.engine.write_kv(&rid, layer, start, &k, &v).py_err()
-        }
+        detach_if_large(py, k.len(), || {
+            self.engine.write_kv(&rid, layer, start, &k, &v)
+        })
+        .py_err()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -413,14 +420,10 @@ impl PyEngine {
         let rid = convert::request_id(request_id)?;
         let mut k = vec![0u8; nbytes];
         let mut v = vec![0u8; nbytes];
-        if nbytes >= DETACH_BYTES {
-            py.detach(|| self.engine.read_kv(&rid, layer, start, &mut k, &mut v))
-                .py_err()?;
-        } else {
-            self.engine
-                .read_kv(&rid, layer, start, &mut k, &mut v)
-                .py_err()?;
-        }
+        detach_if_large(py, nbytes, || {
+            self.engine.read_kv(&rid, layer, start, &mut k, &mut v)
+        })
+        .py_err()?;
         convert::fill(k_out, &k, "k_out")?;
         convert::fill(v_out, &v, "v_out")
     }
