@@ -19,9 +19,10 @@ use crate::prefix::{Hasher, Salt};
 use crate::pressure::{Level, PressureEvent};
 use crate::residency::EvictionEvent;
 use crate::sequence::{Append, SeqView};
-use crate::state::{Ctx, State};
+use crate::state::{Ctx, State, Swap};
 use crate::stats::{Counters, GcStats, Snapshot, TierStats};
 use crate::storage::host::HostSlab;
+use crate::transfer::Copier;
 use crate::types::{RequestId, Tier};
 use crate::waiters::{Ticket, WaitOp};
 
@@ -33,11 +34,24 @@ pub enum Outcome {
     Waiting(Ticket),
 }
 
+/// The engine: its bookkeeping core, shared with the copy worker, and that worker.
+/// Every bookkeeping call is a method of `EngineCore`, reached through `Deref`; calls that
+/// move bytes between tiers (swaps) live here because they may hand work to the worker.
 pub struct Engine {
-    ctx: Ctx,
-    state: Mutex<State>,
-    notifier: Notifier,
+    core: Arc<EngineCore>,
+    copier: Copier,
 }
+
+impl std::ops::Deref for Engine {
+    type Target = EngineCore;
+
+    fn deref(&self) -> &EngineCore {
+        &self.core
+    }
+}
+
+/// Swaps moving fewer bytes than this are copied inline (cheaper than a thread hop).
+pub const INLINE_COPY_BYTES: usize = 1 << 20;
 
 impl Engine {
     pub fn new(config: CacheConfig) -> Result<Self> {
@@ -45,13 +59,102 @@ impl Engine {
     }
 
     pub fn with_clock(config: CacheConfig, clock: Clock) -> Result<Self> {
+        let core = Arc::new(EngineCore::new(config, clock)?);
+        Ok(Engine {
+            core,
+            copier: Copier::new(),
+        })
+    }
+
+    /// Moves a resident sequence's blocks to the host tier (byte for byte) and frees its
+    /// device blocks. Small swaps finish at once; big ones copy on the worker thread and
+    /// finish through a ticket (`Outcome::Waiting`), so the caller's thread never blocks.
+    pub fn swap_out(&self, rid: &RequestId) -> Result<Outcome> {
+        let swap = self
+            .core
+            .mutate(false, |st, ctx| st.begin_swap_out(ctx, rid))?;
+        self.run_swap(rid, swap, |st, rid, to| st.finish_swap_out(rid, to))
+    }
+
+    /// Moves a swapped-out sequence back to the device tier (block ids may change).
+    pub fn swap_in(&self, rid: &RequestId) -> Result<Outcome> {
+        let swap = self
+            .core
+            .mutate(false, |st, ctx| st.begin_swap_in(ctx, rid))?;
+        self.run_swap(rid, swap, |st, rid, to| st.finish_swap_in(rid, to))
+    }
+
+    fn run_swap(
+        &self,
+        rid: &RequestId,
+        swap: Swap,
+        finish: fn(&mut State, &RequestId, Vec<crate::types::BlockId>),
+    ) -> Result<Outcome> {
+        let Swap { to, runs, src, dst } = swap;
+        if runs.bytes() < INLINE_COPY_BYTES {
+            let t0 = Instant::now();
+            runs.copy(&src, &dst);
+            return self.core.mutate(true, |st, _| {
+                finish(st, rid, to);
+                st.counters.transfer_ns += t0.elapsed().as_nanos() as u64;
+                Ok(Outcome::Ready(SeqView::of(rid, &st.seqs[rid])))
+            });
+        }
+        let ticket = self
+            .core
+            .mutate(false, |st, _| Ok(st.waiters.push_in_flight(rid.clone())))?;
+        let core = self.core.clone();
+        let rid = rid.clone();
+        // NOTE: the copy runs without the lock: it touches only blocks the sequence owns
+        // while it is `swapping`, and no other call may use a swapping sequence.
+        let job = Box::new(move || {
+            let t0 = Instant::now();
+            runs.copy(&src, &dst);
+            let mut st = core.state.lock();
+            if st.closed {
+                return;
+            }
+            finish(&mut st, &rid, to);
+            st.counters.transfer_ns += t0.elapsed().as_nanos() as u64;
+            st.waiters.finish_in_flight(ticket, rid);
+            st.serve_waiters(&core.ctx);
+            st.update_pressure();
+            st.needs_signal = false;
+            drop(st);
+            core.notifier.signal();
+        });
+        if !self.copier.submit(job) {
+            return Err(Error::Closed);
+        }
+        Ok(Outcome::Waiting(ticket))
+    }
+
+    /// Closes the engine: pending waiters fail with `Closed`, copies in flight finish
+    /// first (nothing leaks), every later call fails. Memory stays alive while DLPack views
+    /// hold it. Idempotent.
+    pub fn close(&self) {
+        self.core.mark_closing();
+        self.copier.shutdown();
+        self.core.close();
+    }
+}
+
+/// The bookkeeping half of the engine (see `Engine`).
+pub struct EngineCore {
+    ctx: Ctx,
+    state: Mutex<State>,
+    notifier: Notifier,
+}
+
+impl EngineCore {
+    fn new(config: CacheConfig, clock: Clock) -> Result<Self> {
         if let Device::Cuda(n) = config.device {
             return Err(crate::cuda::unavailable_reason(n));
         }
-        if config.host_blocks > 0 || config.disk_blocks > 0 {
+        if config.disk_blocks > 0 {
             return Err(Error::config(
-                "host_blocks",
-                "host and disk tiers are not available in this build (use 0)",
+                "disk_blocks",
+                "the disk tier is not available in this build (use 0)",
             ));
         }
         let layout = KvLayout::new(&config, config.num_blocks);
@@ -64,8 +167,8 @@ impl Engine {
             hasher,
             clock,
         };
-        let state = Mutex::new(State::new(&ctx));
-        Ok(Engine {
+        let state = Mutex::new(State::new(&ctx)?);
+        Ok(EngineCore {
             ctx,
             state,
             notifier: Notifier::new()?,
@@ -254,10 +357,10 @@ impl Engine {
             )));
         }
         let t0 = Instant::now();
-        let evicted = self.mutate(false, |st, ctx| Ok(st.gc(ctx, target)))?;
+        let (evicted, offloaded) = self.mutate(false, |st, ctx| Ok(st.gc(ctx, target)))?;
         Ok(GcStats {
             evicted_blocks: evicted,
-            offloaded_blocks: 0,
+            offloaded_blocks: offloaded,
             freed_bytes: evicted * self.ctx.bytes_per_block(),
             duration_s: t0.elapsed().as_secs_f64(),
         })
@@ -447,7 +550,14 @@ impl Engine {
                 p.num_evictable_blocks(),
                 bpb,
             ),
-            host: TierStats::default(),
+            host: st.host.as_ref().map_or_else(TierStats::default, |h| {
+                TierStats::new(
+                    h.pool.num_blocks(),
+                    h.pool.num_free_blocks(),
+                    h.pool.num_evictable_blocks(),
+                    bpb,
+                )
+            }),
             disk: TierStats::default(),
             block_size: self.ctx.config.block_size,
             num_sequences: st.seqs.len(),
@@ -486,9 +596,12 @@ impl Engine {
         Ok(self.lock()?.residency.drain())
     }
 
-    /// Closes the engine: pending waiters fail with `Closed`, every later call fails too.
-    /// Memory stays alive while DLPack views hold it. Idempotent.
-    pub fn close(&self) {
+    /// Refuses new calls from now on (before in-flight copies are drained).
+    fn mark_closing(&self) {
+        self.state.lock().closing = true;
+    }
+
+    fn close(&self) {
         let mut st = self.state.lock();
         if st.closed {
             return;

@@ -23,6 +23,8 @@ pub mod sequence;
 pub mod state;
 pub mod stats;
 pub mod storage;
+pub mod tier;
+pub mod transfer;
 pub mod types;
 pub mod waiters;
 

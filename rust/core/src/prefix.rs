@@ -124,6 +124,8 @@ type HashKeyed<V> = HashMap<BlockHash, V, BuildHasherDefault<PassThrough>>;
 struct Entry {
     hash: BlockHash,
     parent: BlockHash,
+    /// The parent is the chain's root (a salt), not a block.
+    first: bool,
 }
 
 /// hash -> block for the cached blocks of one tier.
@@ -168,6 +170,17 @@ impl PrefixIndex {
         self.entry[b.idx()].as_ref().map(|e| e.parent)
     }
 
+    /// The parent block's hash as events report it: None for a chain's first block.
+    pub fn parent_block_of(&self, b: BlockId) -> Option<BlockHash> {
+        self.entry[b.idx()]
+            .as_ref()
+            .and_then(|e| (!e.first).then_some(e.parent))
+    }
+
+    pub fn is_first(&self, b: BlockId) -> bool {
+        self.entry[b.idx()].as_ref().is_some_and(|e| e.first)
+    }
+
     pub fn tokens_of(&self, b: BlockId) -> &[u32] {
         &self.tokens[b.idx() * self.block_size..(b.idx() + 1) * self.block_size]
     }
@@ -179,6 +192,7 @@ impl PrefixIndex {
         b: BlockId,
         hash: BlockHash,
         parent: BlockHash,
+        first: bool,
         tokens: &[u32],
     ) -> bool {
         debug_assert_eq!(tokens.len(), self.block_size);
@@ -188,7 +202,11 @@ impl PrefixIndex {
         }
         self.by_hash.insert(hash, b);
         self.children.entry(parent).or_default().push(b);
-        self.entry[b.idx()] = Some(Entry { hash, parent });
+        self.entry[b.idx()] = Some(Entry {
+            hash,
+            parent,
+            first,
+        });
         self.tokens[b.idx() * self.block_size..(b.idx() + 1) * self.block_size]
             .copy_from_slice(tokens);
         true
@@ -279,10 +297,10 @@ mod tests {
     #[test]
     fn partial_match_picks_the_longest() {
         let mut ix = PrefixIndex::new(4, 4);
-        assert!(ix.insert(BlockId(0), 10, 0, &[1, 2, 3, 4]));
-        assert!(ix.insert(BlockId(1), 11, 0, &[1, 2, 9, 9]));
+        assert!(ix.insert(BlockId(0), 10, 0, true, &[1, 2, 3, 4]));
+        assert!(ix.insert(BlockId(1), 11, 0, true, &[1, 2, 9, 9]));
         assert!(
-            !ix.insert(BlockId(2), 10, 0, &[1, 2, 3, 4]),
+            !ix.insert(BlockId(2), 10, 0, true, &[1, 2, 3, 4]),
             "duplicate hash stays unindexed"
         );
         assert_eq!(ix.best_partial(0, &[1, 2, 3, 7]), Some((BlockId(0), 3)));

@@ -18,6 +18,8 @@ pub struct Sequence {
     pub tail: Vec<u32>,
     pub cacheable: bool,
     pub tier: Tier,
+    /// A swap copy of this sequence is in flight: no other call may touch it.
+    pub swapping: bool,
 }
 
 impl Sequence {

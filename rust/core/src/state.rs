@@ -27,6 +27,8 @@ use crate::residency::Residency;
 use crate::sequence::{Append, SeqView, Sequence};
 use crate::stats::Counters;
 use crate::storage::host::HostSlab;
+use crate::tier::HostTier;
+use crate::transfer::Runs;
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId, Tier};
 use crate::waiters::{ExtendUndo, TicketState, Undo, WaitOp, Waiters};
 
@@ -44,6 +46,25 @@ impl Ctx {
         self.layout.bytes_per_block()
     }
 
+    /// Adds the runs that copy device block `b` to a host block at `host_off` (the device
+    /// block's runs laid end to end).
+    pub fn to_host(&self, b: BlockId, host_off: usize, runs: &mut Runs) {
+        let mut at = host_off;
+        for (off, len) in self.layout.block_runs(b.idx()) {
+            runs.push(off, at, len);
+            at += len;
+        }
+    }
+
+    /// Adds the runs that copy the host block at `host_off` into device block `b`.
+    pub fn from_host(&self, host_off: usize, b: BlockId, runs: &mut Runs) {
+        let mut at = host_off;
+        for (off, len) in self.layout.block_runs(b.idx()) {
+            runs.push(at, off, len);
+            at += len;
+        }
+    }
+
     /// Copies every byte of block `src` into block `dst` (device tier).
     fn copy_block(&self, src: BlockId, dst: BlockId) {
         for ((s, n), (d, _)) in self
@@ -56,9 +77,20 @@ impl Ctx {
     }
 }
 
+/// A swap's copies, planned under the lock and executed with or without it.
+pub struct Swap {
+    /// The blocks (of the destination tier) the sequence will own.
+    pub to: Vec<BlockId>,
+    pub runs: Runs,
+    pub src: std::sync::Arc<HostSlab>,
+    pub dst: std::sync::Arc<HostSlab>,
+}
+
 /// Plan of a prompt allocation, computed without side effects.
 struct AllocPlan {
     hits: Vec<BlockId>,
+    /// Host blocks holding the next cached blocks after the device hits (onboarded).
+    onboard: Vec<BlockId>,
     /// Chained hashes of every full block of the prompt.
     hashes: Vec<BlockHash>,
     partial: Option<(BlockId, usize)>,
@@ -83,19 +115,24 @@ impl Registry<'_> {
         root: BlockHash,
         tokens: &[u32],
     ) {
-        if self.index.insert(b, hash, parent, tokens) {
+        let first = parent == root;
+        if self.index.insert(b, hash, parent, first, tokens) {
             self.pool.set_cached(b, true);
             // The first block of a chain has no parent block (the root is a salt, not a block).
-            let parent = (parent != root).then_some(parent);
-            self.events.stored(hash, parent, tokens, Tier::Device);
+            self.events
+                .stored(hash, (!first).then_some(parent), tokens, Tier::Device);
         }
     }
 }
 
 pub struct State {
     pub closed: bool,
+    /// `close()` has begun: new calls fail while in-flight copies drain.
+    pub closing: bool,
     pub pool: BlockPool,
     pub index: PrefixIndex,
+    /// The host tier, when `host_blocks > 0`.
+    pub host: Option<HostTier>,
     pub seqs: HashMap<RequestId, Sequence>,
     pub waiters: Waiters,
     pub counters: Counters,
@@ -120,12 +157,18 @@ fn short(needed: usize, available: usize) -> Error {
 }
 
 impl State {
-    pub fn new(ctx: &Ctx) -> Self {
+    pub fn new(ctx: &Ctx) -> Result<Self> {
         let c = &ctx.config;
-        State {
+        let host = match c.host_blocks {
+            0 => None,
+            n => Some(HostTier::new(n, c.block_size, ctx.bytes_per_block())?),
+        };
+        Ok(State {
             closed: false,
+            closing: false,
             pool: BlockPool::new(c.num_blocks),
             index: PrefixIndex::new(c.num_blocks, c.block_size),
+            host,
             seqs: HashMap::new(),
             waiters: Waiters::default(),
             counters: Counters::default(),
@@ -138,11 +181,11 @@ impl State {
             callback_errors: 0,
             needs_signal: false,
             scratch: Vec::new(),
-        }
+        })
     }
 
     pub fn check_open(&self) -> Result<()> {
-        if self.closed {
+        if self.closed || self.closing {
             Err(Error::Closed)
         } else {
             Ok(())
@@ -157,6 +200,11 @@ impl State {
 
     fn resident(&self, rid: &RequestId, what: &str) -> Result<&Sequence> {
         let s = self.seq(rid)?;
+        if s.swapping {
+            return Err(Error::InvalidState(format!(
+                "cannot {what} request {rid}: a swap is in progress"
+            )));
+        }
         if s.tier != Tier::Device {
             return Err(Error::InvalidState(format!(
                 "cannot {what} request {rid}: it is swapped out"
@@ -168,12 +216,12 @@ impl State {
     // ----- blocks -------------------------------------------------------------------------
 
     /// Takes one block (blank first, then LRU eviction). The caller checked availability.
-    fn alloc_block(&mut self, now: f64) -> BlockId {
+    fn alloc_block(&mut self, ctx: &Ctx, now: f64) -> BlockId {
         let b = match self.pool.take_blank() {
             Some(b) => b,
             None => {
                 let b = self.pool.evict_lru().expect("availability was checked");
-                self.forget_cached(b, now, true);
+                self.evict_cached(ctx, b, now);
                 b
             }
         };
@@ -181,17 +229,53 @@ impl State {
         b
     }
 
-    /// Drops an evicted block's hash from the index and reports it.
-    fn forget_cached(&mut self, b: BlockId, now: f64, evicted: bool) {
+    /// Evicts a cached device block: its data and hash move to the host tier when one
+    /// exists (offload), its hash leaves the device index. Returns whether it was offloaded.
+    fn evict_cached(&mut self, ctx: &Ctx, b: BlockId, now: f64) -> bool {
+        let offloaded = self.offload(ctx, b);
         if let Some(h) = self.index.remove(b) {
             self.events.removed(h, Tier::Device);
         }
-        if evicted {
-            self.counters.evicted_blocks += 1;
-            self.residency.on_evict(b, now);
-        } else {
-            self.residency.forget(b);
+        self.counters.evicted_blocks += 1;
+        self.residency.on_evict(b, now);
+        offloaded
+    }
+
+    /// Copies cached device block `b` into a host block indexed under the same hash.
+    fn offload(&mut self, ctx: &Ctx, b: BlockId) -> bool {
+        let (Some(hash), Some(parent)) = (self.index.hash_of(b), self.index.parent_of(b)) else {
+            return false;
+        };
+        let Some(host) = self.host.as_mut() else {
+            return false;
+        };
+        if host.index.get(hash).is_some() {
+            return false;
         }
+        let Some(hb) = host.take_block(&mut self.events) else {
+            return false;
+        };
+        let mut runs = Runs::default();
+        ctx.to_host(b, host.offset(hb), &mut runs);
+        runs.copy(&ctx.memory, &host.slab);
+        let tokens = self.index.tokens_of(b).to_vec();
+        let first = self.index.is_first(b);
+        host.cache_block(hb, hash, parent, first, &tokens);
+        self.events
+            .stored(hash, (!first).then_some(parent), &tokens, Tier::Host);
+        let bpb = ctx.bytes_per_block() as u64;
+        self.counters.offload_blocks += 1;
+        self.counters.offload_bytes += bpb;
+        self.counters.d2h_blocks_copied += 1;
+        true
+    }
+
+    /// Drops a block's hash from the device index without evicting it (an undo).
+    fn forget_cached(&mut self, b: BlockId) {
+        if let Some(h) = self.index.remove(b) {
+            self.events.removed(h, Tier::Device);
+        }
+        self.residency.forget(b);
     }
 
     fn release_block(&mut self, b: BlockId) {
@@ -224,6 +308,7 @@ impl State {
         if !ctx.config.enable_prefix_cache {
             return AllocPlan {
                 hits: vec![],
+                onboard: vec![],
                 hashes: vec![],
                 partial: None,
                 num_blocks,
@@ -236,7 +321,15 @@ impl State {
             .take((n - 1) / bs)
             .map_while(|&h| self.index.get(h))
             .collect();
-        let k = hits.len();
+        let max_full = (n - 1) / bs;
+        let onboard: Vec<BlockId> = match &self.host {
+            Some(host) => hashes[hits.len()..max_full]
+                .iter()
+                .map_while(|&h| host.index.get(h))
+                .collect(),
+            None => vec![],
+        };
+        let k = hits.len() + onboard.len();
         let parent = if k == 0 { root } else { hashes[k - 1] };
         let window = &tokens[k * bs..(n - 1).min((k + 1) * bs)];
         let partial = if window.is_empty() {
@@ -246,6 +339,7 @@ impl State {
         };
         AllocPlan {
             hits,
+            onboard,
             hashes,
             partial,
             num_blocks,
@@ -271,6 +365,7 @@ impl State {
         }
         let mut plan = plan;
         let k = plan.hits.len();
+        let j = plan.onboard.len();
         let new = plan.num_blocks - k;
         let mut available =
             self.available_excluding(plan.hits.iter().copied().chain(plan.partial.map(|p| p.0)));
@@ -291,8 +386,19 @@ impl State {
         if let Some((src, _)) = plan.partial {
             self.pool.acquire(src); // pinned so the allocation below cannot evict it
         }
+        if let Some(host) = self.host.as_mut() {
+            // Pinned too: offloads made by the allocation below must not evict them.
+            for &hb in &plan.onboard {
+                host.pool.acquire(hb);
+            }
+        }
         let mut blocks = plan.hits;
-        blocks.extend((0..new).map(|_| self.alloc_block(now)));
+        blocks.extend((0..new).map(|_| self.alloc_block(ctx, now)));
+        if j > 0 {
+            self.onboard(ctx, &plan.onboard, &blocks[k..k + j]);
+        }
+        let device_hits = k;
+        let k = k + j; // onboarded blocks count as full hits from here on
         let mut cached_tokens = k * bs;
         if let Some((src, m)) = plan.partial {
             ctx.copy_block(src, blocks[k]);
@@ -305,7 +411,8 @@ impl State {
         let cacheable = ctx.config.enable_prefix_cache;
         let n_full = tokens.len() / bs;
         if cacheable {
-            for i in k..n_full {
+            // Onboarded blocks are registered too: their device copies are new.
+            for i in device_hits..n_full {
                 let parent = if i == 0 { root } else { plan.hashes[i - 1] };
                 self.registry().register(
                     blocks[i],
@@ -339,10 +446,29 @@ impl State {
             },
             cacheable,
             tier: Tier::Device,
+            swapping: false,
         };
         let view = SeqView::of(rid, &seq);
         self.seqs.insert(rid.clone(), seq);
         Ok(view)
+    }
+
+    /// Copies cached host blocks into fresh device blocks (a prefix hit in the host tier)
+    /// and unpins the host blocks, which stay cached there.
+    fn onboard(&mut self, ctx: &Ctx, from: &[BlockId], to: &[BlockId]) {
+        let host = self.host.as_mut().expect("onboard implies a host tier");
+        let mut runs = Runs::default();
+        for (&hb, &db) in from.iter().zip(to) {
+            ctx.from_host(host.offset(hb), db, &mut runs);
+        }
+        runs.copy(&host.slab, &ctx.memory);
+        for &hb in from {
+            host.pool.release(hb);
+        }
+        let n = from.len() as u64;
+        self.counters.onboard_blocks += n;
+        self.counters.onboard_bytes += n * ctx.bytes_per_block() as u64;
+        self.counters.h2d_blocks_copied += n;
     }
 
     /// Checks that `rid` may be used for a new sequence.
@@ -412,7 +538,7 @@ impl State {
         let now = ctx.clock.now();
         if tail_shared {
             let old = *s.blocks.last().expect("n > 0");
-            let copy = self.alloc_block(now);
+            let copy = self.alloc_block(ctx, now);
             ctx.copy_block(old, copy);
             self.release_block(old);
             *self
@@ -426,7 +552,7 @@ impl State {
             self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
         }
         for _ in 0..new_blocks {
-            let b = self.alloc_block(now);
+            let b = self.alloc_block(ctx, now);
             self.seqs.get_mut(rid).expect("checked").blocks.push(b);
         }
         self.counters.gen_alloc_blocks += new_blocks as u64;
@@ -497,18 +623,19 @@ impl State {
             return 0;
         }
         let plan = self.plan_allocate(ctx, tokens, root);
-        plan.hits.len() * ctx.config.block_size + plan.partial.map_or(0, |p| p.1)
+        (plan.hits.len() + plan.onboard.len()) * ctx.config.block_size
+            + plan.partial.map_or(0, |p| p.1)
     }
 
     /// Gives back what a granted `extend` took (the sequence keeps its earlier tokens).
-    fn undo_extend(&mut self, ctx: &Ctx, rid: &RequestId, u: &ExtendUndo) {
+    fn undo_extend(&mut self, rid: &RequestId, u: &ExtendUndo) {
         let Some(mut s) = self.seqs.remove(rid) else {
             return;
         };
         for i in u.num_hashes..s.hashes.len() {
             let b = s.blocks[i];
             if self.index.hash_of(b) == Some(s.hashes[i]) && self.pool.ref_cnt(b) == 1 {
-                self.forget_cached(b, ctx.clock.now(), false);
+                self.forget_cached(b);
                 self.pool.set_cached(b, false);
             }
         }
@@ -547,7 +674,7 @@ impl State {
         let now = ctx.clock.now();
         for i in shared {
             let old = self.seqs[rid].blocks[i];
-            let copy = self.alloc_block(now);
+            let copy = self.alloc_block(ctx, now);
             ctx.copy_block(old, copy);
             self.release_block(old);
             self.seqs.get_mut(rid).expect("checked above").blocks[i] = copy;
@@ -562,6 +689,16 @@ impl State {
 
     /// Releases every block of a sequence, tail first.
     pub fn free_sequence(&mut self, s: Sequence) {
+        if s.tier == Tier::Host {
+            let host = self
+                .host
+                .as_mut()
+                .expect("a swapped sequence implies a host tier");
+            for &b in s.blocks.iter().rev() {
+                host.pool.release(b);
+            }
+            return;
+        }
         for &b in s.blocks.iter().rev() {
             self.release_block(b);
         }
@@ -583,7 +720,7 @@ impl State {
                 && self.pool.ref_cnt(b) == 1
                 && i >= s.num_cached_tokens / ctx.config.block_size
             {
-                self.forget_cached(b, ctx.clock.now(), false);
+                self.forget_cached(b);
                 self.pool.set_cached(b, false);
             }
         }
@@ -592,6 +729,11 @@ impl State {
     }
 
     pub fn deallocate(&mut self, rid: &RequestId) -> Result<()> {
+        if self.seqs.get(rid).is_some_and(|s| s.swapping) {
+            return Err(Error::InvalidState(format!(
+                "cannot deallocate request {rid}: a swap is in progress"
+            )));
+        }
         let s = self
             .seqs
             .remove(rid)
@@ -698,12 +840,19 @@ impl State {
                     unreachable!()
                 };
                 match undo {
+                    Undo::Nothing => {}
                     Undo::Allocate => self.undo_allocate(ctx, &rid),
-                    Undo::Extend(u) => self.undo_extend(ctx, &rid, &u),
+                    Undo::Extend(u) => self.undo_extend(&rid, &u),
                 }
             }
             Some(TicketState::Failed(_)) => {
                 self.waiters.tickets.remove(&t);
+            }
+            Some(TicketState::InFlight { .. }) => {
+                // The copy finishes anyway (the swap happens); its result is dropped.
+                self.waiters
+                    .tickets
+                    .insert(t, TicketState::InFlight { abandoned: true });
             }
             None => {}
         }
@@ -711,22 +860,159 @@ impl State {
         self.serve_waiters(ctx);
     }
 
+    // ----- swap -------------------------------------------------------------------------
+
+    /// Starts moving a resident sequence to the host tier: takes host blocks and returns
+    /// the copies to make (device -> host). The sequence is `swapping` until
+    /// `finish_swap_out`; nothing changes if this fails.
+    pub fn begin_swap_out(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
+        let s = self.resident(rid, "swap out")?;
+        if self.waiters.has_pending_extend(rid) {
+            return Err(Error::InvalidState(format!(
+                "cannot swap out request {rid}: an extend is waiting"
+            )));
+        }
+        let need = s.blocks.len();
+        let Some(host) = self.host.as_mut() else {
+            return Err(Error::InvalidState(
+                "there is no host tier (host_blocks=0)".into(),
+            ));
+        };
+        if need > host.pool.num_blocks() {
+            return Err(Error::OutOfBlocks {
+                needed: need,
+                available: host.pool.num_blocks(),
+                never_fits: true,
+            });
+        }
+        if need > host.pool.num_free_blocks() {
+            return Err(short(need, host.pool.num_free_blocks()));
+        }
+        let to: Vec<BlockId> = (0..need)
+            .map(|_| {
+                host.take_block(&mut self.events)
+                    .expect("availability was checked")
+            })
+            .collect();
+        let s = self.seqs.get_mut(rid).expect("checked above");
+        let mut runs = Runs::default();
+        for (&db, &hb) in s.blocks.iter().zip(&to) {
+            ctx.to_host(db, host.offset(hb), &mut runs);
+        }
+        s.swapping = true;
+        self.events.end_op();
+        Ok(Swap {
+            to,
+            runs,
+            src: ctx.memory.clone(),
+            dst: host.slab.clone(),
+        })
+    }
+
+    /// Completes a swap-out once its bytes are on the host: the device blocks are released.
+    pub fn finish_swap_out(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+        let s = self
+            .seqs
+            .get_mut(rid)
+            .expect("a swapping sequence stays live");
+        let from = std::mem::replace(&mut s.blocks, to);
+        s.tier = Tier::Host;
+        s.swapping = false;
+        for &b in from.iter().rev() {
+            self.release_block(b);
+        }
+        self.counters.d2h_blocks_copied += from.len() as u64;
+        self.counters.swap_out_count += 1;
+    }
+
+    /// Starts moving a swapped-out sequence back: takes device blocks (which may evict and
+    /// offload cached ones) and returns the copies to make (host -> device).
+    pub fn begin_swap_in(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
+        let s = self.seq(rid)?;
+        if s.swapping {
+            return Err(Error::InvalidState(format!(
+                "cannot swap in request {rid}: a swap is in progress"
+            )));
+        }
+        if s.tier == Tier::Device {
+            return Err(Error::InvalidState(format!(
+                "cannot swap in request {rid}: it is resident"
+            )));
+        }
+        let need = s.blocks.len();
+        if need > self.pool.num_blocks() {
+            return Err(Error::OutOfBlocks {
+                needed: need,
+                available: self.pool.num_blocks(),
+                never_fits: true,
+            });
+        }
+        if need > self.pool.num_free_blocks() {
+            return Err(short(need, self.pool.num_free_blocks()));
+        }
+        let now = ctx.clock.now();
+        let to: Vec<BlockId> = (0..need).map(|_| self.alloc_block(ctx, now)).collect();
+        let host = self
+            .host
+            .as_ref()
+            .expect("a swapped sequence implies a host tier");
+        let s = self.seqs.get_mut(rid).expect("checked above");
+        let mut runs = Runs::default();
+        for (&hb, &db) in s.blocks.iter().zip(&to) {
+            ctx.from_host(host.offset(hb), db, &mut runs);
+        }
+        s.swapping = true;
+        self.events.end_op();
+        Ok(Swap {
+            to,
+            runs,
+            src: host.slab.clone(),
+            dst: ctx.memory.clone(),
+        })
+    }
+
+    /// Completes a swap-in: host blocks are released. NOTE: the blocks are not registered
+    /// in the device prefix cache again; the copies registered before the swap-out stay
+    /// cached (on the device while not evicted, then in the host tier by offload).
+    pub fn finish_swap_in(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+        let mut s = self
+            .seqs
+            .remove(rid)
+            .expect("a swapping sequence stays live");
+        let from = std::mem::replace(&mut s.blocks, to);
+        s.tier = Tier::Device;
+        s.swapping = false;
+        let host = self
+            .host
+            .as_mut()
+            .expect("a swapped sequence implies a host tier");
+        for &b in from.iter().rev() {
+            host.pool.release(b);
+        }
+        self.events.end_op();
+        self.counters.h2d_blocks_copied += from.len() as u64;
+        self.counters.swap_in_count += 1;
+        self.seqs.insert(rid.clone(), s);
+    }
+
     // ----- gc / reset ---------------------------------------------------------------------
 
     /// Evicts LRU cached blocks until the blank share of the device tier reaches `target`.
-    pub fn gc(&mut self, ctx: &Ctx, target: f64) -> usize {
+    /// Evicts LRU cached blocks until the blank share of the device tier reaches `target`;
+    /// returns (evicted, offloaded to the host tier).
+    pub fn gc(&mut self, ctx: &Ctx, target: f64) -> (usize, usize) {
         let total = self.pool.num_blocks();
         let now = ctx.clock.now();
-        let mut evicted = 0;
+        let (mut evicted, mut offloaded) = (0, 0);
         while (self.pool.num_blank_blocks() as f64) < target * total as f64 {
             let Some(b) = self.pool.evict_lru_to_blank() else {
                 break;
             };
-            self.forget_cached(b, now, true);
+            offloaded += usize::from(self.evict_cached(ctx, b, now));
             evicted += 1;
         }
         self.events.end_op();
-        evicted
+        (evicted, offloaded)
     }
 
     pub fn reset_prefix_cache(&mut self) -> bool {
@@ -737,6 +1023,9 @@ impl State {
             self.residency.forget(b);
         }
         self.index.clear();
+        if let Some(host) = self.host.as_mut() {
+            host.clear_cached();
+        }
         self.events.all_cleared();
         true
     }
@@ -775,8 +1064,13 @@ impl State {
         self.pool.check_invariants();
         self.index.check_invariants();
         let mut owners = vec![0u32; self.pool.num_blocks()];
+        let mut host_owners = vec![0u32; self.host.as_ref().map_or(0, |h| h.pool.num_blocks())];
         for (rid, s) in &self.seqs {
             if s.tier != Tier::Device {
+                assert!(!s.swapping, "{rid}: checked while a swap is in flight");
+                for &b in &s.blocks {
+                    host_owners[b.idx()] += 1;
+                }
                 continue;
             }
             assert_eq!(
@@ -821,6 +1115,24 @@ impl State {
                 "evictable block {} has no hash",
                 b.0
             );
+        }
+        if let Some(host) = &self.host {
+            host.pool.check_invariants();
+            host.index.check_invariants();
+            for (b, &o) in host_owners.iter().enumerate() {
+                assert_eq!(
+                    host.pool.ref_cnt(BlockId(b as u32)),
+                    o,
+                    "host block {b}: refcount != owners"
+                );
+            }
+            for (_, b) in host.index.iter() {
+                assert!(
+                    host.pool.is_cached(b) && host.pool.ref_cnt(b) == 0,
+                    "host block {}",
+                    b.0
+                );
+            }
         }
         assert_eq!(
             self.pool.num_used_blocks() + self.pool.num_free_blocks(),

@@ -58,6 +58,8 @@ counters! {
     /// Prompt tokens served from the cache.
     cache_tokens,
     swap_out_count,
+    /// Nanoseconds spent copying swaps (both directions).
+    transfer_ns,
     swap_in_count,
     preempted_waits,
     dropped_events,

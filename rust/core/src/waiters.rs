@@ -50,15 +50,27 @@ pub struct ExtendUndo {
 
 #[derive(Debug, Clone)]
 pub enum Undo {
+    /// A finished swap: the move happened and stays.
+    Nothing,
     Allocate,
     Extend(ExtendUndo),
 }
 
 #[derive(Debug)]
 pub enum TicketState {
-    Pending { op: WaitOp, needed: usize },
-    Granted { rid: RequestId, undo: Undo },
+    Pending {
+        op: WaitOp,
+        needed: usize,
+    },
+    Granted {
+        rid: RequestId,
+        undo: Undo,
+    },
     Failed(Error),
+    /// A swap copy is running on the worker; `abandoned` once its waiter gave up.
+    InFlight {
+        abandoned: bool,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -88,6 +100,30 @@ impl Waiters {
         }
         self.tickets.insert(t, TicketState::Pending { op, needed });
         t
+    }
+
+    /// A ticket for a swap whose copy runs on the worker thread.
+    pub fn push_in_flight(&mut self, _rid: RequestId) -> Ticket {
+        self.next += 1;
+        self.tickets
+            .insert(self.next, TicketState::InFlight { abandoned: false });
+        self.next
+    }
+
+    /// The worker finished the copy of ticket `t`.
+    pub fn finish_in_flight(&mut self, t: Ticket, rid: RequestId) {
+        match self.tickets.get(&t) {
+            Some(TicketState::InFlight { abandoned: true }) => {
+                self.tickets.remove(&t);
+            }
+            _ => self.finish(
+                t,
+                TicketState::Granted {
+                    rid,
+                    undo: Undo::Nothing,
+                },
+            ),
+        }
     }
 
     pub fn num_pending(&self) -> usize {

@@ -47,6 +47,12 @@ enum Op {
         rid: u8,
         len: u8,
     },
+    SwapOut {
+        rid: u8,
+    },
+    SwapIn {
+        rid: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -59,6 +65,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..6u8, 0..6u8).prop_map(|(src, dst)| Op::Fork { src, dst }),
         1 => (0..5u8).prop_map(|ratio| Op::Gc { ratio }),
         1 => (6..8u8, 1..60u8).prop_map(|(rid, len)| Op::WaitThenCancel { rid, len }),
+        2 => (0..6u8).prop_map(|rid| Op::SwapOut { rid }),
+        2 => (0..6u8).prop_map(|rid| Op::SwapIn { rid }),
     ]
 }
 
@@ -85,6 +93,8 @@ fn kv_bytes(h: u64) -> (Vec<u8>, Vec<u8>) {
 struct Model {
     /// Per live sequence: the rolling prefix hash at each position, per layer.
     seqs: HashMap<String, Vec<[u64; LAYERS]>>,
+    /// Sequences now in the host tier (their data is checked when they come back).
+    swapped: std::collections::HashSet<String>,
     /// A sequence extended by count has unknown ids from that position: unique fake ids.
     next_fake: u32,
 }
@@ -107,7 +117,7 @@ fn write_positions(e: &Engine, id: &str, hist: &[[u64; LAYERS]], from: usize) {
 }
 
 fn check_data(e: &Engine, m: &Model) {
-    for (id, hist) in &m.seqs {
+    for (id, hist) in m.seqs.iter().filter(|(id, _)| !m.swapped.contains(*id)) {
         let n = hist.len();
         for layer in 0..LAYERS {
             let (mut k, mut v) = (vec![0u8; n * TB], vec![0u8; n * TB]);
@@ -135,7 +145,7 @@ fn snapshot(e: &Engine) -> (ferrumkv_core::stats::TierStats, usize) {
 }
 
 fn run(ops: Vec<Op>, prefix: bool) {
-    let e = engine(24, prefix);
+    let e = engine_with_host(24, 16, prefix);
     let mut m = Model {
         next_fake: 1_000_000,
         ..Default::default()
@@ -198,6 +208,7 @@ fn run(ops: Vec<Op>, prefix: bool) {
                         write_positions(&e, &id, &hist, from);
                     }
                     Err(Error::UnknownRequest(_)) => assert!(!m.seqs.contains_key(&id)),
+                    Err(Error::InvalidState(_)) => assert!(m.swapped.contains(&id)),
                     Err(Error::OutOfBlocks { .. }) => {}
                     other => panic!("extend: {other:?}"),
                 }
@@ -205,7 +216,10 @@ fn run(ops: Vec<Op>, prefix: bool) {
             Op::Dealloc { rid: r } => {
                 let id = format!("r{r}");
                 match e.deallocate(&rid(&id)) {
-                    Ok(()) => assert!(m.seqs.remove(&id).is_some()),
+                    Ok(()) => {
+                        assert!(m.seqs.remove(&id).is_some());
+                        m.swapped.remove(&id);
+                    }
                     Err(Error::UnknownRequest(_)) => assert!(!m.seqs.contains_key(&id)),
                     Err(other) => panic!("deallocate: {other:?}"),
                 }
@@ -218,8 +232,37 @@ fn run(ops: Vec<Op>, prefix: bool) {
                         m.seqs.insert(d, h);
                     }
                     Err(Error::UnknownRequest(_)) => assert!(!m.seqs.contains_key(&s)),
+                    Err(Error::InvalidState(_)) => assert!(m.swapped.contains(&s)),
                     Err(Error::DuplicateRequest(_)) => assert!(m.seqs.contains_key(&d)),
                     Err(other) => panic!("fork: {other:?}"),
+                }
+            }
+            Op::SwapOut { rid: r } => {
+                let id = format!("r{r}");
+                match e.swap_out(&rid(&id)) {
+                    Ok(o) => {
+                        settle(&e, o);
+                        assert!(m.swapped.insert(id));
+                    }
+                    Err(Error::UnknownRequest(_)) => assert!(!m.seqs.contains_key(&id)),
+                    Err(Error::InvalidState(_)) => assert!(m.swapped.contains(&id)),
+                    Err(Error::OutOfBlocks { .. }) => assert_eq!(snapshot(&e), before),
+                    Err(other) => panic!("swap_out: {other:?}"),
+                }
+            }
+            Op::SwapIn { rid: r } => {
+                let id = format!("r{r}");
+                match e.swap_in(&rid(&id)) {
+                    Ok(o) => {
+                        settle(&e, o);
+                        assert!(m.swapped.remove(&id));
+                    }
+                    Err(Error::UnknownRequest(_)) => assert!(!m.seqs.contains_key(&id)),
+                    Err(Error::InvalidState(_)) => {
+                        assert!(m.seqs.contains_key(&id) && !m.swapped.contains(&id))
+                    }
+                    Err(Error::OutOfBlocks { .. }) => assert_eq!(snapshot(&e), before),
+                    Err(other) => panic!("swap_in: {other:?}"),
                 }
             }
             Op::Gc { ratio } => {
@@ -268,6 +311,7 @@ fn run(ops: Vec<Op>, prefix: bool) {
     }
     let s = e.stats().unwrap();
     assert_eq!(s.device.used_blocks, 0, "no block leaked");
+    assert_eq!(s.host.used_blocks, 0, "no host block leaked");
     e.check_invariants();
 }
 

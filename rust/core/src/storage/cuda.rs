@@ -1,0 +1,777 @@
+//! The CUDA device tier: the device, its memory, pinned host memory and the copy engine.
+//!
+//! Design:
+//! - [`CudaDevice`] is opened once per engine. It retains the device's **primary** context
+//!   through cudarc (the context torch uses, so DLPack views and torch kernels share one
+//!   address space) and creates two non-blocking streams: `offload` for device-to-host
+//!   copies and `onboard` for host-to-device and device-to-device copies, so evictions never
+//!   queue behind prefetches and vice versa.
+//! - [`DeviceSlab`] is one `cuMemAlloc` allocation holding a tier's blocks, zeroed at
+//!   creation. [`PinnedSlab`] is one `cuMemHostAlloc(PORTABLE)` allocation: page-locked, so
+//!   async copies run at full bus speed, and cached (not write-combined like cudarc's
+//!   `alloc_pinned`), so the CPU reads it at full speed too.
+//! - A copy ([`CudaDevice::copy_d2h`], [`CudaDevice::copy_h2d`], [`CudaDevice::copy_d2d`])
+//!   enqueues one async memcpy per byte run between a start and an end event and returns a
+//!   [`CopyBatch`]; the engine polls [`CopyBatch::is_done`] or blocks a worker thread in
+//!   [`CopyBatch::wait`].
+//!
+//! Ownership: every slab, stream and event holds an `Arc` of the cudarc context, so the
+//! context outlives all of them; the slabs are raw memory like `HostSlab` (no Rust reference
+//! to their bytes is ever handed out; every CPU access is a bounds-checked raw copy).
+//! DLPack views hold an `Arc` of the slab they expose, so the memory outlives every view.
+//!
+//! Invariants:
+//! - A slab's memory is valid from `new` until `Drop`. `Drop` synchronizes the context
+//!   before freeing, so no copy or consumer kernel already enqueued can touch freed memory.
+//! - Every run of a copy is bounds-checked against both slabs before anything is enqueued;
+//!   a rejected batch enqueues nothing. If the driver fails midway, the stream is
+//!   synchronized before the error returns, so no copy of a failed batch is left running.
+//! - A block whose memory is a source or destination of a batch is reused (freed to the
+//!   pool, overwritten, read by the CPU, exported) only after that batch's end event has
+//!   completed: the engine checks `is_done` (or returns from `wait`) first. This module does
+//!   not track it per block; it gives the engine the events to do so.
+//! - External consumers (torch) that read device memory on their own stream call
+//!   [`CudaDevice::make_stream_wait`] first, so they never read a block whose onboard copy is
+//!   still running.
+//! - `write_sync` / `read_sync` use the synchronous driver copies (legacy default stream):
+//!   they return once the bytes have arrived and do not order themselves after the copy
+//!   streams; the engine only calls them on blocks no pending batch touches.
+//!
+//! Errors: without a driver, with an ordinal out of range or when the driver fails, every
+//! constructor returns `Error::CudaUnavailable` with the reason and never panics (libcuda is
+//! loaded lazily by cudarc, which panics on a missing library or symbol, so `open` runs under
+//! `catch_unwind`). Driver failures of later calls are reported as `Error::CudaUnavailable`
+//! too, naming the call; bad runs or offsets are `Error::InvalidArgument`.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::sys;
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+
+use crate::error::{Error, Result};
+
+/// One `(src_off, dst_off, len)` byte run of a copy.
+pub type Run = (usize, usize, usize);
+
+fn driver_err(what: &str, e: DriverError) -> Error {
+    Error::CudaUnavailable(format!("{what} failed: {e}"))
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+/// The engine's handle on one GPU: the primary context and the two copy streams.
+#[derive(Debug)]
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    ordinal: u32,
+    name: String,
+    /// Device-to-host copies (evictions to the pinned tier).
+    offload: Arc<CudaStream>,
+    /// Host-to-device and device-to-device copies (prefetches, swaps in, block moves).
+    onboard: Arc<CudaStream>,
+}
+
+impl CudaDevice {
+    /// Probes libcuda (catch_unwind), creates the context for `ordinal`; every failure ->
+    /// `Error::CudaUnavailable(reason)` (no driver, ordinal out of range with the device
+    /// count, init failure).
+    pub fn open(ordinal: u32) -> Result<Self> {
+        if !crate::cuda::driver_present() {
+            return Err(Error::CudaUnavailable(format!(
+                "cuda:{ordinal} requested but the CUDA driver library (libcuda.so) cannot be \
+                 loaded: no NVIDIA driver is installed on this machine"
+            )));
+        }
+        match catch_unwind(AssertUnwindSafe(|| Self::open_inner(ordinal))) {
+            Ok(r) => r,
+            Err(p) => Err(Error::CudaUnavailable(format!(
+                "cuda:{ordinal}: the CUDA driver could not be used: {}",
+                panic_message(p.as_ref())
+            ))),
+        }
+    }
+
+    fn open_inner(ordinal: u32) -> Result<Self> {
+        result::init().map_err(|e| {
+            Error::CudaUnavailable(format!(
+                "cuda:{ordinal}: cuInit failed: {e} (is the NVIDIA driver loaded and a GPU visible?)"
+            ))
+        })?;
+        let count = result::device::get_count()
+            .map_err(|e| driver_err(&format!("cuda:{ordinal}: cuDeviceGetCount"), e))?;
+        let count = u32::try_from(count).unwrap_or(0);
+        if ordinal >= count {
+            return Err(Error::CudaUnavailable(format!(
+                "cuda:{ordinal}: device ordinal out of range: this machine has {count} CUDA \
+                 device(s)"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal as usize).map_err(|e| {
+            driver_err(&format!("cuda:{ordinal}: retaining the primary context"), e)
+        })?;
+        let name = ctx.name().unwrap_or_else(|_| format!("cuda:{ordinal}"));
+        let offload = ctx
+            .new_stream()
+            .map_err(|e| driver_err(&format!("cuda:{ordinal}: creating the offload stream"), e))?;
+        let onboard = ctx
+            .new_stream()
+            .map_err(|e| driver_err(&format!("cuda:{ordinal}: creating the onboard stream"), e))?;
+        Ok(CudaDevice {
+            ctx,
+            ordinal,
+            name,
+            offload,
+            onboard,
+        })
+    }
+
+    /// The device name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding the CUDA context", e))
+    }
+
+    fn check_slab(&self, slab: &DeviceSlab) -> Result<()> {
+        if *slab.ctx != *self.ctx {
+            return Err(Error::InvalidArgument(format!(
+                "device slab belongs to cuda:{}, not cuda:{}",
+                slab.ctx.ordinal(),
+                self.ordinal
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enqueues `cuMemcpyDtoHAsync` for each `(src_off, dst_off, len)` run from `src` to
+    /// `dst` on the offload stream, between a start and an end event.
+    pub fn copy_d2h(&self, src: &DeviceSlab, dst: &PinnedSlab, runs: &[Run]) -> Result<CopyBatch> {
+        self.check_slab(src)?;
+        check_runs(src.len, dst.len, runs, false)?;
+        let (s, d) = (src.ptr, dst.ptr.as_ptr());
+        self.enqueue(
+            Direction::DeviceToHost,
+            &self.offload,
+            runs,
+            "cuMemcpyDtoHAsync",
+            |stream, (so, doff, n)| {
+                // SAFETY: `check_runs` proved both ranges lie inside their allocations,
+                // which stay valid until their `Drop`, and `Drop` synchronizes the context
+                // before freeing, so the copy never outlives the memory. `dst` is pinned, so
+                // the copy is truly asynchronous and reads no Rust-owned buffer.
+                unsafe {
+                    sys::cuMemcpyDtoHAsync_v2(d.add(doff).cast(), s + so as u64, n, stream).result()
+                }
+            },
+        )
+    }
+
+    /// Enqueues `cuMemcpyHtoDAsync` for each `(src_off, dst_off, len)` run from `src` to
+    /// `dst` on the onboard stream, between a start and an end event.
+    pub fn copy_h2d(&self, src: &PinnedSlab, dst: &DeviceSlab, runs: &[Run]) -> Result<CopyBatch> {
+        self.check_slab(dst)?;
+        check_runs(src.len, dst.len, runs, false)?;
+        let (s, d) = (src.ptr.as_ptr(), dst.ptr);
+        self.enqueue(
+            Direction::HostToDevice,
+            &self.onboard,
+            runs,
+            "cuMemcpyHtoDAsync",
+            |stream, (so, doff, n)| {
+                // SAFETY: as in `copy_d2h`: both ranges are in bounds of live allocations
+                // that are only freed after a context synchronize; the source is pinned.
+                unsafe {
+                    sys::cuMemcpyHtoDAsync_v2(d + doff as u64, s.add(so).cast(), n, stream).result()
+                }
+            },
+        )
+    }
+
+    /// Enqueues `cuMemcpyDtoDAsync` for each `(src_off, dst_off, len)` run inside `slab` on
+    /// the onboard stream. A run's source and destination must not overlap.
+    pub fn copy_d2d(&self, slab: &DeviceSlab, runs: &[Run]) -> Result<CopyBatch> {
+        self.check_slab(slab)?;
+        check_runs(slab.len, slab.len, runs, true)?;
+        let base = slab.ptr;
+        self.enqueue(
+            Direction::DeviceToDevice,
+            &self.onboard,
+            runs,
+            "cuMemcpyDtoDAsync",
+            |stream, (so, doff, n)| {
+                // SAFETY: both ranges are in bounds of the live slab (freed only after a
+                // context synchronize) and do not overlap (checked by `check_runs`).
+                unsafe {
+                    sys::cuMemcpyDtoDAsync_v2(base + doff as u64, base + so as u64, n, stream)
+                        .result()
+                }
+            },
+        )
+    }
+
+    /// Records the start event, enqueues every non-empty run with `op`, records the end
+    /// event. On a failure after the first copy, synchronizes the stream before returning.
+    fn enqueue(
+        &self,
+        direction: Direction,
+        stream: &Arc<CudaStream>,
+        runs: &[Run],
+        what: &str,
+        op: impl Fn(sys::CUstream, Run) -> std::result::Result<(), DriverError>,
+    ) -> Result<CopyBatch> {
+        self.bind()?;
+        let start = stream
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| driver_err("recording a copy start event", e))?;
+        let mut bytes = 0usize;
+        let enqueued = (|| {
+            for &(so, doff, n) in runs {
+                if n == 0 {
+                    continue;
+                }
+                op(stream.cu_stream(), (so, doff, n)).map_err(|e| driver_err(what, e))?;
+                bytes += n;
+            }
+            // Blocking sync: `wait` sleeps in the driver instead of spinning a worker core.
+            let end = self
+                .ctx
+                .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+                .map_err(|e| driver_err("creating a copy end event", e))?;
+            end.record(stream)
+                .map_err(|e| driver_err("recording a copy end event", e))?;
+            Ok(end)
+        })();
+        match enqueued {
+            Ok(end) => Ok(CopyBatch {
+                start,
+                end,
+                direction,
+                bytes,
+            }),
+            Err(e) => {
+                // Leave no copy of a failed batch running: the caller reuses its blocks.
+                let _ = stream.synchronize();
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes an external stream (a `CUstream` handle given as `u64` by a DLPack consumer
+    /// such as torch; 0, 1 = legacy default and 2 = per-thread default are valid) wait on
+    /// every copy enqueued so far on both copy streams (`cuStreamWaitEvent`), so a consumer
+    /// never reads a block whose onboard copy is still running. Does not block the CPU.
+    pub fn make_stream_wait(&self, stream: u64) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the handle comes from a consumer of this device's memory (torch passes its
+        // current stream of the primary context, which is ours) and is alive for this call;
+        // the wrapper is not owned, so dropping it does not destroy the stream, and it is
+        // dropped before this function returns.
+        let foreign = unsafe {
+            self.ctx
+                .wrap_borrowed_stream(stream as usize as sys::CUstream)
+        };
+        for s in [&self.offload, &self.onboard] {
+            let ev = s
+                .record_event(None)
+                .map_err(|e| driver_err("recording a stream-wait event", e))?;
+            // The wait captures the event's state now; destroying `ev` afterwards is allowed.
+            foreign
+                .wait(&ev)
+                .map_err(|e| driver_err("cuStreamWaitEvent", e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies host bytes into device memory synchronously (for `write_kv`).
+    pub fn write_sync(&self, dst: &DeviceSlab, off: usize, src: &[u8]) -> Result<()> {
+        self.check_slab(dst)?;
+        check_range(dst.len, off, src.len(), "write")?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the destination range is in bounds of the live slab; `src` is a valid
+        // slice for the whole (synchronous) call.
+        unsafe {
+            sys::cuMemcpyHtoD_v2(dst.ptr + off as u64, src.as_ptr().cast(), src.len()).result()
+        }
+        .map_err(|e| driver_err("cuMemcpyHtoD", e))
+    }
+
+    /// Copies device bytes out synchronously (for `read_kv`).
+    pub fn read_sync(&self, src: &DeviceSlab, off: usize, dst: &mut [u8]) -> Result<()> {
+        self.check_slab(src)?;
+        check_range(src.len, off, dst.len(), "read")?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the source range is in bounds of the live slab; `dst` is a valid, exclusive
+        // slice for the whole (synchronous) call.
+        unsafe {
+            sys::cuMemcpyDtoH_v2(dst.as_mut_ptr().cast(), src.ptr + off as u64, dst.len()).result()
+        }
+        .map_err(|e| driver_err("cuMemcpyDtoH", e))
+    }
+}
+
+fn check_range(len: usize, off: usize, n: usize, what: &str) -> Result<()> {
+    if off.checked_add(n).is_some_and(|e| e <= len) {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "device slab {what} out of bounds: {n} bytes at offset {off} of a {len}-byte slab"
+        )))
+    }
+}
+
+/// Checks every run against both slab lengths (and, within one slab, that a run's source
+/// and destination do not overlap) before anything is enqueued.
+fn check_runs(src_len: usize, dst_len: usize, runs: &[Run], same_slab: bool) -> Result<()> {
+    for &(s, d, n) in runs {
+        let src_ok = s.checked_add(n).is_some_and(|e| e <= src_len);
+        let dst_ok = d.checked_add(n).is_some_and(|e| e <= dst_len);
+        if !src_ok || !dst_ok {
+            return Err(Error::InvalidArgument(format!(
+                "copy run ({s}, {d}, {n}) out of bounds: source {src_len} bytes, destination \
+                 {dst_len} bytes"
+            )));
+        }
+        if same_slab && n > 0 && s < d + n && d < s + n {
+            return Err(Error::InvalidArgument(format!(
+                "copy run ({s}, {d}, {n}): source and destination overlap"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Device memory of one tier: `len` bytes allocated with `cuMemAlloc`, zeroed at creation.
+#[derive(Debug)]
+pub struct DeviceSlab {
+    ptr: sys::CUdeviceptr,
+    len: usize,
+    /// Keeps the context (and so the allocation's address space) alive.
+    ctx: Arc<CudaContext>,
+}
+
+// Send + Sync come from the fields: a `CUdeviceptr` is a plain u64 address and the context
+// is thread safe. The slab offers no Rust reference to its bytes.
+
+impl DeviceSlab {
+    pub fn new(dev: &CudaDevice, len: usize) -> Result<Self> {
+        let size = len.max(1);
+        dev.bind()?;
+        // SAFETY: the device's context is current on this thread; the memory is zeroed below
+        // before anyone can read it.
+        let ptr = unsafe { result::malloc_sync(size) }.map_err(|e| {
+            Error::CudaUnavailable(format!(
+                "cannot allocate {len} bytes on cuda:{}: cuMemAlloc failed: {e}",
+                dev.ordinal
+            ))
+        })?;
+        // SAFETY: `ptr` was just allocated with `size` bytes in the current context.
+        if let Err(e) = unsafe { result::memset_d8_sync(ptr, 0, size) } {
+            // SAFETY: allocated above with `cuMemAlloc`, freed once, never handed out.
+            let _ = unsafe { result::free_sync(ptr) };
+            return Err(driver_err("zeroing a device slab (cuMemsetD8)", e));
+        }
+        Ok(DeviceSlab {
+            ptr,
+            len,
+            ctx: dev.ctx.clone(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// `CUdeviceptr` of byte 0 (for DLPack `kDLCUDA` views).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for DeviceSlab {
+    fn drop(&mut self) {
+        // Wait for every copy and consumer kernel that may still touch the memory.
+        self.ctx.record_err(self.ctx.synchronize());
+        // SAFETY: allocated in `new` with `cuMemAlloc` and not yet freed; the context is
+        // current (bound by `synchronize`) and idle.
+        self.ctx.record_err(unsafe { result::free_sync(self.ptr) });
+    }
+}
+
+/// Pinned host memory (`cuMemHostAlloc` with `CU_MEMHOSTALLOC_PORTABLE`): page-locked,
+/// cached, so CPU reads run at full speed; zeroed at creation.
+#[derive(Debug)]
+pub struct PinnedSlab {
+    ptr: NonNull<u8>,
+    len: usize,
+    /// Keeps the driver context alive until the memory is freed.
+    ctx: Arc<CudaContext>,
+}
+
+// SAFETY: the slab is plain page-locked memory with no thread affinity (portable across
+// contexts); every CPU access goes through bounds-checked raw copies whose exclusivity the
+// engine provides, and device access is ordered by copy batches' events.
+unsafe impl Send for PinnedSlab {}
+// SAFETY: as above; `&PinnedSlab` only offers raw, bounds-checked copies.
+unsafe impl Sync for PinnedSlab {}
+
+impl PinnedSlab {
+    pub fn new(dev: &CudaDevice, len: usize) -> Result<Self> {
+        let size = len.max(1);
+        dev.bind()?;
+        // SAFETY: the device's context is current on this thread; the memory is zeroed below
+        // before anyone can read it.
+        let raw =
+            unsafe { result::malloc_host(size, sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(|e| {
+                Error::CudaUnavailable(format!(
+                    "cannot allocate {len} bytes of pinned host memory: cuMemHostAlloc failed: {e}"
+                ))
+            })?;
+        let Some(ptr) = NonNull::new(raw.cast::<u8>()) else {
+            return Err(Error::CudaUnavailable(format!(
+                "cannot allocate {len} bytes of pinned host memory: cuMemHostAlloc returned null"
+            )));
+        };
+        // SAFETY: `ptr` is valid for `size` freshly allocated bytes that nothing else sees.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
+        Ok(PinnedSlab {
+            ptr,
+            len,
+            ctx: dev.ctx.clone(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Base address, for DLPack `kDLCUDAHost` views.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    #[inline]
+    fn check(&self, off: usize, n: usize) {
+        assert!(
+            off.checked_add(n).is_some_and(|e| e <= self.len),
+            "slab access out of bounds"
+        );
+    }
+
+    pub fn write(&self, off: usize, src: &[u8]) {
+        self.check(off, src.len());
+        // SAFETY: bounds checked above; `src` is a distinct allocation (no Rust reference to
+        // the slab's bytes is ever handed out, so a slice cannot alias it).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
+        }
+    }
+
+    pub fn read(&self, off: usize, dst: &mut [u8]) {
+        self.check(off, dst.len());
+        // SAFETY: bounds checked above; `dst` is a distinct allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+        }
+    }
+}
+
+impl Drop for PinnedSlab {
+    fn drop(&mut self) {
+        // Wait for every async copy that may still read or write the memory.
+        self.ctx.record_err(self.ctx.synchronize());
+        // SAFETY: allocated in `new` with `cuMemHostAlloc`, non-null, not yet freed, and no
+        // copy is pending after the synchronize above.
+        self.ctx
+            .record_err(unsafe { result::free_host(self.ptr.as_ptr().cast()) });
+    }
+}
+
+/// Direction of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    DeviceToHost,
+    HostToDevice,
+    DeviceToDevice,
+}
+
+/// A batch of byte runs copied asynchronously on one stream, bracketed by a start and an end
+/// event (both with timing). Dropping the batch does not cancel or wait for its copies.
+#[derive(Debug)]
+pub struct CopyBatch {
+    start: CudaEvent,
+    end: CudaEvent,
+    direction: Direction,
+    bytes: usize,
+}
+
+impl CopyBatch {
+    /// Whether every copy of the batch has finished (`cuEventQuery`). Also true when the
+    /// driver reports an error for them (they will never finish); `wait` returns that error.
+    pub fn is_done(&self) -> bool {
+        !matches!(self.end.try_is_complete(), Ok(false))
+    }
+
+    /// Blocks until every copy of the batch has finished (`cuEventSynchronize`; the event
+    /// sleeps rather than spins). Called on engine worker threads, never the event loop.
+    pub fn wait(&self) -> Result<()> {
+        self.end
+            .synchronize()
+            .map_err(|e| driver_err("cuEventSynchronize on a copy batch", e))
+    }
+
+    /// Seconds the GPU spent between the batch's start and end events, once done; `None`
+    /// while the copies run or if the driver cannot time them.
+    pub fn seconds(&self) -> Option<f64> {
+        if !matches!(self.end.try_is_complete(), Ok(true)) {
+            return None;
+        }
+        self.start
+            .elapsed_ms(&self.end)
+            .ok()
+            .map(|ms| f64::from(ms) / 1e3)
+    }
+
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// Bytes the batch copies (sum of its runs).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_without_driver_fails_cleanly() {
+        if crate::cuda::driver_present() {
+            let e = CudaDevice::open(9999).unwrap_err();
+            match e {
+                Error::CudaUnavailable(msg) => {
+                    assert!(msg.contains("9999"), "{msg}");
+                    // Either the ordinal check or cuInit (driver without a usable GPU).
+                    assert!(
+                        msg.contains("out of range") || msg.contains("cuInit"),
+                        "{msg}"
+                    );
+                }
+                other => panic!("expected CudaUnavailable, got {other:?}"),
+            }
+        } else {
+            match CudaDevice::open(0) {
+                Err(Error::CudaUnavailable(msg)) => {
+                    assert!(msg.contains("cuda:0"), "{msg}");
+                    assert!(msg.contains("libcuda"), "{msg}");
+                }
+                Err(other) => panic!("expected CudaUnavailable, got {other:?}"),
+                Ok(_) => panic!("open succeeded without a driver"),
+            }
+        }
+    }
+
+    #[test]
+    fn runs_are_checked_before_enqueueing() {
+        assert!(check_runs(64, 32, &[(0, 0, 32), (32, 0, 32), (10, 5, 0)], false).is_ok());
+        let oob = check_runs(64, 32, &[(0, 0, 16), (40, 0, 32)], false);
+        assert!(matches!(oob, Err(Error::InvalidArgument(_))), "{oob:?}");
+        let oob = check_runs(64, 32, &[(0, 1, 32)], false);
+        assert!(matches!(oob, Err(Error::InvalidArgument(_))), "{oob:?}");
+        let wrap = check_runs(64, 64, &[(usize::MAX, 0, 2)], false);
+        assert!(matches!(wrap, Err(Error::InvalidArgument(_))), "{wrap:?}");
+        // Within one slab: disjoint runs pass, overlapping ones are refused.
+        assert!(check_runs(64, 64, &[(0, 32, 32), (32, 0, 16)], true).is_ok());
+        let overlap = check_runs(64, 64, &[(0, 16, 32)], true);
+        assert!(
+            matches!(overlap, Err(Error::InvalidArgument(_))),
+            "{overlap:?}"
+        );
+        assert!(check_range(8, 4, 4, "read").is_ok());
+        assert!(check_range(8, 5, 4, "read").is_err());
+    }
+
+    /// Deterministic pseudo-random bytes (xorshift64*), no extra dependency.
+    fn random_bytes(n: usize, mut seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            out.extend_from_slice(&seed.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    fn gpu() -> CudaDevice {
+        CudaDevice::open(0).expect("this test needs a CUDA GPU")
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_slabs_allocate_zeroed() {
+        let dev = gpu();
+        assert_eq!(dev.ordinal(), 0);
+        assert!(!dev.name().is_empty());
+        let d = DeviceSlab::new(&dev, 1 << 20).unwrap();
+        assert_eq!(d.len(), 1 << 20);
+        assert_ne!(d.device_ptr(), 0);
+        let mut out = vec![7u8; 1 << 20];
+        dev.read_sync(&d, 0, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0), "device slab starts zeroed");
+        let p = PinnedSlab::new(&dev, 1 << 20).unwrap();
+        assert_eq!(p.len(), 1 << 20);
+        assert!(!p.as_ptr().is_null());
+        let mut out = vec![7u8; 4096];
+        p.read((1 << 20) - 4096, &mut out);
+        assert!(out.iter().all(|&b| b == 0), "pinned slab starts zeroed");
+        // Zero-length slabs are valid too.
+        assert!(DeviceSlab::new(&dev, 0).unwrap().is_empty());
+        assert!(PinnedSlab::new(&dev, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_sync_round_trip_and_bounds() {
+        let dev = gpu();
+        let d = DeviceSlab::new(&dev, 8192).unwrap();
+        let data = random_bytes(3000, 1);
+        dev.write_sync(&d, 1000, &data).unwrap();
+        let mut out = vec![0u8; 3000];
+        dev.read_sync(&d, 1000, &mut out).unwrap();
+        assert_eq!(out, data);
+        let mut edge = [9u8; 4];
+        dev.read_sync(&d, 996, &mut edge).unwrap();
+        assert_eq!(edge, [0; 4], "bytes before the write are untouched");
+        assert!(matches!(
+            dev.write_sync(&d, 8000, &data),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            dev.read_sync(&d, 8192, &mut out),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_d2h_then_h2d_round_trip() {
+        let dev = gpu();
+        let block = 64 << 10;
+        let blocks = 16;
+        let src = DeviceSlab::new(&dev, block * blocks).unwrap();
+        let host = PinnedSlab::new(&dev, block * blocks).unwrap();
+        let dst = DeviceSlab::new(&dev, block * blocks).unwrap();
+        let data = random_bytes(block * blocks, 42);
+        dev.write_sync(&src, 0, &data).unwrap();
+
+        // Offload: a coalesced run of blocks 0..4 to host 8..12, and block 9 to host 0.
+        let runs = [(0, 8 * block, 4 * block), (9 * block, 0, block)];
+        let b = dev.copy_d2h(&src, &host, &runs).unwrap();
+        assert_eq!(b.direction(), Direction::DeviceToHost);
+        assert_eq!(b.bytes(), 5 * block);
+        while !b.is_done() {
+            std::thread::yield_now();
+        }
+        b.wait().unwrap();
+        let secs = b.seconds().expect("a finished batch is timed");
+        assert!(secs >= 0.0, "{secs}");
+        let mut out = vec![0u8; 4 * block];
+        host.read(8 * block, &mut out);
+        assert_eq!(out, data[..4 * block]);
+        let mut one = vec![0u8; block];
+        host.read(0, &mut one);
+        assert_eq!(one, data[9 * block..10 * block]);
+
+        // Onboard: bring both back into another device slab at new places.
+        let runs = [(8 * block, 2 * block, 4 * block), (0, 12 * block, block)];
+        let b = dev.copy_h2d(&host, &dst, &runs).unwrap();
+        assert_eq!(b.direction(), Direction::HostToDevice);
+        b.wait().unwrap();
+        assert!(b.is_done());
+        assert!(b.seconds().is_some());
+        let mut back = vec![0u8; block * blocks];
+        dev.read_sync(&dst, 0, &mut back).unwrap();
+        assert_eq!(back[2 * block..6 * block], data[..4 * block]);
+        assert_eq!(back[12 * block..13 * block], data[9 * block..10 * block]);
+        assert!(back[..2 * block].iter().all(|&x| x == 0));
+
+        // A whole-slab round trip of random bytes equals the input.
+        let all = [(0, 0, block * blocks)];
+        dev.copy_d2h(&src, &host, &all).unwrap().wait().unwrap();
+        dev.copy_h2d(&host, &dst, &all).unwrap().wait().unwrap();
+        dev.read_sync(&dst, 0, &mut back).unwrap();
+        assert_eq!(back, data);
+
+        // Consumers can wait on the copies (null, legacy and per-thread default streams).
+        for s in [0u64, 1, 2] {
+            dev.make_stream_wait(s).unwrap();
+        }
+
+        // A bad run is refused before anything is enqueued.
+        let bad = dev.copy_h2d(&host, &dst, &[(0, block * blocks - 1, 2)]);
+        assert!(matches!(bad, Err(Error::InvalidArgument(_))), "{bad:?}");
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn gpu_d2d_copies() {
+        let dev = gpu();
+        let block = 4096;
+        let slab = DeviceSlab::new(&dev, block * 8).unwrap();
+        let data = random_bytes(2 * block, 7);
+        dev.write_sync(&slab, 0, &data).unwrap();
+        let b = dev
+            .copy_d2d(&slab, &[(0, 5 * block, block), (block, 3 * block, block)])
+            .unwrap();
+        assert_eq!(b.direction(), Direction::DeviceToDevice);
+        b.wait().unwrap();
+        assert!(b.is_done());
+        assert!(b.seconds().is_some());
+        let mut out = vec![0u8; block];
+        dev.read_sync(&slab, 5 * block, &mut out).unwrap();
+        assert_eq!(out, data[..block]);
+        dev.read_sync(&slab, 3 * block, &mut out).unwrap();
+        assert_eq!(out, data[block..]);
+        let overlap = dev.copy_d2d(&slab, &[(0, block / 2, block)]);
+        assert!(
+            matches!(overlap, Err(Error::InvalidArgument(_))),
+            "{overlap:?}"
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! Block copies between tiers: coalesced byte runs, and a worker that runs big copies.
+//!
+//! `Runs` collects `(src_offset, dst_offset, len)` copies and merges a run that continues the
+//! previous one in both source and destination, so contiguous block runs become one copy.
+//! `Copier` is one worker thread that executes copy jobs off the caller's thread (so an
+//! event loop never blocks on a large swap); a job reports completion through the engine's
+//! eventfd, never by calling Python. Dropping the `Copier` finishes queued jobs and joins.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use crate::storage::host::HostSlab;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Runs {
+    pub runs: Vec<(usize, usize, usize)>,
+}
+
+impl Runs {
+    pub fn push(&mut self, src: usize, dst: usize, len: usize) {
+        if let Some(last) = self.runs.last_mut() {
+            if last.0 + last.2 == src && last.1 + last.2 == dst {
+                last.2 += len;
+                return;
+            }
+        }
+        self.runs.push((src, dst, len));
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.runs.iter().map(|r| r.2).sum()
+    }
+
+    /// Executes every run from `src` into `dst`.
+    pub fn copy(&self, src: &HostSlab, dst: &HostSlab) {
+        for &(s, d, n) in &self.runs {
+            dst.copy_from(d, src, s, n);
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// One background thread executing copy jobs in submission order.
+pub struct Copier {
+    tx: Mutex<Option<Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Default for Copier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Copier {
+    pub fn new() -> Self {
+        let (tx, rx) = channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("ferrumkv-copy".into())
+            .spawn(move || {
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("spawning the copy thread");
+        Copier {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    /// Queues a job; false if the copier was shut down.
+    pub fn submit(&self, job: Job) -> bool {
+        let tx = self.tx.lock().expect("copier lock");
+        match tx.as_ref() {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Finishes every queued job and joins the thread (idempotent).
+    pub fn shutdown(&self) {
+        drop(self.tx.lock().expect("copier lock").take());
+        if let Some(t) = self.thread.lock().expect("copier lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Copier {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn adjacent_runs_coalesce() {
+        let mut r = Runs::default();
+        r.push(0, 100, 10);
+        r.push(10, 110, 10);
+        r.push(30, 120, 10);
+        r.push(40, 130, 5);
+        assert_eq!(r.runs, vec![(0, 100, 20), (30, 120, 15)]);
+        assert_eq!(r.bytes(), 35);
+    }
+
+    #[test]
+    fn copies_bytes_and_runs_jobs_in_order() {
+        let a = HostSlab::new(64).unwrap();
+        let b = HostSlab::new(64).unwrap();
+        a.write(0, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut r = Runs::default();
+        r.push(0, 32, 4);
+        r.push(4, 36, 4);
+        r.copy(&a, &b);
+        let mut out = [0u8; 8];
+        b.read(32, &mut out);
+        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
+
+        let c = Copier::new();
+        let n = Arc::new(AtomicUsize::new(0));
+        for i in 0..100 {
+            let n = n.clone();
+            assert!(c.submit(Box::new(move || assert_eq!(
+                n.fetch_add(1, Ordering::SeqCst),
+                i
+            ))));
+        }
+        c.shutdown();
+        assert_eq!(n.load(Ordering::SeqCst), 100);
+        assert!(!c.submit(Box::new(|| {})));
+    }
+}
