@@ -219,6 +219,18 @@ class KvCache:
         """The child shares every block of the parent, copy-on-write."""
         return self._core.fork(parent_id, child_id)
 
+    async def swap_out(self, request_id: RequestId) -> SequenceHandle:
+        """Moves the sequence's blocks to the host tier, byte for byte, and frees its device
+        blocks. Raises OutOfBlocksError (the sequence stays resident and intact) when the
+        host tier is short, InvalidStateError when it is already swapped out."""
+        return await self._settle(self._core.swap_out(request_id), None)
+
+    async def swap_in(self, request_id: RequestId) -> SequenceHandle:
+        """Moves a swapped-out sequence back to the device tier (block ids may change).
+        Raises OutOfBlocksError (nothing changed) when device blocks are short: swap in when
+        pressure allows, as a scheduler resumes preempted requests."""
+        return await self._settle(self._core.swap_in(request_id), None)
+
     async def gc(self, *, target_free_ratio: float | None = None) -> GcStats:
         """Evicts LRU cached blocks until the blank share of the device tier reaches the
         target (default: low_watermark)."""

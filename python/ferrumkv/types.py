@@ -95,11 +95,23 @@ class _Counters(_ToDict):
     input_tokens: int
     cache_tokens: int
     swap_out_count: int
+    transfer_ns: int
     swap_in_count: int
     preempted_waits: int
     dropped_events: int
 
-    _DERIVED = ("reused_blocks", "cache_hit_rate", "prompt_tokens", "token_hit_rate")
+    _DERIVED = (
+        "reused_blocks",
+        "cache_hit_rate",
+        "prompt_tokens",
+        "token_hit_rate",
+        "transfer_seconds_total",
+    )
+
+    @property
+    def transfer_seconds_total(self) -> float:
+        """Seconds spent copying swaps between tiers."""
+        return self.transfer_ns / 1e9
 
     @property
     def reused_blocks(self) -> int:

@@ -265,6 +265,18 @@ impl PyEngine {
             .py_err()
     }
 
+    /// A handle (tier "host"), or an int ticket when the copy runs on the worker.
+    fn swap_out(&self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let rid = convert::request_id(request_id)?;
+        outcome(py, py.detach(|| self.engine.swap_out(&rid)).py_err()?)
+    }
+
+    /// A handle (tier "device"), or an int ticket when the copy runs on the worker.
+    fn swap_in(&self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let rid = convert::request_id(request_id)?;
+        outcome(py, py.detach(|| self.engine.swap_in(&rid)).py_err()?)
+    }
+
     fn deallocate(&self, request_id: &Bound<'_, PyAny>) -> PyResult<()> {
         self.engine
             .deallocate(&convert::request_id(request_id)?)
