@@ -91,11 +91,17 @@ class _Counters(_ToDict):
     disk_blocks_written: int
     disk_blocks_read: int
     disk_checksum_failures: int
+    disk_read_errors: int
+    disk_write_errors: int
     evicted_blocks: int
     input_tokens: int
     cache_tokens: int
     swap_out_count: int
-    transfer_ns: int
+    d2h_transfers: int
+    d2h_transfer_ns: int
+    h2d_transfers: int
+    h2d_transfer_ns: int
+    dropped_eviction_events: int
     swap_in_count: int
     preempted_waits: int
     dropped_events: int
@@ -105,13 +111,19 @@ class _Counters(_ToDict):
         "cache_hit_rate",
         "prompt_tokens",
         "token_hit_rate",
-        "transfer_seconds_total",
+        "d2h_transfer_seconds_total",
+        "h2d_transfer_seconds_total",
     )
 
     @property
-    def transfer_seconds_total(self) -> float:
-        """Seconds spent copying swaps between tiers."""
-        return self.transfer_ns / 1e9
+    def d2h_transfer_seconds_total(self) -> float:
+        """Seconds spent copying swap-outs (device -> host)."""
+        return self.d2h_transfer_ns / 1e9
+
+    @property
+    def h2d_transfer_seconds_total(self) -> float:
+        """Seconds spent copying swap-ins (host -> device)."""
+        return self.h2d_transfer_ns / 1e9
 
     @property
     def reused_blocks(self) -> int:
@@ -152,6 +164,7 @@ class CacheStats(_Counters):
     num_sequences: int
     num_swapped: int
     num_waiting: int
+    inflight_disk_ops: int
     pressure_level: PressureLevel
     callback_errors: int
 
@@ -174,6 +187,7 @@ class CacheStats(_Counters):
             num_sequences=raw["num_sequences"],
             num_swapped=raw["num_swapped"],
             num_waiting=raw["num_waiting"],
+            inflight_disk_ops=raw["inflight_disk_ops"],
             pressure_level=PressureLevel(raw["pressure_level"]),
             callback_errors=raw["callback_errors"],
             **_counters(raw),
@@ -202,7 +216,7 @@ class IterationStats(_Counters):
             secondary_max_num_blocks=host["total_blocks"],
             secondary_free_num_blocks=host["free_blocks"],
             secondary_used_num_blocks=host["used_blocks"],
-            inflight_disk_ops=raw.get("inflight_disk_ops", 0),
+            inflight_disk_ops=raw["inflight_disk_ops"],
             **_counters(raw),
         )
 

@@ -4,7 +4,7 @@
 //! implies), updates the pressure level and, when a waiter finished or the level changed,
 //! signals the eventfd. None of them calls Python or blocks on anything but the lock.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -21,7 +21,9 @@ use crate::residency::EvictionEvent;
 use crate::sequence::{Append, SeqView};
 use crate::state::{Ctx, State, Swap};
 use crate::stats::{Counters, GcStats, Snapshot, TierStats};
+use crate::storage::disk::DiskWorkers;
 use crate::storage::host::HostSlab;
+use crate::tier::DiskWrite;
 use crate::transfer::Copier;
 use crate::types::{RequestId, Tier};
 use crate::waiters::{Ticket, WaitOp};
@@ -59,7 +61,7 @@ impl Engine {
     }
 
     pub fn with_clock(config: CacheConfig, clock: Clock) -> Result<Self> {
-        let core = Arc::new(EngineCore::new(config, clock)?);
+        let core = EngineCore::new(config, clock)?;
         Ok(Engine {
             core,
             copier: Copier::new(),
@@ -73,7 +75,11 @@ impl Engine {
         let swap = self
             .core
             .mutate(false, |st, ctx| st.begin_swap_out(ctx, rid))?;
-        self.run_swap(rid, swap, |st, rid, to| st.finish_swap_out(rid, to))
+        self.run_swap(rid, swap, |st, rid, to, ns| {
+            st.finish_swap_out(rid, to);
+            st.counters.d2h_transfers += 1;
+            st.counters.d2h_transfer_ns += ns;
+        })
     }
 
     /// Moves a swapped-out sequence back to the device tier (block ids may change).
@@ -81,22 +87,26 @@ impl Engine {
         let swap = self
             .core
             .mutate(false, |st, ctx| st.begin_swap_in(ctx, rid))?;
-        self.run_swap(rid, swap, |st, rid, to| st.finish_swap_in(rid, to))
+        self.run_swap(rid, swap, |st, rid, to, ns| {
+            st.finish_swap_in(rid, to);
+            st.counters.h2d_transfers += 1;
+            st.counters.h2d_transfer_ns += ns;
+        })
     }
 
     fn run_swap(
         &self,
         rid: &RequestId,
         swap: Swap,
-        finish: fn(&mut State, &RequestId, Vec<crate::types::BlockId>),
+        finish: fn(&mut State, &RequestId, Vec<crate::types::BlockId>, u64),
     ) -> Result<Outcome> {
         let Swap { to, runs, src, dst } = swap;
         if runs.bytes() < INLINE_COPY_BYTES {
             let t0 = Instant::now();
             runs.copy(&src, &dst);
+            let ns = t0.elapsed().as_nanos() as u64;
             return self.core.mutate(true, |st, _| {
-                finish(st, rid, to);
-                st.counters.transfer_ns += t0.elapsed().as_nanos() as u64;
+                finish(st, rid, to, ns);
                 Ok(Outcome::Ready(SeqView::of(rid, &st.seqs[rid])))
             });
         }
@@ -114,8 +124,7 @@ impl Engine {
             if st.closed {
                 return;
             }
-            finish(&mut st, &rid, to);
-            st.counters.transfer_ns += t0.elapsed().as_nanos() as u64;
+            finish(&mut st, &rid, to, t0.elapsed().as_nanos() as u64);
             st.waiters.finish_in_flight(ticket, rid);
             st.serve_waiters(&core.ctx);
             st.update_pressure();
@@ -135,28 +144,32 @@ impl Engine {
     pub fn close(&self) {
         self.core.mark_closing();
         self.copier.shutdown();
+        if let Some(w) = &self.core.disk_workers {
+            w.shutdown();
+        }
         self.core.close();
     }
 }
 
 /// The bookkeeping half of the engine (see `Engine`).
 pub struct EngineCore {
+    /// Itself, for jobs handed to worker threads.
+    me: Weak<EngineCore>,
     ctx: Ctx,
     state: Mutex<State>,
     notifier: Notifier,
+    disk_workers: Option<DiskWorkers>,
 }
 
+/// Threads writing spilled blocks to the disk tier.
+const DISK_THREADS: usize = 2;
+
 impl EngineCore {
-    fn new(config: CacheConfig, clock: Clock) -> Result<Self> {
+    fn new(config: CacheConfig, clock: Clock) -> Result<Arc<Self>> {
         if let Device::Cuda(n) = config.device {
             return Err(crate::cuda::unavailable_reason(n));
         }
-        if config.disk_blocks > 0 {
-            return Err(Error::config(
-                "disk_blocks",
-                "the disk tier is not available in this build (use 0)",
-            ));
-        }
+
         let layout = KvLayout::new(&config, config.num_blocks);
         let memory = Arc::new(HostSlab::new(layout.total_bytes())?);
         let hasher = Hasher::new(config.hash_algo);
@@ -168,11 +181,37 @@ impl EngineCore {
             clock,
         };
         let state = Mutex::new(State::new(&ctx)?);
-        Ok(EngineCore {
+        let disk_workers = match state.lock().disk {
+            Some(_) => Some(DiskWorkers::new(DISK_THREADS)?),
+            None => None,
+        };
+        let notifier = Notifier::new()?;
+        Ok(Arc::new_cyclic(|me| EngineCore {
+            me: me.clone(),
             ctx,
             state,
-            notifier: Notifier::new()?,
-        })
+            notifier,
+            disk_workers,
+        }))
+    }
+
+    /// Hands the disk writes staged by the last call to the disk workers.
+    fn submit_disk_writes(&self, writes: Vec<DiskWrite>) {
+        let (Some(workers), Some(core)) = (&self.disk_workers, self.me.upgrade()) else {
+            return;
+        };
+        for w in writes {
+            let core = core.clone();
+            workers.submit(Box::new(move || {
+                let file = core.state.lock().disk.as_ref().map(|d| d.file.clone());
+                let Some(file) = file else { return };
+                let ok = file.write_block(w.slot.idx(), &w.data).is_ok();
+                let mut st = core.state.lock();
+                if !st.closed {
+                    st.finish_disk_write(w.slot, w.hash, ok);
+                }
+            }));
+        }
     }
 
     pub fn config(&self) -> &CacheConfig {
@@ -209,6 +248,11 @@ impl EngineCore {
         st.update_pressure();
         if std::mem::take(&mut st.needs_signal) {
             self.notifier.signal();
+        }
+        let writes = std::mem::take(&mut st.disk_writes);
+        drop(st);
+        if !writes.is_empty() {
+            self.submit_disk_writes(writes);
         }
         out
     }
@@ -558,34 +602,75 @@ impl EngineCore {
                     bpb,
                 )
             }),
-            disk: TierStats::default(),
+            disk: st.disk.as_ref().map_or_else(TierStats::default, |d| {
+                TierStats::new(
+                    d.pool.num_blocks(),
+                    d.pool.num_free_blocks(),
+                    d.pool.num_evictable_blocks(),
+                    bpb,
+                )
+            }),
+            inflight_disk_ops: st
+                .disk
+                .as_ref()
+                .map_or(0, |d| d.pending.iter().filter(|&&p| p).count()),
             block_size: self.ctx.config.block_size,
             num_sequences: st.seqs.len(),
             num_swapped: st.seqs.values().filter(|s| s.tier != Tier::Device).count(),
             num_waiting: st.waiters.num_pending(),
             pressure_level: st.level() as u8,
             callback_errors: st.callback_errors,
-            counters: Counters {
-                dropped_events: st.events.dropped,
-                ..counters
-            },
+            counters,
         }
     }
 
     /// Gauges now and cumulative counters since start.
     pub fn stats(&self) -> Result<Snapshot> {
-        let st = self.lock()?;
+        let mut st = self.lock()?;
+        st.sync_dropped_counts();
         Ok(self.snapshot(&st, st.counters))
     }
 
     /// Gauges now and counters since the previous call (which this call resets).
     pub fn iteration_stats(&self) -> Result<Snapshot> {
         let mut st = self.lock()?;
+        st.sync_dropped_counts();
         let delta = st.counters.since(&st.iter_mark);
         st.iter_mark = st.counters;
-        let mut snap = self.snapshot(&st, delta);
-        snap.counters.dropped_events = delta.dropped_events;
-        Ok(snap)
+        Ok(self.snapshot(&st, delta))
+    }
+
+    /// Injects a disk fault (tests). `InvalidArgument` without a disk tier or for a bad slot.
+    pub fn inject_disk_fault(&self, fault: crate::storage::disk::Fault) -> Result<()> {
+        let st = self.lock()?;
+        let disk = st
+            .disk
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("there is no disk tier".into()))?;
+        if let crate::storage::disk::Fault::FlipByte { slot, offset } = fault {
+            if slot >= disk.file.num_slots() || offset >= disk.file.slot_bytes() {
+                return Err(Error::InvalidArgument(format!(
+                    "no byte {offset} of slot {slot}"
+                )));
+            }
+        }
+        disk.file.inject(fault);
+        Ok(())
+    }
+
+    /// Blocks until every disk write handed to the workers has finished (tests, benches).
+    pub fn wait_disk_idle(&self) -> Result<()> {
+        loop {
+            let busy = self
+                .lock()?
+                .disk
+                .as_ref()
+                .is_some_and(|d| d.pending.iter().any(|&p| p));
+            if !busy {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
     }
 
     pub fn drain_events(&self) -> Result<Vec<KvEvent>> {

@@ -35,7 +35,12 @@ pub struct Residency {
     /// ~99% at the default rate) costs one load, not a hash lookup.
     is_tracked: Vec<bool>,
     events: Vec<EvictionEvent>,
+    /// Events dropped because `MAX_PENDING` were waiting undrained.
+    pub dropped: u64,
 }
+
+/// Undrained eviction events kept at most (the oldest are dropped past it).
+pub const MAX_PENDING: usize = 1 << 16;
 
 impl Residency {
     pub fn new(rate: f64, seed: u64, num_blocks: usize) -> Self {
@@ -50,6 +55,7 @@ impl Residency {
             tracked: HashMap::new(),
             is_tracked: vec![false; num_blocks],
             events: Vec::new(),
+            dropped: 0,
         }
     }
 
@@ -101,6 +107,10 @@ impl Residency {
     pub fn on_evict(&mut self, b: BlockId, now: f64) {
         if let Some(t) = self.untrack(b) {
             let last = *t.accesses.last().expect("a track has its creation access");
+            if self.events.len() >= MAX_PENDING {
+                self.events.remove(0);
+                self.dropped += 1;
+            }
             self.events.push(EvictionEvent {
                 lifetime_seconds: now - t.created,
                 idle_seconds: now - last,

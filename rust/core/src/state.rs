@@ -27,7 +27,7 @@ use crate::residency::Residency;
 use crate::sequence::{Append, SeqView, Sequence};
 use crate::stats::Counters;
 use crate::storage::host::HostSlab;
-use crate::tier::HostTier;
+use crate::tier::{DiskTier, DiskWrite, HostTier};
 use crate::transfer::Runs;
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId, Tier};
 use crate::waiters::{ExtendUndo, TicketState, Undo, WaitOp, Waiters};
@@ -65,6 +65,16 @@ impl Ctx {
         }
     }
 
+    /// Writes a block's bytes (its runs laid end to end, as in the other tiers) into
+    /// device block `b`.
+    fn write_block(&self, b: BlockId, bytes: &[u8]) {
+        let mut at = 0;
+        for (off, len) in self.layout.block_runs(b.idx()) {
+            self.memory.write(off, &bytes[at..at + len]);
+            at += len;
+        }
+    }
+
     /// Copies every byte of block `src` into block `dst` (device tier).
     fn copy_block(&self, src: BlockId, dst: BlockId) {
         for ((s, n), (d, _)) in self
@@ -91,6 +101,8 @@ struct AllocPlan {
     hits: Vec<BlockId>,
     /// Host blocks holding the next cached blocks after the device hits (onboarded).
     onboard: Vec<BlockId>,
+    /// Disk slots holding the cached blocks after those (read back, checksums verified).
+    from_disk: Vec<BlockId>,
     /// Chained hashes of every full block of the prompt.
     hashes: Vec<BlockHash>,
     partial: Option<(BlockId, usize)>,
@@ -133,6 +145,10 @@ pub struct State {
     pub index: PrefixIndex,
     /// The host tier, when `host_blocks > 0`.
     pub host: Option<HostTier>,
+    /// The disk tier, when `disk_blocks > 0` (it spills from the host tier).
+    pub disk: Option<DiskTier>,
+    /// Spilled blocks whose disk writes the engine hands to its disk workers after the call.
+    pub disk_writes: Vec<DiskWrite>,
     pub seqs: HashMap<RequestId, Sequence>,
     pub waiters: Waiters,
     pub counters: Counters,
@@ -163,12 +179,23 @@ impl State {
             0 => None,
             n => Some(HostTier::new(n, c.block_size, ctx.bytes_per_block())?),
         };
+        let disk = match (c.disk_blocks, &c.disk_path) {
+            (0, _) | (_, None) => None,
+            (n, Some(path)) => Some(DiskTier::new(
+                std::path::Path::new(path),
+                n,
+                c.block_size,
+                ctx.bytes_per_block(),
+            )?),
+        };
         Ok(State {
             closed: false,
             closing: false,
             pool: BlockPool::new(c.num_blocks),
             index: PrefixIndex::new(c.num_blocks, c.block_size),
             host,
+            disk,
+            disk_writes: Vec::new(),
             seqs: HashMap::new(),
             waiters: Waiters::default(),
             counters: Counters::default(),
@@ -246,15 +273,17 @@ impl State {
         let (Some(hash), Some(parent)) = (self.index.hash_of(b), self.index.parent_of(b)) else {
             return false;
         };
-        let Some(host) = self.host.as_mut() else {
-            return false;
-        };
-        if host.index.get(hash).is_some() {
+        if self
+            .host
+            .as_ref()
+            .is_none_or(|h| h.index.get(hash).is_some())
+        {
             return false;
         }
-        let Some(hb) = host.take_block(&mut self.events) else {
+        let Some(hb) = self.take_host_block() else {
             return false;
         };
+        let host = self.host.as_mut().expect("checked above");
         let mut runs = Runs::default();
         ctx.to_host(b, host.offset(hb), &mut runs);
         runs.copy(&ctx.memory, &host.slab);
@@ -268,6 +297,70 @@ impl State {
         self.counters.offload_bytes += bpb;
         self.counters.d2h_blocks_copied += 1;
         true
+    }
+
+    /// Takes a host block (see `HostTier::take_block`); an evicted cached host block is
+    /// spilled to the disk tier first: its bytes are staged here and written by a worker.
+    fn take_host_block(&mut self) -> Option<BlockId> {
+        let host = self.host.as_mut()?;
+        let (b, spilled) = host.take_block(&mut self.events)?;
+        if let (Some(sp), Some(disk)) = (spilled, self.disk.as_mut()) {
+            if let Some(slot) =
+                disk.reserve(sp.hash, sp.parent, sp.first, &sp.tokens, &mut self.events)
+            {
+                let mut data = vec![0u8; host.bytes_per_block];
+                host.slab.read(host.offset(b), &mut data);
+                self.disk_writes.push(DiskWrite {
+                    slot,
+                    hash: sp.hash,
+                    data,
+                });
+            }
+        }
+        Some(b)
+    }
+
+    /// A disk worker finished writing a spilled block.
+    pub fn finish_disk_write(&mut self, slot: BlockId, hash: BlockHash, ok: bool) {
+        let Some(disk) = self.disk.as_mut() else {
+            return;
+        };
+        disk.finish_write(slot, hash, ok, &mut self.events);
+        self.events.end_op();
+        if ok {
+            self.counters.disk_blocks_written += 1;
+        } else {
+            self.counters.disk_write_errors += 1;
+        }
+    }
+
+    /// Reads the planned disk hits (positioned reads, checksums verified). The chain stops
+    /// at the first block that fails: a corrupt block is a miss, dropped from the disk
+    /// index and counted, never returned as data. Returns the bytes read, in order.
+    fn read_disk_hits(&mut self, plan: &mut AllocPlan) -> Vec<Vec<u8>> {
+        let Some(disk) = self.disk.as_mut() else {
+            return vec![];
+        };
+        let mut out = Vec::with_capacity(plan.from_disk.len());
+        for (i, &slot) in plan.from_disk.iter().enumerate() {
+            let mut buf = vec![0u8; disk.file.slot_bytes()];
+            match disk.file.read_block(slot.idx(), &mut buf) {
+                Ok(()) => out.push(buf),
+                Err(e) => {
+                    if matches!(e, crate::storage::disk::ReadError::Corrupt { .. }) {
+                        self.counters.disk_checksum_failures += 1;
+                    } else {
+                        self.counters.disk_read_errors += 1;
+                    }
+                    disk.drop_corrupt(slot, &mut self.events);
+                    plan.from_disk.truncate(i);
+                    plan.partial = None; // it was planned after the lost blocks
+                    break;
+                }
+            }
+        }
+        self.counters.disk_blocks_read += out.len() as u64;
+        out
     }
 
     /// Drops a block's hash from the device index without evicting it (an undo).
@@ -309,6 +402,7 @@ impl State {
             return AllocPlan {
                 hits: vec![],
                 onboard: vec![],
+                from_disk: vec![],
                 hashes: vec![],
                 partial: None,
                 num_blocks,
@@ -329,7 +423,15 @@ impl State {
                 .collect(),
             None => vec![],
         };
-        let k = hits.len() + onboard.len();
+        let after_host = hits.len() + onboard.len();
+        let from_disk: Vec<BlockId> = match &self.disk {
+            Some(disk) => hashes[after_host..max_full]
+                .iter()
+                .map_while(|&h| disk.readable(h))
+                .collect(),
+            None => vec![],
+        };
+        let k = after_host + from_disk.len();
         let parent = if k == 0 { root } else { hashes[k - 1] };
         let window = &tokens[k * bs..(n - 1).min((k + 1) * bs)];
         let partial = if window.is_empty() {
@@ -340,6 +442,7 @@ impl State {
         AllocPlan {
             hits,
             onboard,
+            from_disk,
             hashes,
             partial,
             num_blocks,
@@ -377,6 +480,7 @@ impl State {
         if new > available {
             return Err(short(new, available));
         }
+        let disk_data = self.read_disk_hits(&mut plan);
         // Commit.
         let now = ctx.clock.now();
         for &b in &plan.hits {
@@ -397,8 +501,15 @@ impl State {
         if j > 0 {
             self.onboard(ctx, &plan.onboard, &blocks[k..k + j]);
         }
+        let d = disk_data.len();
+        for (bytes, &db) in disk_data.iter().zip(&blocks[k + j..k + j + d]) {
+            ctx.write_block(db, bytes);
+        }
+        let bpb = ctx.bytes_per_block() as u64;
+        self.counters.onboard_blocks += d as u64;
+        self.counters.onboard_bytes += d as u64 * bpb;
         let device_hits = k;
-        let k = k + j; // onboarded blocks count as full hits from here on
+        let k = k + j + d; // onboarded blocks count as full hits from here on
         let mut cached_tokens = k * bs;
         if let Some((src, m)) = plan.partial {
             ctx.copy_block(src, blocks[k]);
@@ -623,7 +734,7 @@ impl State {
             return 0;
         }
         let plan = self.plan_allocate(ctx, tokens, root);
-        (plan.hits.len() + plan.onboard.len()) * ctx.config.block_size
+        (plan.hits.len() + plan.onboard.len() + plan.from_disk.len()) * ctx.config.block_size
             + plan.partial.map_or(0, |p| p.1)
     }
 
@@ -889,11 +1000,9 @@ impl State {
             return Err(short(need, host.pool.num_free_blocks()));
         }
         let to: Vec<BlockId> = (0..need)
-            .map(|_| {
-                host.take_block(&mut self.events)
-                    .expect("availability was checked")
-            })
+            .map(|_| self.take_host_block().expect("availability was checked"))
             .collect();
+        let host = self.host.as_ref().expect("checked above");
         let s = self.seqs.get_mut(rid).expect("checked above");
         let mut runs = Runs::default();
         for (&db, &hb) in s.blocks.iter().zip(&to) {
@@ -1026,8 +1135,17 @@ impl State {
         if let Some(host) = self.host.as_mut() {
             host.clear_cached();
         }
+        if let Some(disk) = self.disk.as_mut() {
+            disk.clear_cached();
+        }
         self.events.all_cleared();
         true
+    }
+
+    /// Copies the drop counts kept by the bounded queues into the counters.
+    pub fn sync_dropped_counts(&mut self) {
+        self.counters.dropped_events = self.events.dropped;
+        self.counters.dropped_eviction_events = self.residency.dropped;
     }
 
     // ----- pressure -----------------------------------------------------------------------

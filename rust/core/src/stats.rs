@@ -51,6 +51,8 @@ counters! {
     disk_blocks_written,
     disk_blocks_read,
     disk_checksum_failures,
+    disk_read_errors,
+    disk_write_errors,
     /// Cached blocks dropped from the device tier's prefix cache.
     evicted_blocks,
     /// Prompt tokens that must be computed (cache misses).
@@ -58,8 +60,14 @@ counters! {
     /// Prompt tokens served from the cache.
     cache_tokens,
     swap_out_count,
-    /// Nanoseconds spent copying swaps (both directions).
-    transfer_ns,
+    /// Device -> host copies (swap-outs): count and nanoseconds.
+    d2h_transfers,
+    d2h_transfer_ns,
+    /// Host -> device copies (swap-ins): count and nanoseconds.
+    h2d_transfers,
+    h2d_transfer_ns,
+    /// Sampled eviction events dropped because nobody drained them.
+    dropped_eviction_events,
     swap_in_count,
     preempted_waits,
     dropped_events,
@@ -99,6 +107,8 @@ pub struct Snapshot {
     pub num_sequences: usize,
     pub num_swapped: usize,
     pub num_waiting: usize,
+    /// Disk writes still running.
+    pub inflight_disk_ops: usize,
     pub pressure_level: u8,
     pub callback_errors: u64,
     pub counters: Counters,

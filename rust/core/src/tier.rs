@@ -1,4 +1,7 @@
-//! The host tier: pinned-or-plain host memory with its own block pool and prefix index.
+//! The secondary tiers: host memory and a disk file, each with its own block pool and
+//! prefix index.
+//!
+//! Host tier: pinned-or-plain host memory.
 //!
 //! Host blocks are owned by swapped-out sequences (refcount 1, never cached) or hold cached
 //! blocks offloaded from the device tier (free and evictable, LRU, indexed by hash). A host
@@ -11,8 +14,17 @@ use std::sync::Arc;
 use crate::events::EventQueue;
 use crate::pool::BlockPool;
 use crate::prefix::PrefixIndex;
+use crate::storage::disk::DiskFile;
 use crate::storage::host::HostSlab;
 use crate::types::{BlockHash, BlockId, Tier};
+
+/// What an evicted cached host block held.
+pub struct Spilled {
+    pub hash: BlockHash,
+    pub parent: BlockHash,
+    pub first: bool,
+    pub tokens: Vec<u32>,
+}
 
 pub struct HostTier {
     pub slab: Arc<HostSlab>,
@@ -40,17 +52,28 @@ impl HostTier {
         b.idx() * self.bytes_per_block
     }
 
-    /// Takes a host block with one owner: blank first, then the LRU cached one (dropped
-    /// from the index and reported). None when every host block is owned.
-    pub fn take_block(&mut self, events: &mut EventQueue) -> Option<BlockId> {
+    /// Takes a host block with one owner: blank first, then the LRU cached one, which is
+    /// dropped from the index and reported. Returns the block and, for an evicted one, what
+    /// it held (hash, parent, first, tokens) so the caller can spill its bytes to disk
+    /// before reusing the block. None when every host block is owned.
+    pub fn take_block(&mut self, events: &mut EventQueue) -> Option<(BlockId, Option<Spilled>)> {
         if let Some(b) = self.pool.take_blank() {
-            return Some(b);
+            return Some((b, None));
         }
         let b = self.pool.evict_lru()?;
+        let spilled = match (self.index.hash_of(b), self.index.parent_of(b)) {
+            (Some(hash), Some(parent)) => Some(Spilled {
+                hash,
+                parent,
+                first: self.index.is_first(b),
+                tokens: self.index.tokens_of(b).to_vec(),
+            }),
+            _ => None,
+        };
         if let Some(h) = self.index.remove(b) {
             events.removed(h, Tier::Host);
         }
-        Some(b)
+        Some((b, spilled))
     }
 
     /// Indexes an owned host block as a cached copy and releases it (evictable, LRU tail).
@@ -73,6 +96,113 @@ impl HostTier {
     /// Drops every cached host block (reset); owned blocks are untouched.
     pub fn clear_cached(&mut self) {
         while self.pool.evict_lru_to_blank().is_some() {}
+        self.index.clear();
+    }
+}
+
+/// The disk tier: a block file with its own pool and prefix index.
+///
+/// Disk slots hold cached blocks spilled from the host tier. A slot is written by a disk
+/// worker; until its write finishes it is `pending`, owned (refcount 1) by the write, and
+/// not readable. Then it is evictable and indexed, or, if the write failed, blank again.
+pub struct DiskTier {
+    pub file: Arc<DiskFile>,
+    pub pool: BlockPool,
+    pub index: PrefixIndex,
+    pub pending: Vec<bool>,
+}
+
+/// A spilled block on its way to the disk: written by a worker, then `finish_disk_write`.
+pub struct DiskWrite {
+    pub slot: BlockId,
+    pub hash: BlockHash,
+    pub data: Vec<u8>,
+}
+
+impl DiskTier {
+    pub fn new(
+        path: &std::path::Path,
+        num_slots: usize,
+        block_size: usize,
+        bytes_per_block: usize,
+    ) -> crate::error::Result<Self> {
+        Ok(DiskTier {
+            file: Arc::new(DiskFile::create(path, num_slots, bytes_per_block)?),
+            pool: BlockPool::new(num_slots),
+            index: PrefixIndex::new(num_slots, block_size),
+            pending: vec![false; num_slots],
+        })
+    }
+
+    /// An indexed slot whose write has finished.
+    pub fn readable(&self, hash: BlockHash) -> Option<BlockId> {
+        self.index.get(hash).filter(|s| !self.pending[s.idx()])
+    }
+
+    /// Reserves a slot for `hash` and indexes it as pending; None if the hash is already
+    /// on disk or every slot is busy. The LRU cached slot is evicted when none is blank.
+    pub fn reserve(
+        &mut self,
+        hash: BlockHash,
+        parent: BlockHash,
+        first: bool,
+        tokens: &[u32],
+        events: &mut EventQueue,
+    ) -> Option<BlockId> {
+        if self.index.get(hash).is_some() {
+            return None;
+        }
+        let slot = match self.pool.take_blank() {
+            Some(s) => s,
+            None => {
+                let s = self.pool.evict_lru()?;
+                if let Some(h) = self.index.remove(s) {
+                    events.removed(h, Tier::Disk);
+                }
+                s
+            }
+        };
+        self.index.insert(slot, hash, parent, first, tokens);
+        self.pool.set_cached(slot, true);
+        self.pending[slot.idx()] = true;
+        events.stored(hash, (!first).then_some(parent), tokens, Tier::Disk);
+        Some(slot)
+    }
+
+    /// A write finished: the slot becomes an evictable cached block, or blank on failure
+    /// (or when the index moved on meanwhile, e.g. a reset).
+    pub fn finish_write(
+        &mut self,
+        slot: BlockId,
+        hash: BlockHash,
+        ok: bool,
+        events: &mut EventQueue,
+    ) {
+        self.pending[slot.idx()] = false;
+        let indexed = self.index.hash_of(slot) == Some(hash);
+        if !(ok && indexed) {
+            if indexed {
+                self.index.remove(slot);
+                events.removed(hash, Tier::Disk);
+            }
+            self.pool.set_cached(slot, false);
+        }
+        self.pool.release(slot);
+    }
+
+    /// Drops a slot whose data failed its checksum (it is evictable, so free).
+    pub fn drop_corrupt(&mut self, slot: BlockId, events: &mut EventQueue) {
+        if let Some(h) = self.index.remove(slot) {
+            events.removed(h, Tier::Disk);
+        }
+        if self.pool.is_evictable(slot) {
+            self.pool.uncache_free(slot);
+        }
+    }
+
+    pub fn clear_cached(&mut self) {
+        while self.pool.evict_lru_to_blank().is_some() {}
+        // Pending slots stay owned by their writes; `finish_write` sees them unindexed.
         self.index.clear();
     }
 }

@@ -184,7 +184,9 @@ fn big_swaps_run_on_the_worker_and_finish_through_a_ticket() {
     let (mut ko, mut vo) = (vec![0u8; n * tb], vec![0u8; n * tb]);
     e.read_kv(&rid("a"), 3, 0, &mut ko, &mut vo).unwrap();
     assert!(ko == k && vo == k);
-    assert!(e.stats().unwrap().counters.transfer_ns > 0);
+    let c = e.stats().unwrap().counters;
+    assert!(c.d2h_transfer_ns > 0 && c.h2d_transfer_ns > 0);
+    assert_eq!((c.d2h_transfers, c.h2d_transfers), (1, 1));
     e.check_invariants();
 }
 

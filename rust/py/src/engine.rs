@@ -60,6 +60,7 @@ fn snapshot_dict<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyDi
     d.set_item("num_sequences", s.num_sequences)?;
     d.set_item("num_swapped", s.num_swapped)?;
     d.set_item("num_waiting", s.num_waiting)?;
+    d.set_item("inflight_disk_ops", s.inflight_disk_ops)?;
     d.set_item("pressure_level", s.pressure_level)?;
     d.set_item("callback_errors", s.callback_errors)?;
     for (name, v) in s.counters.fields() {
@@ -476,6 +477,29 @@ impl PyEngine {
             .into_iter()
             .map(|e| (e.lifetime_seconds, e.idle_seconds, e.reuse_gaps_seconds))
             .collect())
+    }
+
+    /// Test hook: injects a disk fault ("fail_next_write", "short_next_read", or "flip"
+    /// with a slot and byte offset).
+    #[pyo3(signature = (kind, slot=0, offset=0))]
+    fn inject_disk_fault(&self, kind: &str, slot: usize, offset: usize) -> PyResult<()> {
+        use ferrumkv_core::storage::disk::Fault;
+        let fault = match kind {
+            "fail_next_write" => Fault::FailNextWrite,
+            "short_next_read" => Fault::ShortNextRead,
+            "flip" => Fault::FlipByte { slot, offset },
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown disk fault {kind:?}"
+                )))
+            }
+        };
+        self.engine.inject_disk_fault(fault).py_err()
+    }
+
+    /// Waits until no disk write is in flight (tests; never call it from an event loop).
+    fn wait_disk_idle(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.engine.wait_disk_idle()).py_err()
     }
 
     fn close(&self) {
