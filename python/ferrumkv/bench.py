@@ -3,7 +3,10 @@
 Each case is timed in rounds of `ops` operations; the figure reported is the median time per
 operation over the rounds (so a GC pause or a scheduler hiccup does not move it). Baselines
 are what a Python serving stack does without ferrumkv: a deque free list, and chained
-prefix hashing with `hashlib` / dict lookups. Run: `python -m ferrumkv bench`.
+prefix hashing with `hashlib` / dict lookups. The tier cases (swap, disk) report throughput
+beside the physical limit measured in the same run, round by round in turn with it:
+`numpy.copyto` between preallocated arrays, and plain `os.pwrite` / `os.pread` of the same
+blocks (page cache, no fsync on either side). Run: `python -m ferrumkv bench`.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import argparse
 import asyncio
 import collections
 import hashlib
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any

@@ -21,8 +21,9 @@ use crate::residency::EvictionEvent;
 use crate::sequence::{Append, SeqView};
 use crate::state::{Ctx, State, Swap};
 use crate::stats::{Counters, GcStats, Snapshot, TierStats};
+use crate::storage::cuda::{CudaDevice, DeviceSlab};
 use crate::storage::disk::DiskWorkers;
-use crate::storage::host::HostSlab;
+use crate::storage::{copy_runs, Memory};
 use crate::tier::DiskWrite;
 use crate::transfer::Copier;
 use crate::types::{RequestId, Tier};
@@ -103,7 +104,7 @@ impl Engine {
         let Swap { to, runs, src, dst } = swap;
         if runs.bytes() < INLINE_COPY_BYTES {
             let t0 = Instant::now();
-            runs.copy(&src, &dst);
+            copy_runs(&src, &dst, &runs).unwrap_or_else(|e| panic!("swap copy failed: {e}"));
             let ns = t0.elapsed().as_nanos() as u64;
             return self.core.mutate(true, |st, _| {
                 finish(st, rid, to, ns);
@@ -119,7 +120,7 @@ impl Engine {
         // while it is `swapping`, and no other call may use a swapping sequence.
         let job = Box::new(move || {
             let t0 = Instant::now();
-            runs.copy(&src, &dst);
+            copy_runs(&src, &dst, &runs).unwrap_or_else(|e| panic!("swap copy failed: {e}"));
             let mut st = core.state.lock();
             if st.closed {
                 return;
@@ -166,12 +167,15 @@ const DISK_THREADS: usize = 2;
 
 impl EngineCore {
     fn new(config: CacheConfig, clock: Clock) -> Result<Arc<Self>> {
-        if let Device::Cuda(n) = config.device {
-            return Err(crate::cuda::unavailable_reason(n));
-        }
-
         let layout = KvLayout::new(&config, config.num_blocks);
-        let memory = Arc::new(HostSlab::new(layout.total_bytes())?);
+        let memory = match config.device {
+            Device::Cpu => Memory::host(layout.total_bytes())?,
+            Device::Cuda(n) => {
+                let dev = Arc::new(CudaDevice::open(n)?);
+                let slab = Arc::new(DeviceSlab::new(&dev, layout.total_bytes())?);
+                Memory::Cuda(dev, slab)
+            }
+        };
         let hasher = Hasher::new(config.hash_algo);
         let ctx = Ctx {
             config,
@@ -500,8 +504,8 @@ impl EngineCore {
         layer: usize,
         start: usize,
         n: usize,
-        mut f: impl FnMut(usize, usize, usize, usize),
-    ) {
+        mut f: impl FnMut(usize, usize, usize, usize) -> Result<()>,
+    ) -> Result<()> {
         let bs = self.ctx.config.block_size;
         let tb = self.ctx.layout.token_bytes();
         let mut pos = start;
@@ -511,9 +515,10 @@ impl EngineCore {
             let b = blocks[pos / bs].idx();
             let k = self.ctx.layout.offset(b, layer, 0, slot);
             let v = self.ctx.layout.offset(b, layer, 1, slot);
-            f(k, v, run * tb, (pos - start) * tb);
+            f(k, v, run * tb, (pos - start) * tb)?;
             pos += run;
         }
+        Ok(())
     }
 
     /// Copies K and V (`n x heads x head_dim` elements each, as bytes) into positions
@@ -540,10 +545,9 @@ impl EngineCore {
             st.unshare_span(ctx, rid, start, n)?;
             let blocks = &st.seqs[rid].blocks;
             self.for_each_run(blocks, layer, start, n, |ko, vo, len, at| {
-                ctx.memory.write(ko, &k[at..at + len]);
-                ctx.memory.write(vo, &v[at..at + len]);
-            });
-            Ok(())
+                ctx.memory.write(ko, &k[at..at + len])?;
+                ctx.memory.write(vo, &v[at..at + len])
+            })
         })
     }
 
@@ -566,14 +570,13 @@ impl EngineCore {
         let st = self.lock()?;
         self.kv_span(&st, rid, layer, start, n, "read_kv")?;
         self.for_each_run(&st.seqs[rid].blocks, layer, start, n, |ko, vo, len, at| {
-            self.ctx.memory.read(ko, &mut k[at..at + len]);
-            self.ctx.memory.read(vo, &mut v[at..at + len]);
-        });
-        Ok(())
+            self.ctx.memory.read(ko, &mut k[at..at + len])?;
+            self.ctx.memory.read(vo, &mut v[at..at + len])
+        })
     }
 
     /// The device tier's memory and one layer's view of it (for DLPack).
-    pub fn layer_view(&self, layer: usize) -> Result<(Arc<HostSlab>, LayerView)> {
+    pub fn layer_view(&self, layer: usize) -> Result<(Memory, LayerView)> {
         drop(self.lock()?);
         if layer >= self.ctx.config.num_layers {
             return Err(Error::InvalidArgument(format!(

@@ -26,7 +26,7 @@ use crate::pressure::{Level, Pressure, PressureEvent};
 use crate::residency::Residency;
 use crate::sequence::{Append, SeqView, Sequence};
 use crate::stats::Counters;
-use crate::storage::host::HostSlab;
+use crate::storage::{copy_runs, Memory};
 use crate::tier::{DiskTier, DiskWrite, HostTier};
 use crate::transfer::Runs;
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId, Tier};
@@ -36,7 +36,7 @@ use crate::waiters::{ExtendUndo, TicketState, Undo, WaitOp, Waiters};
 pub struct Ctx {
     pub config: CacheConfig,
     pub layout: KvLayout,
-    pub memory: std::sync::Arc<HostSlab>,
+    pub memory: Memory,
     pub hasher: Hasher,
     pub clock: Clock,
 }
@@ -70,21 +70,30 @@ impl Ctx {
     fn write_block(&self, b: BlockId, bytes: &[u8]) {
         let mut at = 0;
         for (off, len) in self.layout.block_runs(b.idx()) {
-            self.memory.write(off, &bytes[at..at + len]);
+            device_io(self.memory.write(off, &bytes[at..at + len]));
             at += len;
         }
     }
 
     /// Copies every byte of block `src` into block `dst` (device tier).
     fn copy_block(&self, src: BlockId, dst: BlockId) {
+        let mut runs = Runs::default();
         for ((s, n), (d, _)) in self
             .layout
             .block_runs(src.idx())
             .zip(self.layout.block_runs(dst.idx()))
         {
-            self.memory.copy_within(s, d, n);
+            runs.push(s, d, n);
         }
+        device_io(copy_runs(&self.memory, &self.memory, &runs));
     }
+}
+
+/// NOTE: memory accesses inside bookkeeping cannot fail on host memory; on a GPU they fail
+/// only when the device is lost, which leaves no state worth keeping, so it is a loud panic
+/// (a Python `PanicException`) rather than an error every caller would have to unwind.
+fn device_io<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("device memory access failed: {e}"))
 }
 
 /// A swap's copies, planned under the lock and executed with or without it.
@@ -92,8 +101,8 @@ pub struct Swap {
     /// The blocks (of the destination tier) the sequence will own.
     pub to: Vec<BlockId>,
     pub runs: Runs,
-    pub src: std::sync::Arc<HostSlab>,
-    pub dst: std::sync::Arc<HostSlab>,
+    pub src: Memory,
+    pub dst: Memory,
 }
 
 /// Plan of a prompt allocation, computed without side effects.
@@ -177,7 +186,12 @@ impl State {
         let c = &ctx.config;
         let host = match c.host_blocks {
             0 => None,
-            n => Some(HostTier::new(n, c.block_size, ctx.bytes_per_block())?),
+            n => Some(HostTier::new(
+                n,
+                c.block_size,
+                ctx.bytes_per_block(),
+                &ctx.memory,
+            )?),
         };
         let disk = match (c.disk_blocks, &c.disk_path) {
             (0, _) | (_, None) => None,
@@ -286,7 +300,7 @@ impl State {
         let host = self.host.as_mut().expect("checked above");
         let mut runs = Runs::default();
         ctx.to_host(b, host.offset(hb), &mut runs);
-        runs.copy(&ctx.memory, &host.slab);
+        device_io(copy_runs(&ctx.memory, &host.slab, &runs));
         let tokens = self.index.tokens_of(b).to_vec();
         let first = self.index.is_first(b);
         host.cache_block(hb, hash, parent, first, &tokens);
@@ -309,7 +323,7 @@ impl State {
                 disk.reserve(sp.hash, sp.parent, sp.first, &sp.tokens, &mut self.events)
             {
                 let mut data = vec![0u8; host.bytes_per_block];
-                host.slab.read(host.offset(b), &mut data);
+                device_io(host.slab.read(host.offset(b), &mut data));
                 self.disk_writes.push(DiskWrite {
                     slot,
                     hash: sp.hash,
@@ -572,7 +586,7 @@ impl State {
         for (&hb, &db) in from.iter().zip(to) {
             ctx.from_host(host.offset(hb), db, &mut runs);
         }
-        runs.copy(&host.slab, &ctx.memory);
+        device_io(copy_runs(&host.slab, &ctx.memory, &runs));
         for &hb in from {
             host.pool.release(hb);
         }

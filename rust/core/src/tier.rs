@@ -15,7 +15,7 @@ use crate::events::EventQueue;
 use crate::pool::BlockPool;
 use crate::prefix::PrefixIndex;
 use crate::storage::disk::DiskFile;
-use crate::storage::host::HostSlab;
+use crate::storage::Memory;
 use crate::types::{BlockHash, BlockId, Tier};
 
 /// What an evicted cached host block held.
@@ -27,20 +27,22 @@ pub struct Spilled {
 }
 
 pub struct HostTier {
-    pub slab: Arc<HostSlab>,
+    pub slab: Memory,
     pub pool: BlockPool,
     pub index: PrefixIndex,
     pub bytes_per_block: usize,
 }
 
 impl HostTier {
+    /// `device`: the device tier's memory (the host tier is pinned beside a GPU).
     pub fn new(
         num_blocks: usize,
         block_size: usize,
         bytes_per_block: usize,
+        device: &Memory,
     ) -> crate::error::Result<Self> {
         Ok(HostTier {
-            slab: Arc::new(HostSlab::new(num_blocks * bytes_per_block)?),
+            slab: Memory::host_tier_for(device, num_blocks * bytes_per_block)?,
             pool: BlockPool::new(num_blocks),
             index: PrefixIndex::new(num_blocks, block_size),
             bytes_per_block,

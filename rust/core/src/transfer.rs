@@ -1,7 +1,7 @@
 //! Block copies between tiers: coalesced byte runs, and a worker that runs big copies.
 //!
 //! `Runs` collects `(src_offset, dst_offset, len)` copies and merges a run that continues the
-//! previous one in both source and destination, so contiguous block runs become one copy.
+//! previous one in both source and destination, so contiguous block runs become one copy (executed by `storage::copy_runs`).
 //! `Copier` is one worker thread that executes copy jobs off the caller's thread (so an
 //! event loop never blocks on a large swap); a job reports completion through the engine's
 //! eventfd, never by calling Python. Dropping the `Copier` finishes queued jobs and joins.
@@ -9,8 +9,6 @@
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
-
-use crate::storage::host::HostSlab;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Runs {
@@ -30,13 +28,6 @@ impl Runs {
 
     pub fn bytes(&self) -> usize {
         self.runs.iter().map(|r| r.2).sum()
-    }
-
-    /// Executes every run from `src` into `dst`.
-    pub fn copy(&self, src: &HostSlab, dst: &HostSlab) {
-        for &(s, d, n) in &self.runs {
-            dst.copy_from(d, src, s, n);
-        }
     }
 }
 
@@ -113,18 +104,7 @@ mod tests {
     }
 
     #[test]
-    fn copies_bytes_and_runs_jobs_in_order() {
-        let a = HostSlab::new(64).unwrap();
-        let b = HostSlab::new(64).unwrap();
-        a.write(0, &[1, 2, 3, 4, 5, 6, 7, 8]);
-        let mut r = Runs::default();
-        r.push(0, 32, 4);
-        r.push(4, 36, 4);
-        r.copy(&a, &b);
-        let mut out = [0u8; 8];
-        b.read(32, &mut out);
-        assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
-
+    fn runs_jobs_in_order() {
         let c = Copier::new();
         let n = Arc::new(AtomicUsize::new(0));
         for i in 0..100 {

@@ -39,8 +39,6 @@ pub enum DlDevice {
     /// Host memory (`kDLCPU = 1`).
     Cpu,
     /// CUDA device memory on the given ordinal (`kDLCUDA = 2`).
-    // NOTE: kDLCUDA views come with the CUDA device tier; only CPU views are made today.
-    #[allow(dead_code)]
     Cuda(i32),
 }
 

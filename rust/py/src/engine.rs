@@ -442,9 +442,9 @@ impl PyEngine {
     }
 
     fn kv_view(&self, layer: usize) -> PyResult<PyKvView> {
-        let (slab, view) = self.engine.layer_view(layer).py_err()?;
+        let (memory, view) = self.engine.layer_view(layer).py_err()?;
         Ok(PyKvView {
-            slab,
+            memory,
             view,
             dtype: self.engine.config().dtype,
         })
