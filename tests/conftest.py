@@ -17,6 +17,19 @@ import anyio
 import pytest
 
 import ferrumkv
+from ferrumkv import _core
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`cuda` tests need an NVIDIA driver: without one they are deselected (the default run
+    is CPU-only); with one they run like every other test."""
+    if _core.cuda_driver_present:
+        return
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
 
 SMALL = {
     "num_layers": 2,
