@@ -130,6 +130,18 @@ fn detach_if_large<T: Send>(py: Python<'_>, bytes: usize, f: impl FnOnce() -> T 
     }
 }
 
+impl PyEngine {
+    /// An allocation may read disk blocks (a prefix hit on the disk tier): with a disk tier
+    /// the GIL is released around it so other Python threads keep running.
+    fn without_gil_if_disk<T: Send>(&self, py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+        if self.engine.config().disk_blocks > 0 {
+            py.detach(f)
+        } else {
+            f()
+        }
+    }
+}
+
 #[pymethods]
 impl PyEngine {
     #[new]
@@ -178,12 +190,8 @@ impl PyEngine {
         let rid = convert::request_id(request_id)?;
         let salt = convert::salt(salt)?;
         let tokens = convert::tokens(tokens)?;
-        outcome(
-            py,
-            self.engine
-                .allocate(rid, tokens, salt.as_ref(), wait)
-                .py_err()?,
-        )
+        let run = || self.engine.allocate(rid, tokens, salt.as_ref(), wait);
+        outcome(py, self.without_gil_if_disk(py, run).py_err()?)
     }
 
     /// A handle, or None when blocks are short (never waits).
@@ -198,7 +206,8 @@ impl PyEngine {
         let rid = convert::request_id(request_id)?;
         let salt = convert::salt(salt)?;
         let tokens = convert::tokens(tokens)?;
-        match self.engine.allocate(rid, tokens, salt.as_ref(), false) {
+        let run = || self.engine.allocate(rid, tokens, salt.as_ref(), false);
+        match self.without_gil_if_disk(py, run) {
             Ok(o) => outcome(py, o).map(Some),
             Err(Error::OutOfBlocks {
                 never_fits: false, ..
