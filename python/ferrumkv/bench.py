@@ -316,30 +316,271 @@ def _copy_bandwidth(rounds: int) -> list[tuple[str, float, float, str]]:
         ]
 
 
-async def run_suite(rounds: int) -> list[tuple[str, float, float, str]]:
-    rows: list[tuple[str, float, float, str]] = []
-    rows += await _alloc_dealloc(rounds)
-    rows += await _decode_step(rounds)
-    rows += await _prefix(rounds)
-    rows += _copy_bandwidth(rounds)
+# ----- tiers: swap and disk ---------------------------------------------------------------
+
+SWAP_BLOCKS = 1000
+
+
+def _tier_cfg(**kw: Any) -> CacheConfig:
+    # 64 KiB blocks: 2 layers x (K, V) x 16 tokens x 8 heads x 64 dims x 2 bytes.
+    return CacheConfig(
+        num_layers=2,
+        num_kv_heads=8,
+        head_dim=64,
+        block_size=BLOCK,
+        dtype="float16",
+        enable_kv_events=False,
+        **kw,
+    )
+
+
+async def _interleaved(cases: list[Callable[[], Any]], rounds: int) -> list[float]:
+    """Median seconds per round of each case; every round runs the cases in turn, so a busy
+    machine weighs on a case and its baseline alike."""
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for t, case in zip(times, cases, strict=True):
+            t0 = time.perf_counter_ns()
+            r = case()
+            if r is not None:
+                await r
+            t.append((time.perf_counter_ns() - t0) / 1e9)
+    return [statistics.median(t) for t in times]
+
+
+async def _swap(rounds: int) -> list[tuple[str, float, float, str]]:
+    """await swap_out + await swap_in of 1,000 blocks beside numpy.copyto of the same bytes."""
+    cfg = _tier_cfg(num_blocks=2 * SWAP_BLOCKS + 48, host_blocks=SWAP_BLOCKS + 24)
+    bpb = cfg.bytes_per_block
+    moved = 2 * SWAP_BLOCKS * bpb  # out and back in
+    src = np.full(SWAP_BLOCKS * bpb, 1, dtype=np.uint8)
+    dst = np.full_like(src, 2)
+
+    def copyto() -> None:
+        np.copyto(dst, src)
+        np.copyto(src, dst)
+
+    with KvCache(cfg) as cache:
+        for layer in range(cfg.num_layers):
+            # Touch every page, so no copy reads the kernel's shared zero page.
+            np.from_dlpack(cache.kv_view(layer))[...] = 1
+        await cache.allocate("one", np.arange(SWAP_BLOCKS * BLOCK, dtype=np.int64))
+        # The same number of blocks as sequences of 16 blocks (the last one shorter).
+        sizes = [16] * (SWAP_BLOCKS // 16) + ([SWAP_BLOCKS % 16] if SWAP_BLOCKS % 16 else [])
+        rids = list(range(len(sizes)))
+        for r, n in zip(rids, sizes, strict=True):
+            await cache.allocate(r, np.arange(n * BLOCK, dtype=np.int64) + (r + 1) * 100_000)
+
+        async def one() -> None:
+            await cache.swap_out("one")
+            await cache.swap_in("one")
+
+        async def many() -> None:
+            # One by one, as a scheduler loop preempts and later resumes requests.
+            for r in rids:
+                await cache.swap_out(r)
+            for r in rids:
+                await cache.swap_in(r)
+
+        await one()  # warm-up: the host tier's pages fault in once, outside the timing
+        await many()
+        one_s, many_s, ref_s = await _interleaved([one, many, copyto], rounds)
+        st = cache.stats()
+        if st.d2h_transfers == 0 or st.num_swapped != 0:
+            raise RuntimeError(f"swap bench did not swap as planned: {st}")
+    ref = moved / ref_s / 1e9
+    return [
+        (
+            f"swap out+in {SWAP_BLOCKS} x 64 KiB, 1 seq (vs copyto)",
+            moved / one_s / 1e9,
+            ref,
+            "GB/s",
+        ),
+        (
+            f"  same, {len(sizes)} seqs of <=16 blocks in turn",
+            moved / many_s / 1e9,
+            ref,
+            "GB/s",
+        ),
+    ]
+
+
+async def _disk(rounds: int) -> list[tuple[str, float, float, str]]:
+    """Blocks spilled device -> host -> disk, and prefix hits read back from disk only,
+    beside os.pwrite / os.pread of the same number of 64 KiB blocks (page cache, no fsync)."""
+    device, host, disk, per = 64, 256, 2048, 16  # tiers in blocks; blocks per prompt
+    resident = (device + host) // per  # prompts the device and host tiers hold
+    nprompts = disk // per - resident - 4  # the disk tier never evicts in a round
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 32000, per * BLOCK, dtype=np.int64) for _ in range(nprompts)]
+    w_times: list[float] = []
+    r_times: list[float] = []
+    pw_times: list[float] = []
+    pr_times: list[float] = []
+    written = read = 0
+    with tempfile.TemporaryDirectory(prefix="ferrumkv-bench-") as tmp:
+        path = os.path.join(tmp, "tier")
+        cfg = _tier_cfg(num_blocks=device, host_blocks=host, disk_path=path, disk_blocks=disk)
+        bpb = cfg.bytes_per_block
+        data = np.full(disk * bpb, 3, dtype=np.uint8)
+        for _ in range(rounds):
+            with KvCache(cfg) as cache:
+                # Write: allocate and free distinct prompts; evictions cascade down the tiers.
+                s0 = cache.stats()
+                t0 = time.perf_counter_ns()
+                for i, p in enumerate(prompts):
+                    await cache.allocate(i, p)
+                    await cache.deallocate(i)
+                cache._core.wait_disk_idle()
+                w_times.append((time.perf_counter_ns() - t0) / 1e9)
+                s1 = cache.stats()
+                written = s1.disk_blocks_written - s0.disk_blocks_written
+                # Untimed: hits on the first prompts push what the device and host tiers
+                # still hold down to disk, so the timed hits below find their blocks on
+                # disk only, and evict only blocks that are on disk already (no writes).
+                for i in range(resident):
+                    await cache.allocate(f"w{i}", prompts[i])
+                    await cache.deallocate(f"w{i}")
+                cache._core.wait_disk_idle()
+                s2 = cache.stats()
+                t0 = time.perf_counter_ns()
+                for i in range(resident, nprompts):
+                    await cache.allocate(f"r{i}", prompts[i])
+                    await cache.deallocate(f"r{i}")
+                cache._core.wait_disk_idle()
+                r_times.append((time.perf_counter_ns() - t0) / 1e9)
+                s3 = cache.stats()
+                read = s3.disk_blocks_read - s2.disk_blocks_read
+                if (
+                    written == 0
+                    or read == 0
+                    or s3.disk_blocks_written != s2.disk_blocks_written
+                    or s3.onboard_bytes - s2.onboard_bytes != read * bpb
+                    or s3.disk_write_errors + s3.disk_read_errors + s3.disk_checksum_failures
+                ):
+                    raise RuntimeError(f"disk bench did not run as planned: {s3}")
+            os.unlink(path)
+            # Baseline: the same blocks through plain Python positioned writes and reads.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, disk * bpb)
+                view = memoryview(data)
+                t0 = time.perf_counter_ns()
+                for b in range(written):
+                    os.pwrite(fd, view[b * bpb : (b + 1) * bpb], b * bpb)
+                pw_times.append((time.perf_counter_ns() - t0) / 1e9)
+                t0 = time.perf_counter_ns()
+                for b in range(read):
+                    os.pread(fd, bpb, b * bpb)
+                pr_times.append((time.perf_counter_ns() - t0) / 1e9)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+    w_s, r_s = statistics.median(w_times), statistics.median(r_times)
+    mb = 1e6 / bpb
+
+    def rate(blocks: int, times: list[float]) -> float:
+        return blocks / statistics.median(times) / mb
+
+    return [
+        (
+            f"disk write: {written} blocks spilled, vs pwrite ({written / w_s:,.0f} blocks/s)",
+            rate(written, w_times),
+            rate(written, pw_times),
+            "MB/s",
+        ),
+        (
+            f"disk read: {read} blocks of prefix hits, vs pread ({read / r_s:,.0f} blocks/s)",
+            rate(read, r_times),
+            rate(read, pr_times),
+            "MB/s",
+        ),
+    ]
+
+
+Row = tuple[str, float, float, str]
+
+# (group, the fixed part of each case name, runner): `--only` picks groups by these names.
+GROUPS: list[tuple[str, tuple[str, ...], Callable[[int], Any]]] = [
+    (
+        "alloc",
+        (
+            "allocate+deallocate 512 tok, sync",
+            "allocate+deallocate 512 tok, awaited",
+            "same, tokens as a Python list",
+        ),
+        _alloc_dealloc,
+    ),
+    (
+        "decode",
+        (
+            "decode step: 256 seqs +1 token, extend_batch",
+            "decode step: 256 awaited extend() calls",
+        ),
+        _decode_step,
+    ),
+    (
+        "prefix",
+        (
+            "hash+lookup 32k-token prompt (miss)",
+            "lookup 32-block prompt, 31 hits",
+            "alloc+dealloc 512 tok, caching on",
+        ),
+        _prefix,
+    ),
+    ("copy", ("write_kv 1024 KiB",), _copy_bandwidth),
+    ("swap", ("swap out+in", "seqs of <=16 blocks in turn"), _swap),
+    ("disk", ("disk write", "disk read"), _disk),
+]
+
+
+async def run_suite(rounds: int, only: str | None = None) -> list[Row]:
+    """Runs the cases (those whose name or group contains `only`, case-insensitive)."""
+    key = (only or "").lower()
+    rows: list[Row] = []
+    for group, names, runner in GROUPS:
+        whole = key in group
+        if not whole and not any(key in n.lower() for n in names):
+            continue
+        disk_rounds = max(3, rounds // 3)  # a disk round is a whole fresh cache
+        r = runner(disk_rounds if group == "disk" else rounds)
+        got = await r if asyncio.iscoroutine(r) else r
+        rows += [row for row in got if whole or key in row[0].lower()]
     return rows
 
 
-def format_table(rows: list[tuple[str, float, float, str]]) -> str:
+def _is_rate(unit: str) -> bool:
+    return unit.endswith("/s")
+
+
+def format_table(rows: list[Row]) -> str:
+    """One line per case; "speedup" is ferrumkv relative to the baseline (above 1x: faster),
+    so for throughputs (GB/s, MB/s) it is ferrumkv / baseline, e.g. 0.9x = 90% of copyto."""
     w = max(len(r[0]) for r in rows)
     lines = [f"{'case':<{w}}  {'ferrumkv':>10}  {'baseline':>10}  {'speedup':>8}  unit"]
     for name, ours, base, unit in rows:
-        lines.append(f"{name:<{w}}  {ours:>10.2f}  {base:>10.2f}  {base / ours:>7.1f}x  {unit}")
+        ratio = ours / base if _is_rate(unit) else base / ours
+        lines.append(f"{name:<{w}}  {ours:>10.2f}  {base:>10.2f}  {ratio:>7.2f}x  {unit}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ferrumkv bench", description=__doc__)
     p.add_argument("--rounds", type=int, default=21, help="timed rounds per case (median)")
+    p.add_argument(
+        "--only",
+        metavar="NAME",
+        help="run only the cases whose name (or group: "
+        + ", ".join(g for g, _, _ in GROUPS)
+        + ") contains NAME, case-insensitive",
+    )
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
-    print(format_table(asyncio.run(run_suite(args.rounds))))
+    rows = asyncio.run(run_suite(args.rounds, args.only))
+    if not rows:
+        p.error(f"no case matches --only {args.only!r}")
+    print(format_table(rows))
     return 0
 
 

@@ -4,12 +4,15 @@
 //! `H(parent_hash || token ids)` with `H` = xxh3-128 or the first 16 bytes of SHA-256, so equal
 //! token runs share a block only when their whole prefix and salt are equal.
 //!
-//! Index: `by_hash` maps a hash to the one block that holds it; `children` maps a parent hash
-//! to the cached blocks that follow it, which is what partial reuse searches (TensorRT-LLM's
-//! partial matching: the child whose first k tokens equal the request's next k tokens).
+//! Index: `by_hash` maps a hash to the one block that holds it; `siblings` maps (parent hash,
+//! first token) to an intrusive list of the cached blocks that follow that parent and start
+//! with that token (O(1) insert and remove). That is what partial reuse searches
+//! (TensorRT-LLM's partial matching: the child whose first k tokens equal the request's next
+//! k tokens; k >= 1 needs the first token to match, so no other sibling can win).
 //! Each cached block also keeps its token ids and parent hash.
-//! Invariants: `by_hash[h] == b` iff `entry[b] == Some((h, parent))` and `b` is in
-//! `children[parent]`; a hash is held by at most one block (later duplicates stay unindexed).
+//! Invariants: `by_hash[h] == b` iff `entry[b] == Some((h, parent))` and `b` is in the
+//! sibling list of (parent, its first token); a hash is held by at most one block (later
+//! duplicates stay unindexed).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher as StdHasher};
@@ -98,13 +101,15 @@ impl Hasher {
 }
 
 /// Block hashes are already uniform 128-bit digests: hashing them again (SipHash) only
-/// costs time, so the index maps use their low 64 bits as the table hash.
+/// costs time, so the index maps fold the key into 64 bits and mix it with one multiply.
 #[derive(Default, Clone, Copy)]
 pub struct PassThrough(u64);
 
 impl StdHasher for PassThrough {
     fn finish(&self) -> u64 {
-        self.0
+        // One multiply spreads keys that are not digests (sibling keys: a first token id
+        // under the root) over the high bits hashbrown probes with.
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
     }
     fn write(&mut self, bytes: &[u8]) {
         for chunk in bytes.chunks(8) {
@@ -120,6 +125,11 @@ impl StdHasher for PassThrough {
 
 type HashKeyed<V> = HashMap<BlockHash, V, BuildHasherDefault<PassThrough>>;
 
+/// (parent hash, first token id) of a cached block.
+type SiblingKey = (BlockHash, u32);
+
+const NIL: u32 = u32::MAX;
+
 #[derive(Debug, Clone)]
 struct Entry {
     hash: BlockHash,
@@ -133,7 +143,12 @@ struct Entry {
 pub struct PrefixIndex {
     block_size: usize,
     by_hash: HashKeyed<BlockId>,
-    children: HashKeyed<Vec<BlockId>>,
+    /// Head of the sibling list of each (parent hash, first token): partial matching only
+    /// ever looks at cached children that share the request's next token.
+    siblings: HashMap<SiblingKey, u32, BuildHasherDefault<PassThrough>>,
+    /// Intrusive doubly-linked sibling lists (`NIL`-terminated), indexed by block id.
+    next_sib: Vec<u32>,
+    prev_sib: Vec<u32>,
     entry: Vec<Option<Entry>>,
     /// Token ids of each cached block (`block_size` per block).
     tokens: Vec<u32>,
@@ -144,7 +159,9 @@ impl PrefixIndex {
         PrefixIndex {
             block_size,
             by_hash: HashKeyed::default(),
-            children: HashKeyed::default(),
+            siblings: HashMap::default(),
+            next_sib: vec![NIL; num_blocks],
+            prev_sib: vec![NIL; num_blocks],
             entry: vec![None; num_blocks],
             tokens: vec![0; num_blocks * block_size],
         }
@@ -197,11 +214,13 @@ impl PrefixIndex {
     ) -> bool {
         debug_assert_eq!(tokens.len(), self.block_size);
         debug_assert!(self.entry[b.idx()].is_none(), "block {} indexed twice", b.0);
-        if self.by_hash.contains_key(&hash) {
-            return false;
+        match self.by_hash.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => return false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(b);
+            }
         }
-        self.by_hash.insert(hash, b);
-        self.children.entry(parent).or_default().push(b);
+        self.link(b, (parent, tokens[0]));
         self.entry[b.idx()] = Some(Entry {
             hash,
             parent,
@@ -216,29 +235,60 @@ impl PrefixIndex {
     pub fn remove(&mut self, b: BlockId) -> Option<BlockHash> {
         let e = self.entry[b.idx()].take()?;
         self.by_hash.remove(&e.hash);
-        if let Some(kids) = self.children.get_mut(&e.parent) {
-            if let Some(i) = kids.iter().position(|&k| k == b) {
-                kids.swap_remove(i);
-            }
-            if kids.is_empty() {
-                self.children.remove(&e.parent);
-            }
-        }
+        let key = (e.parent, self.tokens_of(b)[0]);
+        self.unlink(b, key);
         Some(e.hash)
+    }
+
+    fn link(&mut self, b: BlockId, key: SiblingKey) {
+        let head = self.siblings.insert(key, b.0).unwrap_or(NIL);
+        self.next_sib[b.idx()] = head;
+        self.prev_sib[b.idx()] = NIL;
+        if head != NIL {
+            self.prev_sib[head as usize] = b.0;
+        }
+    }
+
+    fn unlink(&mut self, b: BlockId, key: SiblingKey) {
+        let (p, n) = (self.prev_sib[b.idx()], self.next_sib[b.idx()]);
+        if p == NIL {
+            if n == NIL {
+                self.siblings.remove(&key);
+            } else {
+                self.siblings.insert(key, n);
+            }
+        } else {
+            self.next_sib[p as usize] = n;
+        }
+        if n != NIL {
+            self.prev_sib[n as usize] = p;
+        }
+    }
+
+    /// Cached children of `parent` whose first token is `first`.
+    fn siblings_of(&self, key: SiblingKey) -> impl Iterator<Item = BlockId> + '_ {
+        let mut cur = self.siblings.get(&key).copied().unwrap_or(NIL);
+        std::iter::from_fn(move || {
+            (cur != NIL).then(|| {
+                let b = cur;
+                cur = self.next_sib[b as usize];
+                BlockId(b)
+            })
+        })
     }
 
     pub fn clear(&mut self) {
         self.by_hash.clear();
-        self.children.clear();
+        self.siblings.clear();
         self.entry.iter_mut().for_each(|e| *e = None);
     }
 
     /// The cached child of `parent` sharing the longest run of leading tokens with `window`,
     /// as `(block, matched_tokens)`, if any shares at least one. Ties go to the lowest id.
     pub fn best_partial(&self, parent: BlockHash, window: &[u32]) -> Option<(BlockId, usize)> {
-        let kids = self.children.get(&parent)?;
-        kids.iter()
-            .map(|&b| {
+        let first = *window.first()?;
+        self.siblings_of((parent, first))
+            .map(|b| {
                 let m = self
                     .tokens_of(b)
                     .iter()
@@ -263,11 +313,21 @@ impl PrefixIndex {
                 .as_ref()
                 .expect("indexed block has an entry");
             assert_eq!(e.hash, h, "block {} carries another hash", b.0);
-            assert!(self.children[&e.parent].contains(&b));
+            let key = (e.parent, self.tokens_of(b)[0]);
+            assert!(
+                self.siblings_of(key).any(|x| x == b),
+                "block {} not among its siblings",
+                b.0
+            );
         }
         let n = self.entry.iter().filter(|e| e.is_some()).count();
         assert_eq!(n, self.by_hash.len());
-        assert_eq!(self.children.values().map(Vec::len).sum::<usize>(), n);
+        let listed: usize = self
+            .siblings
+            .keys()
+            .map(|&k| self.siblings_of(k).count())
+            .sum();
+        assert_eq!(listed, n);
     }
 }
 
