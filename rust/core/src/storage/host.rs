@@ -13,6 +13,17 @@ use std::ptr::NonNull;
 use crate::error::{Error, Result};
 
 const ALIGN: usize = 4096;
+/// Slabs of at least this size are aligned to it and asked to use transparent huge pages:
+/// fewer TLB misses on block copies (numpy does the same for large arrays).
+const HUGE: usize = 2 << 20;
+
+fn align_for(len: usize) -> usize {
+    if len >= HUGE {
+        HUGE
+    } else {
+        ALIGN
+    }
+}
 
 #[derive(Debug)]
 pub struct HostSlab {
@@ -29,12 +40,17 @@ unsafe impl Sync for HostSlab {}
 impl HostSlab {
     pub fn new(len: usize) -> Result<Self> {
         let size = len.max(1);
-        let layout = Layout::from_size_align(size, ALIGN)
+        let layout = Layout::from_size_align(size, align_for(size))
             .map_err(|_| Error::config("num_blocks", format!("{len} bytes is too large")))?;
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw)
             .ok_or_else(|| Error::config("num_blocks", format!("cannot allocate {len} bytes")))?;
+        if size >= HUGE {
+            // SAFETY: advisory call on memory we own (`size` bytes from `raw`); failure (e.g.
+            // THP disabled) changes nothing and is ignored.
+            unsafe { libc::madvise(raw.cast(), size, libc::MADV_HUGEPAGE) };
+        }
         Ok(HostSlab { ptr, len })
     }
 
@@ -102,8 +118,8 @@ impl HostSlab {
 
 impl Drop for HostSlab {
     fn drop(&mut self) {
-        let layout =
-            Layout::from_size_align(self.len.max(1), ALIGN).expect("layout was valid at new");
+        let layout = Layout::from_size_align(self.len.max(1), align_for(self.len.max(1)))
+            .expect("layout was valid at new");
         // SAFETY: allocated in `new` with this exact layout and not yet freed.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
