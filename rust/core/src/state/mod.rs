@@ -9,11 +9,19 @@
 //!
 //! Allocation order: blank blocks first (FIFO), then the least recently released evictable
 //! block (a sequence releases its blocks tail first, so children go before parents).
+//! Submodules add to `State`: `tiers` (offload, onboard, disk, swaps), `tickets` (waiters:
+//! serve, take, cancel and undo), `checks` (the invariants below).
 //! Invariants (checked by `check_invariants`): every block's refcount equals the number of
 //! sequences holding it; an evictable block is referenced by none; every index entry names a
 //! block carrying that hash; used + free == total.
 
 use std::collections::HashMap;
+
+mod checks;
+mod tickets;
+mod tiers;
+
+pub use tiers::Swap;
 
 use crate::clock::Clock;
 use crate::config::CacheConfig;
@@ -30,7 +38,7 @@ use crate::storage::{copy_runs, Memory};
 use crate::tier::{DiskTier, DiskWrite, HostTier};
 use crate::transfer::Runs;
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId, Tier};
-use crate::waiters::{ExtendUndo, TicketState, Undo, WaitOp, Waiters};
+use crate::waiters::{ExtendUndo, Waiters};
 
 /// Immutable context of the state: config, geometry, memory, hashing, time.
 pub struct Ctx {
@@ -94,15 +102,6 @@ impl Ctx {
 /// (a Python `PanicException`) rather than an error every caller would have to unwind.
 fn device_io<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("device memory access failed: {e}"))
-}
-
-/// A swap's copies, planned under the lock and executed with or without it.
-pub struct Swap {
-    /// The blocks (of the destination tier) the sequence will own.
-    pub to: Vec<BlockId>,
-    pub runs: Runs,
-    pub src: Memory,
-    pub dst: Memory,
 }
 
 /// Plan of a prompt allocation, computed without side effects.
@@ -280,101 +279,6 @@ impl State {
         self.counters.evicted_blocks += 1;
         self.residency.on_evict(b, now);
         offloaded
-    }
-
-    /// Copies cached device block `b` into a host block indexed under the same hash.
-    fn offload(&mut self, ctx: &Ctx, b: BlockId) -> bool {
-        let (Some(hash), Some(parent)) = (self.index.hash_of(b), self.index.parent_of(b)) else {
-            return false;
-        };
-        if self
-            .host
-            .as_ref()
-            .is_none_or(|h| h.index.get(hash).is_some())
-        {
-            return false;
-        }
-        let Some(hb) = self.take_host_block() else {
-            return false;
-        };
-        let host = self.host.as_mut().expect("checked above");
-        let mut runs = Runs::default();
-        ctx.to_host(b, host.offset(hb), &mut runs);
-        device_io(copy_runs(&ctx.memory, &host.slab, &runs));
-        let tokens = self.index.tokens_of(b).to_vec();
-        let first = self.index.is_first(b);
-        host.cache_block(hb, hash, parent, first, &tokens);
-        self.events
-            .stored(hash, (!first).then_some(parent), &tokens, Tier::Host);
-        let bpb = ctx.bytes_per_block() as u64;
-        self.counters.offload_blocks += 1;
-        self.counters.offload_bytes += bpb;
-        self.counters.d2h_blocks_copied += 1;
-        true
-    }
-
-    /// Takes a host block (see `HostTier::take_block`); an evicted cached host block is
-    /// spilled to the disk tier first: its bytes are staged here and written by a worker.
-    fn take_host_block(&mut self) -> Option<BlockId> {
-        let host = self.host.as_mut()?;
-        let (b, spilled) = host.take_block(&mut self.events)?;
-        if let (Some(sp), Some(disk)) = (spilled, self.disk.as_mut()) {
-            if let Some(slot) =
-                disk.reserve(sp.hash, sp.parent, sp.first, &sp.tokens, &mut self.events)
-            {
-                let mut data = vec![0u8; host.bytes_per_block];
-                device_io(host.slab.read(host.offset(b), &mut data));
-                self.disk_writes.push(DiskWrite {
-                    slot,
-                    hash: sp.hash,
-                    data,
-                });
-            }
-        }
-        Some(b)
-    }
-
-    /// A disk worker finished writing a spilled block.
-    pub fn finish_disk_write(&mut self, slot: BlockId, hash: BlockHash, ok: bool) {
-        let Some(disk) = self.disk.as_mut() else {
-            return;
-        };
-        disk.finish_write(slot, hash, ok, &mut self.events);
-        self.events.end_op();
-        if ok {
-            self.counters.disk_blocks_written += 1;
-        } else {
-            self.counters.disk_write_errors += 1;
-        }
-    }
-
-    /// Reads the planned disk hits (positioned reads, checksums verified). The chain stops
-    /// at the first block that fails: a corrupt block is a miss, dropped from the disk
-    /// index and counted, never returned as data. Returns the bytes read, in order.
-    fn read_disk_hits(&mut self, plan: &mut AllocPlan) -> Vec<Vec<u8>> {
-        let Some(disk) = self.disk.as_mut() else {
-            return vec![];
-        };
-        let mut out = Vec::with_capacity(plan.from_disk.len());
-        for (i, &slot) in plan.from_disk.iter().enumerate() {
-            let mut buf = vec![0u8; disk.file.slot_bytes()];
-            match disk.file.read_block(slot.idx(), &mut buf) {
-                Ok(()) => out.push(buf),
-                Err(e) => {
-                    if matches!(e, crate::storage::disk::ReadError::Corrupt { .. }) {
-                        self.counters.disk_checksum_failures += 1;
-                    } else {
-                        self.counters.disk_read_errors += 1;
-                    }
-                    disk.drop_corrupt(slot, &mut self.events);
-                    plan.from_disk.truncate(i);
-                    plan.partial = None; // it was planned after the lost blocks
-                    break;
-                }
-            }
-        }
-        self.counters.disk_blocks_read += out.len() as u64;
-        out
     }
 
     /// Drops a block's hash from the device index without evicting it (an undo).
@@ -578,24 +482,6 @@ impl State {
         Ok(view)
     }
 
-    /// Copies cached host blocks into fresh device blocks (a prefix hit in the host tier)
-    /// and unpins the host blocks, which stay cached there.
-    fn onboard(&mut self, ctx: &Ctx, from: &[BlockId], to: &[BlockId]) {
-        let host = self.host.as_mut().expect("onboard implies a host tier");
-        let mut runs = Runs::default();
-        for (&hb, &db) in from.iter().zip(to) {
-            ctx.from_host(host.offset(hb), db, &mut runs);
-        }
-        device_io(copy_runs(&host.slab, &ctx.memory, &runs));
-        for &hb in from {
-            host.pool.release(hb);
-        }
-        let n = from.len() as u64;
-        self.counters.onboard_blocks += n;
-        self.counters.onboard_bytes += n * ctx.bytes_per_block() as u64;
-        self.counters.h2d_blocks_copied += n;
-    }
-
     /// Checks that `rid` may be used for a new sequence.
     pub fn check_new_rid(&self, rid: &RequestId) -> Result<()> {
         if self.seqs.contains_key(rid) || self.waiters.pending_rids.contains(rid) {
@@ -752,29 +638,6 @@ impl State {
             + plan.partial.map_or(0, |p| p.1)
     }
 
-    /// Gives back what a granted `extend` took (the sequence keeps its earlier tokens).
-    fn undo_extend(&mut self, rid: &RequestId, u: &ExtendUndo) {
-        let Some(mut s) = self.seqs.remove(rid) else {
-            return;
-        };
-        for i in u.num_hashes..s.hashes.len() {
-            let b = s.blocks[i];
-            if self.index.hash_of(b) == Some(s.hashes[i]) && self.pool.ref_cnt(b) == 1 {
-                self.forget_cached(b);
-                self.pool.set_cached(b, false);
-            }
-        }
-        for b in s.blocks.drain(u.num_blocks..).rev().collect::<Vec<_>>() {
-            self.release_block(b);
-        }
-        s.hashes.truncate(u.num_hashes);
-        s.num_tokens = u.num_tokens;
-        s.tail.clone_from(&u.tail);
-        s.cacheable = u.cacheable;
-        self.events.end_op();
-        self.seqs.insert(rid.clone(), s);
-    }
-
     /// Copy-on-write: gives `rid` private copies of the shared blocks that hold positions
     /// `start..start+n`, so a write there is never seen by another sequence.
     pub fn unshare_span(
@@ -829,30 +692,6 @@ impl State {
         }
     }
 
-    /// Gives back a granted `allocate`: blocks it registered are uncached, not kept. Its
-    /// first `num_cached_tokens / block_size` blocks were full hits (a partial copy is never
-    /// a whole block), so every later block was filled, and registered, by this call.
-    fn undo_allocate(&mut self, ctx: &Ctx, rid: &RequestId) {
-        let Some(s) = self.seqs.remove(rid) else {
-            return;
-        };
-        for (i, &b) in s.blocks.iter().enumerate() {
-            let registered_here = s
-                .hashes
-                .get(i)
-                .is_some_and(|&h| self.index.get(h) == Some(b));
-            if registered_here
-                && self.pool.ref_cnt(b) == 1
-                && i >= s.num_cached_tokens / ctx.config.block_size
-            {
-                self.forget_cached(b);
-                self.pool.set_cached(b, false);
-            }
-        }
-        self.events.end_op();
-        self.free_sequence(s);
-    }
-
     pub fn deallocate(&mut self, rid: &RequestId) -> Result<()> {
         if self.seqs.get(rid).is_some_and(|s| s.swapping) {
             return Err(Error::InvalidState(format!(
@@ -868,26 +707,6 @@ impl State {
         Ok(())
     }
 
-    /// Fails pending tickets of `rid` and drops granted ones (their sequence is gone).
-    fn fail_tickets_of(&mut self, rid: &RequestId, why: &str) {
-        let pending: Vec<_> = self
-            .waiters
-            .extends
-            .iter()
-            .copied()
-            .filter(|t| matches!(self.waiters.tickets.get(t), Some(TicketState::Pending { op, .. }) if op.rid() == rid))
-            .collect();
-        for t in pending {
-            self.waiters.unqueue(t);
-            self.waiters.finish(
-                t,
-                TicketState::Failed(Error::InvalidState(format!("request {rid}: {why}"))),
-            );
-            self.needs_signal = true;
-        }
-        self.waiters.tickets.retain(|_, st| !matches!(st, TicketState::Granted { rid: r, undo: Undo::Extend(_) } if r == rid));
-    }
-
     // ----- fork ---------------------------------------------------------------------------
 
     pub fn fork(&mut self, parent: &RequestId, child: &RequestId) -> Result<SeqView> {
@@ -899,223 +718,6 @@ impl State {
         let view = SeqView::of(child, &p);
         self.seqs.insert(child.clone(), p);
         Ok(view)
-    }
-
-    // ----- waiters ------------------------------------------------------------------------
-
-    /// Serves waiting tickets in order while blocks last (extends first, then allocates).
-    pub fn serve_waiters(&mut self, ctx: &Ctx) {
-        for allocates in [false, true] {
-            loop {
-                let queue = if allocates {
-                    &self.waiters.allocates
-                } else {
-                    &self.waiters.extends
-                };
-                let Some(&t) = queue.front() else { break };
-                let Some(TicketState::Pending { op, .. }) = self.waiters.tickets.get(&t) else {
-                    unreachable!("queued tickets are pending")
-                };
-                let result = match op.clone() {
-                    WaitOp::Allocate { rid, tokens, root } => self
-                        .allocate_now(ctx, &rid, &tokens, root)
-                        .map(|_| (rid, Undo::Allocate)),
-                    WaitOp::Extend { rid, append } => self
-                        .extend_now(ctx, &rid, &append)
-                        .map(|(_, u)| (rid, Undo::Extend(u))),
-                };
-                let state = match result {
-                    Err(Error::OutOfBlocks {
-                        never_fits: false, ..
-                    }) => break,
-                    Ok((rid, undo)) => TicketState::Granted { rid, undo },
-                    Err(e) => TicketState::Failed(e),
-                };
-                self.waiters.unqueue(t);
-                self.waiters.finish(t, state);
-                self.needs_signal = true;
-            }
-        }
-    }
-
-    /// The result of a finished ticket, handed to its waiter (the ticket is consumed).
-    pub fn take_ticket(&mut self, t: crate::waiters::Ticket) -> Result<SeqView> {
-        match self.waiters.tickets.remove(&t) {
-            Some(TicketState::Granted { rid, .. }) => Ok(SeqView::of(&rid, self.seq(&rid)?)),
-            Some(TicketState::Failed(e)) => Err(e),
-            Some(pending) => {
-                self.waiters.tickets.insert(t, pending);
-                Err(Error::InvalidState(format!("ticket {t} is still waiting")))
-            }
-            None => Err(Error::InvalidState(format!(
-                "ticket {t} is unknown or already taken"
-            ))),
-        }
-    }
-
-    /// Withdraws a ticket: a pending one leaves its queue, a granted one is undone.
-    pub fn cancel_ticket(&mut self, ctx: &Ctx, t: crate::waiters::Ticket) {
-        match self.waiters.tickets.get(&t) {
-            Some(TicketState::Pending { .. }) => {
-                self.waiters.unqueue(t);
-            }
-            Some(TicketState::Granted { .. }) => {
-                let Some(TicketState::Granted { rid, undo }) = self.waiters.tickets.remove(&t)
-                else {
-                    unreachable!()
-                };
-                match undo {
-                    Undo::Nothing => {}
-                    Undo::Allocate => self.undo_allocate(ctx, &rid),
-                    Undo::Extend(u) => self.undo_extend(&rid, &u),
-                }
-            }
-            Some(TicketState::Failed(_)) => {
-                self.waiters.tickets.remove(&t);
-            }
-            Some(TicketState::InFlight { .. }) => {
-                // The copy finishes anyway (the swap happens); its result is dropped.
-                self.waiters
-                    .tickets
-                    .insert(t, TicketState::InFlight { abandoned: true });
-            }
-            None => {}
-        }
-        self.waiters.completed.retain(|&x| x != t);
-        self.serve_waiters(ctx);
-    }
-
-    // ----- swap -------------------------------------------------------------------------
-
-    /// Starts moving a resident sequence to the host tier: takes host blocks and returns
-    /// the copies to make (device -> host). The sequence is `swapping` until
-    /// `finish_swap_out`; nothing changes if this fails.
-    pub fn begin_swap_out(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
-        let s = self.resident(rid, "swap out")?;
-        if self.waiters.has_pending_extend(rid) {
-            return Err(Error::InvalidState(format!(
-                "cannot swap out request {rid}: an extend is waiting"
-            )));
-        }
-        let need = s.blocks.len();
-        let Some(host) = self.host.as_mut() else {
-            return Err(Error::InvalidState(
-                "there is no host tier (host_blocks=0)".into(),
-            ));
-        };
-        if need > host.pool.num_blocks() {
-            return Err(Error::OutOfBlocks {
-                needed: need,
-                available: host.pool.num_blocks(),
-                never_fits: true,
-            });
-        }
-        if need > host.pool.num_free_blocks() {
-            return Err(short(need, host.pool.num_free_blocks()));
-        }
-        let to: Vec<BlockId> = (0..need)
-            .map(|_| self.take_host_block().expect("availability was checked"))
-            .collect();
-        let host = self.host.as_ref().expect("checked above");
-        let s = self.seqs.get_mut(rid).expect("checked above");
-        let mut runs = Runs::default();
-        for (&db, &hb) in s.blocks.iter().zip(&to) {
-            ctx.to_host(db, host.offset(hb), &mut runs);
-        }
-        s.swapping = true;
-        self.events.end_op();
-        Ok(Swap {
-            to,
-            runs,
-            src: ctx.memory.clone(),
-            dst: host.slab.clone(),
-        })
-    }
-
-    /// Completes a swap-out once its bytes are on the host: the device blocks are released.
-    pub fn finish_swap_out(&mut self, rid: &RequestId, to: Vec<BlockId>) {
-        let s = self
-            .seqs
-            .get_mut(rid)
-            .expect("a swapping sequence stays live");
-        let from = std::mem::replace(&mut s.blocks, to);
-        s.tier = Tier::Host;
-        s.swapping = false;
-        for &b in from.iter().rev() {
-            self.release_block(b);
-        }
-        self.counters.d2h_blocks_copied += from.len() as u64;
-        self.counters.swap_out_count += 1;
-    }
-
-    /// Starts moving a swapped-out sequence back: takes device blocks (which may evict and
-    /// offload cached ones) and returns the copies to make (host -> device).
-    pub fn begin_swap_in(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
-        let s = self.seq(rid)?;
-        if s.swapping {
-            return Err(Error::InvalidState(format!(
-                "cannot swap in request {rid}: a swap is in progress"
-            )));
-        }
-        if s.tier == Tier::Device {
-            return Err(Error::InvalidState(format!(
-                "cannot swap in request {rid}: it is resident"
-            )));
-        }
-        let need = s.blocks.len();
-        if need > self.pool.num_blocks() {
-            return Err(Error::OutOfBlocks {
-                needed: need,
-                available: self.pool.num_blocks(),
-                never_fits: true,
-            });
-        }
-        if need > self.pool.num_free_blocks() {
-            return Err(short(need, self.pool.num_free_blocks()));
-        }
-        let now = ctx.clock.now();
-        let to: Vec<BlockId> = (0..need).map(|_| self.alloc_block(ctx, now)).collect();
-        let host = self
-            .host
-            .as_ref()
-            .expect("a swapped sequence implies a host tier");
-        let s = self.seqs.get_mut(rid).expect("checked above");
-        let mut runs = Runs::default();
-        for (&hb, &db) in s.blocks.iter().zip(&to) {
-            ctx.from_host(host.offset(hb), db, &mut runs);
-        }
-        s.swapping = true;
-        self.events.end_op();
-        Ok(Swap {
-            to,
-            runs,
-            src: host.slab.clone(),
-            dst: ctx.memory.clone(),
-        })
-    }
-
-    /// Completes a swap-in: host blocks are released. NOTE: the blocks are not registered
-    /// in the device prefix cache again; the copies registered before the swap-out stay
-    /// cached (on the device while not evicted, then in the host tier by offload).
-    pub fn finish_swap_in(&mut self, rid: &RequestId, to: Vec<BlockId>) {
-        let mut s = self
-            .seqs
-            .remove(rid)
-            .expect("a swapping sequence stays live");
-        let from = std::mem::replace(&mut s.blocks, to);
-        s.tier = Tier::Device;
-        s.swapping = false;
-        let host = self
-            .host
-            .as_mut()
-            .expect("a swapped sequence implies a host tier");
-        for &b in from.iter().rev() {
-            host.pool.release(b);
-        }
-        self.events.end_op();
-        self.counters.h2d_blocks_copied += from.len() as u64;
-        self.counters.swap_in_count += 1;
-        self.seqs.insert(rid.clone(), s);
     }
 
     // ----- gc / reset ---------------------------------------------------------------------
@@ -1187,88 +789,5 @@ impl State {
 
     pub fn level(&self) -> Level {
         self.pressure.level
-    }
-
-    // ----- checks -------------------------------------------------------------------------
-
-    /// Panics with a description if an invariant of the module header is broken.
-    pub fn check_invariants(&self, ctx: &Ctx) {
-        self.pool.check_invariants();
-        self.index.check_invariants();
-        let mut owners = vec![0u32; self.pool.num_blocks()];
-        let mut host_owners = vec![0u32; self.host.as_ref().map_or(0, |h| h.pool.num_blocks())];
-        for (rid, s) in &self.seqs {
-            if s.tier != Tier::Device {
-                assert!(!s.swapping, "{rid}: checked while a swap is in flight");
-                for &b in &s.blocks {
-                    host_owners[b.idx()] += 1;
-                }
-                continue;
-            }
-            assert_eq!(
-                s.blocks.len(),
-                blocks_for(s.num_tokens, ctx.config.block_size),
-                "{rid}: block count"
-            );
-            if s.cacheable {
-                assert_eq!(
-                    s.hashes.len(),
-                    s.num_tokens / ctx.config.block_size,
-                    "{rid}: hash count"
-                );
-                assert_eq!(
-                    s.tail.len(),
-                    s.num_tokens % ctx.config.block_size,
-                    "{rid}: tail"
-                );
-            }
-            for &b in &s.blocks {
-                owners[b.idx()] += 1;
-            }
-        }
-        for (b, &o) in owners.iter().enumerate() {
-            assert_eq!(
-                self.pool.ref_cnt(BlockId(b as u32)),
-                o,
-                "block {b}: refcount != owners"
-            );
-        }
-        for (h, b) in self.index.iter() {
-            assert_eq!(self.index.hash_of(b), Some(h));
-            assert!(
-                self.pool.is_cached(b),
-                "indexed block {} is not marked cached",
-                b.0
-            );
-        }
-        for b in self.pool.evictable_lru() {
-            assert!(
-                self.index.hash_of(b).is_some(),
-                "evictable block {} has no hash",
-                b.0
-            );
-        }
-        if let Some(host) = &self.host {
-            host.pool.check_invariants();
-            host.index.check_invariants();
-            for (b, &o) in host_owners.iter().enumerate() {
-                assert_eq!(
-                    host.pool.ref_cnt(BlockId(b as u32)),
-                    o,
-                    "host block {b}: refcount != owners"
-                );
-            }
-            for (_, b) in host.index.iter() {
-                assert!(
-                    host.pool.is_cached(b) && host.pool.ref_cnt(b) == 0,
-                    "host block {}",
-                    b.0
-                );
-            }
-        }
-        assert_eq!(
-            self.pool.num_used_blocks() + self.pool.num_free_blocks(),
-            self.pool.num_blocks()
-        );
     }
 }

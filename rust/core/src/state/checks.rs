@@ -1,0 +1,88 @@
+//! The bookkeeping invariants, checked by tests after every step.
+
+use crate::types::{blocks_for, BlockId, Tier};
+
+use super::{Ctx, State};
+
+impl State {
+    /// Panics with a description if an invariant of the module header is broken.
+    pub fn check_invariants(&self, ctx: &Ctx) {
+        self.pool.check_invariants();
+        self.index.check_invariants();
+        let mut owners = vec![0u32; self.pool.num_blocks()];
+        let mut host_owners = vec![0u32; self.host.as_ref().map_or(0, |h| h.pool.num_blocks())];
+        for (rid, s) in &self.seqs {
+            if s.tier != Tier::Device {
+                assert!(!s.swapping, "{rid}: checked while a swap is in flight");
+                for &b in &s.blocks {
+                    host_owners[b.idx()] += 1;
+                }
+                continue;
+            }
+            assert_eq!(
+                s.blocks.len(),
+                blocks_for(s.num_tokens, ctx.config.block_size),
+                "{rid}: block count"
+            );
+            if s.cacheable {
+                assert_eq!(
+                    s.hashes.len(),
+                    s.num_tokens / ctx.config.block_size,
+                    "{rid}: hash count"
+                );
+                assert_eq!(
+                    s.tail.len(),
+                    s.num_tokens % ctx.config.block_size,
+                    "{rid}: tail"
+                );
+            }
+            for &b in &s.blocks {
+                owners[b.idx()] += 1;
+            }
+        }
+        for (b, &o) in owners.iter().enumerate() {
+            assert_eq!(
+                self.pool.ref_cnt(BlockId(b as u32)),
+                o,
+                "block {b}: refcount != owners"
+            );
+        }
+        for (h, b) in self.index.iter() {
+            assert_eq!(self.index.hash_of(b), Some(h));
+            assert!(
+                self.pool.is_cached(b),
+                "indexed block {} is not marked cached",
+                b.0
+            );
+        }
+        for b in self.pool.evictable_lru() {
+            assert!(
+                self.index.hash_of(b).is_some(),
+                "evictable block {} has no hash",
+                b.0
+            );
+        }
+        if let Some(host) = &self.host {
+            host.pool.check_invariants();
+            host.index.check_invariants();
+            for (b, &o) in host_owners.iter().enumerate() {
+                assert_eq!(
+                    host.pool.ref_cnt(BlockId(b as u32)),
+                    o,
+                    "host block {b}: refcount != owners"
+                );
+            }
+            for (_, b) in host.index.iter() {
+                assert!(
+                    host.pool.is_cached(b) && host.pool.ref_cnt(b) == 0,
+                    "host block {}",
+                    b.0
+                );
+            }
+        }
+        assert_eq!(
+            self.pool.num_used_blocks() + self.pool.num_free_blocks(),
+            self.pool.num_blocks()
+        );
+    }
+}

@@ -1,0 +1,271 @@
+//! Moving blocks between tiers: offload on eviction, onboard on prefix hits, disk spill and
+//! read-back, and swaps.
+//!
+//! These are the `State` operations that copy bytes across tiers. Each keeps the bookkeeping
+//! rule of `state`: check and plan first, then commit; the copies it makes are complete
+//! (events waited on a GPU) before the blocks they touch can be reused.
+
+use crate::error::{Error, Result};
+use crate::storage::{copy_runs, Memory};
+use crate::tier::DiskWrite;
+use crate::transfer::Runs;
+use crate::types::{BlockHash, BlockId, RequestId, Tier};
+
+use super::{device_io, short, AllocPlan, Ctx, State};
+
+/// A swap's copies, planned under the lock and executed with or without it.
+pub struct Swap {
+    /// The blocks (of the destination tier) the sequence will own.
+    pub to: Vec<BlockId>,
+    pub runs: Runs,
+    pub src: Memory,
+    pub dst: Memory,
+}
+
+impl State {
+    /// Copies cached device block `b` into a host block indexed under the same hash.
+    pub(super) fn offload(&mut self, ctx: &Ctx, b: BlockId) -> bool {
+        let (Some(hash), Some(parent)) = (self.index.hash_of(b), self.index.parent_of(b)) else {
+            return false;
+        };
+        if self
+            .host
+            .as_ref()
+            .is_none_or(|h| h.index.get(hash).is_some())
+        {
+            return false;
+        }
+        let Some(hb) = self.take_host_block() else {
+            return false;
+        };
+        let host = self.host.as_mut().expect("checked above");
+        let mut runs = Runs::default();
+        ctx.to_host(b, host.offset(hb), &mut runs);
+        device_io(copy_runs(&ctx.memory, &host.slab, &runs));
+        let tokens = self.index.tokens_of(b).to_vec();
+        let first = self.index.is_first(b);
+        host.cache_block(hb, hash, parent, first, &tokens);
+        self.events
+            .stored(hash, (!first).then_some(parent), &tokens, Tier::Host);
+        let bpb = ctx.bytes_per_block() as u64;
+        self.counters.offload_blocks += 1;
+        self.counters.offload_bytes += bpb;
+        self.counters.d2h_blocks_copied += 1;
+        true
+    }
+
+    /// Takes a host block (see `HostTier::take_block`); an evicted cached host block is
+    /// spilled to the disk tier first: its bytes are staged here and written by a worker.
+    pub(super) fn take_host_block(&mut self) -> Option<BlockId> {
+        let host = self.host.as_mut()?;
+        let (b, spilled) = host.take_block(&mut self.events)?;
+        if let (Some(sp), Some(disk)) = (spilled, self.disk.as_mut()) {
+            if let Some(slot) =
+                disk.reserve(sp.hash, sp.parent, sp.first, &sp.tokens, &mut self.events)
+            {
+                let mut data = vec![0u8; host.bytes_per_block];
+                device_io(host.slab.read(host.offset(b), &mut data));
+                self.disk_writes.push(DiskWrite {
+                    slot,
+                    hash: sp.hash,
+                    data,
+                });
+            }
+        }
+        Some(b)
+    }
+
+    /// A disk worker finished writing a spilled block.
+    pub fn finish_disk_write(&mut self, slot: BlockId, hash: BlockHash, ok: bool) {
+        let Some(disk) = self.disk.as_mut() else {
+            return;
+        };
+        disk.finish_write(slot, hash, ok, &mut self.events);
+        self.events.end_op();
+        if ok {
+            self.counters.disk_blocks_written += 1;
+        } else {
+            self.counters.disk_write_errors += 1;
+        }
+    }
+
+    /// Reads the planned disk hits (positioned reads, checksums verified). The chain stops
+    /// at the first block that fails: a corrupt block is a miss, dropped from the disk
+    /// index and counted, never returned as data. Returns the bytes read, in order.
+    pub(super) fn read_disk_hits(&mut self, plan: &mut AllocPlan) -> Vec<Vec<u8>> {
+        let Some(disk) = self.disk.as_mut() else {
+            return vec![];
+        };
+        let mut out = Vec::with_capacity(plan.from_disk.len());
+        for (i, &slot) in plan.from_disk.iter().enumerate() {
+            let mut buf = vec![0u8; disk.file.slot_bytes()];
+            match disk.file.read_block(slot.idx(), &mut buf) {
+                Ok(()) => out.push(buf),
+                Err(e) => {
+                    if matches!(e, crate::storage::disk::ReadError::Corrupt { .. }) {
+                        self.counters.disk_checksum_failures += 1;
+                    } else {
+                        self.counters.disk_read_errors += 1;
+                    }
+                    disk.drop_corrupt(slot, &mut self.events);
+                    plan.from_disk.truncate(i);
+                    plan.partial = None; // it was planned after the lost blocks
+                    break;
+                }
+            }
+        }
+        self.counters.disk_blocks_read += out.len() as u64;
+        out
+    }
+
+    /// Copies cached host blocks into fresh device blocks (a prefix hit in the host tier)
+    /// and unpins the host blocks, which stay cached there.
+    pub(super) fn onboard(&mut self, ctx: &Ctx, from: &[BlockId], to: &[BlockId]) {
+        let host = self.host.as_mut().expect("onboard implies a host tier");
+        let mut runs = Runs::default();
+        for (&hb, &db) in from.iter().zip(to) {
+            ctx.from_host(host.offset(hb), db, &mut runs);
+        }
+        device_io(copy_runs(&host.slab, &ctx.memory, &runs));
+        for &hb in from {
+            host.pool.release(hb);
+        }
+        let n = from.len() as u64;
+        self.counters.onboard_blocks += n;
+        self.counters.onboard_bytes += n * ctx.bytes_per_block() as u64;
+        self.counters.h2d_blocks_copied += n;
+    }
+
+    // ----- swap -------------------------------------------------------------------------
+
+    /// Starts moving a resident sequence to the host tier: takes host blocks and returns
+    /// the copies to make (device -> host). The sequence is `swapping` until
+    /// `finish_swap_out`; nothing changes if this fails.
+    pub fn begin_swap_out(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
+        let s = self.resident(rid, "swap out")?;
+        if self.waiters.has_pending_extend(rid) {
+            return Err(Error::InvalidState(format!(
+                "cannot swap out request {rid}: an extend is waiting"
+            )));
+        }
+        let need = s.blocks.len();
+        let Some(host) = self.host.as_mut() else {
+            return Err(Error::InvalidState(
+                "there is no host tier (host_blocks=0)".into(),
+            ));
+        };
+        if need > host.pool.num_blocks() {
+            return Err(Error::OutOfBlocks {
+                needed: need,
+                available: host.pool.num_blocks(),
+                never_fits: true,
+            });
+        }
+        if need > host.pool.num_free_blocks() {
+            return Err(short(need, host.pool.num_free_blocks()));
+        }
+        let to: Vec<BlockId> = (0..need)
+            .map(|_| self.take_host_block().expect("availability was checked"))
+            .collect();
+        let host = self.host.as_ref().expect("checked above");
+        let s = self.seqs.get_mut(rid).expect("checked above");
+        let mut runs = Runs::default();
+        for (&db, &hb) in s.blocks.iter().zip(&to) {
+            ctx.to_host(db, host.offset(hb), &mut runs);
+        }
+        s.swapping = true;
+        self.events.end_op();
+        Ok(Swap {
+            to,
+            runs,
+            src: ctx.memory.clone(),
+            dst: host.slab.clone(),
+        })
+    }
+
+    /// Completes a swap-out once its bytes are on the host: the device blocks are released.
+    pub fn finish_swap_out(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+        let s = self
+            .seqs
+            .get_mut(rid)
+            .expect("a swapping sequence stays live");
+        let from = std::mem::replace(&mut s.blocks, to);
+        s.tier = Tier::Host;
+        s.swapping = false;
+        for &b in from.iter().rev() {
+            self.release_block(b);
+        }
+        self.counters.d2h_blocks_copied += from.len() as u64;
+        self.counters.swap_out_count += 1;
+    }
+
+    /// Starts moving a swapped-out sequence back: takes device blocks (which may evict and
+    /// offload cached ones) and returns the copies to make (host -> device).
+    pub fn begin_swap_in(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
+        let s = self.seq(rid)?;
+        if s.swapping {
+            return Err(Error::InvalidState(format!(
+                "cannot swap in request {rid}: a swap is in progress"
+            )));
+        }
+        if s.tier == Tier::Device {
+            return Err(Error::InvalidState(format!(
+                "cannot swap in request {rid}: it is resident"
+            )));
+        }
+        let need = s.blocks.len();
+        if need > self.pool.num_blocks() {
+            return Err(Error::OutOfBlocks {
+                needed: need,
+                available: self.pool.num_blocks(),
+                never_fits: true,
+            });
+        }
+        if need > self.pool.num_free_blocks() {
+            return Err(short(need, self.pool.num_free_blocks()));
+        }
+        let now = ctx.clock.now();
+        let to: Vec<BlockId> = (0..need).map(|_| self.alloc_block(ctx, now)).collect();
+        let host = self
+            .host
+            .as_ref()
+            .expect("a swapped sequence implies a host tier");
+        let s = self.seqs.get_mut(rid).expect("checked above");
+        let mut runs = Runs::default();
+        for (&hb, &db) in s.blocks.iter().zip(&to) {
+            ctx.from_host(host.offset(hb), db, &mut runs);
+        }
+        s.swapping = true;
+        self.events.end_op();
+        Ok(Swap {
+            to,
+            runs,
+            src: host.slab.clone(),
+            dst: ctx.memory.clone(),
+        })
+    }
+
+    /// Completes a swap-in: host blocks are released. NOTE: the blocks are not registered
+    /// in the device prefix cache again; the copies registered before the swap-out stay
+    /// cached (on the device while not evicted, then in the host tier by offload).
+    pub fn finish_swap_in(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+        let mut s = self
+            .seqs
+            .remove(rid)
+            .expect("a swapping sequence stays live");
+        let from = std::mem::replace(&mut s.blocks, to);
+        s.tier = Tier::Device;
+        s.swapping = false;
+        let host = self
+            .host
+            .as_mut()
+            .expect("a swapped sequence implies a host tier");
+        for &b in from.iter().rev() {
+            host.pool.release(b);
+        }
+        self.events.end_op();
+        self.counters.h2d_blocks_copied += from.len() as u64;
+        self.counters.swap_in_count += 1;
+        self.seqs.insert(rid.clone(), s);
+    }
+}
