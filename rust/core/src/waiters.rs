@@ -148,6 +148,16 @@ impl Waiters {
         })
     }
 
+    /// Whether a ticket of `rid` is still open: waiting, or granted and not yet taken by
+    /// its waiter (which may still cancel, undoing the grant).
+    pub fn has_open(&self, rid: &RequestId) -> bool {
+        self.tickets.values().any(|st| match st {
+            TicketState::Pending { op, .. } => op.rid() == rid,
+            TicketState::Granted { rid: r, undo } => r == rid && !matches!(undo, Undo::Nothing),
+            _ => false,
+        })
+    }
+
     /// Removes a pending ticket from its queue; returns its operation.
     pub fn unqueue(&mut self, t: Ticket) -> Option<WaitOp> {
         let TicketState::Pending { op, .. } = self.tickets.remove(&t)? else {

@@ -204,3 +204,26 @@ fn close_with_copies_in_flight_drains_them() {
     assert_eq!(e.stats().unwrap_err(), Error::Closed);
     assert!(matches!(e.swap_out(&rid("s0")), Err(Error::Closed)));
 }
+
+#[test]
+fn a_sequence_with_an_open_ticket_cannot_be_swapped() {
+    let e = engine_with_host(2, 8, false);
+    alloc(&e, "a", &toks(0..4));
+    alloc(&e, "b", &toks(0..4));
+    // "a" waits to grow; "b" leaves, which grants a's extend, not yet taken.
+    let Outcome::Waiting(t) = e
+        .extend(rid("a"), ferrumkv_core::sequence::Append::Count(4), true)
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(matches!(e.swap_out(&rid("a")), Err(Error::InvalidState(_))));
+    e.deallocate(&rid("b")).unwrap();
+    assert!(
+        matches!(e.swap_out(&rid("a")), Err(Error::InvalidState(_))),
+        "granted, not taken"
+    );
+    e.cancel_ticket(t);
+    settle(&e, e.swap_out(&rid("a")).unwrap());
+    e.check_invariants();
+}

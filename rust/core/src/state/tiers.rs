@@ -143,9 +143,9 @@ impl State {
     /// `finish_swap_out`; nothing changes if this fails.
     pub fn begin_swap_out(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
         let s = self.resident(rid, "swap out")?;
-        if self.waiters.has_pending_extend(rid) {
+        if self.waiters.has_open(rid) {
             return Err(Error::InvalidState(format!(
-                "cannot swap out request {rid}: an extend is waiting"
+                "cannot swap out request {rid}: a call of it is still waiting for blocks"
             )));
         }
         let need = s.blocks.len();
