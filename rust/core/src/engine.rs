@@ -130,8 +130,10 @@ impl Engine {
             st.serve_waiters(&core.ctx);
             st.update_pressure();
             st.needs_signal = false;
+            let writes = std::mem::take(&mut st.disk_writes);
             drop(st);
             core.notifier.signal();
+            core.submit_disk_writes(writes);
         });
         if !self.copier.submit(job) {
             return Err(Error::Closed);
@@ -201,6 +203,9 @@ impl EngineCore {
 
     /// Hands the disk writes staged by the last call to the disk workers.
     fn submit_disk_writes(&self, writes: Vec<DiskWrite>) {
+        if writes.is_empty() {
+            return;
+        }
         let (Some(workers), Some(core)) = (&self.disk_workers, self.me.upgrade()) else {
             return;
         };
@@ -447,9 +452,16 @@ impl EngineCore {
         let rows = rids
             .iter()
             .map(|r| {
-                st.seqs
+                let s = st
+                    .seqs
                     .get(r)
-                    .ok_or_else(|| Error::UnknownRequest(r.clone()))
+                    .ok_or_else(|| Error::UnknownRequest(r.clone()))?;
+                if s.tier != Tier::Device || s.swapping {
+                    return Err(Error::InvalidState(format!(
+                        "request {r} is not resident on the device: it has no block table"
+                    )));
+                }
+                Ok(s)
             })
             .collect::<Result<Vec<_>>>()?;
         let cols = rows.iter().map(|s| s.blocks.len()).max().unwrap_or(0);

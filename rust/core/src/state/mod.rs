@@ -426,6 +426,7 @@ impl State {
         let bpb = ctx.bytes_per_block() as u64;
         self.counters.onboard_blocks += d as u64;
         self.counters.onboard_bytes += d as u64 * bpb;
+        self.counters.h2d_blocks_copied += d as u64;
         let device_hits = k;
         let k = k + j + d; // onboarded blocks count as full hits from here on
         let mut cached_tokens = k * bs;
