@@ -51,6 +51,7 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
+use super::raw::RawBytes;
 use crate::error::{Error, Result};
 
 /// One `(src_off, dst_off, len)` byte run of a copy.
@@ -166,8 +167,8 @@ impl CudaDevice {
     /// `dst` on the offload stream, between a start and an end event.
     pub fn copy_d2h(&self, src: &DeviceSlab, dst: &PinnedSlab, runs: &[Run]) -> Result<CopyBatch> {
         self.check_slab(src)?;
-        check_runs(src.len, dst.len, runs, false)?;
-        let (s, d) = (src.ptr, dst.ptr.as_ptr());
+        check_runs(src.len, dst.len(), runs, false)?;
+        let (s, d) = (src.ptr, dst.as_ptr());
         self.enqueue(
             Direction::DeviceToHost,
             &self.offload,
@@ -189,8 +190,8 @@ impl CudaDevice {
     /// `dst` on the onboard stream, between a start and an end event.
     pub fn copy_h2d(&self, src: &PinnedSlab, dst: &DeviceSlab, runs: &[Run]) -> Result<CopyBatch> {
         self.check_slab(dst)?;
-        check_runs(src.len, dst.len, runs, false)?;
-        let (s, d) = (src.ptr.as_ptr(), dst.ptr);
+        check_runs(src.len(), dst.len, runs, false)?;
+        let (s, d) = (src.as_ptr(), dst.ptr);
         self.enqueue(
             Direction::HostToDevice,
             &self.onboard,
@@ -430,18 +431,20 @@ impl Drop for DeviceSlab {
 /// cached, so CPU reads run at full speed; zeroed at creation.
 #[derive(Debug)]
 pub struct PinnedSlab {
-    ptr: NonNull<u8>,
-    len: usize,
+    /// Page-locked, portable across contexts; CPU access through bounds-checked raw copies,
+    /// device access ordered by copy batches' events.
+    raw: RawBytes,
     /// Keeps the driver context alive until the memory is freed.
     ctx: Arc<CudaContext>,
 }
 
-// SAFETY: the slab is plain page-locked memory with no thread affinity (portable across
-// contexts); every CPU access goes through bounds-checked raw copies whose exclusivity the
-// engine provides, and device access is ordered by copy batches' events.
-unsafe impl Send for PinnedSlab {}
-// SAFETY: as above; `&PinnedSlab` only offers raw, bounds-checked copies.
-unsafe impl Sync for PinnedSlab {}
+impl std::ops::Deref for PinnedSlab {
+    type Target = RawBytes;
+
+    fn deref(&self) -> &RawBytes {
+        &self.raw
+    }
+}
 
 impl PinnedSlab {
     pub fn new(dev: &CudaDevice, len: usize) -> Result<Self> {
@@ -463,48 +466,11 @@ impl PinnedSlab {
         // SAFETY: `ptr` is valid for `size` freshly allocated bytes that nothing else sees.
         unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, size) };
         Ok(PinnedSlab {
-            ptr,
-            len,
+            // SAFETY: `ptr` is valid for `size >= len` bytes until `Drop` frees it; no
+            // references to them are handed out.
+            raw: unsafe { RawBytes::new(ptr, len) },
             ctx: dev.ctx.clone(),
         })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Base address, for DLPack `kDLCUDAHost` views.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    #[inline]
-    fn check(&self, off: usize, n: usize) {
-        assert!(
-            off.checked_add(n).is_some_and(|e| e <= self.len),
-            "slab access out of bounds"
-        );
-    }
-
-    pub fn write(&self, off: usize, src: &[u8]) {
-        self.check(off, src.len());
-        // SAFETY: bounds checked above; `src` is a distinct allocation (no Rust reference to
-        // the slab's bytes is ever handed out, so a slice cannot alias it).
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
-        }
-    }
-
-    pub fn read(&self, off: usize, dst: &mut [u8]) {
-        self.check(off, dst.len());
-        // SAFETY: bounds checked above; `dst` is a distinct allocation.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
-        }
     }
 }
 
@@ -515,7 +481,7 @@ impl Drop for PinnedSlab {
         // SAFETY: allocated in `new` with `cuMemHostAlloc`, non-null, not yet freed, and no
         // copy is pending after the synchronize above.
         self.ctx
-            .record_err(unsafe { result::free_host(self.ptr.as_ptr().cast()) });
+            .record_err(unsafe { result::free_host(self.raw.as_ptr().cast()) });
     }
 }
 

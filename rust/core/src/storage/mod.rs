@@ -9,6 +9,7 @@
 pub mod cuda;
 pub mod disk;
 pub mod host;
+pub mod raw;
 
 use std::sync::Arc;
 
