@@ -35,6 +35,7 @@ def test_allocation_and_kv_round_trip_on_the_gpu() -> None:
 
 def test_kv_view_in_torch_is_on_the_gpu_and_shares_memory() -> None:
     import torch
+
     with cuda_cache() as cache:
         h = cache.try_allocate("a", list(range(20)))
         view = cache.kv_view(0)
