@@ -158,8 +158,7 @@ async def test_swap_round_trip_is_byte_for_byte(dtype: str, layout: str) -> None
     shared with another one, with a partly filled last block; the swap-in lands on other
     block ids (it evicts and offloads cached blocks on the way)."""
     rng = np.random.default_rng(11)
-    cache = ferrumkv.KvCache(make_config(dtype=dtype, layout=layout, host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(dtype=dtype, layout=layout, host_blocks=8)) as cache:
         a = await cache.allocate("a", list(range(10)))  # A0 A1 + 2-token tail
         assert a.block_ids == (0, 1, 2)
         data_a = fill(cache, "a", 10, rng, dtype)
@@ -225,8 +224,6 @@ async def test_swap_round_trip_is_byte_for_byte(dtype: str, layout: str) -> None
         assert_reads(cache, "a", {1: (np.concatenate([ka, k]), np.concatenate([va, v]))})
         await cache.deallocate("a")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 @pytest.mark.anyio
@@ -238,8 +235,7 @@ async def test_disk_round_trip_through_offload_and_spill(
     """device -> host (offload on eviction) -> disk (spill on host eviction) -> device (a
     prefix hit read back from disk, checksum verified)."""
     rng = np.random.default_rng(5)
-    cache = disk_cache(tmp_path, dtype=dtype, layout=layout, host_blocks=2)
-    try:
+    with disk_cache(tmp_path, dtype=dtype, layout=layout, host_blocks=2) as cache:
         bpb = cache.config.bytes_per_block
         prompt = list(range(9))  # A0 A1 + 1-token tail
         await cache.allocate("a", prompt)
@@ -276,15 +272,12 @@ async def test_disk_round_trip_through_offload_and_spill(
         assert_reads(cache, "a2", data, 0, 8)
         await cache.deallocate("a2")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 @pytest.mark.anyio
 async def test_offload_and_onboard_through_the_host_tier() -> None:
     rng = np.random.default_rng(3)
-    cache = ferrumkv.KvCache(make_config(num_blocks=3, host_blocks=4))
-    try:
+    with ferrumkv.KvCache(make_config(num_blocks=3, host_blocks=4)) as cache:
         await cache.allocate("a", list(range(9)))
         data = fill(cache, "a", 9, rng)
         await cache.deallocate("a")
@@ -314,8 +307,6 @@ async def test_offload_and_onboard_through_the_host_tier() -> None:
         g = await cache.gc(target_free_ratio=1.0)
         assert (g.evicted_blocks, g.offloaded_blocks) == (2, 0)  # A0, A1 are on the host
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 # ----- 2. big swaps on the worker thread ---------------------------------------------------
@@ -384,13 +375,10 @@ async def test_big_swaps_suspend_and_round_trip() -> None:
 
 @pytest.mark.anyio
 async def test_small_swaps_finish_without_suspending() -> None:
-    cache = ferrumkv.KvCache(make_config(host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(host_blocks=8)) as cache:
         alloc(cache, "a", list(range(10)))
         assert drive(cache.swap_out("a")).tier == "host"
         assert drive(cache.swap_in("a")).tier == "device"
-    finally:
-        cache.close()
 
 
 @pytest.mark.anyio
@@ -441,8 +429,7 @@ async def test_cancelling_the_waiter_mid_swap_still_completes_the_swap(direction
 @pytest.mark.anyio
 async def test_swap_out_with_the_host_tier_full_keeps_the_sequence_resident() -> None:
     rng = np.random.default_rng(8)
-    cache = ferrumkv.KvCache(make_config(num_blocks=8, host_blocks=3))
-    try:
+    with ferrumkv.KvCache(make_config(num_blocks=8, host_blocks=3)) as cache:
         await cache.allocate("h", list(range(100, 108)))  # 2 blocks
         await cache.swap_out("h")  # the host tier: 2 of 3 owned
         a = await cache.allocate("a", list(range(10)))  # 3 blocks
@@ -474,15 +461,12 @@ async def test_swap_out_with_the_host_tier_full_keeps_the_sequence_resident() ->
         assert_reads(cache, "a", data)
         await cache.deallocate("a")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 @pytest.mark.anyio
 async def test_swap_in_with_the_device_short_changes_nothing() -> None:
     rng = np.random.default_rng(9)
-    cache = ferrumkv.KvCache(make_config(num_blocks=8, host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(num_blocks=8, host_blocks=8)) as cache:
         await cache.allocate("a", list(range(10)))
         data = fill(cache, "a", 10, rng)
         out = await cache.swap_out("a")
@@ -499,8 +483,6 @@ async def test_swap_in_with_the_device_short_changes_nothing() -> None:
         assert_reads(cache, "a", data)
         await cache.deallocate("a")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 @pytest.mark.anyio
@@ -541,8 +523,7 @@ async def test_bad_swap_calls_raise_and_change_nothing() -> None:
 
 @pytest.mark.anyio
 async def test_a_swapped_sequence_refuses_data_calls() -> None:
-    cache = ferrumkv.KvCache(make_config(host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(host_blocks=8)) as cache:
         await cache.allocate("a", list(range(6)))
         await cache.swap_out("a")
         k = np.zeros((1, HEADS, HEAD_DIM), np.float16)
@@ -580,14 +561,11 @@ async def test_a_swapped_sequence_refuses_data_calls() -> None:
         assert "child" not in cache and len(cache) == 1
         assert cache.get("a").num_tokens == 6
         assert_tiers_consistent(cache)
-    finally:
-        cache.close()
 
 
 @pytest.mark.anyio
 async def test_deallocating_a_swapped_sequence_frees_its_host_blocks() -> None:
-    cache = ferrumkv.KvCache(make_config(host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(host_blocks=8)) as cache:
         await cache.allocate("a", list(range(10)))
         await cache.swap_out("a")
         s = cache.stats()
@@ -601,8 +579,6 @@ async def test_deallocating_a_swapped_sequence_frees_its_host_blocks() -> None:
             await cache.swap_in("a")
         await cache.allocate("a", [1, 2])  # the id is free again
         assert_tiers_consistent(cache)
-    finally:
-        cache.close()
 
 
 @pytest.mark.parametrize("kind", ["missing directory", "a directory"])
@@ -631,8 +607,7 @@ def spill_chain(cache: ferrumkv.KvCache, rng: np.random.Generator) -> tuple[list
 
 def test_the_disk_chain_reads_back_exactly(tmp_path: Any) -> None:
     rng = np.random.default_rng(12)
-    cache = disk_cache(tmp_path)
-    try:
+    with disk_cache(tmp_path) as cache:
         prompt, data = spill_chain(cache, rng)
         before = stats_dict(cache)
         h = alloc(cache, "a2", prompt)
@@ -645,8 +620,6 @@ def test_the_disk_chain_reads_back_exactly(tmp_path: Any) -> None:
         assert_reads(cache, "a2", data, 0, 12)
         dealloc(cache, "a2")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 def flipped(data: Data, position: int, offset: int) -> bytes:
@@ -661,8 +634,7 @@ def flipped(data: Data, position: int, offset: int) -> bytes:
 def test_a_flipped_disk_byte_is_a_miss_never_data(tmp_path: Any, slot: int, cached: int) -> None:
     """Slot 1 holds A1 (the first disk block of the chain), slot 0 holds A2."""
     rng = np.random.default_rng(13)
-    cache = disk_cache(tmp_path)
-    try:
+    with disk_cache(tmp_path) as cache:
         prompt, data = spill_chain(cache, rng)
         cache._core.inject_disk_fault("flip", slot, 1)  # layer 0, K, first position, byte 1
         bad_position = cached  # the first position of the corrupt block
@@ -695,14 +667,11 @@ def test_a_flipped_disk_byte_is_a_miss_never_data(tmp_path: Any, slot: int, cach
         assert delta(before, cache, "disk_checksum_failures") == (0,)
         dealloc(cache, "a3")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 def test_a_short_disk_read_is_a_miss(tmp_path: Any) -> None:
     rng = np.random.default_rng(14)
-    cache = disk_cache(tmp_path)
-    try:
+    with disk_cache(tmp_path) as cache:
         prompt, data = spill_chain(cache, rng)
         cache._core.inject_disk_fault("short_next_read")
         before = stats_dict(cache)
@@ -720,14 +689,11 @@ def test_a_short_disk_read_is_a_miss(tmp_path: Any) -> None:
         assert cache.stats().disk.evictable_blocks == 1  # A1 dropped, A2 kept
         dealloc(cache, "a2")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 def test_a_failed_disk_write_loses_only_that_block(tmp_path: Any) -> None:
     rng = np.random.default_rng(15)
-    cache = disk_cache(tmp_path)
-    try:
+    with disk_cache(tmp_path) as cache:
         prompt = list(range(9))  # A0 A1 + tail
         alloc(cache, "a", prompt)
         data = fill(cache, "a", 9, rng)
@@ -769,8 +735,6 @@ def test_a_failed_disk_write_loses_only_that_block(tmp_path: Any) -> None:
             assert same_bits(got_k, data2[layer][0][:4]) and same_bits(got_v, data2[layer][1][:4])
         dealloc(cache, "a3")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 def test_inject_disk_fault_without_a_disk_tier_or_out_of_range(tmp_path: Any) -> None:
@@ -848,8 +812,7 @@ async def test_swap_out_after_a_granted_extend_then_cancelling_its_waiter() -> N
     has not run yet); the scheduler then swaps the sequence out (preemption) and cancels the
     waiter. Either the swap is refused while the extend is untaken, or cancelling gives the
     extend back on whatever tier the sequence is on: no crash, nothing leaks."""
-    cache = ferrumkv.KvCache(make_config(num_blocks=4, host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(num_blocks=4, host_blocks=8)) as cache:
         await cache.allocate("a", [1, 2, 3, 4])  # 1 full block
         await cache.allocate("x", list(range(100, 112)))  # 3 blocks: the device is full
         async with anyio.create_task_group() as tg:
@@ -865,8 +828,6 @@ async def test_swap_out_after_a_granted_extend_then_cancelling_its_waiter() -> N
         assert cache.get("a").num_tokens == 4
         await cache.deallocate("a")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 @pytest.mark.anyio
@@ -875,8 +836,7 @@ async def test_swap_out_after_a_granted_allocate_then_cancelling_its_waiter() ->
     the K/V of the block the allocation registered; cancelling must give the allocation
     back and uncache that block, as it does without the swap (no prefix hit on data that
     was never written)."""
-    cache = ferrumkv.KvCache(make_config(num_blocks=4, host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(num_blocks=4, host_blocks=8)) as cache:
         await cache.allocate("x", list(range(100, 116)))  # 4 blocks: the device is full
         async with anyio.create_task_group() as tg:
             tg.start_soon(cache.allocate, "a", [1, 2, 3, 4, 5])  # 2 blocks: waits
@@ -890,8 +850,6 @@ async def test_swap_out_after_a_granted_allocate_then_cancelling_its_waiter() ->
         assert "a" not in cache
         assert cache.lookup_prefix([1, 2, 3, 4, 5]) == 0, "a never-written block stays cached"
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 # ----- 4. property test ---------------------------------------------------------------------
@@ -1130,8 +1088,7 @@ async def test_dlpack_views_see_swapped_in_blocks(dtype: str, layout: str) -> No
     """Views taken before a swap-out/in read the sequence's data at its new block ids
     (numpy has no bfloat16: only torch views it)."""
     rng = np.random.default_rng(17)
-    cache = ferrumkv.KvCache(make_config(dtype=dtype, layout=layout, host_blocks=8))
-    try:
+    with ferrumkv.KvCache(make_config(dtype=dtype, layout=layout, host_blocks=8)) as cache:
         with_numpy = dtype != "bfloat16"
         arrays = [np.from_dlpack(cache.kv_view(layer)) for layer in range(LAYERS) if with_numpy]
         tensors = [torch.from_dlpack(cache.kv_view(layer)) for layer in range(LAYERS)]
@@ -1165,8 +1122,6 @@ async def test_dlpack_views_see_swapped_in_blocks(dtype: str, layout: str) -> No
         await cache.deallocate("a")
         await cache.deallocate("x")
         assert_all_unused(cache)
-    finally:
-        cache.close()
 
 
 def test_a_swapped_sequence_has_no_block_table() -> None:
