@@ -150,6 +150,9 @@ impl Engine {
         if let Some(w) = &self.core.disk_workers {
             w.shutdown();
         }
+        if let Some(r) = &self.core.ctx.disk_reader {
+            r.shutdown();
+        }
         self.core.close();
     }
 }
@@ -179,12 +182,17 @@ impl EngineCore {
             }
         };
         let hasher = Hasher::new(config.hash_algo);
+        let disk_reader = match config.disk_blocks {
+            0 => None,
+            _ => Some(DiskWorkers::new(1)?),
+        };
         let ctx = Ctx {
             config,
             layout,
             memory,
             hasher,
             clock,
+            disk_reader,
         };
         let state = Mutex::new(State::new(&ctx)?);
         let disk_workers = match state.lock().disk {

@@ -47,6 +47,9 @@ pub struct Ctx {
     pub memory: Memory,
     pub hasher: Hasher,
     pub clock: Clock,
+    /// The thread that reads disk blocks (only with a disk tier). Its jobs never take the
+    /// engine lock, so waiting for them under the lock cannot deadlock.
+    pub disk_reader: Option<crate::storage::disk::DiskWorkers>,
 }
 
 impl Ctx {
@@ -398,7 +401,7 @@ impl State {
         if new > available {
             return Err(short(new, available));
         }
-        let disk_data = self.read_disk_hits(&mut plan);
+        let disk_data = self.read_disk_hits(ctx, &mut plan);
         // Commit.
         let now = ctx.clock.now();
         for &b in &plan.hits {

@@ -92,15 +92,26 @@ impl State {
     /// Reads the planned disk hits (positioned reads, checksums verified). The chain stops
     /// at the first block that fails: a corrupt block is a miss, dropped from the disk
     /// index and counted, never returned as data. Returns the bytes read, in order.
-    pub(super) fn read_disk_hits(&mut self, plan: &mut AllocPlan) -> Vec<Vec<u8>> {
-        let Some(disk) = self.disk.as_mut() else {
+    pub(super) fn read_disk_hits(&mut self, ctx: &Ctx, plan: &mut AllocPlan) -> Vec<Vec<u8>> {
+        let (Some(disk), Some(reader)) = (self.disk.as_mut(), ctx.disk_reader.as_ref()) else {
             return vec![];
         };
+        // The reader thread does the positioned reads, in order; we wait for each result.
+        let (tx, rx) = std::sync::mpsc::channel();
+        for &slot in &plan.from_disk {
+            let (file, tx) = (disk.file.clone(), tx.clone());
+            reader.submit(Box::new(move || {
+                let mut buf = vec![0u8; file.slot_bytes()];
+                let read = file.read_block(slot.idx(), &mut buf).map(|()| buf);
+                let _ = tx.send(read);
+            }));
+        }
+        drop(tx);
         let mut out = Vec::with_capacity(plan.from_disk.len());
-        for (i, &slot) in plan.from_disk.iter().enumerate() {
-            let mut buf = vec![0u8; disk.file.slot_bytes()];
-            match disk.file.read_block(slot.idx(), &mut buf) {
-                Ok(()) => out.push(buf),
+        for (i, read) in rx.iter().enumerate() {
+            let slot = plan.from_disk[i];
+            match read {
+                Ok(buf) => out.push(buf),
                 Err(e) => {
                     if matches!(e, crate::storage::disk::ReadError::Corrupt { .. }) {
                         self.counters.disk_checksum_failures += 1;
