@@ -96,19 +96,27 @@ impl State {
         let (Some(disk), Some(reader)) = (self.disk.as_mut(), ctx.disk_reader.as_ref()) else {
             return vec![];
         };
-        // The reader thread does the positioned reads, in order; we wait for each result.
+        // The reader thread does the positioned reads, in order, in one job that answers once
+        // (one wake-up per call, not per block). It stops at the first failure: the chain
+        // of hits ends there.
         let (tx, rx) = std::sync::mpsc::channel();
-        for &slot in &plan.from_disk {
-            let (file, tx) = (disk.file.clone(), tx.clone());
-            reader.submit(Box::new(move || {
+        let (file, slots) = (disk.file.clone(), plan.from_disk.clone());
+        reader.submit(Box::new(move || {
+            let mut reads = Vec::with_capacity(slots.len());
+            for slot in slots {
                 let mut buf = vec![0u8; file.slot_bytes()];
                 let read = file.read_block(slot.idx(), &mut buf).map(|()| buf);
-                let _ = tx.send(read);
-            }));
-        }
-        drop(tx);
+                let failed = read.is_err();
+                reads.push(read);
+                if failed {
+                    break;
+                }
+            }
+            let _ = tx.send(reads);
+        }));
+        let reads = rx.recv().unwrap_or_default();
         let mut out = Vec::with_capacity(plan.from_disk.len());
-        for (i, read) in rx.iter().enumerate() {
+        for (i, read) in reads.into_iter().enumerate() {
             let slot = plan.from_disk[i];
             match read {
                 Ok(buf) => out.push(buf),
