@@ -10,6 +10,7 @@ first in order 0, 1, 2, ... Swaps moving 1 MiB or more copy on a worker thread.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import os
@@ -589,6 +590,12 @@ def test_an_unwritable_disk_path_raises_oserror_naming_it(kind: str, tmp_path: A
         ferrumkv.KvCache(cfg)
 
 
+def alloc_from_disk(cache: ferrumkv.KvCache, rid: str, tokens: list[int]) -> Any:
+    """An awaited allocation whose prefix hits are on disk: it waits (on a fresh event loop)
+    while the disk reader reads them ahead."""
+    return asyncio.run(cache.allocate(rid, tokens))
+
+
 def spill_chain(cache: ferrumkv.KvCache, rng: np.random.Generator) -> tuple[list[int], Data]:
     """A 13-token prompt A0 A1 A2 + tail, written and evicted with host_blocks=1: A2 spills
     to disk slot 0, A1 to slot 1, A0 stays on the host. Returns the prompt and its data."""
@@ -610,7 +617,7 @@ def test_the_disk_chain_reads_back_exactly(tmp_path: Any) -> None:
     with disk_cache(tmp_path) as cache:
         prompt, data = spill_chain(cache, rng)
         before = stats_dict(cache)
-        h = alloc(cache, "a2", prompt)
+        h = alloc_from_disk(cache, "a2", prompt)
         assert h.num_cached_tokens == 12
         assert delta(before, cache, "onboard_blocks", "disk_blocks_read", "full_reused_blocks") == (
             3,
@@ -639,7 +646,7 @@ def test_a_flipped_disk_byte_is_a_miss_never_data(tmp_path: Any, slot: int, cach
         cache._core.inject_disk_fault("flip", slot, 1)  # layer 0, K, first position, byte 1
         bad_position = cached  # the first position of the corrupt block
         before = stats_dict(cache)
-        h = alloc(cache, "a2", prompt)
+        h = alloc_from_disk(cache, "a2", prompt)
         assert h.num_cached_tokens == cached  # the corrupt block and the rest are recomputed
         assert delta(
             before,
@@ -663,7 +670,7 @@ def test_a_flipped_disk_byte_is_a_miss_never_data(tmp_path: Any, slot: int, cach
         # The recomputed positions were never written, so what "a2" registered is not
         # trusted here; the point is that the disk never served the corrupt block again.
         before = stats_dict(cache)
-        alloc(cache, "a3", prompt)
+        alloc_from_disk(cache, "a3", prompt)
         assert delta(before, cache, "disk_checksum_failures") == (0,)
         dealloc(cache, "a3")
         assert_all_unused(cache)
@@ -675,7 +682,7 @@ def test_a_short_disk_read_is_a_miss(tmp_path: Any) -> None:
         prompt, data = spill_chain(cache, rng)
         cache._core.inject_disk_fault("short_next_read")
         before = stats_dict(cache)
-        h = alloc(cache, "a2", prompt)
+        h = alloc_from_disk(cache, "a2", prompt)
         assert h.num_cached_tokens == 4  # A0 from the host; A1's read came back short
         assert delta(
             before,
@@ -727,7 +734,7 @@ def test_a_failed_disk_write_loses_only_that_block(tmp_path: Any) -> None:
         s = cache.stats()
         assert (s.disk_write_errors, s.disk_blocks_written) == (1, 2)
         assert (s.host.evictable_blocks, s.disk.evictable_blocks) == (1, 2)
-        h = alloc(cache, "a3", prompt)
+        h = alloc_from_disk(cache, "a3", prompt)
         assert h.num_cached_tokens == 8  # A0' from the host, A1' from disk
         assert_reads(cache, "a3", data, 0, 4)
         for layer in range(LAYERS):
@@ -1135,3 +1142,38 @@ def test_a_swapped_sequence_has_no_block_table() -> None:
     assert_stats_unchanged(cache, before)
     drive(cache.swap_in("a"))
     assert cache.block_table(["a"]).shape == (1, 3)
+
+
+@pytest.mark.anyio
+async def test_a_disk_hit_is_read_off_the_event_loop(tmp_path: Any) -> None:
+    rng = np.random.default_rng(21)
+    with disk_cache(tmp_path) as cache:
+        prompt, data = spill_chain(cache, rng)
+        ticks = 0
+        done = False
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not done:
+                ticks += 1
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ticker)
+            await anyio.sleep(0)
+            before = ticks
+            h = await cache.allocate("a2", prompt)
+            done = True
+        assert ticks > before, "the allocation suspended while the disk reader worked"
+        assert h.num_cached_tokens == 12
+        assert_reads(cache, "a2", data, 0, 12)
+        assert cache.stats().disk_blocks_read == 2
+
+
+def test_try_allocate_reads_a_disk_hit_inline(tmp_path: Any) -> None:
+    rng = np.random.default_rng(22)
+    with disk_cache(tmp_path) as cache:
+        prompt, data = spill_chain(cache, rng)
+        h = cache.try_allocate("a2", prompt)
+        assert h is not None and h.num_cached_tokens == 12
+        assert_reads(cache, "a2", data, 0, 12)

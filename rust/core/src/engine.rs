@@ -19,7 +19,7 @@ use crate::prefix::{Hasher, Salt};
 use crate::pressure::{Level, PressureEvent};
 use crate::residency::EvictionEvent;
 use crate::sequence::{Append, SeqView};
-use crate::state::{Ctx, State, Swap};
+use crate::state::{Ctx, DiskRead, State, Swap};
 use crate::stats::{Counters, GcStats, Snapshot, TierStats};
 use crate::storage::cuda::{CudaDevice, DeviceSlab};
 use crate::storage::disk::DiskWorkers;
@@ -267,11 +267,52 @@ impl EngineCore {
             self.notifier.signal();
         }
         let writes = std::mem::take(&mut st.disk_writes);
+        let reads = std::mem::take(&mut st.disk_reads);
         drop(st);
-        if !writes.is_empty() {
-            self.submit_disk_writes(writes);
-        }
+        self.submit_disk_writes(writes);
+        self.submit_disk_reads(reads);
         out
+    }
+
+    /// Hands read-aheads to the disk reader; each finishes by staging its results and
+    /// serving the waiters (its ticket may be granted then).
+    fn submit_disk_reads(&self, reads: Vec<DiskRead>) {
+        let (Some(reader), Some(core)) = (&self.ctx.disk_reader, self.me.upgrade()) else {
+            return;
+        };
+        for DiskRead {
+            ticket,
+            file,
+            reads,
+        } in reads
+        {
+            let core = core.clone();
+            reader.submit(Box::new(move || {
+                let results: Vec<_> = reads
+                    .into_iter()
+                    .map(|(hash, slot)| {
+                        let mut buf = vec![0u8; file.slot_bytes()];
+                        (
+                            hash,
+                            slot,
+                            file.read_block(slot.idx(), &mut buf).map(|()| buf),
+                        )
+                    })
+                    .collect();
+                let mut st = core.state.lock();
+                if st.closed {
+                    return;
+                }
+                st.finish_disk_read(ticket, results);
+                st.serve_waiters(&core.ctx);
+                st.update_pressure();
+                st.needs_signal = false;
+                let writes = std::mem::take(&mut st.disk_writes);
+                drop(st);
+                core.notifier.signal();
+                core.submit_disk_writes(writes);
+            }));
+        }
     }
 
     /// Salt -> the root hash its sequences chain from.
@@ -302,9 +343,23 @@ impl EngineCore {
                     never_fits: true,
                 });
             }
+            // A prefix hit on disk is read ahead by the disk reader while the call waits, so
+            // the caller's thread never blocks on disk I/O (`try_allocate` reads inline).
+            let reads = if wait {
+                st.planned_disk_reads(ctx, &tokens, root)
+            } else {
+                vec![]
+            };
+            if !reads.is_empty() {
+                let t = st
+                    .waiters
+                    .push(WaitOp::Allocate { rid, tokens, root }, need);
+                st.start_disk_read(t, reads);
+                return Ok(Outcome::Waiting(t));
+            }
             // First come, first served: nobody overtakes a waiting allocation.
             if st.waiters.allocates.is_empty() {
-                match st.allocate_now(ctx, &rid, &tokens, root) {
+                match st.allocate_now(ctx, &rid, &tokens, root, &mut Default::default()) {
                     Ok(v) => return Ok(Outcome::Ready(v)),
                     Err(Error::OutOfBlocks {
                         never_fits: false, ..

@@ -107,6 +107,19 @@ fn device_io<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("device memory access failed: {e}"))
 }
 
+/// The result of reading one disk block.
+pub type DiskReadResult = std::result::Result<Vec<u8>, crate::storage::disk::ReadError>;
+
+/// Disk blocks read ahead for one waiting allocation, by block hash.
+pub type StagedReads = HashMap<BlockHash, DiskReadResult>;
+
+/// A read-ahead for the disk reader: the pinned (hash, slot)s of one waiting allocation.
+pub struct DiskRead {
+    pub ticket: crate::waiters::Ticket,
+    pub file: std::sync::Arc<crate::storage::disk::DiskFile>,
+    pub reads: Vec<(BlockHash, BlockId)>,
+}
+
 /// Plan of a prompt allocation, computed without side effects.
 struct AllocPlan {
     hits: Vec<BlockId>,
@@ -160,6 +173,12 @@ pub struct State {
     pub disk: Option<DiskTier>,
     /// Spilled blocks whose disk writes the engine hands to its disk workers after the call.
     pub disk_writes: Vec<DiskWrite>,
+    /// Read-aheads the engine hands to its disk reader after the call.
+    pub disk_reads: Vec<DiskRead>,
+    /// Waiting allocations whose disk read-ahead is still running (not served before).
+    pub loading: std::collections::HashSet<crate::waiters::Ticket>,
+    /// Finished read-aheads, per waiting allocation.
+    pub staged: HashMap<crate::waiters::Ticket, StagedReads>,
     pub seqs: HashMap<RequestId, Sequence>,
     pub waiters: Waiters,
     pub counters: Counters,
@@ -212,6 +231,9 @@ impl State {
             host,
             disk,
             disk_writes: Vec::new(),
+            disk_reads: Vec::new(),
+            loading: Default::default(),
+            staged: HashMap::new(),
             seqs: HashMap::new(),
             waiters: Waiters::default(),
             counters: Counters::default(),
@@ -377,6 +399,7 @@ impl State {
         rid: &RequestId,
         tokens: &[u32],
         root: BlockHash,
+        staged: &mut StagedReads,
     ) -> Result<SeqView> {
         let bs = ctx.config.block_size;
         let plan = self.plan_allocate(ctx, tokens, root);
@@ -401,7 +424,7 @@ impl State {
         if new > available {
             return Err(short(new, available));
         }
-        let disk_data = self.read_disk_hits(ctx, &mut plan);
+        let disk_data = self.read_disk_hits(&mut plan, staged);
         // Commit.
         let now = ctx.clock.now();
         for &b in &plan.hits {

@@ -87,13 +87,28 @@ impl State {
                     &self.waiters.extends
                 };
                 let Some(&t) = queue.front() else { break };
+                if self.loading.contains(&t) {
+                    break; // its disk read-ahead is still running; nobody overtakes it
+                }
                 let Some(TicketState::Pending { op, .. }) = self.waiters.tickets.get(&t) else {
                     unreachable!("queued tickets are pending")
                 };
                 let result = match op.clone() {
-                    WaitOp::Allocate { rid, tokens, root } => self
-                        .allocate_now(ctx, &rid, &tokens, root)
-                        .map(|_| (rid, Undo::Allocate)),
+                    WaitOp::Allocate { rid, tokens, root } => {
+                        let mut staged = self.staged.remove(&t).unwrap_or_default();
+                        let r = self.allocate_now(ctx, &rid, &tokens, root, &mut staged);
+                        let short = matches!(
+                            r,
+                            Err(Error::OutOfBlocks {
+                                never_fits: false,
+                                ..
+                            })
+                        );
+                        if short && !staged.is_empty() {
+                            self.staged.insert(t, staged); // still waiting: keep its reads
+                        }
+                        r.map(|_| (rid, Undo::Allocate))
+                    }
                     WaitOp::Extend { rid, append } => self
                         .extend_now(ctx, &rid, &append)
                         .map(|(_, u)| (rid, Undo::Extend(u))),
@@ -132,6 +147,9 @@ impl State {
         match self.waiters.tickets.get(&t) {
             Some(TicketState::Pending { .. }) => {
                 self.waiters.unqueue(t);
+                // A read-ahead still running drops its results when it finds no ticket.
+                self.loading.remove(&t);
+                self.staged.remove(&t);
             }
             Some(TicketState::Granted { .. }) => {
                 let Some(TicketState::Granted { rid, undo }) = self.waiters.tickets.remove(&t)

@@ -6,12 +6,14 @@
 //! (events waited on a GPU) before the blocks they touch can be reused.
 
 use crate::error::{Error, Result};
+use crate::storage::disk::ReadError;
 use crate::storage::{copy_runs, Memory};
 use crate::tier::DiskWrite;
 use crate::transfer::Runs;
 use crate::types::{BlockHash, BlockId, RequestId, Tier};
+use crate::waiters::Ticket;
 
-use super::{device_io, short, AllocPlan, Ctx, State};
+use super::{device_io, short, AllocPlan, Ctx, DiskRead, DiskReadResult, StagedReads, State};
 
 /// A swap's copies, planned under the lock and executed with or without it.
 pub struct Swap {
@@ -89,44 +91,37 @@ impl State {
         }
     }
 
-    /// Reads the planned disk hits (positioned reads, checksums verified). The chain stops
-    /// at the first block that fails: a corrupt block is a miss, dropped from the disk
-    /// index and counted, never returned as data. Returns the bytes read, in order.
-    pub(super) fn read_disk_hits(&mut self, ctx: &Ctx, plan: &mut AllocPlan) -> Vec<Vec<u8>> {
-        let (Some(disk), Some(reader)) = (self.disk.as_mut(), ctx.disk_reader.as_ref()) else {
+    /// The planned disk hits' bytes, in order: taken from `staged` (read ahead by the
+    /// reader thread while the call waited) or read here (positioned reads). Checksums are
+    /// verified either way. The chain stops at the first block that fails: a corrupt block
+    /// is a miss, dropped from the disk index and counted, never returned as data.
+    pub(super) fn read_disk_hits(
+        &mut self,
+        plan: &mut AllocPlan,
+        staged: &mut StagedReads,
+    ) -> Vec<Vec<u8>> {
+        let Some(disk) = self.disk.as_mut() else {
             return vec![];
         };
-        // The reader thread does the positioned reads, in order, in one job that answers once
-        // (one wake-up per call, not per block). It stops at the first failure: the chain
-        // of hits ends there.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (file, slots) = (disk.file.clone(), plan.from_disk.clone());
-        reader.submit(Box::new(move || {
-            let mut reads = Vec::with_capacity(slots.len());
-            for slot in slots {
-                let mut buf = vec![0u8; file.slot_bytes()];
-                let read = file.read_block(slot.idx(), &mut buf).map(|()| buf);
-                let failed = read.is_err();
-                reads.push(read);
-                if failed {
-                    break;
-                }
-            }
-            let _ = tx.send(reads);
-        }));
-        let reads = rx.recv().unwrap_or_default();
+        let first = plan.hits.len() + plan.onboard.len();
         let mut out = Vec::with_capacity(plan.from_disk.len());
-        for (i, read) in reads.into_iter().enumerate() {
-            let slot = plan.from_disk[i];
+        for (i, &slot) in plan.from_disk.iter().enumerate() {
+            let hash = plan.hashes[first + i];
+            let read = staged.remove(&hash).unwrap_or_else(|| {
+                let mut buf = vec![0u8; disk.file.slot_bytes()];
+                disk.file.read_block(slot.idx(), &mut buf).map(|()| buf)
+            });
             match read {
                 Ok(buf) => out.push(buf),
                 Err(e) => {
-                    if matches!(e, crate::storage::disk::ReadError::Corrupt { .. }) {
+                    if matches!(e, ReadError::Corrupt { .. }) {
                         self.counters.disk_checksum_failures += 1;
                     } else {
                         self.counters.disk_read_errors += 1;
                     }
-                    disk.drop_corrupt(slot, &mut self.events);
+                    if disk.index.hash_of(slot) == Some(hash) {
+                        disk.drop_corrupt(slot, &mut self.events);
+                    }
                     plan.from_disk.truncate(i);
                     plan.partial = None; // it was planned after the lost blocks
                     break;
@@ -135,6 +130,63 @@ impl State {
         }
         self.counters.disk_blocks_read += out.len() as u64;
         out
+    }
+
+    /// The disk hits an allocation of `tokens` would read now, as (hash, slot); empty
+    /// without a disk tier (and then nothing is hashed).
+    pub fn planned_disk_reads(
+        &self,
+        ctx: &Ctx,
+        tokens: &[u32],
+        root: BlockHash,
+    ) -> Vec<(BlockHash, BlockId)> {
+        if self.disk.is_none() || tokens.is_empty() {
+            return vec![];
+        }
+        let plan = self.plan_allocate(ctx, tokens, root);
+        let first = plan.hits.len() + plan.onboard.len();
+        plan.from_disk
+            .iter()
+            .enumerate()
+            .map(|(i, &slot)| (plan.hashes[first + i], slot))
+            .collect()
+    }
+
+    /// Starts reading ahead the disk blocks a waiting allocation (`ticket`) will need: the
+    /// slots are pinned (never evicted or rewritten meanwhile) and the read is handed to the
+    /// reader thread after the call; the ticket is not served before the read finished.
+    pub fn start_disk_read(&mut self, ticket: Ticket, reads: Vec<(BlockHash, BlockId)>) {
+        let disk = self.disk.as_mut().expect("disk reads imply a disk tier");
+        for &(_, slot) in &reads {
+            disk.pool.acquire(slot);
+        }
+        self.loading.insert(ticket);
+        self.disk_reads.push(DiskRead {
+            ticket,
+            file: disk.file.clone(),
+            reads,
+        });
+    }
+
+    /// The reader finished a read-ahead: unpin its slots and stage its results for the ticket
+    /// (or drop them if the ticket is gone).
+    pub fn finish_disk_read(
+        &mut self,
+        ticket: Ticket,
+        results: Vec<(BlockHash, BlockId, DiskReadResult)>,
+    ) {
+        let disk = self.disk.as_mut().expect("disk reads imply a disk tier");
+        let mut staged = StagedReads::default();
+        for (hash, slot, result) in results {
+            if disk.index.hash_of(slot).is_none() {
+                disk.pool.set_cached(slot, false); // dropped from the index meanwhile (reset)
+            }
+            disk.pool.release(slot);
+            staged.insert(hash, result);
+        }
+        if self.loading.remove(&ticket) {
+            self.staged.insert(ticket, staged);
+        }
     }
 
     /// Copies cached host blocks into fresh device blocks (a prefix hit in the host tier)
