@@ -130,11 +130,13 @@ impl Waiters {
         self.extends.len() + self.allocates.len()
     }
 
-    /// Blocks the pending tickets asked for, in total (0 when nobody waits).
-    pub fn needed_blocks(&self) -> usize {
+    /// Blocks the pending tickets asked for, leaving out `except` (those not waiting for
+    /// blocks, e.g. still reading their disk hits).
+    pub fn needed_blocks(&self, except: &HashSet<Ticket>) -> usize {
         self.tickets
-            .values()
-            .map(|s| match s {
+            .iter()
+            .filter(|(t, _)| !except.contains(t))
+            .map(|(_, s)| match s {
                 TicketState::Pending { needed, .. } => *needed,
                 _ => 0,
             })

@@ -794,9 +794,10 @@ impl State {
     // ----- pressure -----------------------------------------------------------------------
 
     pub fn update_pressure(&mut self) {
-        let waiting = self.waiters.num_pending() > 0;
+        // A request reading its disk hits ahead is not waiting for blocks (yet).
+        let waiting = self.waiters.num_pending() > self.loading.len();
         let needed = if waiting {
-            self.waiters.needed_blocks().max(1)
+            self.waiters.needed_blocks(&self.loading).max(1)
         } else {
             0
         };
