@@ -11,8 +11,6 @@ from typing import NamedTuple
 
 import pytest
 
-pytest.importorskip("ferrumkv._core", reason="the engine is not built", exc_type=ImportError)
-
 from ferrumkv import CacheConfig
 from ferrumkv.workload import DEFAULT_VOCAB_SIZE, infinite_cache_hits, load_trace
 
@@ -160,7 +158,6 @@ def test_speedup_follows_arrival_times(tmp_path: Path) -> None:
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     image = tmp_path / "replay.png"
     result = ferrumkv(
         "replay", "--requests", "30", *SMALL_MODEL, "--num-blocks", "256", "--plot", str(image)
