@@ -135,12 +135,33 @@ async def test_duplicate_id_of_a_waiting_allocate() -> None:
         before = stats_dict(cache)
         with pytest.raises(ferrumkv.DuplicateRequestError):
             await cache.allocate("w", [3])
-        with pytest.raises(ferrumkv.UnknownRequestError):
-            await cache.deallocate("w")  # not live yet
         assert stats_dict(cache) == before
         await cache.deallocate("h0")
     assert "w" in cache
     assert_idle(cache)
+
+
+async def test_deallocate_withdraws_a_waiting_allocate() -> None:
+    cache = new_cache()
+    await fill_one_block_each(cache, 8)
+    before = gauges(cache)
+    errors: list[BaseException] = []
+
+    async def admit() -> None:
+        try:
+            await cache.allocate("w", [1, 2])
+        except ferrumkv.InvalidStateError as e:
+            errors.append(e)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(admit)
+        await wait_until(lambda: cache.stats().num_waiting == 1)
+        await cache.deallocate("w")  # the scheduler aborts a request still waiting
+    assert len(errors) == 1 and "deallocated while waiting" in str(errors[0])
+    assert "w" not in cache and cache.stats().num_waiting == 0
+    assert gauges(cache) == before
+    with pytest.raises(ferrumkv.UnknownRequestError):
+        await cache.deallocate("w")
 
 
 async def test_timeout_raises_out_of_blocks_and_gives_everything_back() -> None:
@@ -233,7 +254,9 @@ async def test_cancel_after_the_grant_gives_the_blocks_back() -> None:
         tg.start_soon(cache.allocate, "w", toks(0, 6))
         await wait_until(lambda: cache.stats().num_waiting == 1)
         await cache.deallocate("h0")  # the engine grants the ticket at once ...
-        assert cache.stats().num_waiting == 0 and "w" in cache
+        # a grant is invisible until its waiter takes it
+        assert cache.stats().num_waiting == 0 and "w" not in cache
+        assert cache.stats().device.used_blocks == before["device"]["used_blocks"] + 1  # held
         tg.cancel_scope.cancel()  # ... but the waiter is cancelled before it takes it
     assert "w" not in cache
     g = gauges(cache)
@@ -255,7 +278,7 @@ async def test_cancel_after_a_grant_with_partial_reuse_leaves_no_cached_block() 
         tg.start_soon(cache.allocate, "w", [1, 2, 3, 4, 5, 6, 70, 80, 90])
         await wait_until(lambda: cache.stats().num_waiting == 1)
         await cache.deallocate("fill")  # granted: evicts fill's blocks 2 and 7
-        assert "w" in cache
+        assert "w" not in cache  # not published before it is taken
         tg.cancel_scope.cancel()
     assert "w" not in cache
     s = cache.stats()

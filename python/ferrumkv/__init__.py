@@ -12,6 +12,7 @@ from ._core import CacheConfig, KvView, SequenceHandle, __version__
 from .cache import KvCache, Subscription
 from .errors import (
     CacheClosedError,
+    CopyError,
     CudaUnavailableError,
     DuplicateRequestError,
     FerrumKVError,
@@ -39,6 +40,7 @@ __all__ = [
     "CacheClosedError",
     "CacheConfig",
     "CacheStats",
+    "CopyError",
     "CudaUnavailableError",
     "DuplicateRequestError",
     "EvictionEvent",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "CacheClosedError",
+    "CopyError",
     "CudaUnavailableError",
     "DuplicateRequestError",
     "FerrumKVError",
@@ -43,3 +44,8 @@ class CacheClosedError(FerrumKVError):
 
 class CudaUnavailableError(FerrumKVError):
     """`device="cuda:N"` without a usable CUDA driver or GPU."""
+
+
+class CopyError(FerrumKVError):
+    """A block copy failed (a device fault, or a failure on the copy worker). The call that
+    asked for it was undone: a swap leaves the sequence where it was."""

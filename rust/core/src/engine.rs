@@ -4,6 +4,7 @@
 //! implies), updates the pressure level and, when a waiter finished or the level changed,
 //! signals the eventfd. None of them calls Python or blocks on anything but the lock.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use crate::notify::Notifier;
 use crate::prefix::{Hasher, Salt};
 use crate::pressure::{Level, PressureEvent};
 use crate::residency::EvictionEvent;
-use crate::sequence::{Append, SeqView};
+use crate::sequence::{Append, Phase, SeqView};
 use crate::state::{Ctx, DiskRead, State, Swap};
 use crate::stats::{Counters, GcStats, Snapshot, TierStats};
 use crate::storage::cuda::{CudaDevice, DeviceSlab};
@@ -56,6 +57,49 @@ impl std::ops::Deref for Engine {
 /// Swaps moving fewer bytes than this are copied inline (cheaper than a thread hop).
 pub const INLINE_COPY_BYTES: usize = 1 << 20;
 
+/// The direction of a swap, and how its end is recorded.
+#[derive(Debug, Clone, Copy)]
+enum SwapDir {
+    Out,
+    In,
+}
+
+impl SwapDir {
+    /// Records the end of a swap's copy: done, or undone (the sequence stays where it was
+    /// and the blocks the swap took go back) with the copy's error returned.
+    fn settle(
+        self,
+        st: &mut State,
+        rid: &RequestId,
+        to: Vec<crate::types::BlockId>,
+        ns: u64,
+        copied: Result<()>,
+    ) -> Result<()> {
+        match (self, copied) {
+            (SwapDir::Out, Ok(())) => {
+                st.finish_swap_out(rid, to);
+                st.counters.d2h_transfers += 1;
+                st.counters.d2h_transfer_ns += ns;
+                Ok(())
+            }
+            (SwapDir::In, Ok(())) => {
+                st.finish_swap_in(rid, to);
+                st.counters.h2d_transfers += 1;
+                st.counters.h2d_transfer_ns += ns;
+                Ok(())
+            }
+            (SwapDir::Out, Err(e)) => {
+                st.abort_swap_out(rid, to);
+                Err(e)
+            }
+            (SwapDir::In, Err(e)) => {
+                st.abort_swap_in(rid, to);
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Engine {
     pub fn new(config: CacheConfig) -> Result<Self> {
         Self::with_clock(config, Clock::default())
@@ -76,11 +120,7 @@ impl Engine {
         let swap = self
             .core
             .mutate(false, |st, ctx| st.begin_swap_out(ctx, rid))?;
-        self.run_swap(rid, swap, |st, rid, to, ns| {
-            st.finish_swap_out(rid, to);
-            st.counters.d2h_transfers += 1;
-            st.counters.d2h_transfer_ns += ns;
-        })
+        self.run_swap(rid, swap, SwapDir::Out)
     }
 
     /// Moves a swapped-out sequence back to the device tier (block ids may change).
@@ -88,45 +128,36 @@ impl Engine {
         let swap = self
             .core
             .mutate(false, |st, ctx| st.begin_swap_in(ctx, rid))?;
-        self.run_swap(rid, swap, |st, rid, to, ns| {
-            st.finish_swap_in(rid, to);
-            st.counters.h2d_transfers += 1;
-            st.counters.h2d_transfer_ns += ns;
-        })
+        self.run_swap(rid, swap, SwapDir::In)
     }
 
-    fn run_swap(
-        &self,
-        rid: &RequestId,
-        swap: Swap,
-        finish: fn(&mut State, &RequestId, Vec<crate::types::BlockId>, u64),
-    ) -> Result<Outcome> {
+    fn run_swap(&self, rid: &RequestId, swap: Swap, dir: SwapDir) -> Result<Outcome> {
         let Swap { to, runs, src, dst } = swap;
         if runs.bytes() < INLINE_COPY_BYTES {
             let t0 = Instant::now();
-            copy_runs(&src, &dst, &runs).unwrap_or_else(|e| panic!("swap copy failed: {e}"));
+            let copied = self.core.guarded_copy(&src, &dst, &runs);
             let ns = t0.elapsed().as_nanos() as u64;
             return self.core.mutate(true, |st, _| {
-                finish(st, rid, to, ns);
+                dir.settle(st, rid, to, ns, copied)?;
                 Ok(Outcome::Ready(SeqView::of(rid, &st.seqs[rid])))
             });
         }
         let ticket = self
             .core
-            .mutate(false, |st, _| Ok(st.waiters.push_in_flight(rid.clone())))?;
+            .mutate(false, |st, _| Ok(st.waiters.push_moving(rid.clone())))?;
         let core = self.core.clone();
         let rid = rid.clone();
         // NOTE: the copy runs without the lock: it touches only blocks the sequence owns
-        // while it is `swapping`, and no other call may use a swapping sequence.
+        // while its phase is moving, and no other call may use a moving sequence.
         let job = Box::new(move || {
             let t0 = Instant::now();
-            copy_runs(&src, &dst, &runs).unwrap_or_else(|e| panic!("swap copy failed: {e}"));
+            let copied = core.guarded_copy(&src, &dst, &runs);
             let mut st = core.state.lock();
             if st.closed {
                 return;
             }
-            finish(&mut st, &rid, to, t0.elapsed().as_nanos() as u64);
-            st.waiters.finish_in_flight(ticket, rid);
+            let settled = dir.settle(&mut st, &rid, to, t0.elapsed().as_nanos() as u64, copied);
+            st.waiters.finish_moving(ticket, settled);
             st.serve_waiters(&core.ctx);
             st.update_pressure();
             st.needs_signal = false;
@@ -136,6 +167,7 @@ impl Engine {
             core.submit_disk_writes(writes);
         });
         if !self.copier.submit(job) {
+            // Closing: `close` fails the ticket and frees the sequence.
             return Err(Error::Closed);
         }
         Ok(Outcome::Waiting(ticket))
@@ -165,6 +197,17 @@ pub struct EngineCore {
     state: Mutex<State>,
     notifier: Notifier,
     disk_workers: Option<DiskWorkers>,
+    /// Swap copies still to fail on purpose (`inject_copy_faults`).
+    copy_faults: AtomicU32,
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a block copy panicked".to_string(),
+    }
 }
 
 /// Threads writing spilled blocks to the disk tier.
@@ -206,7 +249,33 @@ impl EngineCore {
             state,
             notifier,
             disk_workers,
+            copy_faults: AtomicU32::new(0),
         }))
+    }
+
+    /// Runs a swap's block copy, turning its failure, or a panic inside it, into an error (a
+    /// worker that dies would leave its ticket unanswered forever).
+    fn guarded_copy(&self, src: &Memory, dst: &Memory, runs: &crate::transfer::Runs) -> Result<()> {
+        let inject = self
+            .copy_faults
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let run = std::panic::AssertUnwindSafe(|| {
+            if inject {
+                panic!("injected copy fault");
+            }
+            copy_runs(src, dst, runs)
+        });
+        match std::panic::catch_unwind(run) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::CopyFailed(e.to_string())),
+            Err(panic) => Err(Error::CopyFailed(panic_message(&panic))),
+        }
+    }
+
+    /// Makes the next `n` swap copies fail as if the copy panicked (tests).
+    pub fn inject_copy_faults(&self, n: u32) {
+        self.copy_faults.store(n, Ordering::SeqCst);
     }
 
     /// Hands the disk writes staged by the last call to the disk workers.
@@ -357,8 +426,8 @@ impl EngineCore {
                 st.start_disk_read(t, reads);
                 return Ok(Outcome::Waiting(t));
             }
-            // First come, first served: nobody overtakes a waiting allocation.
-            if st.waiters.allocates.is_empty() {
+            // First come, first served: a new prompt overtakes no waiting call.
+            if st.waiters.num_pending() == 0 {
                 match st.allocate_now(ctx, &rid, &tokens, root, &mut Default::default()) {
                     Ok(v) => return Ok(Outcome::Ready(v)),
                     Err(Error::OutOfBlocks {
@@ -382,19 +451,32 @@ impl EngineCore {
         })
     }
 
-    /// Appends tokens to a sequence. `wait`: queue when short (else `OutOfBlocks`).
+    /// Appends tokens to a sequence. `wait`: queue when short (else `OutOfBlocks`). An
+    /// extend that needs blocks while an earlier one waits queues behind it (or fails).
     pub fn extend(&self, rid: RequestId, append: Append, wait: bool) -> Result<Outcome> {
         self.mutate(false, |st, ctx| {
-            if st.waiters.has_pending_extend(&rid) {
+            if st.waiters.open_ticket(&rid).is_some() {
                 return Err(Error::InvalidState(format!(
                     "request {rid} already has an extend waiting"
                 )));
             }
-            match st.extend_now(ctx, &rid, &append) {
-                Ok((v, _)) => Ok(Outcome::Ready(v)),
+            let (new_blocks, cow) = st.extend_need(ctx, &rid, append.len())?;
+            let needed = new_blocks + usize::from(cow);
+            let overtakes = needed > 0 && !st.waiters.extends.is_empty();
+            let result = if overtakes {
+                Err(Error::OutOfBlocks {
+                    needed,
+                    available: 0,
+                    never_fits: false,
+                })
+            } else {
+                st.extend_now(ctx, &rid, &append)
+            };
+            match result {
+                Ok(v) => Ok(Outcome::Ready(v)),
                 Err(Error::OutOfBlocks { needed, .. }) if wait => {
                     let held = st.seqs.get(&rid).map_or(0, |s| s.blocks.len());
-                    let never = held + needed > st.pool.num_blocks();
+                    let never = held + needed - usize::from(cow) > st.pool.num_blocks();
                     if never {
                         return Err(Error::OutOfBlocks {
                             needed,
@@ -413,9 +495,12 @@ impl EngineCore {
     }
 
     /// One decode step: extends every sequence in `items`, all or nothing (never waits).
-    /// On any failure the sequences already extended are given back and the error returned.
+    /// A batch that needs blocks while an extend waits fails (it would overtake it).
     pub fn extend_batch(&self, items: &[(RequestId, Append)]) -> Result<()> {
-        self.mutate(false, |st, ctx| st.extend_batch(ctx, items))
+        self.mutate(false, |st, ctx| {
+            let blocked = !st.waiters.extends.is_empty();
+            st.extend_batch(ctx, items, blocked)
+        })
     }
 
     /// Tokens of `tokens` the prefix cache would serve now (full hits and a partial copy),
@@ -434,8 +519,9 @@ impl EngineCore {
         self.mutate(false, |st, _| st.fork(parent, &child))
     }
 
+    /// Hands a finished ticket's result to its waiter; a grant is applied and published.
     pub fn take_ticket(&self, t: Ticket) -> Result<SeqView> {
-        self.mutate(false, |st, _| st.take_ticket(t))
+        self.mutate(true, |st, ctx| st.take_ticket(ctx, t))
     }
 
     /// Withdraws a ticket (a cancelled or timed-out waiter): nothing it took is kept.
@@ -489,7 +575,7 @@ impl EngineCore {
     pub fn can_allocate(&self, num_tokens: usize) -> Result<bool> {
         let st = self.lock()?;
         let need = st.blocks_needed(&self.ctx, num_tokens);
-        Ok(st.waiters.allocates.is_empty() && need <= st.pool.num_free_blocks())
+        Ok(st.waiters.num_pending() == 0 && need <= st.pool.num_free_blocks())
     }
 
     pub fn get(&self, rid: &RequestId) -> Result<Option<SeqView>> {
@@ -519,7 +605,7 @@ impl EngineCore {
                     .seqs
                     .get(r)
                     .ok_or_else(|| Error::UnknownRequest(r.clone()))?;
-                if s.tier != Tier::Device || s.swapping {
+                if s.phase != Phase::Resident {
                     return Err(Error::InvalidState(format!(
                         "request {r} is not resident on the device: it has no block table"
                     )));
@@ -550,10 +636,18 @@ impl EngineCore {
             .seqs
             .get(rid)
             .ok_or_else(|| Error::UnknownRequest(rid.clone()))?;
-        if s.tier != Tier::Device {
-            return Err(Error::InvalidState(format!(
-                "cannot {what} request {rid}: it is swapped out"
-            )));
+        match s.phase {
+            Phase::Resident => {}
+            Phase::SwappingOut | Phase::SwappingIn => {
+                return Err(Error::InvalidState(format!(
+                    "cannot {what} request {rid}: a swap is in progress"
+                )))
+            }
+            Phase::Swapped => {
+                return Err(Error::InvalidState(format!(
+                    "cannot {what} request {rid}: it is swapped out"
+                )))
+            }
         }
         if layer >= self.ctx.config.num_layers {
             return Err(Error::InvalidArgument(format!(
@@ -694,7 +788,11 @@ impl EngineCore {
                 .map_or(0, |d| d.pending.iter().filter(|&&p| p).count()),
             block_size: self.ctx.config.block_size,
             num_sequences: st.seqs.len(),
-            num_swapped: st.seqs.values().filter(|s| s.tier != Tier::Device).count(),
+            num_swapped: st
+                .seqs
+                .values()
+                .filter(|s| s.phase.tier() != Tier::Device)
+                .count(),
             num_waiting: st.waiters.num_pending(),
             pressure_level: st.level() as u8,
             callback_errors: st.callback_errors,
@@ -769,14 +867,12 @@ impl EngineCore {
         if st.closed {
             return;
         }
-        let pending: Vec<_> = st.waiters.tickets.keys().copied().collect();
-        for t in pending {
-            st.waiters
-                .finish(t, crate::waiters::TicketState::Failed(Error::Closed));
+        for (t, ticket) in st.waiters.drain_all() {
+            if let crate::waiters::TicketState::Granted(g) = ticket {
+                st.release_grant(g);
+            }
+            st.waiters.fail(t, Error::Closed);
         }
-        st.waiters.extends.clear();
-        st.waiters.allocates.clear();
-        st.waiters.pending_rids.clear();
         let seqs: Vec<_> = st.seqs.drain().map(|(_, s)| s).collect();
         for s in seqs {
             st.free_sequence(s);

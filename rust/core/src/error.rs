@@ -34,6 +34,10 @@ pub enum Error {
     Closed,
     #[error("CUDA is unavailable: {0}")]
     CudaUnavailable(String),
+    /// A block copy failed (a device fault, or a failure on the copy worker); the call that
+    /// asked for it was undone (Python `CopyError`).
+    #[error("block copy failed: {0}")]
+    CopyFailed(String),
     /// An I/O failure of the disk tier (Python `OSError`).
     #[error("{0}")]
     Io(String),

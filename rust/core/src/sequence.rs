@@ -5,6 +5,12 @@
 //! full block `i` for `i < hashes.len() == num_tokens / block_size`, and `tail` holds the ids
 //! of the tokens after the last full block. A sequence extended by a bare token count is no
 //! longer cacheable (its ids are unknown), and neither are blocks after that point.
+//!
+//! Lifecycle: every sequence is in exactly one `Phase`, and every call matches on it. While a
+//! copy moves a sequence between tiers (`SwappingOut`, `SwappingIn`) no call may read, write
+//! or change it: its blocks are pinned by it and the copier reads or fills them without the
+//! engine lock. `blocks` are device blocks in `Resident` and `SwappingOut`, host blocks in
+//! `Swapped` and `SwappingIn` (see `Phase::tier`).
 
 use crate::types::{BlockHash, BlockId, RequestId, Tier};
 
@@ -17,9 +23,35 @@ pub struct Sequence {
     pub root: BlockHash,
     pub tail: Vec<u32>,
     pub cacheable: bool,
-    pub tier: Tier,
-    /// A swap copy of this sequence is in flight: no other call may touch it.
-    pub swapping: bool,
+    pub phase: Phase,
+}
+
+/// Where a sequence's blocks are, and whether a copy is moving them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// On the device tier: every call may use it.
+    Resident,
+    /// Its device blocks are being copied to host blocks the swap holds.
+    SwappingOut,
+    /// In the host tier.
+    Swapped,
+    /// Its host blocks are being copied to device blocks the swap holds.
+    SwappingIn,
+}
+
+impl Phase {
+    /// The tier `Sequence::blocks` belong to.
+    pub fn tier(self) -> Tier {
+        match self {
+            Phase::Resident | Phase::SwappingOut => Tier::Device,
+            Phase::Swapped | Phase::SwappingIn => Tier::Host,
+        }
+    }
+
+    /// A copy of the sequence is in flight.
+    pub fn is_moving(self) -> bool {
+        matches!(self, Phase::SwappingOut | Phase::SwappingIn)
+    }
 }
 
 impl Sequence {
@@ -66,7 +98,7 @@ impl SeqView {
             num_tokens: s.num_tokens,
             num_cached_tokens: s.num_cached_tokens,
             block_ids: s.blocks.iter().map(|b| b.0).collect(),
-            tier: s.tier,
+            tier: s.phase.tier(),
         }
     }
 }

@@ -1,19 +1,34 @@
-//! Requests waiting for blocks, as tickets.
+//! Requests waiting for blocks, as tickets, and the lifecycle of a ticket.
 //!
 //! An `allocate` or `extend` that finds too few blocks (and may wait) is queued as a ticket.
 //! Whenever blocks come back, the engine serves the queues in order: waiting `extend`s of
 //! running sequences first (a decode step must never wait behind a prompt, or the
 //! sequences that would free blocks could never finish), then waiting `allocate`s, first come
-//! first served (the head blocks the rest). Serving applies the operation at once and marks
-//! the ticket `Granted` with the record needed to undo it; the caller then `take`s the
-//! result, or `cancel`s it, which undoes a granted operation so nothing it took is kept.
-//! Every finished ticket is listed in `completed` until the event loop drains it.
+//! first served (the head blocks the rest, and a new call that needs blocks never overtakes a
+//! waiting one of its class or a higher class).
+//!
+//! Lifecycle of a ticket (`TicketState`):
+//! - `Pending`: queued. Cancel: it leaves its queue, nothing else changes.
+//! - `Granted`: served. The grant *reserves*: it holds the blocks the call will use (a new
+//!   prompt's blocks already filled from the cache tiers), private to the ticket: they are in
+//!   no sequence and no prefix index, so no other request can see or share them. Cancel:
+//!   exactly what the ticket holds is released, nothing else. Take: the operation is applied
+//!   and published (blocks joined to the sequence, full blocks registered, counters counted).
+//! - `Failed`: the waiter gets the error (its request was deallocated, the engine closed).
+//! - `Moving` / `Moved`: a swap whose copy runs on the worker, and its completion.
+//!
+//! A taken or cancelled ticket is removed. At most one ticket of a request is open (pending or
+//! granted) at a time, so a ticket's undo can never touch a later call of the same request,
+//! and a reused request id never reaches an old ticket. Every finished ticket is listed in
+//! `completed` until the event loop drains it.
+//! Cost: push, grant and take are O(1); unqueue is O(queue length).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::error::Error;
 use crate::sequence::Append;
-use crate::types::{BlockHash, RequestId};
+use crate::state::Admission;
+use crate::types::{BlockHash, BlockId, RequestId};
 
 pub type Ticket = u64;
 
@@ -38,22 +53,26 @@ impl WaitOp {
     }
 }
 
-/// How to give back a granted `extend`.
-#[derive(Debug, Clone)]
-pub struct ExtendUndo {
-    pub num_tokens: usize,
-    pub num_blocks: usize,
-    pub num_hashes: usize,
-    pub tail: Vec<u32>,
-    pub cacheable: bool,
+/// What a served ticket holds until its waiter takes or cancels it.
+#[derive(Debug)]
+pub enum Grant {
+    /// A new sequence's blocks, reserved and filled, not yet published.
+    Allocate(Admission),
+    /// Blocks reserved for an extend of a resident sequence (applied when taken).
+    Extend {
+        rid: RequestId,
+        append: Append,
+        reserved: Vec<BlockId>,
+    },
 }
 
-#[derive(Debug, Clone)]
-pub enum Undo {
-    /// A finished swap: the move happened and stays.
-    Nothing,
-    Allocate,
-    Extend(ExtendUndo),
+impl Grant {
+    pub fn rid(&self) -> &RequestId {
+        match self {
+            Grant::Allocate(a) => &a.rid,
+            Grant::Extend { rid, .. } => rid,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -62,14 +81,16 @@ pub enum TicketState {
         op: WaitOp,
         needed: usize,
     },
-    Granted {
-        rid: RequestId,
-        undo: Undo,
-    },
+    Granted(Grant),
     Failed(Error),
     /// A swap copy is running on the worker; `abandoned` once its waiter gave up.
-    InFlight {
+    Moving {
+        rid: RequestId,
         abandoned: bool,
+    },
+    /// A swap finished (the move happened and stays).
+    Moved {
+        rid: RequestId,
     },
 }
 
@@ -80,22 +101,30 @@ pub struct Waiters {
     pub extends: VecDeque<Ticket>,
     /// Pending allocates, oldest first.
     pub allocates: VecDeque<Ticket>,
-    pub tickets: HashMap<Ticket, TicketState>,
-    /// Request ids of pending allocates (taken for duplicate checks).
-    pub pending_rids: HashSet<RequestId>,
+    tickets: HashMap<Ticket, TicketState>,
+    /// The open (pending or granted) ticket of each request that has one.
+    open: HashMap<RequestId, Ticket>,
     /// Finished tickets not yet reported to the event loop.
     pub completed: Vec<Ticket>,
 }
 
 impl Waiters {
-    pub fn push(&mut self, op: WaitOp, needed: usize) -> Ticket {
+    fn next_ticket(&mut self) -> Ticket {
         self.next += 1;
-        let t = self.next;
+        self.next
+    }
+
+    /// Queues a call that waits for `needed` blocks. The caller checked that `op`'s request
+    /// has no open ticket.
+    pub fn push(&mut self, op: WaitOp, needed: usize) -> Ticket {
+        let t = self.next_ticket();
+        debug_assert!(
+            !self.open.contains_key(op.rid()),
+            "one open ticket a request"
+        );
+        self.open.insert(op.rid().clone(), t);
         match &op {
-            WaitOp::Allocate { rid, .. } => {
-                self.pending_rids.insert(rid.clone());
-                self.allocates.push_back(t);
-            }
+            WaitOp::Allocate { .. } => self.allocates.push_back(t),
             WaitOp::Extend { .. } => self.extends.push_back(t),
         }
         self.tickets.insert(t, TicketState::Pending { op, needed });
@@ -103,78 +132,134 @@ impl Waiters {
     }
 
     /// A ticket for a swap whose copy runs on the worker thread.
-    pub fn push_in_flight(&mut self, _rid: RequestId) -> Ticket {
-        self.next += 1;
-        self.tickets
-            .insert(self.next, TicketState::InFlight { abandoned: false });
-        self.next
+    pub fn push_moving(&mut self, rid: RequestId) -> Ticket {
+        let t = self.next_ticket();
+        self.tickets.insert(
+            t,
+            TicketState::Moving {
+                rid,
+                abandoned: false,
+            },
+        );
+        t
     }
 
-    /// The worker finished the copy of ticket `t`.
-    pub fn finish_in_flight(&mut self, t: Ticket, rid: RequestId) {
-        match self.tickets.get(&t) {
-            Some(TicketState::InFlight { abandoned: true }) => {
-                self.tickets.remove(&t);
-            }
-            _ => self.finish(
+    /// The worker finished (or failed) the copy of swap ticket `t`.
+    pub fn finish_moving(&mut self, t: Ticket, result: Result<(), Error>) {
+        match self.tickets.remove(&t) {
+            Some(TicketState::Moving {
+                abandoned: true, ..
+            }) => {}
+            Some(TicketState::Moving { rid, .. }) => self.finish(
                 t,
-                TicketState::Granted {
-                    rid,
-                    undo: Undo::Nothing,
+                match result {
+                    Ok(()) => TicketState::Moved { rid },
+                    Err(e) => TicketState::Failed(e),
                 },
             ),
+            other => unreachable!("finish_moving of ticket {t} in state {other:?}"),
         }
+    }
+
+    pub fn get(&self, t: Ticket) -> Option<&TicketState> {
+        self.tickets.get(&t)
+    }
+
+    /// Removes ticket `t` (taken or cancelled) and returns its state.
+    pub fn remove(&mut self, t: Ticket) -> Option<TicketState> {
+        let st = self.tickets.remove(&t)?;
+        if let TicketState::Granted(g) = &st {
+            self.open.remove(g.rid());
+        }
+        self.completed.retain(|&x| x != t);
+        Some(st)
+    }
+
+    /// Puts back a ticket that `remove` took but that stays (not yet finished).
+    pub fn restore(&mut self, t: Ticket, st: TicketState) {
+        if let TicketState::Granted(g) = &st {
+            self.open.insert(g.rid().clone(), t);
+        }
+        self.tickets.insert(t, st);
     }
 
     pub fn num_pending(&self) -> usize {
         self.extends.len() + self.allocates.len()
     }
 
+    /// Number of tickets in any state (tests: nothing is left behind).
+    pub fn num_tickets(&self) -> usize {
+        self.tickets.len()
+    }
+
     /// Blocks the pending tickets asked for, leaving out `except` (those not waiting for
     /// blocks, e.g. still reading their disk hits).
     pub fn needed_blocks(&self, except: &HashSet<Ticket>) -> usize {
-        self.tickets
+        self.extends
             .iter()
-            .filter(|(t, _)| !except.contains(t))
-            .map(|(_, s)| match s {
-                TicketState::Pending { needed, .. } => *needed,
+            .chain(&self.allocates)
+            .filter(|t| !except.contains(t))
+            .map(|t| match self.tickets.get(t) {
+                Some(TicketState::Pending { needed, .. }) => *needed,
                 _ => 0,
             })
             .sum()
     }
 
-    /// Whether an extend of `rid` is waiting.
-    pub fn has_pending_extend(&self, rid: &RequestId) -> bool {
-        self.extends.iter().any(|t| {
-            matches!(self.tickets.get(t), Some(TicketState::Pending { op, .. }) if op.rid() == rid)
-        })
+    /// The open (pending or granted, not yet taken) ticket of `rid`.
+    pub fn open_ticket(&self, rid: &RequestId) -> Option<Ticket> {
+        self.open.get(rid).copied()
     }
 
-    /// Whether a ticket of `rid` is still open: waiting, or granted and not yet taken by
-    /// its waiter (which may still cancel, undoing the grant).
-    pub fn has_open(&self, rid: &RequestId) -> bool {
-        self.tickets.values().any(|st| match st {
-            TicketState::Pending { op, .. } => op.rid() == rid,
-            TicketState::Granted { rid: r, undo } => r == rid && !matches!(undo, Undo::Nothing),
-            _ => false,
-        })
+    /// The operation of pending ticket `t`.
+    pub fn pending_op(&self, t: Ticket) -> Option<&WaitOp> {
+        match self.tickets.get(&t) {
+            Some(TicketState::Pending { op, .. }) => Some(op),
+            _ => None,
+        }
     }
 
-    /// Removes a pending ticket from its queue; returns its operation.
+    /// Removes a pending ticket from its queue; returns its operation. The ticket stays
+    /// unknown until the caller finishes it (`grant` / `fail`) or drops it (a cancel).
     pub fn unqueue(&mut self, t: Ticket) -> Option<WaitOp> {
         let TicketState::Pending { op, .. } = self.tickets.remove(&t)? else {
             unreachable!("unqueue of a finished ticket")
         };
         self.extends.retain(|&x| x != t);
         self.allocates.retain(|&x| x != t);
-        if let WaitOp::Allocate { rid, .. } = &op {
-            self.pending_rids.remove(rid);
-        }
+        self.open.remove(op.rid());
         Some(op)
     }
 
-    pub fn finish(&mut self, t: Ticket, state: TicketState) {
+    /// Marks an unqueued ticket granted (its request's open ticket again, until taken).
+    pub fn grant(&mut self, t: Ticket, g: Grant) {
+        self.open.insert(g.rid().clone(), t);
+        self.finish(t, TicketState::Granted(g));
+    }
+
+    /// Marks an unqueued (or removed) ticket failed: its waiter gets `e`.
+    pub fn fail(&mut self, t: Ticket, e: Error) {
+        self.finish(t, TicketState::Failed(e));
+    }
+
+    fn finish(&mut self, t: Ticket, state: TicketState) {
         self.tickets.insert(t, state);
         self.completed.push(t);
+    }
+
+    /// Every ticket, for `close` (which fails them all).
+    pub fn drain_all(&mut self) -> Vec<(Ticket, TicketState)> {
+        self.extends.clear();
+        self.allocates.clear();
+        self.open.clear();
+        self.tickets.drain().collect()
+    }
+
+    /// Granted tickets' reserved device blocks, and admissions (for the invariant checks).
+    pub fn grants(&self) -> impl Iterator<Item = &Grant> {
+        self.tickets.values().filter_map(|s| match s {
+            TicketState::Granted(g) => Some(g),
+            _ => None,
+        })
     }
 }

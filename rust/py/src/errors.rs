@@ -14,6 +14,7 @@ pyo3::import_exception!(ferrumkv.errors, DuplicateRequestError);
 pyo3::import_exception!(ferrumkv.errors, InvalidStateError);
 pyo3::import_exception!(ferrumkv.errors, CacheClosedError);
 pyo3::import_exception!(ferrumkv.errors, CudaUnavailableError);
+pyo3::import_exception!(ferrumkv.errors, CopyError);
 
 /// Maps an engine error to its Python exception (exhaustive: a new variant must be mapped).
 pub fn to_py(e: Error) -> PyErr {
@@ -26,6 +27,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::InvalidState(_) => InvalidStateError::new_err(msg),
         Error::Closed => CacheClosedError::new_err(msg),
         Error::CudaUnavailable(_) => CudaUnavailableError::new_err(msg),
+        Error::CopyFailed(_) => CopyError::new_err(msg),
         Error::Io(_) => PyOSError::new_err(msg),
     }
 }

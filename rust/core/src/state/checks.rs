@@ -2,6 +2,8 @@
 
 use crate::types::{blocks_for, BlockId, Tier};
 
+use crate::waiters::Grant;
+
 use super::{Ctx, State};
 
 impl State {
@@ -11,9 +13,32 @@ impl State {
         self.index.check_invariants();
         let mut owners = vec![0u32; self.pool.num_blocks()];
         let mut host_owners = vec![0u32; self.host.as_ref().map_or(0, |h| h.pool.num_blocks())];
+        for g in self.waiters.grants() {
+            let held = match g {
+                Grant::Allocate(adm) => State::admission_blocks(adm),
+                Grant::Extend { reserved, .. } => reserved,
+            };
+            for &b in held {
+                owners[b.idx()] += 1;
+            }
+        }
+        for g in self.waiters.grants() {
+            if let Grant::Extend { reserved, .. } = g {
+                for &b in reserved {
+                    assert!(
+                        self.index.hash_of(b).is_none(),
+                        "reserved block {} is indexed",
+                        b.0
+                    );
+                }
+            }
+        }
         for (rid, s) in &self.seqs {
-            if s.tier != Tier::Device {
-                assert!(!s.swapping, "{rid}: checked while a swap is in flight");
+            assert!(
+                !s.phase.is_moving(),
+                "{rid}: checked while a swap is in flight"
+            );
+            if s.phase.tier() != Tier::Device {
                 for &b in &s.blocks {
                     host_owners[b.idx()] += 1;
                 }

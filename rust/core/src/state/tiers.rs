@@ -6,6 +6,7 @@
 //! (events waited on a GPU) before the blocks they touch can be reused.
 
 use crate::error::{Error, Result};
+use crate::sequence::Phase;
 use crate::storage::disk::ReadError;
 use crate::storage::{copy_runs, Memory};
 use crate::tier::DiskWrite;
@@ -13,7 +14,8 @@ use crate::transfer::Runs;
 use crate::types::{BlockHash, BlockId, RequestId, Tier};
 use crate::waiters::Ticket;
 
-use super::{device_io, short, AllocPlan, Ctx, DiskRead, DiskReadResult, StagedReads, State};
+use super::alloc::AllocPlan;
+use super::{device_io, short, Ctx, DiskRead, DiskReadResult, StagedReads, State};
 
 /// A swap's copies, planned under the lock and executed with or without it.
 pub struct Swap {
@@ -213,13 +215,8 @@ impl State {
     /// the copies to make (device -> host). The sequence is `swapping` until
     /// `finish_swap_out`; nothing changes if this fails.
     pub fn begin_swap_out(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
-        let s = self.resident(rid, "swap out")?;
-        if self.waiters.has_open(rid) {
-            return Err(Error::InvalidState(format!(
-                "cannot swap out request {rid}: a call of it is still waiting for blocks"
-            )));
-        }
-        let need = s.blocks.len();
+        let need = self.resident(rid, "swap out")?.blocks.len();
+        self.check_no_open_ticket(rid, "swap out")?;
         let Some(host) = self.host.as_mut() else {
             return Err(Error::InvalidState(
                 "there is no host tier (host_blocks=0)".into(),
@@ -244,7 +241,7 @@ impl State {
         for (&db, &hb) in s.blocks.iter().zip(&to) {
             ctx.to_host(db, host.offset(hb), &mut runs);
         }
-        s.swapping = true;
+        s.phase = Phase::SwappingOut;
         self.events.end_op();
         Ok(Swap {
             to,
@@ -260,9 +257,9 @@ impl State {
             .seqs
             .get_mut(rid)
             .expect("a swapping sequence stays live");
+        debug_assert_eq!(s.phase, Phase::SwappingOut);
         let from = std::mem::replace(&mut s.blocks, to);
-        s.tier = Tier::Host;
-        s.swapping = false;
+        s.phase = Phase::Swapped;
         for &b in from.iter().rev() {
             self.release_block(b);
         }
@@ -270,19 +267,37 @@ impl State {
         self.counters.swap_out_count += 1;
     }
 
+    /// A swap-out whose copy failed: the host blocks it took go back, the sequence stays
+    /// resident with its device blocks (they were only read).
+    pub fn abort_swap_out(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+        let s = self
+            .seqs
+            .get_mut(rid)
+            .expect("a swapping sequence stays live");
+        debug_assert_eq!(s.phase, Phase::SwappingOut);
+        s.phase = Phase::Resident;
+        let host = self.host.as_mut().expect("a swap implies a host tier");
+        for &b in to.iter().rev() {
+            host.pool.release(b);
+        }
+    }
+
     /// Starts moving a swapped-out sequence back: takes device blocks (which may evict and
     /// offload cached ones) and returns the copies to make (host -> device).
     pub fn begin_swap_in(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
         let s = self.seq(rid)?;
-        if s.swapping {
-            return Err(Error::InvalidState(format!(
-                "cannot swap in request {rid}: a swap is in progress"
-            )));
-        }
-        if s.tier == Tier::Device {
-            return Err(Error::InvalidState(format!(
-                "cannot swap in request {rid}: it is resident"
-            )));
+        match s.phase {
+            Phase::Swapped => {}
+            Phase::SwappingOut | Phase::SwappingIn => {
+                return Err(Error::InvalidState(format!(
+                    "cannot swap in request {rid}: a swap is in progress"
+                )))
+            }
+            Phase::Resident => {
+                return Err(Error::InvalidState(format!(
+                    "cannot swap in request {rid}: it is resident"
+                )))
+            }
         }
         let need = s.blocks.len();
         if need > self.pool.num_blocks() {
@@ -306,7 +321,7 @@ impl State {
         for (&hb, &db) in s.blocks.iter().zip(&to) {
             ctx.from_host(host.offset(hb), db, &mut runs);
         }
-        s.swapping = true;
+        s.phase = Phase::SwappingIn;
         self.events.end_op();
         Ok(Swap {
             to,
@@ -324,9 +339,9 @@ impl State {
             .seqs
             .remove(rid)
             .expect("a swapping sequence stays live");
+        debug_assert_eq!(s.phase, Phase::SwappingIn);
         let from = std::mem::replace(&mut s.blocks, to);
-        s.tier = Tier::Device;
-        s.swapping = false;
+        s.phase = Phase::Resident;
         let host = self
             .host
             .as_mut()
@@ -338,5 +353,19 @@ impl State {
         self.counters.h2d_blocks_copied += from.len() as u64;
         self.counters.swap_in_count += 1;
         self.seqs.insert(rid.clone(), s);
+    }
+
+    /// A swap-in whose copy failed: the device blocks it took go back blank, the sequence
+    /// stays swapped out with its host blocks (they were only read).
+    pub fn abort_swap_in(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+        let s = self
+            .seqs
+            .get_mut(rid)
+            .expect("a swapping sequence stays live");
+        debug_assert_eq!(s.phase, Phase::SwappingIn);
+        s.phase = Phase::Swapped;
+        for &b in to.iter().rev() {
+            self.release_block(b);
+        }
     }
 }

@@ -1,0 +1,294 @@
+//! Allocation of a new sequence: plan, reserve, publish.
+//!
+//! An allocation is two steps with nothing fallible between them:
+//! 1. `reserve_allocate` plans the prompt's prefix hits (device, then host, then disk, then a
+//!    partial copy), checks that enough blocks are free, and takes them: device hits are
+//!    shared (their refcounts rise), the other blocks are taken from the pool and filled
+//!    (onboarded from the host tier, read back from disk, partially copied). The result, an
+//!    `Admission`, holds every block it took; none of them is in a sequence or the prefix
+//!    index yet, so no other request can see them.
+//! 2. `admit` publishes it: the sequence is inserted, its full blocks are registered in the
+//!    prefix index (KV events), and the allocation counters are counted.
+//!
+//! `allocate_now` does both at once. A waiting allocation is reserved when it is served and
+//! admitted when its waiter takes the ticket; a cancelled one gives its `Admission` back
+//! (`release_admission`): the never-published blocks go back blank, the shared hits back to
+//! the cache, and no counter of the allocation was ever counted. Bytes copied into the
+//! reserved blocks were copied and stay counted as transfers.
+//! Cost: O(prompt blocks) for hashing and lookups, O(1) per block taken.
+
+use crate::error::{Error, Result};
+use crate::sequence::{Phase, SeqView, Sequence};
+use crate::types::{blocks_for, BlockHash, BlockId, RequestId};
+
+use super::{short, Ctx, StagedReads, State};
+
+/// Plan of a prompt allocation, computed without side effects.
+pub(super) struct AllocPlan {
+    pub hits: Vec<BlockId>,
+    /// Host blocks holding the next cached blocks after the device hits (onboarded).
+    pub onboard: Vec<BlockId>,
+    /// Disk slots holding the cached blocks after those (read back, checksums verified).
+    pub from_disk: Vec<BlockId>,
+    /// Chained hashes of every full block of the prompt.
+    pub hashes: Vec<BlockHash>,
+    pub partial: Option<(BlockId, usize)>,
+    pub num_blocks: usize,
+}
+
+/// A new sequence's blocks, reserved and filled, not yet published (see the module header).
+#[derive(Debug)]
+pub struct Admission {
+    pub rid: RequestId,
+    seq: Sequence,
+    tokens: Vec<u32>,
+    /// The first `device_hits` blocks were device prefix hits (already indexed, shared).
+    device_hits: usize,
+    /// Full blocks served from any tier (device, host, disk).
+    full_hits: usize,
+    partial: bool,
+}
+
+impl State {
+    pub(super) fn plan_allocate(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> AllocPlan {
+        let bs = ctx.config.block_size;
+        let n = tokens.len();
+        let num_blocks = blocks_for(n, bs);
+        if !ctx.config.enable_prefix_cache {
+            return AllocPlan {
+                hits: vec![],
+                onboard: vec![],
+                from_disk: vec![],
+                hashes: vec![],
+                partial: None,
+                num_blocks,
+            };
+        }
+        let hashes = ctx.hasher.chain(root, tokens, bs);
+        // A full hit must end before the last token: one token is always left to compute.
+        let max_full = (n - 1) / bs;
+        let hits: Vec<BlockId> = hashes
+            .iter()
+            .take(max_full)
+            .map_while(|&h| self.index.get(h))
+            .collect();
+        let onboard: Vec<BlockId> = match &self.host {
+            Some(host) => hashes[hits.len()..max_full]
+                .iter()
+                .map_while(|&h| host.index.get(h))
+                .collect(),
+            None => vec![],
+        };
+        let after_host = hits.len() + onboard.len();
+        let from_disk: Vec<BlockId> = match &self.disk {
+            Some(disk) => hashes[after_host..max_full]
+                .iter()
+                .map_while(|&h| disk.readable(h))
+                .collect(),
+            None => vec![],
+        };
+        let k = after_host + from_disk.len();
+        let parent = if k == 0 { root } else { hashes[k - 1] };
+        let window = &tokens[k * bs..(n - 1).min((k + 1) * bs)];
+        let partial = if window.is_empty() {
+            None
+        } else {
+            self.index.best_partial(parent, window)
+        };
+        AllocPlan {
+            hits,
+            onboard,
+            from_disk,
+            hashes,
+            partial,
+            num_blocks,
+        }
+    }
+
+    /// Allocates `tokens` for a new sequence now (reserve + admit), or fails with nothing
+    /// changed.
+    pub fn allocate_now(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        tokens: &[u32],
+        root: BlockHash,
+        staged: &mut StagedReads,
+    ) -> Result<SeqView> {
+        let adm = self.reserve_allocate(ctx, rid, tokens, root, staged)?;
+        Ok(self.admit(ctx, adm))
+    }
+
+    /// Takes and fills the blocks of a new sequence (step 1 of the module header), or fails
+    /// with nothing changed.
+    pub(super) fn reserve_allocate(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        tokens: &[u32],
+        root: BlockHash,
+        staged: &mut StagedReads,
+    ) -> Result<Admission> {
+        let bs = ctx.config.block_size;
+        let mut plan = self.plan_allocate(ctx, tokens, root);
+        if plan.num_blocks > self.pool.num_blocks() {
+            return Err(Error::OutOfBlocks {
+                needed: plan.num_blocks,
+                available: self.pool.num_blocks(),
+                never_fits: true,
+            });
+        }
+        let k = plan.hits.len();
+        let j = plan.onboard.len();
+        let new = plan.num_blocks - k;
+        let mut available =
+            self.available_excluding(plan.hits.iter().copied().chain(plan.partial.map(|p| p.0)));
+        if new > available && plan.partial.is_some() {
+            // Pinning the partial source is what makes it short: skip the partial copy.
+            plan.partial = None;
+            available = self.available_excluding(plan.hits.iter().copied());
+        }
+        if new > available {
+            return Err(short(new, available));
+        }
+        let disk_data = self.read_disk_hits(&mut plan, staged);
+        // Commit.
+        let now = ctx.clock.now();
+        for &b in &plan.hits {
+            self.pool.acquire(b);
+            self.residency.on_access(b, now);
+        }
+        if let Some((src, _)) = plan.partial {
+            self.pool.acquire(src); // pinned so the allocation below cannot evict it
+        }
+        if let Some(host) = self.host.as_mut() {
+            // Pinned too: offloads made by the allocation below must not evict them.
+            for &hb in &plan.onboard {
+                host.pool.acquire(hb);
+            }
+        }
+        let mut blocks = plan.hits;
+        blocks.extend((0..new).map(|_| self.alloc_block(ctx, now)));
+        if j > 0 {
+            self.onboard(ctx, &plan.onboard, &blocks[k..k + j]);
+        }
+        let d = disk_data.len();
+        for (bytes, &db) in disk_data.iter().zip(&blocks[k + j..k + j + d]) {
+            ctx.write_block(db, bytes);
+        }
+        let bpb = ctx.bytes_per_block() as u64;
+        self.counters.onboard_blocks += d as u64;
+        self.counters.onboard_bytes += d as u64 * bpb;
+        self.counters.h2d_blocks_copied += d as u64;
+        let full_hits = k + j + d;
+        let mut cached_tokens = full_hits * bs;
+        if let Some((src, m)) = plan.partial {
+            ctx.copy_block(src, blocks[full_hits]);
+            self.release_block(src);
+            self.residency.on_access(src, now);
+            self.counters.intra_device_copy_blocks += 1;
+            self.counters.intra_device_copy_bytes += bpb;
+            cached_tokens += m;
+        }
+        self.events.end_op();
+        let cacheable = ctx.config.enable_prefix_cache;
+        let n_full = tokens.len() / bs;
+        let seq = Sequence {
+            num_tokens: tokens.len(),
+            num_cached_tokens: cached_tokens,
+            blocks,
+            hashes: if cacheable { plan.hashes } else { vec![] },
+            root,
+            tail: if cacheable {
+                tokens[n_full * bs..].to_vec()
+            } else {
+                vec![]
+            },
+            cacheable,
+            phase: Phase::Resident,
+        };
+        Ok(Admission {
+            rid: rid.clone(),
+            seq,
+            tokens: tokens.to_vec(),
+            device_hits: k,
+            full_hits,
+            partial: plan.partial.is_some(),
+        })
+    }
+
+    /// Publishes a reserved allocation (step 2 of the module header). Infallible.
+    pub(super) fn admit(&mut self, ctx: &Ctx, adm: Admission) -> SeqView {
+        let bs = ctx.config.block_size;
+        let Admission {
+            rid,
+            seq,
+            tokens,
+            device_hits,
+            full_hits,
+            partial,
+        } = adm;
+        debug_assert!(!self.seqs.contains_key(&rid), "admitted twice: {rid}");
+        if seq.cacheable {
+            // Blocks after the device hits (onboarded, read back or computed) are new.
+            for i in device_hits..tokens.len() / bs {
+                let parent = if i == 0 { seq.root } else { seq.hashes[i - 1] };
+                self.registry().register(
+                    seq.blocks[i],
+                    seq.hashes[i],
+                    parent,
+                    seq.root,
+                    &tokens[i * bs..(i + 1) * bs],
+                );
+            }
+        }
+        self.events.end_op();
+        let num_blocks = seq.blocks.len();
+        let partial = usize::from(partial);
+        let c = &mut self.counters;
+        c.alloc_total_blocks += num_blocks as u64;
+        c.alloc_new_blocks += (num_blocks - device_hits) as u64;
+        c.full_reused_blocks += full_hits as u64;
+        c.partial_reused_blocks += partial as u64;
+        c.missed_blocks += (num_blocks - full_hits - partial) as u64;
+        c.cache_tokens += seq.num_cached_tokens as u64;
+        c.input_tokens += (seq.num_tokens - seq.num_cached_tokens) as u64;
+        let view = SeqView::of(&rid, &seq);
+        self.seqs.insert(rid, seq);
+        view
+    }
+
+    /// Gives back a reservation that is never admitted: its new blocks were never
+    /// published, so they go back blank; the shared hits go back to the cache.
+    pub(super) fn release_admission(&mut self, adm: Admission) {
+        self.free_sequence(adm.seq);
+    }
+
+    /// Blocks an admission holds (the invariant checks count them as owners).
+    pub(super) fn admission_blocks(adm: &Admission) -> &[BlockId] {
+        &adm.seq.blocks
+    }
+
+    /// Checks that `rid` may be used for a new sequence.
+    pub fn check_new_rid(&self, rid: &RequestId) -> Result<()> {
+        if self.seqs.contains_key(rid) || self.waiters.open_ticket(rid).is_some() {
+            return Err(Error::DuplicateRequest(rid.clone()));
+        }
+        Ok(())
+    }
+
+    /// Blocks a prompt of `n` tokens needs if nothing is cached.
+    pub fn blocks_needed(&self, ctx: &Ctx, n: usize) -> usize {
+        blocks_for(n, ctx.config.block_size)
+    }
+
+    /// Tokens a prompt would get from the cache now (see `plan_allocate`).
+    pub fn cached_prefix_len(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> usize {
+        if tokens.is_empty() {
+            return 0;
+        }
+        let plan = self.plan_allocate(ctx, tokens, root);
+        (plan.hits.len() + plan.onboard.len() + plan.from_disk.len()) * ctx.config.block_size
+            + plan.partial.map_or(0, |p| p.1)
+    }
+}

@@ -1,0 +1,222 @@
+//! Extension of a resident sequence: reserve, then apply.
+//!
+//! An extend by `m` tokens needs the blocks its new tokens spill into, plus one when the
+//! sequence's partial last block is shared (a fork): that block is copied first
+//! (copy-on-write), so the new tokens are never seen by the other owner. `reserve_extend`
+//! checks and takes those blocks; `apply_extend` joins them to the sequence, registers every
+//! block the new ids complete and gives back any reserved block it no longer needs (a write
+//! may have unshared the tail meanwhile). `extend_now` does both at once; a waiting extend
+//! reserves when served and applies when its waiter takes the ticket, so a cancelled one
+//! gives back exactly its reservation and the sequence was never touched.
+//! Cost: O(new blocks + new tokens) (plus hashing of each completed block).
+
+use crate::error::{Error, Result};
+use crate::sequence::{Append, SeqView};
+use crate::types::{blocks_for, BlockId, RequestId};
+
+use super::{short, Ctx, Registry, State};
+
+impl State {
+    /// Blocks an extend by `m` tokens takes: new blocks, and whether the shared partial tail
+    /// must be copied first (copy-on-write).
+    pub fn extend_need(&self, ctx: &Ctx, rid: &RequestId, m: usize) -> Result<(usize, bool)> {
+        let bs = ctx.config.block_size;
+        let s = self.resident(rid, "extend")?;
+        let n = s.num_tokens;
+        let total = n.checked_add(m).ok_or_else(|| {
+            Error::InvalidArgument(format!("extending request {rid} by {m} tokens overflows"))
+        })?;
+        let new_blocks = blocks_for(total, bs) - s.blocks.len();
+        let tail_shared =
+            n % bs != 0 && m > 0 && self.pool.ref_cnt(*s.blocks.last().expect("n > 0")) > 1;
+        Ok((new_blocks, tail_shared))
+    }
+
+    /// Takes `n` blocks (blank first, then evicting). The caller checked availability.
+    fn reserve_blocks(&mut self, ctx: &Ctx, n: usize) -> Vec<BlockId> {
+        let now = ctx.clock.now();
+        (0..n).map(|_| self.alloc_block(ctx, now)).collect()
+    }
+
+    /// Gives back reserved blocks that were never joined to a sequence.
+    pub(super) fn release_reserved(&mut self, blocks: Vec<BlockId>) {
+        for b in blocks.into_iter().rev() {
+            self.release_block(b);
+        }
+    }
+
+    /// Checks an extend of a resident sequence and takes the blocks it needs, or fails with
+    /// nothing changed.
+    pub(super) fn reserve_extend(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        m: usize,
+    ) -> Result<Vec<BlockId>> {
+        let (new_blocks, cow) = self.extend_need(ctx, rid, m)?;
+        let needed = new_blocks + usize::from(cow);
+        let available = self.pool.num_free_blocks();
+        if needed > available {
+            return Err(short(needed, available));
+        }
+        Ok(self.reserve_blocks(ctx, needed))
+    }
+
+    /// Appends tokens to a resident sequence now, or fails with nothing changed.
+    pub fn extend_now(&mut self, ctx: &Ctx, rid: &RequestId, append: &Append) -> Result<SeqView> {
+        let reserved = self.reserve_extend(ctx, rid, append.len())?;
+        self.apply_extend(ctx, rid, append, reserved)?;
+        Ok(SeqView::of(rid, &self.seqs[rid]))
+    }
+
+    /// Appends tokens using `reserved` blocks. Fails, giving the reservation back and
+    /// changing nothing else, only if the sequence needs more than was reserved.
+    pub(super) fn apply_extend(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        append: &Append,
+        mut reserved: Vec<BlockId>,
+    ) -> Result<()> {
+        let bs = ctx.config.block_size;
+        let need = self.extend_need(ctx, rid, append.len());
+        let (new_blocks, tail_shared) = match need {
+            Ok((n, cow)) if n + usize::from(cow) <= reserved.len() => (n, cow),
+            Ok((n, cow)) => {
+                let have = reserved.len();
+                self.release_reserved(reserved);
+                return Err(short(n + usize::from(cow), have));
+            }
+            Err(e) => {
+                self.release_reserved(reserved);
+                return Err(e);
+            }
+        };
+        if tail_shared {
+            let copy = reserved.remove(0); // taken first, as by a direct extend
+            let s = self.seqs.get_mut(rid).expect("checked");
+            let old = std::mem::replace(s.blocks.last_mut().expect("n > 0"), copy);
+            ctx.copy_block(old, copy);
+            self.release_block(old);
+            self.counters.intra_device_copy_blocks += 1;
+            self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
+        }
+        let spare = reserved.split_off(new_blocks);
+        self.seqs
+            .get_mut(rid)
+            .expect("checked")
+            .blocks
+            .extend(reserved);
+        self.release_reserved(spare);
+        self.counters.gen_alloc_blocks += new_blocks as u64;
+        let s = self.seqs.get_mut(rid).expect("checked");
+        match append {
+            Append::Ids(ids) if s.cacheable => {
+                let mut rest = &ids[..];
+                while !rest.is_empty() {
+                    let take = (bs - s.tail.len()).min(rest.len());
+                    s.tail.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if s.tail.len() == bs {
+                        let parent = s.last_hash();
+                        let h = ctx.hasher.block_hash(parent, &s.tail, &mut self.scratch);
+                        let b = s.blocks[s.hashes.len()];
+                        // Field by field, not `self.registry()`: `s` still borrows `self.seqs`.
+                        let mut reg = Registry {
+                            pool: &mut self.pool,
+                            index: &mut self.index,
+                            events: &mut self.events,
+                        };
+                        reg.register(b, h, parent, s.root, &s.tail);
+                        s.tail.clear();
+                        s.hashes.push(h);
+                    }
+                }
+            }
+            Append::Ids(_) => {}
+            Append::Count(_) => {
+                s.cacheable = false;
+                s.tail.clear();
+            }
+        }
+        s.num_tokens += append.len();
+        self.events.end_op();
+        Ok(())
+    }
+
+    /// Extends every sequence of `items` or none (see `Engine::extend_batch`): everything
+    /// is checked before anything changes, so a failure leaves the state as it was.
+    /// `blocked`: a call that needs blocks may not take them (an earlier extend waits).
+    pub fn extend_batch(
+        &mut self,
+        ctx: &Ctx,
+        items: &[(RequestId, Append)],
+        blocked: bool,
+    ) -> Result<()> {
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let mut needed = 0usize;
+        for (rid, append) in items {
+            if !seen.insert(rid) {
+                return Err(Error::InvalidArgument(format!(
+                    "request {rid} appears twice in one batch"
+                )));
+            }
+            self.check_no_open_ticket(rid, "extend")?;
+            let (new_blocks, cow) = self.extend_need(ctx, rid, append.len())?;
+            needed = needed
+                .checked_add(new_blocks + usize::from(cow))
+                .ok_or_else(|| {
+                    Error::InvalidArgument("the batch's block count overflows".into())
+                })?;
+        }
+        let available = if blocked && needed > 0 {
+            0
+        } else {
+            self.pool.num_free_blocks()
+        };
+        if needed > available {
+            return Err(short(needed, available));
+        }
+        for (rid, append) in items {
+            let applied = self.extend_now(ctx, rid, append);
+            debug_assert!(applied.is_ok(), "checked above: {applied:?}");
+            applied?;
+        }
+        Ok(())
+    }
+
+    /// Copy-on-write: gives `rid` private copies of the shared blocks that hold positions
+    /// `start..start+n`, so a write there is never seen by another sequence.
+    pub fn unshare_span(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let bs = ctx.config.block_size;
+        let span = start / bs..=(start + n - 1) / bs;
+        let s = self.resident(rid, "write_kv")?;
+        let shared: Vec<usize> = span
+            .filter(|&i| self.pool.ref_cnt(s.blocks[i]) > 1)
+            .collect();
+        if shared.len() > self.pool.num_free_blocks() {
+            return Err(short(shared.len(), self.pool.num_free_blocks()));
+        }
+        let now = ctx.clock.now();
+        for i in shared {
+            let old = self.seqs[rid].blocks[i];
+            let copy = self.alloc_block(ctx, now);
+            ctx.copy_block(old, copy);
+            self.release_block(old);
+            self.seqs.get_mut(rid).expect("checked above").blocks[i] = copy;
+            self.counters.intra_device_copy_blocks += 1;
+            self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
+        }
+        self.events.end_op();
+        Ok(())
+    }
+}
