@@ -4,7 +4,7 @@
 //! implies), updates the pressure level and, when a waiter finished or the level changed,
 //! signals the eventfd. None of them calls Python or blocks on anything but the lock.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -71,29 +71,28 @@ impl SwapDir {
         self,
         st: &mut State,
         rid: &RequestId,
-        to: Vec<crate::types::BlockId>,
         ns: u64,
         copied: Result<()>,
     ) -> Result<()> {
         match (self, copied) {
             (SwapDir::Out, Ok(())) => {
-                st.finish_swap_out(rid, to);
+                st.finish_swap_out(rid);
                 st.counters.d2h_transfers += 1;
                 st.counters.d2h_transfer_ns += ns;
                 Ok(())
             }
             (SwapDir::In, Ok(())) => {
-                st.finish_swap_in(rid, to);
+                st.finish_swap_in(rid);
                 st.counters.h2d_transfers += 1;
                 st.counters.h2d_transfer_ns += ns;
                 Ok(())
             }
             (SwapDir::Out, Err(e)) => {
-                st.abort_swap_out(rid, to);
+                st.abort_swap_out(rid);
                 Err(e)
             }
             (SwapDir::In, Err(e)) => {
-                st.abort_swap_in(rid, to);
+                st.abort_swap_in(rid);
                 Err(e)
             }
         }
@@ -132,13 +131,13 @@ impl Engine {
     }
 
     fn run_swap(&self, rid: &RequestId, swap: Swap, dir: SwapDir) -> Result<Outcome> {
-        let Swap { to, runs, src, dst } = swap;
-        if runs.bytes() < INLINE_COPY_BYTES {
+        let Swap { runs, src, dst } = swap;
+        if runs.bytes() < self.core.inline_copy_bytes.load(Ordering::Relaxed) {
             let t0 = Instant::now();
             let copied = self.core.guarded_copy(&src, &dst, &runs);
             let ns = t0.elapsed().as_nanos() as u64;
             return self.core.mutate(true, |st, _| {
-                dir.settle(st, rid, to, ns, copied)?;
+                dir.settle(st, rid, ns, copied)?;
                 Ok(Outcome::Ready(SeqView::of(rid, &st.seqs[rid])))
             });
         }
@@ -156,7 +155,7 @@ impl Engine {
             if st.closed {
                 return;
             }
-            let settled = dir.settle(&mut st, &rid, to, t0.elapsed().as_nanos() as u64, copied);
+            let settled = dir.settle(&mut st, &rid, t0.elapsed().as_nanos() as u64, copied);
             st.waiters.finish_moving(ticket, settled);
             st.serve_waiters(&core.ctx);
             st.update_pressure();
@@ -173,11 +172,18 @@ impl Engine {
         Ok(Outcome::Waiting(ticket))
     }
 
+    /// Blocks until every swap copy handed to the worker so far has finished (tests, benches;
+    /// never from an event loop). A paused copier (`pause_copies`) must be resumed first.
+    pub fn wait_copies_idle(&self) {
+        self.copier.flush();
+    }
+
     /// Closes the engine: pending waiters fail with `Closed`, copies in flight finish
     /// first (nothing leaks), every later call fails. Memory stays alive while DLPack views
     /// hold it. Idempotent.
     pub fn close(&self) {
         self.core.mark_closing();
+        self.core.pause_copies(false);
         self.copier.shutdown();
         if let Some(w) = &self.core.disk_workers {
             w.shutdown();
@@ -199,6 +205,10 @@ pub struct EngineCore {
     disk_workers: Option<DiskWorkers>,
     /// Swap copies still to fail on purpose (`inject_copy_faults`).
     copy_faults: AtomicU32,
+    /// Worker copies wait while set (`pause_copies`).
+    copies_paused: AtomicBool,
+    /// Swaps smaller than this copy inline (`set_inline_copy_bytes`).
+    inline_copy_bytes: AtomicUsize,
 }
 
 /// The message of a caught panic.
@@ -250,32 +260,50 @@ impl EngineCore {
             notifier,
             disk_workers,
             copy_faults: AtomicU32::new(0),
+            copies_paused: AtomicBool::new(false),
+            inline_copy_bytes: AtomicUsize::new(INLINE_COPY_BYTES),
         }))
     }
 
     /// Runs a swap's block copy, turning its failure, or a panic inside it, into an error (a
     /// worker that dies would leave its ticket unanswered forever).
     fn guarded_copy(&self, src: &Memory, dst: &Memory, runs: &crate::transfer::Runs) -> Result<()> {
+        while self.copies_paused.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
         let inject = self
             .copy_faults
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         let run = std::panic::AssertUnwindSafe(|| {
             if inject {
-                panic!("injected copy fault");
+                // `resume_unwind` unwinds like a panic without running the panic hook.
+                std::panic::resume_unwind(Box::new("injected copy fault"));
             }
             copy_runs(src, dst, runs)
         });
         match std::panic::catch_unwind(run) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Error::CopyFailed(e.to_string())),
-            Err(panic) => Err(Error::CopyFailed(panic_message(&panic))),
+            Err(panic) => Err(Error::CopyFailed(panic_message(&*panic))),
         }
     }
 
     /// Makes the next `n` swap copies fail as if the copy panicked (tests).
     pub fn inject_copy_faults(&self, n: u32) {
         self.copy_faults.store(n, Ordering::SeqCst);
+    }
+
+    /// Holds swap copies on the worker before they start while `on` (tests: a swap stays in
+    /// flight for as long as a test needs). `close` lifts it.
+    pub fn pause_copies(&self, on: bool) {
+        self.copies_paused.store(on, Ordering::SeqCst);
+    }
+
+    /// Swaps of fewer bytes than this copy inline, bigger ones on the worker (tests; the
+    /// default is `INLINE_COPY_BYTES`).
+    pub fn set_inline_copy_bytes(&self, n: usize) {
+        self.inline_copy_bytes.store(n, Ordering::Relaxed);
     }
 
     /// Hands the disk writes staged by the last call to the disk workers.
@@ -291,7 +319,9 @@ impl EngineCore {
             workers.submit(Box::new(move || {
                 let file = core.state.lock().disk.as_ref().map(|d| d.file.clone());
                 let Some(file) = file else { return };
-                let ok = file.write_block(w.slot.idx(), &w.data).is_ok();
+                // A panic inside the write is a failed write, never a lost answer.
+                let write = std::panic::AssertUnwindSafe(|| file.write_block(w.slot.idx(), &w.data));
+                let ok = matches!(std::panic::catch_unwind(write), Ok(Ok(())));
                 let mut st = core.state.lock();
                 if !st.closed {
                     st.finish_disk_write(w.slot, w.hash, ok);
@@ -357,17 +387,28 @@ impl EngineCore {
         {
             let core = core.clone();
             reader.submit(Box::new(move || {
-                let results: Vec<_> = reads
-                    .into_iter()
-                    .map(|(hash, slot)| {
-                        let mut buf = vec![0u8; file.slot_bytes()];
-                        (
-                            hash,
-                            slot,
-                            file.read_block(slot.idx(), &mut buf).map(|()| buf),
-                        )
-                    })
-                    .collect();
+                let read_all = std::panic::AssertUnwindSafe(|| {
+                    reads
+                        .iter()
+                        .map(|&(hash, slot)| {
+                            let mut buf = vec![0u8; file.slot_bytes()];
+                            (
+                                hash,
+                                slot,
+                                file.read_block(slot.idx(), &mut buf).map(|()| buf),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                });
+                // A panic inside the reads fails each of them (they are misses), so the
+                // waiting allocation is still answered.
+                let results = std::panic::catch_unwind(read_all).unwrap_or_else(|p| {
+                    let why = crate::storage::disk::ReadError::Io(format!(
+                        "disk reader failed: {}",
+                        panic_message(&*p)
+                    ));
+                    reads.iter().map(|&(h, s)| (h, s, Err(why.clone()))).collect()
+                });
                 let mut st = core.state.lock();
                 if st.closed {
                     return;
@@ -638,7 +679,7 @@ impl EngineCore {
             .ok_or_else(|| Error::UnknownRequest(rid.clone()))?;
         match s.phase {
             Phase::Resident => {}
-            Phase::SwappingOut | Phase::SwappingIn => {
+            Phase::SwappingOut { .. } | Phase::SwappingIn { .. } => {
                 return Err(Error::InvalidState(format!(
                     "cannot {what} request {rid}: a swap is in progress"
                 )))

@@ -27,30 +27,30 @@ pub struct Sequence {
 }
 
 /// Where a sequence's blocks are, and whether a copy is moving them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
     /// On the device tier: every call may use it.
     Resident,
-    /// Its device blocks are being copied to host blocks the swap holds.
-    SwappingOut,
+    /// Its device blocks are being copied to the host blocks `to`, which the swap holds.
+    SwappingOut { to: Vec<BlockId> },
     /// In the host tier.
     Swapped,
-    /// Its host blocks are being copied to device blocks the swap holds.
-    SwappingIn,
+    /// Its host blocks are being copied to the device blocks `to`, which the swap holds.
+    SwappingIn { to: Vec<BlockId> },
 }
 
 impl Phase {
     /// The tier `Sequence::blocks` belong to.
-    pub fn tier(self) -> Tier {
+    pub fn tier(&self) -> Tier {
         match self {
-            Phase::Resident | Phase::SwappingOut => Tier::Device,
-            Phase::Swapped | Phase::SwappingIn => Tier::Host,
+            Phase::Resident | Phase::SwappingOut { .. } => Tier::Device,
+            Phase::Swapped | Phase::SwappingIn { .. } => Tier::Host,
         }
     }
 
     /// A copy of the sequence is in flight.
-    pub fn is_moving(self) -> bool {
-        matches!(self, Phase::SwappingOut | Phase::SwappingIn)
+    pub fn is_moving(&self) -> bool {
+        matches!(self, Phase::SwappingOut { .. } | Phase::SwappingIn { .. })
     }
 }
 

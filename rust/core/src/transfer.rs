@@ -71,6 +71,14 @@ impl Copier {
         }
     }
 
+    /// Waits until every job queued before this call has finished (false if shut down).
+    pub fn flush(&self) -> bool {
+        let (tx, rx) = channel::<()>();
+        self.submit(Box::new(move || {
+            let _ = tx.send(());
+        })) && rx.recv().is_ok()
+    }
+
     /// Finishes every queued job and joins the thread (idempotent).
     pub fn shutdown(&self) {
         drop(self.tx.lock().expect("copier lock").take());

@@ -506,6 +506,26 @@ impl PyEngine {
         self.engine.inject_disk_fault(fault).py_err()
     }
 
+    /// Test hook: the next `n` swap copies fail as if the copy panicked.
+    fn inject_copy_faults(&self, n: u32) {
+        self.engine.inject_copy_faults(n);
+    }
+
+    /// Test hook: holds swap copies on the worker before they start while `on`.
+    fn pause_copies(&self, on: bool) {
+        self.engine.pause_copies(on);
+    }
+
+    /// Test hook: waits until every swap copy handed to the worker so far has finished.
+    fn wait_copies_idle(&self, py: Python<'_>) {
+        py.detach(|| self.engine.wait_copies_idle());
+    }
+
+    /// Test hook: swaps of fewer bytes than `n` copy inline, bigger ones on the worker.
+    fn set_inline_copy_bytes(&self, n: usize) {
+        self.engine.set_inline_copy_bytes(n);
+    }
+
     /// Waits until no disk write is in flight (tests; never call it from an event loop).
     fn wait_disk_idle(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.engine.wait_disk_idle()).py_err()

@@ -2,6 +2,7 @@
 
 use crate::types::{blocks_for, BlockId, Tier};
 
+use crate::sequence::Phase;
 use crate::waiters::Grant;
 
 use super::{Ctx, State};
@@ -34,10 +35,12 @@ impl State {
             }
         }
         for (rid, s) in &self.seqs {
-            assert!(
-                !s.phase.is_moving(),
-                "{rid}: checked while a swap is in flight"
-            );
+            // A moving sequence also owns the blocks its swap fills.
+            match &s.phase {
+                Phase::SwappingOut { to } => to.iter().for_each(|b| host_owners[b.idx()] += 1),
+                Phase::SwappingIn { to } => to.iter().for_each(|b| owners[b.idx()] += 1),
+                Phase::Resident | Phase::Swapped => {}
+            }
             if s.phase.tier() != Tier::Device {
                 for &b in &s.blocks {
                     host_owners[b.idx()] += 1;

@@ -263,7 +263,7 @@ impl State {
         let s = self.seq(rid)?;
         match s.phase {
             Phase::Resident => Ok(s),
-            Phase::SwappingOut | Phase::SwappingIn => Err(Error::InvalidState(format!(
+            Phase::SwappingOut { .. } | Phase::SwappingIn { .. } => Err(Error::InvalidState(format!(
                 "cannot {what} request {rid}: a swap is in progress"
             ))),
             Phase::Swapped => Err(Error::InvalidState(format!(

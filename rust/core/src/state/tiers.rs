@@ -17,10 +17,9 @@ use crate::waiters::Ticket;
 use super::alloc::AllocPlan;
 use super::{device_io, short, Ctx, DiskRead, DiskReadResult, StagedReads, State};
 
-/// A swap's copies, planned under the lock and executed with or without it.
+/// A swap's copies, planned under the lock and executed with or without it (the blocks
+/// they fill are held by the sequence's moving `Phase`).
 pub struct Swap {
-    /// The blocks (of the destination tier) the sequence will own.
-    pub to: Vec<BlockId>,
     pub runs: Runs,
     pub src: Memory,
     pub dst: Memory,
@@ -241,10 +240,9 @@ impl State {
         for (&db, &hb) in s.blocks.iter().zip(&to) {
             ctx.to_host(db, host.offset(hb), &mut runs);
         }
-        s.phase = Phase::SwappingOut;
+        s.phase = Phase::SwappingOut { to };
         self.events.end_op();
         Ok(Swap {
-            to,
             runs,
             src: ctx.memory.clone(),
             dst: host.slab.clone(),
@@ -252,14 +250,15 @@ impl State {
     }
 
     /// Completes a swap-out once its bytes are on the host: the device blocks are released.
-    pub fn finish_swap_out(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+    pub fn finish_swap_out(&mut self, rid: &RequestId) {
         let s = self
             .seqs
             .get_mut(rid)
             .expect("a swapping sequence stays live");
-        debug_assert_eq!(s.phase, Phase::SwappingOut);
+        let Phase::SwappingOut { to } = std::mem::replace(&mut s.phase, Phase::Swapped) else {
+            unreachable!("finish_swap_out of a sequence not swapping out")
+        };
         let from = std::mem::replace(&mut s.blocks, to);
-        s.phase = Phase::Swapped;
         for &b in from.iter().rev() {
             self.release_block(b);
         }
@@ -269,13 +268,14 @@ impl State {
 
     /// A swap-out whose copy failed: the host blocks it took go back, the sequence stays
     /// resident with its device blocks (they were only read).
-    pub fn abort_swap_out(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+    pub fn abort_swap_out(&mut self, rid: &RequestId) {
         let s = self
             .seqs
             .get_mut(rid)
             .expect("a swapping sequence stays live");
-        debug_assert_eq!(s.phase, Phase::SwappingOut);
-        s.phase = Phase::Resident;
+        let Phase::SwappingOut { to } = std::mem::replace(&mut s.phase, Phase::Resident) else {
+            unreachable!("abort_swap_out of a sequence not swapping out")
+        };
         let host = self.host.as_mut().expect("a swap implies a host tier");
         for &b in to.iter().rev() {
             host.pool.release(b);
@@ -288,7 +288,7 @@ impl State {
         let s = self.seq(rid)?;
         match s.phase {
             Phase::Swapped => {}
-            Phase::SwappingOut | Phase::SwappingIn => {
+            Phase::SwappingOut { .. } | Phase::SwappingIn { .. } => {
                 return Err(Error::InvalidState(format!(
                     "cannot swap in request {rid}: a swap is in progress"
                 )))
@@ -321,10 +321,9 @@ impl State {
         for (&hb, &db) in s.blocks.iter().zip(&to) {
             ctx.from_host(host.offset(hb), db, &mut runs);
         }
-        s.phase = Phase::SwappingIn;
+        s.phase = Phase::SwappingIn { to };
         self.events.end_op();
         Ok(Swap {
-            to,
             runs,
             src: host.slab.clone(),
             dst: ctx.memory.clone(),
@@ -334,14 +333,15 @@ impl State {
     /// Completes a swap-in: host blocks are released. NOTE: the blocks are not registered
     /// in the device prefix cache again; the copies registered before the swap-out stay
     /// cached (on the device while not evicted, then in the host tier by offload).
-    pub fn finish_swap_in(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+    pub fn finish_swap_in(&mut self, rid: &RequestId) {
         let mut s = self
             .seqs
             .remove(rid)
             .expect("a swapping sequence stays live");
-        debug_assert_eq!(s.phase, Phase::SwappingIn);
+        let Phase::SwappingIn { to } = std::mem::replace(&mut s.phase, Phase::Resident) else {
+            unreachable!("finish_swap_in of a sequence not swapping in")
+        };
         let from = std::mem::replace(&mut s.blocks, to);
-        s.phase = Phase::Resident;
         let host = self
             .host
             .as_mut()
@@ -357,13 +357,14 @@ impl State {
 
     /// A swap-in whose copy failed: the device blocks it took go back blank, the sequence
     /// stays swapped out with its host blocks (they were only read).
-    pub fn abort_swap_in(&mut self, rid: &RequestId, to: Vec<BlockId>) {
+    pub fn abort_swap_in(&mut self, rid: &RequestId) {
         let s = self
             .seqs
             .get_mut(rid)
             .expect("a swapping sequence stays live");
-        debug_assert_eq!(s.phase, Phase::SwappingIn);
-        s.phase = Phase::Swapped;
+        let Phase::SwappingIn { to } = std::mem::replace(&mut s.phase, Phase::Swapped) else {
+            unreachable!("abort_swap_in of a sequence not swapping in")
+        };
         for &b in to.iter().rev() {
             self.release_block(b);
         }

@@ -1,0 +1,521 @@
+"""Model-based test of the public async API: a hypothesis state machine that drives one
+`KvCache` (device, host and disk tiers) from an event loop running in a thread (asyncio or
+trio, through an anyio portal), with calls that wait, cancellations at every point, swaps held
+in flight on the copy worker, gc, reset and disk faults.
+
+The oracle is the one a serving engine relies on: the K/V at position p of any sequence is a
+function of (salt, tokens 0..p). Every call that hands out a sequence is "computed" at once by
+writing that function's value at its new positions, so any wrong prefix hit, lost write,
+block served to two owners or bytes copied from another tenant shows up as wrong bytes when
+every live sequence is read back after every step. Besides the bytes: the engine's invariant
+check, first come first served admission, no call refused or accepted against the lifecycle
+of its sequence, and nothing left on any tier at the end.
+
+`FERRUMKV_MODEL_EXAMPLES` scales the run (the soak in BENCHMARKS.md uses it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from anyio.from_thread import start_blocking_portal
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+import ferrumkv
+from conftest import make_config
+from ferrumkv import CopyError, InvalidStateError, OutOfBlocksError
+
+BS, DEVICE, HOST, DISK, LAYERS = 4, 10, 6, 12, 2
+EXAMPLES = int(os.environ.get("FERRUMKV_MODEL_EXAMPLES", "1000"))
+STEPS = 50
+SALTS = [None, "tenant-b"]
+# Prompts share whole blocks ([1,2,3,4] / [1,2,3,5] agree on 3 tokens: partial reuse).
+CHUNKS = [[1, 2, 3, 4], [1, 2, 3, 5], [6, 6, 6, 6]]
+prompts = st.builds(
+    lambda chunks, tail: [t for c in chunks for t in CHUNKS[c]] + tail,
+    st.lists(st.integers(0, len(CHUNKS) - 1), max_size=3),
+    st.lists(st.integers(0, 9), min_size=1, max_size=3),
+)
+picks = st.integers(0, 1000)
+
+
+def digest0(salt: str | None) -> bytes:
+    return hashlib.blake2b(repr(salt).encode(), digest_size=16).digest()
+
+
+def step_digest(prev: bytes, token: int) -> bytes:
+    return hashlib.blake2b(prev + token.to_bytes(8, "little"), digest_size=16).digest()
+
+
+def kv_at(d: bytes, layer: int) -> tuple[bytes, bytes]:
+    """The K and V bytes (2 heads x 4 dims x f16 = 16 bytes each) a model computes at a
+    position whose prefix digest is `d`."""
+    h = hashlib.blake2b(d, digest_size=32, person=b"layer%d" % layer).digest()
+    return h[:16], h[16:]
+
+
+@dataclass
+class Seq:
+    salt: str | None
+    tokens: list[int]
+    digests: list[bytes] = field(default_factory=list)
+    tier: str = "device"
+    moving: bool = False
+
+    def grow(self, tokens: list[int]) -> None:
+        prev = self.digests[-1] if self.digests else digest0(self.salt)
+        for t in tokens:
+            prev = step_digest(prev, t)
+            self.digests.append(prev)
+            self.tokens.append(t)
+
+
+@dataclass
+class Waiter:
+    kind: str  # "alloc", "extend", "swap_out", "swap_in"
+    rid: str
+    order: int
+    tokens: list[int] = field(default_factory=list)
+    salt: str | None = None
+    state: str = "running"  # "ok", "error", "cancelled"
+    error: BaseException | None = None
+    scope: Any = None
+
+
+class CacheMachine(RuleBasedStateMachine):
+    backend = "asyncio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._portal_cm = start_blocking_portal(self.backend)
+        self.portal = self._portal_cm.__enter__()
+        self._tmp = tempfile.TemporaryDirectory()
+        config = make_config(
+            num_blocks=DEVICE,
+            host_blocks=HOST,
+            disk_blocks=DISK,
+            disk_path=os.path.join(self._tmp.name, "kv.bin"),
+        )
+        self.cache: ferrumkv.KvCache = self.portal.call(self._make, config)
+        self.cache._core.set_inline_copy_bytes(0)  # every swap copies on the worker
+        self.seqs: dict[str, Seq] = {}
+        self.waiters: list[Waiter] = []
+        self.counter = 0
+        self.order = 0
+        self.paused = False
+
+    async def _make(self, config: ferrumkv.CacheConfig) -> ferrumkv.KvCache:
+        return ferrumkv.KvCache(config)
+
+    # ----- helpers ------------------------------------------------------------------------
+
+    def next_order(self) -> int:
+        self.order += 1
+        return self.order
+
+    def new_rid(self) -> str:
+        self.counter += 1
+        return f"r{self.counter}"
+
+    def pick(self, i: int, *, settled: bool = True) -> str | None:
+        """A live sequence; `settled`: none of its calls is in flight."""
+        busy = {w.rid for w in self.running()} | {r for r, s in self.seqs.items() if s.moving}
+        rids = sorted(r for r in self.seqs if not (settled and r in busy))
+        return rids[i % len(rids)] if rids else None
+
+    def running(self, *kinds: str) -> list[Waiter]:
+        return [w for w in self.waiters if w.state == "running" and (not kinds or w.kind in kinds)]
+
+    def compute(self, rid: str, h: Any, start: int) -> None:
+        """Writes the model's K/V at positions start.. of `rid` (what a forward pass does)."""
+        s = self.seqs[rid]
+        assert h.num_tokens == len(s.tokens), (rid, h.num_tokens, len(s.tokens))
+        n = len(s.tokens) - start
+        if n <= 0:
+            return
+        for layer in range(LAYERS):
+            kv = [kv_at(d, layer) for d in s.digests[start:]]
+            k = np.frombuffer(b"".join(x[0] for x in kv), np.float16).reshape(n, 2, 4)
+            v = np.frombuffer(b"".join(x[1] for x in kv), np.float16).reshape(n, 2, 4)
+            self.cache.write_kv(rid, layer, start, k, v)
+
+    def check_cached(self, rid: str, h: Any) -> None:
+        """The cached positions of a new sequence hold exactly its own prefix's K/V."""
+        s = self.seqs[rid]
+        assert 0 <= h.num_cached_tokens <= len(s.tokens) - 1
+        self.check_bytes(rid, h.num_cached_tokens)
+
+    def check_bytes(self, rid: str, n: int) -> None:
+        s = self.seqs[rid]
+        if n == 0:
+            return
+        for layer in range(LAYERS):
+            k, v = self.cache.read_kv(rid, layer, 0, n)
+            for p in range(n):
+                want_k, want_v = kv_at(s.digests[p], layer)
+                assert k[p].tobytes() == want_k, (rid, layer, p, "K: another prefix's bytes")
+                assert v[p].tobytes() == want_v, (rid, layer, p, "V: another prefix's bytes")
+
+    async def settle(self) -> None:
+        for _ in range(4):
+            await anyio.sleep(0)
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        """Runs an async step on the loop, then lets woken waiters run."""
+
+        async def go() -> Any:
+            try:
+                return await fn(*args)
+            finally:
+                await self.settle()
+
+        return self.portal.call(go)
+
+    # ----- waiters --------------------------------------------------------------------------
+
+    async def _wait(self, w: Waiter, timeout: float | None, *, task_status: Any) -> None:
+        with anyio.CancelScope() as scope:
+            w.scope = scope
+            task_status.started()
+            try:
+                if w.kind == "alloc":
+                    h = await self.cache.allocate(w.rid, w.tokens, salt=w.salt, timeout=timeout)
+                elif w.kind == "extend":
+                    h = await self.cache.extend(w.rid, w.tokens, timeout=timeout)
+                elif w.kind == "swap_out":
+                    h = await self.cache.swap_out(w.rid)
+                else:
+                    h = await self.cache.swap_in(w.rid)
+            except (OutOfBlocksError, InvalidStateError, CopyError) as e:
+                self.finish_error(w, e)
+                return
+            self.finish_ok(w, h)  # no await between the grant and the compute
+        if scope.cancelled_caught:
+            self.finish_cancelled(w)
+
+    def start(self, w: Waiter, timeout: float | None = None) -> None:
+        """Starts a call as its own task: its engine call is made before this returns."""
+        self.waiters.append(w)
+        self.portal.start_task(self._wait, w, timeout)
+        self.portal.call(self.settle)
+
+    def finish_ok(self, w: Waiter, h: Any) -> None:
+        w.state = "ok"
+        if w.kind == "alloc":
+            s = Seq(w.salt, [])
+            s.grow(w.tokens)
+            self.seqs[w.rid] = s
+            self.check_cached(w.rid, h)
+            self.compute(w.rid, h, h.num_cached_tokens)
+        elif w.kind == "extend":
+            s = self.seqs[w.rid]
+            start = len(s.tokens)
+            s.grow(w.tokens)
+            self.compute(w.rid, h, start)
+        else:
+            s = self.seqs[w.rid]
+            s.moving = False
+            s.tier = "host" if w.kind == "swap_out" else "device"
+            assert h.tier == s.tier
+
+    def finish_error(self, w: Waiter, e: BaseException) -> None:
+        w.state, w.error = "error", e
+        if w.kind in ("swap_out", "swap_in"):
+            # no room in the target tier, or a failed copy (the swap was undone)
+            assert isinstance(e, OutOfBlocksError | CopyError), e
+            self.seqs[w.rid].moving = False
+        elif isinstance(e, InvalidStateError):
+            assert "deallocated while waiting" in str(e), e
+
+    def finish_cancelled(self, w: Waiter) -> None:
+        # A cancelled swap's copy finishes anyway: `finish_swaps` learns where it ended.
+        w.state = "cancelled"
+
+    # ----- rules ----------------------------------------------------------------------------
+
+    @rule(
+        tokens=prompts,
+        salt=st.sampled_from(SALTS),
+        mode=st.sampled_from(["now", "wait", "wait", "timeout"]),
+    )
+    def allocate(self, tokens: list[int], salt: str | None, mode: str) -> None:
+        rid = self.new_rid()
+        if mode != "now":
+            timeout = 0.005 if mode == "timeout" else None
+            self.start(Waiter("alloc", rid, self.next_order(), tokens, salt), timeout)
+            return
+        ahead = self.running("alloc", "extend")
+        before = self.cache.stats().device
+
+        async def now() -> Any:
+            return await self.cache.allocate(rid, tokens, salt=salt, timeout=0)
+
+        try:
+            h = self.run(now)
+        except OutOfBlocksError:
+            assert self.cache.stats().device == before
+            return
+        assert not ahead, "a new prompt overtook a waiting call"
+        s = Seq(salt, [])
+        s.grow(tokens)
+        self.seqs[rid] = s
+        self.check_cached(rid, h)
+        self.compute(rid, h, h.num_cached_tokens)
+
+    @rule(i=picks, tokens=st.lists(st.integers(0, 9), min_size=1, max_size=6), wait=st.booleans())
+    def extend(self, i: int, tokens: list[int], wait: bool) -> None:
+        rid = self.pick(i)
+        if rid is None or self.seqs[rid].tier != "device":
+            return
+        if wait:
+            self.start(Waiter("extend", rid, self.next_order(), tokens))
+            return
+
+        async def now() -> Any:
+            return await self.cache.extend(rid, tokens, timeout=0)
+
+        try:
+            h = self.run(now)
+        except OutOfBlocksError:
+            return
+        s = self.seqs[rid]
+        start = len(s.tokens)
+        s.grow(tokens)
+        self.compute(rid, h, start)
+
+    @rule(i=picks, n=st.integers(1, 5))
+    def extend_by_count(self, i: int, n: int) -> None:
+        """Tokens whose ids are unknown: the model gives them ids nobody else uses."""
+        rid = self.pick(i)
+        if rid is None or self.seqs[rid].tier != "device":
+            return
+
+        async def now() -> Any:
+            return await self.cache.extend(rid, n, timeout=0)
+
+        try:
+            h = self.run(now)
+        except OutOfBlocksError:
+            return
+        s = self.seqs[rid]
+        start = len(s.tokens)
+        s.grow([1_000_000 + self.counter * 16 + j for j in range(n)])
+        self.counter += 1
+        self.compute(rid, h, start)
+
+    @rule(i=picks)
+    def deallocate(self, i: int) -> None:
+        rid = self.pick(i, settled=False)
+        waiting = [w for w in self.running("alloc")]
+        if rid is None and not waiting:
+            return
+        if rid is None:
+            rid = waiting[i % len(waiting)].rid
+        if rid in self.seqs and self.seqs[rid].moving:
+            if self.paused:
+                with pytest.raises(InvalidStateError):
+                    self.run(self.cache.deallocate, rid)
+            return
+        self.run(self.cache.deallocate, rid)
+        self.seqs.pop(rid, None)
+        self.waiters = [w for w in self.waiters if w.state == "running" or w.kind == "alloc"]
+        for w in self.running():
+            assert w.rid != rid or w.kind in ("swap_out", "swap_in"), "a waiter of it is left"
+
+    @rule(i=picks)
+    def fork(self, i: int) -> None:
+        rid = self.pick(i)
+        if rid is None or self.seqs[rid].tier != "device":
+            return
+        child = self.new_rid()
+        self.run(self.cache.fork, rid, child)
+        p = self.seqs[rid]
+        self.seqs[child] = Seq(p.salt, list(p.tokens), list(p.digests))
+
+    @rule(i=picks, layer=st.integers(0, LAYERS - 1), at=picks, n=st.integers(1, 9))
+    def rewrite(self, i: int, layer: int, at: int, n: int) -> None:
+        """Writes a sequence's own K/V again (copy-on-write of shared blocks)."""
+        rid = self.pick(i)
+        if rid is None or self.seqs[rid].tier != "device":
+            return
+        s = self.seqs[rid]
+        start = at % len(s.tokens)
+        n = min(n, len(s.tokens) - start)
+        kv = [kv_at(d, layer) for d in s.digests[start : start + n]]
+        k = np.frombuffer(b"".join(x[0] for x in kv), np.float16).reshape(n, 2, 4)
+        v = np.frombuffer(b"".join(x[1] for x in kv), np.float16).reshape(n, 2, 4)
+        try:
+            self.cache.write_kv(rid, layer, start, k, v)
+        except OutOfBlocksError:  # no block for the copy-on-write
+            pass
+
+    @rule(i=picks)
+    def touch_a_moving_sequence(self, i: int) -> None:
+        """While a swap holds a sequence, every call on it is refused."""
+        moving = sorted(r for r, s in self.seqs.items() if s.moving)
+        if not moving or not self.paused:
+            return
+        rid = moving[i % len(moving)]
+        one = np.zeros((1, 2, 4), np.float16)
+        for call in (
+            lambda: self.cache.write_kv(rid, 0, 0, one, one),
+            lambda: self.cache.read_kv(rid, 0, 0, 1),
+            lambda: self.run(self.cache.extend, rid, [1]),
+            lambda: self.run(self.cache.fork, rid, self.new_rid()),
+        ):
+            with pytest.raises(InvalidStateError):
+                call()
+
+    @rule(i=picks, out=st.booleans())
+    def swap(self, i: int, out: bool) -> None:
+        rid = self.pick(i)
+        if rid is None:
+            return
+        s = self.seqs[rid]
+        if (s.tier == "device") != out:
+            return
+        s.moving = True
+        self.start(Waiter("swap_out" if out else "swap_in", rid, self.next_order()))
+
+    @rule(on=st.booleans())
+    def pause_copies(self, on: bool) -> None:
+        self.paused = on
+        self.cache._core.pause_copies(on)
+        if not on:
+            self.finish_swaps()
+
+    @rule()
+    def fail_next_copy(self) -> None:
+        self.cache._core.inject_copy_faults(1)
+
+    @rule(i=picks)
+    def cancel(self, i: int) -> None:
+        live = self.running()
+        if not live:
+            return
+        w = live[i % len(live)]
+        self.portal.call(w.scope.cancel)
+        self.portal.call(self.settle)
+
+    @rule(i=picks, j=picks)
+    def free_then_cancel(self, i: int, j: int) -> None:
+        """Blocks come back and a waiter is cancelled before it runs: a granted, untaken
+        ticket is withdrawn."""
+        rid = self.pick(i)
+        live = self.running("alloc", "extend")
+        if rid is None or not live:
+            return
+        w = live[j % len(live)]
+        if w.rid == rid:
+            return
+
+        async def go() -> None:
+            await self.cache.deallocate(rid)
+            w.scope.cancel()
+
+        self.run(go)
+        del self.seqs[rid]
+
+    @rule(ratio=st.sampled_from([0.0, 0.5, 1.0]))
+    def gc(self, ratio: float) -> None:
+        self.run(lambda: self.cache.gc(target_free_ratio=ratio))
+
+    @rule()
+    def reset(self) -> None:
+        idle = not self.seqs and not self.running()
+        assert self.cache.reset_prefix_cache() == idle
+
+    @rule(kind=st.sampled_from(["fail_next_write", "short_next_read", "flip"]), slot=picks)
+    def disk_fault(self, kind: str, slot: int) -> None:
+        self.cache._core.inject_disk_fault(kind, slot % DISK, 0)
+
+    # ----- checks ---------------------------------------------------------------------------
+
+    def finish_swaps(self) -> None:
+        """Waits until every swap copy has finished (the copier is not paused) and its waiter
+        ran; learns where the swaps whose waiters were cancelled ended."""
+        self.cache._core.wait_copies_idle()
+        self.portal.call(self.settle)
+        assert not self.running("swap_out", "swap_in"), "a finished swap's waiter never woke"
+        for rid, s in self.seqs.items():
+            if s.moving:  # its waiter was cancelled: the swap happened anyway (or failed)
+                s.moving = False
+                s.tier = self.cache.get(rid).tier
+
+    @invariant()
+    def bytes_and_bookkeeping(self) -> None:
+        if not self.paused:
+            self.finish_swaps()
+        self.cache._core.check_invariants()
+        for rid, s in self.seqs.items():
+            h = self.cache.get(rid)
+            assert h is not None, rid
+            if s.moving:
+                continue
+            assert h.tier == s.tier, (rid, h.tier, s.tier)
+            busy = any(w.rid == rid and w.kind == "extend" for w in self.running())
+            assert h.num_tokens == len(s.tokens) or busy, (rid, h.num_tokens, len(s.tokens))
+            if s.tier == "device":
+                self.check_bytes(rid, len(s.tokens))
+        assert len(self.cache) == len(self.seqs)
+
+    @invariant()
+    def first_come_first_served(self) -> None:
+        pending = self.running("alloc", "extend")
+        if pending:
+            assert not self.cache.can_allocate(1), "can_allocate while a call waits"
+        first_alloc = min((w.order for w in pending if w.kind == "alloc"), default=None)
+        first_extend = min((w.order for w in pending if w.kind == "extend"), default=None)
+        for w in self.waiters:
+            if w.kind == "alloc" and w.state == "ok":
+                for first in (first_alloc, first_extend):
+                    assert first is None or w.order < first, "a prompt overtook a waiting call"
+
+    def teardown(self) -> None:
+        try:
+            if self.paused:
+                self.cache._core.pause_copies(False)
+                self.paused = False
+            self.finish_swaps()
+            for w in self.running():
+                self.portal.call(w.scope.cancel)
+            self.portal.call(self.settle)
+            for rid in list(self.seqs):
+                self.run(self.cache.deallocate, rid)
+            s = self.cache.stats()
+            assert s.device.used_blocks == 0 and s.host.used_blocks == 0, s
+            assert s.num_sequences == 0 and s.num_waiting == 0
+            self.cache._core.check_invariants()
+        finally:
+            self.cache.close()
+            self._portal_cm.__exit__(None, None, None)
+            self._tmp.cleanup()
+
+
+class AsyncioMachine(CacheMachine):
+    backend = "asyncio"
+
+
+class TrioMachine(CacheMachine):
+    backend = "trio"
+
+
+_settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestAsyncioModel = AsyncioMachine.TestCase
+TestAsyncioModel.settings = _settings
+TestTrioModel = TrioMachine.TestCase
+TestTrioModel.settings = _settings
