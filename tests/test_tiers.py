@@ -589,6 +589,46 @@ def test_an_unwritable_disk_path_raises_oserror_naming_it(kind: str, tmp_path: A
         ferrumkv.KvCache(cfg)
 
 
+def disk_config(path: Any, **overrides: Any) -> ferrumkv.CacheConfig:
+    kw = {"num_blocks": 4, "host_blocks": 1, "disk_blocks": 8, **overrides}
+    return make_config(disk_path=str(path), **kw)
+
+
+def test_a_disk_path_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path: Any) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"the user's own bytes")
+    link = tmp_path / "kv.bin"
+    link.symlink_to(target)
+    with pytest.raises(OSError, match=f"{re.escape(str(link))} is a symbolic link"):
+        ferrumkv.KvCache(disk_config(link))
+    assert target.read_bytes() == b"the user's own bytes"
+
+
+def test_an_existing_file_the_cache_did_not_make_is_never_overwritten(tmp_path: Any) -> None:
+    path = tmp_path / "kv.bin"
+    path.write_bytes(b"user data " * 100)
+    with pytest.raises(OSError, match="not a ferrumkv disk tier file"):
+        ferrumkv.KvCache(disk_config(path))
+    assert path.read_bytes() == b"user data " * 100
+
+
+def test_a_failed_preallocation_keeps_a_file_that_was_there(tmp_path: Any) -> None:
+    """An empty file (as mktemp makes) is taken over; when its preallocation fails (2^50
+    bytes: ENOSPC or EFBIG on any test filesystem) it is left there, empty, as it was."""
+    path = tmp_path / "kv.bin"
+    path.write_bytes(b"")
+    cfg = disk_config(path, head_dim=4096, num_blocks=2, disk_blocks=2**32 - 2)
+    with pytest.raises(OSError, match="cannot preallocate"):
+        ferrumkv.KvCache(cfg)
+    assert path.exists()
+    assert path.stat().st_size == 0
+    # The same path, missing: the file the failed call created is removed again.
+    path.unlink()
+    with pytest.raises(OSError, match="cannot preallocate"):
+        ferrumkv.KvCache(cfg)
+    assert not path.exists()
+
+
 def alloc_from_disk(cache: ferrumkv.KvCache, rid: str, tokens: list[int]) -> Any:
     """An awaited allocation whose prefix hits are on disk: it waits (on a fresh event loop)
     while the disk reader reads them ahead."""

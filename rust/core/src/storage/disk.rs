@@ -1,11 +1,25 @@
 //! The disk tier's block file: one preallocated file of `num_slots` fixed-size slots, plus a
 //! small worker pool to run disk I/O off the caller's thread.
 //!
-//! Design: slot `i` lives at byte offset `i * slot_bytes`. The whole file is preallocated at
-//! construction (`posix_fallocate`, or `set_len` where the filesystem cannot preallocate),
-//! so a full disk fails once, at [`DiskFile::create`], with an error naming the path, rather
-//! than on some later write. Every access is a positioned read or write (`pread`/`pwrite`),
-//! so `&DiskFile` methods run from many threads at once with no seek lock.
+//! Design: the file starts with a 4 KiB header (`HEADER_BYTES`: a magic line naming it a
+//! ferrumkv disk tier file, then its geometry), and slot `i` lives at byte offset
+//! `HEADER_BYTES + i * slot_bytes`. The whole file is preallocated at construction
+//! (`posix_fallocate`, or `set_len` where the filesystem cannot preallocate), so a full disk
+//! fails once, at [`DiskFile::create`], with an error naming the path, rather than on some
+//! later write.
+//!
+//! Whose file it is: the user names the path, so the file there may be anything. The rule:
+//! - a path that does not exist is created (`O_CREAT | O_EXCL`, mode 0600);
+//! - a path that exists must be a regular file whose last component is not a symbolic link
+//!   (checked, then opened with `O_NOFOLLOW`, so a link swapped in meanwhile fails too), and
+//!   it is taken over only if it is empty or starts with the magic line (a disk tier file an
+//!   earlier cache left behind). Anything else is refused with an error naming the path, so
+//!   a file the user had is never truncated or overwritten, whatever links point at it;
+//! - a failed preallocation removes the file only if this call created it (and the path
+//!   still names it); a file that was there gets its old length back.
+//!
+//! Every access is a positioned read or write (`pread`/`pwrite`), so `&DiskFile` methods
+//! run from many threads at once with no seek lock.
 //!
 //! Integrity: each slot has an in-memory record `Option<u64>`, the xxh3-64 checksum of the
 //! bytes last written successfully (`None`: never written, or its last write failed, so a
@@ -20,7 +34,8 @@
 //! - Invariant: a failed or short write leaves the slot's record `None`; it never keeps a
 //!   stale checksum that would validate old bytes as new.
 //! - The checksums live only in memory: the file is kept when the `DiskFile` is dropped (the
-//!   user chose its path), but its contents are meaningless once the process exits.
+//!   user chose its path), but its slots are meaningless once the process exits; a later
+//!   cache taking the file over trusts none of them.
 //!
 //! Fault injection ([`DiskFile::inject`]) is compiled always but reachable only through that
 //! explicit call; the engine never calls it.
@@ -134,9 +149,115 @@ pub struct DiskFile {
     in_flight: AtomicUsize,
 }
 
+/// The first bytes of every disk tier file: what makes a file at `disk_path` ours.
+const MAGIC: &[u8] = b"ferrumkv disk tier\n";
+
+/// The file's header: `MAGIC`, a line of geometry for humans, zeros. Slots start after it
+/// (4 KiB keeps them aligned as they were).
+pub const HEADER_BYTES: usize = 4096;
+
+fn header(num_slots: usize, slot_bytes: usize) -> Vec<u8> {
+    let mut h = MAGIC.to_vec();
+    h.extend_from_slice(format!("v1 slots={num_slots} slot_bytes={slot_bytes}\n").as_bytes());
+    h.resize(HEADER_BYTES, 0);
+    h
+}
+
+/// An open of `path` that never follows a symbolic link in its last component.
+fn open_nofollow(path: &Path, create_new: bool) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY);
+    if create_new {
+        // O_CREAT | O_EXCL: fails on anything already there, a symbolic link included.
+        o.create_new(true).mode(0o600);
+    }
+    o.open(path)
+}
+
+fn is_symlink_error(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ELOOP)
+}
+
+/// Opens the file at `path` for the disk tier: creates it, or reopens one that is there.
+/// Returns the file and whether this call created it.
+fn open_file(path: &Path) -> Result<(File, bool)> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Error::Io(format!(
+            "cannot {what} disk tier file {}: {e}",
+            path.display()
+        ))
+    };
+    let symlink = || {
+        Error::Io(format!(
+            "disk tier file {} is a symbolic link; the disk tier does not follow links (give \
+             it the link's target, or another path)",
+            path.display()
+        ))
+    };
+    // The path may appear or vanish between the two opens (another process): retry then.
+    for _ in 0..8 {
+        match open_nofollow(path, true) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(fail("create", &e)),
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_symlink() => return Err(symlink()),
+            Ok(m) if !m.file_type().is_file() => {
+                return Err(Error::Io(format!(
+                    "disk tier file {} exists and is not a regular file",
+                    path.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(fail("inspect", &e)),
+        }
+        match open_nofollow(path, false) {
+            Ok(f) => return Ok((f, false)),
+            Err(e) if is_symlink_error(&e) => return Err(symlink()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(fail("open", &e)),
+        }
+    }
+    Err(Error::Io(format!(
+        "cannot open disk tier file {}: it keeps appearing and vanishing",
+        path.display()
+    )))
+}
+
+/// Whether `file` holds nothing a user could lose: empty, or a disk tier file (`MAGIC`).
+fn is_ours_or_empty(file: &File, len: u64) -> io::Result<bool> {
+    if len == 0 {
+        return Ok(true);
+    }
+    let mut head = vec![0u8; MAGIC.len()];
+    let got = read_fully_at(file, &mut head, 0)?;
+    Ok(got == MAGIC.len() && head == MAGIC)
+}
+
+/// Whether `path` still names `file` (not something put in its place since).
+fn path_names(path: &Path, file: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(path), file.metadata()) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 impl DiskFile {
-    /// Creates (or truncates) the file at `path` and preallocates `num_slots * slot_bytes`
-    /// bytes. An unwritable path or a full disk is an `Error::Io` naming the path; a zero
+    /// Opens the disk tier's file at `path` and preallocates a header and
+    /// `num_slots * slot_bytes` bytes of slots.
+    ///
+    /// The rule (see the module header): a path that does not exist is created (mode 0600);
+    /// a path that exists must be a regular file reached without a symbolic link, and is
+    /// taken over only if it is empty or starts with our header (a disk tier file left by an
+    /// earlier cache), so no file the user had is ever truncated or overwritten. A failed
+    /// preallocation removes the file only if this call created it, else puts its length
+    /// back. Every such refusal or failure is an `Error::Io` naming the path; a zero
     /// `slot_bytes` or a size too large is an `Error::InvalidArgument`.
     pub fn create(path: &Path, num_slots: usize, slot_bytes: usize) -> Result<DiskFile> {
         if slot_bytes == 0 {
@@ -146,6 +267,7 @@ impl DiskFile {
         }
         let total = num_slots
             .checked_mul(slot_bytes)
+            .and_then(|t| t.checked_add(HEADER_BYTES))
             .and_then(|t| u64::try_from(t).ok())
             .filter(|&t| i64::try_from(t).is_ok())
             .ok_or_else(|| {
@@ -153,23 +275,44 @@ impl DiskFile {
                     "disk tier file of {num_slots} slots of {slot_bytes} bytes is too large"
                 ))
             })?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|e| {
-                Error::Io(format!(
-                    "cannot create disk tier file {}: {e}",
-                    path.display()
-                ))
-            })?;
-        if let Err(e) = preallocate(&file, total) {
-            drop(file);
-            // Best effort: do not leave a partly allocated file behind (it was truncated
-            // above, so nothing of value is lost).
-            let _ = std::fs::remove_file(path);
+        let (file, created) = open_file(path)?;
+        let io_err = |what: &str, e: io::Error| {
+            Error::Io(format!(
+                "cannot {what} disk tier file {}: {e}",
+                path.display()
+            ))
+        };
+        let meta = file.metadata().map_err(|e| io_err("inspect", e))?;
+        if !meta.file_type().is_file() {
+            return Err(Error::Io(format!(
+                "disk tier file {} exists and is not a regular file",
+                path.display()
+            )));
+        }
+        let old_len = meta.len();
+        if !created && !is_ours_or_empty(&file, old_len).map_err(|e| io_err("read", e))? {
+            return Err(Error::Io(format!(
+                "{} exists and is not a ferrumkv disk tier file; refusing to overwrite it \
+                 (remove it, or give the disk tier another path)",
+                path.display()
+            )));
+        }
+        let setup = || -> io::Result<()> {
+            preallocate(&file, total)?;
+            if old_len > total {
+                file.set_len(total)?; // our own, larger file from an earlier run
+            }
+            file.write_all_at(&header(num_slots, slot_bytes), 0)
+        };
+        if let Err(e) = setup() {
+            // Best effort: leave no trace, and never remove a file that was there before.
+            if created {
+                if path_names(path, &file) {
+                    let _ = std::fs::remove_file(path);
+                }
+            } else if file.metadata().is_ok_and(|m| m.len() != old_len) {
+                let _ = file.set_len(old_len);
+            }
             return Err(Error::Io(format!(
                 "cannot preallocate {total} bytes for disk tier file {}: {e}",
                 path.display()
@@ -207,8 +350,8 @@ impl DiskFile {
             "disk slot {slot} out of range ({} slots)",
             self.num_slots
         );
-        // Cannot overflow: `num_slots * slot_bytes` fit in i64 at `create`.
-        (slot * self.slot_bytes) as u64
+        // Cannot overflow: the header and `num_slots * slot_bytes` fit in i64 at `create`.
+        (HEADER_BYTES + slot * self.slot_bytes) as u64
     }
 
     fn check_len(&self, len: usize) {
@@ -535,7 +678,10 @@ mod tests {
     fn create_preallocates() {
         let dir = tempfile::tempdir().unwrap();
         let f = file(&dir, 10, 4096);
-        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), 10 * 4096);
+        assert_eq!(
+            std::fs::metadata(f.path()).unwrap().len(),
+            HEADER_BYTES as u64 + 10 * 4096
+        );
         assert_eq!((f.num_slots(), f.slot_bytes()), (10, 4096));
     }
 
@@ -649,6 +795,104 @@ mod tests {
             Ok(_) => {}
             Err(e) => panic!("unexpected error {e:?}"),
         }
+    }
+
+    fn io_err(r: Result<DiskFile>) -> String {
+        match r {
+            Err(Error::Io(msg)) => msg,
+            other => panic!("expected an Io error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_symlink_is_refused_and_its_target_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious.txt");
+        std::fs::write(&target, b"the user's own bytes").unwrap();
+        let link = dir.path().join("kv.bin");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let msg = io_err(DiskFile::create(&link, 4, 64));
+        assert!(msg.contains(&link.display().to_string()), "{msg}");
+        assert!(msg.contains("symbolic link"), "{msg}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"the user's own bytes");
+        // A dangling link is refused too, and nothing is created at its target.
+        let gone = dir.path().join("gone.bin");
+        let dangling = dir.path().join("dangling.bin");
+        std::os::unix::fs::symlink(&gone, &dangling).unwrap();
+        let msg = io_err(DiskFile::create(&dangling, 4, 64));
+        assert!(msg.contains("symbolic link"), "{msg}");
+        assert!(!gone.exists());
+    }
+
+    #[test]
+    fn an_existing_file_that_is_not_ours_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("notes.txt");
+        std::fs::write(&p, b"not a ferrumkv file").unwrap();
+        let msg = io_err(DiskFile::create(&p, 4, 64));
+        assert!(msg.contains(&p.display().to_string()), "{msg}");
+        assert!(msg.contains("not a ferrumkv disk tier file"), "{msg}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"not a ferrumkv file");
+        // A hard link to it is the same file: refused the same way.
+        let hard = dir.path().join("kv.bin");
+        std::fs::hard_link(&p, &hard).unwrap();
+        io_err(DiskFile::create(&hard, 4, 64));
+        assert_eq!(std::fs::read(&p).unwrap(), b"not a ferrumkv file");
+        // Neither is a directory or a FIFO written to.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let msg = io_err(DiskFile::create(&fifo, 4, 64));
+        assert!(msg.contains("not a regular file"), "{msg}");
+    }
+
+    #[test]
+    fn an_empty_file_or_our_own_file_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kv.bin");
+        std::fs::write(&p, b"").unwrap(); // e.g. made by mktemp
+        let f = DiskFile::create(&p, 4, 64).unwrap();
+        f.write_block(3, &bytes(1, 64)).unwrap();
+        drop(f);
+        // A later cache takes its predecessor's file over (its contents are not trusted:
+        // the checksums lived in the old process), resized to its own geometry.
+        let f = DiskFile::create(&p, 2, 32).unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            HEADER_BYTES as u64 + 64
+        );
+        let mut out = vec![0u8; 32];
+        assert_eq!(
+            f.read_block(1, &mut out),
+            Err(ReadError::Corrupt { slot: 1 })
+        );
+        f.write_block(1, &bytes(2, 32)).unwrap();
+        f.read_block(1, &mut out).unwrap();
+        assert_eq!(out, bytes(2, 32));
+    }
+
+    #[test]
+    fn a_failed_preallocation_keeps_a_file_that_was_there() {
+        // 2^50 bytes: more than any test filesystem holds or allows (ENOSPC/EFBIG); where
+        // preallocation is unsupported and a sparse file results, there is nothing to check.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kv.bin");
+        std::fs::write(&p, b"").unwrap();
+        match DiskFile::create(&p, 1 << 20, 1 << 30) {
+            Err(Error::Io(msg)) => {
+                assert!(msg.contains("preallocate"), "{msg}");
+                let meta = std::fs::metadata(&p).expect("the user's file is still there");
+                assert_eq!(meta.len(), 0, "and as it was");
+            }
+            Ok(_) => return,
+            Err(e) => panic!("unexpected error {e:?}"),
+        }
+        // Our own file from an earlier run is kept as it was too.
+        drop(DiskFile::create(&p, 4, 64).unwrap());
+        let before = std::fs::read(&p).unwrap();
+        io_err(DiskFile::create(&p, 1 << 20, 1 << 30));
+        assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 
     #[test]
