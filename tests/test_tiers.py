@@ -668,6 +668,33 @@ def test_the_disk_chain_reads_back_exactly(tmp_path: Any) -> None:
         assert_all_unused(cache)
 
 
+def test_a_second_cache_on_the_same_disk_path_fails_and_the_first_keeps_its_tier(
+    tmp_path: Any,
+) -> None:
+    rng = np.random.default_rng(21)
+    first = disk_cache(tmp_path)
+    with pytest.raises(OSError, match=f"{re.escape(str(tmp_path / 'kv.bin'))} is in use"):
+        disk_cache(tmp_path)
+    prompt, data = spill_chain(first, rng)
+    with pytest.raises(OSError, match="in use by another cache"):
+        disk_cache(tmp_path, disk_blocks=16)  # once the first has spilled, too
+    before = stats_dict(first)
+    h = alloc_from_disk(first, "a2", prompt)
+    assert h.num_cached_tokens == 12
+    assert delta(before, first, "disk_blocks_read", "disk_checksum_failures") == (2, 0)
+    assert_reads(first, "a2", data, 0, 12)
+    dealloc(first, "a2")
+    # Closing the first gives the file up: a new cache takes it over (trusting none of it).
+    first.close()
+    with disk_cache(tmp_path) as second:
+        assert second.lookup_prefix(prompt) == 0
+        prompt, data = spill_chain(second, rng)
+        assert alloc_from_disk(second, "b", prompt).num_cached_tokens == 12
+        assert_reads(second, "b", data, 0, 12)
+        dealloc(second, "b")
+        assert_all_unused(second)
+
+
 def flipped(data: Data, position: int, offset: int) -> bytes:
     """The bytes of layer 0 K at `position` with byte `offset` flipped (as FlipByte does on
     disk at byte `offset` of the position's slot, when position is a block's first)."""

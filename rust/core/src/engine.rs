@@ -918,6 +918,10 @@ impl EngineCore {
         for s in seqs {
             st.free_sequence(s);
         }
+        // The disk threads are joined: give the file's lock up for the next cache.
+        if let Some(d) = &st.disk {
+            d.file.release();
+        }
         st.closed = true;
         self.notifier.signal();
     }

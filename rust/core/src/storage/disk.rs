@@ -15,6 +15,10 @@
 //!   it is taken over only if it is empty or starts with the magic line (a disk tier file an
 //!   earlier cache left behind). Anything else is refused with an error naming the path, so
 //!   a file the user had is never truncated or overwritten, whatever links point at it;
+//! - the file is locked (`flock(LOCK_EX | LOCK_NB)`) before anything about it changes, so two
+//!   caches given the same path cannot wipe each other's tier: the second fails, naming the
+//!   path, and the first keeps working. The lock lasts until [`DiskFile::release`] (the
+//!   engine's close) or the drop;
 //! - a failed preallocation removes the file only if this call created it (and the path
 //!   still names it); a file that was there gets its old length back.
 //!
@@ -147,6 +151,8 @@ pub struct DiskFile {
     short_next_read: AtomicBool,
     counters: Counters,
     in_flight: AtomicUsize,
+    /// Set by `release`: the lock is given up and no I/O may follow.
+    released: AtomicBool,
 }
 
 /// The first bytes of every disk tier file: what makes a file at `disk_path` ours.
@@ -229,6 +235,35 @@ fn open_file(path: &Path) -> Result<(File, bool)> {
     )))
 }
 
+/// Takes the exclusive lock that makes the file one cache's (`flock`, so it belongs to this
+/// open file: a second open, in this process or another, cannot take it).
+fn lock_exclusive(path: &Path, file: &File) -> Result<()> {
+    use std::os::unix::io::AsRawFd;
+    loop {
+        // SAFETY: `file` owns an open descriptor for the whole call; flock takes integers.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => {
+                return Err(Error::Io(format!(
+                    "disk tier file {} is in use by another cache (it holds the file's lock); \
+                     give each cache its own disk_path",
+                    path.display()
+                )))
+            }
+            _ => {
+                return Err(Error::Io(format!(
+                    "cannot lock disk tier file {}: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
 /// Whether `file` holds nothing a user could lose: empty, or a disk tier file (`MAGIC`).
 fn is_ours_or_empty(file: &File, len: u64) -> io::Result<bool> {
     if len == 0 {
@@ -249,13 +284,14 @@ fn path_names(path: &Path, file: &File) -> bool {
 }
 
 impl DiskFile {
-    /// Opens the disk tier's file at `path` and preallocates a header and
+    /// Opens the disk tier's file at `path`, locks it, and preallocates a header and
     /// `num_slots * slot_bytes` bytes of slots.
     ///
     /// The rule (see the module header): a path that does not exist is created (mode 0600);
     /// a path that exists must be a regular file reached without a symbolic link, and is
     /// taken over only if it is empty or starts with our header (a disk tier file left by an
-    /// earlier cache), so no file the user had is ever truncated or overwritten. A failed
+    /// earlier cache), so no file the user had is ever truncated or overwritten. A file
+    /// another `DiskFile` holds (its lock) is refused before anything changes. A failed
     /// preallocation removes the file only if this call created it, else puts its length
     /// back. Every such refusal or failure is an `Error::Io` naming the path; a zero
     /// `slot_bytes` or a size too large is an `Error::InvalidArgument`.
@@ -289,6 +325,8 @@ impl DiskFile {
                 path.display()
             )));
         }
+        // From here on the file is ours alone; a lost race leaves it to its holder, untouched.
+        lock_exclusive(path, &file)?;
         let old_len = meta.len();
         if !created && !is_ours_or_empty(&file, old_len).map_err(|e| io_err("read", e))? {
             return Err(Error::Io(format!(
@@ -328,7 +366,27 @@ impl DiskFile {
             short_next_read: AtomicBool::new(false),
             counters: Counters::default(),
             in_flight: AtomicUsize::new(0),
+            released: AtomicBool::new(false),
         })
+    }
+
+    /// Gives the file up (the engine's close, once its disk threads are joined): releases
+    /// the lock, so another cache may take the file over, and fails every later read or
+    /// write with an `Io` error, so this one never touches it again. Idempotent.
+    pub fn release(&self) {
+        use std::os::unix::io::AsRawFd;
+        if !self.released.swap(true, Ordering::AcqRel) {
+            // SAFETY: `self.file` owns an open descriptor; flock takes integers. Unlocking
+            // cannot fail on a descriptor we hold; closing it (drop) would unlock it anyway.
+            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+
+    fn released_error(&self) -> String {
+        format!(
+            "disk tier file {} was released (the cache is closed)",
+            self.path.display()
+        )
     }
 
     pub fn path(&self) -> &Path {
@@ -371,6 +429,9 @@ impl DiskFile {
         // Invalidate first: from here until the new checksum is recorded, no read can
         // validate whatever bytes the slot holds.
         *self.checksums[slot].lock() = None;
+        if self.released.load(Ordering::Acquire) {
+            return Err(Error::Io(self.released_error()));
+        }
         if self.fail_next_write.swap(false, Ordering::AcqRel) {
             return Err(Error::Io(format!(
                 "write of disk tier slot {slot} to {} failed: injected fault",
@@ -405,6 +466,9 @@ impl DiskFile {
         let _guard = InFlight::enter(&self.in_flight);
         if self.checksums[slot].lock().is_none() {
             return Err(ReadError::Corrupt { slot });
+        }
+        if self.released.load(Ordering::Acquire) {
+            return Err(ReadError::Io(self.released_error()));
         }
         let want = if self.short_next_read.swap(false, Ordering::AcqRel) {
             out.len() - 1 // slot_bytes >= 1
@@ -893,6 +957,57 @@ mod tests {
         let before = std::fs::read(&p).unwrap();
         io_err(DiskFile::create(&p, 1 << 20, 1 << 30));
         assert_eq!(std::fs::read(&p).unwrap(), before);
+    }
+
+    #[test]
+    fn a_second_file_on_a_locked_path_fails_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kv.bin");
+        let first = DiskFile::create(&p, 4, 64).unwrap();
+        first.write_block(2, &bytes(7, 64)).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let msg = io_err(DiskFile::create(&p, 8, 128));
+        assert!(msg.contains(&p.display().to_string()), "{msg}");
+        assert!(msg.contains("in use"), "{msg}");
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            before,
+            "not resized, not rewritten"
+        );
+        let mut out = vec![0u8; 64];
+        first.read_block(2, &mut out).unwrap();
+        assert_eq!(out, bytes(7, 64));
+        first.write_block(3, &bytes(8, 64)).unwrap();
+        first.read_block(3, &mut out).unwrap();
+        assert_eq!(out, bytes(8, 64));
+        // Dropping the first releases its lock.
+        drop(first);
+        let second = DiskFile::create(&p, 8, 128).unwrap();
+        // So does `release`, which also ends the holder's I/O on the file.
+        second.write_block(0, &bytes(9, 128)).unwrap();
+        second.release();
+        second.release();
+        let third = DiskFile::create(&p, 2, 64).unwrap();
+        let mut out = vec![0u8; 128];
+        assert!(
+            matches!(second.read_block(0, &mut out), Err(ReadError::Io(m)) if m.contains("released"))
+        );
+        assert!(matches!(second.write_block(1, &out), Err(Error::Io(m)) if m.contains("released")));
+        third.write_block(1, &bytes(10, 64)).unwrap();
+    }
+
+    #[test]
+    fn a_lost_race_for_a_new_file_leaves_it_to_its_holder() {
+        // The file is there and locked by another open (as when two caches start at once):
+        // refused, and the holder's file is neither removed nor changed.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("kv.bin");
+        let holder = DiskFile::create(&p, 1, 16).unwrap();
+        let before = std::fs::read(&p).unwrap();
+        let msg = io_err(DiskFile::create(&p, 1 << 20, 1 << 30));
+        assert!(msg.contains("in use"), "{msg}");
+        assert_eq!(std::fs::read(&p).unwrap(), before);
+        drop(holder);
     }
 
     #[test]
