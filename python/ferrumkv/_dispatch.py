@@ -5,18 +5,37 @@ it makes an eventfd readable. The dispatcher watches that fd on the running loop
 (asyncio: `loop.add_reader`; trio: a system task in `wait_readable`), and on readiness
 drains the finished tickets and pressure events and resolves them on the loop thread.
 A waiter is a future (asyncio) or an Event (trio) keyed by its ticket.
+
+Lifetime: the loop holds the dispatcher, and so the cache, only weakly (the reader callback
+and the trio watcher keep a weak reference; the pressure callback is a weak method), so a
+`KvCache` dropped without `close()` is garbage collected even while a loop watches its fd.
+Its finalizer (`close_dropped`) then closes the engine (threads joined, disk lock released),
+detaches the fd from the loop, and warns. The fd is the engine's and closes when the engine
+is freed: until the loop has let go of it (a trio watcher woken by `notify_closing`, a reader
+removed from another thread by `call_soon_threadsafe`), whoever still waits on it holds the
+engine, so the loop never watches a closed or reused fd.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import sys
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("ferrumkv")
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _running_trio_token() -> Any:
@@ -35,7 +54,12 @@ class Dispatcher:
     def __init__(self, core: Any, on_pressure: Callable[[tuple[int, ...]], None]) -> None:
         self._core = core
         self._fd: int = core.notify_fd
-        self._on_pressure = on_pressure
+        # A bound method (the cache's) is held weakly: the dispatcher must not keep it alive.
+        self._on_pressure: Callable[[], Callable[[tuple[int, ...]], None] | None] = (
+            weakref.WeakMethod(on_pressure)
+            if inspect.ismethod(on_pressure)
+            else lambda: on_pressure
+        )
         self._waiters: dict[int, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trio_token: Any = None
@@ -52,7 +76,7 @@ class Dispatcher:
         if loop is not None:
             if loop is not self._loop:
                 self._detach_asyncio()
-                loop.add_reader(self._fd, self.drain)
+                loop.add_reader(self._fd, _drain_asyncio, weakref.ref(self), loop, self._fd)
                 self._loop = loop
             return
         token = _running_trio_token()
@@ -62,32 +86,29 @@ class Dispatcher:
             import trio
 
             self._trio_token = token
-            trio.lowlevel.spawn_system_task(self._trio_watch, token)
+            trio.lowlevel.spawn_system_task(
+                _trio_watch, weakref.ref(self), self._core, self._fd, token
+            )
 
     def _detach_asyncio(self) -> None:
         loop, self._loop = self._loop, None
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(Exception):
-                loop.remove_reader(self._fd)
-
-    async def _trio_watch(self, token: Any) -> None:
-        import trio
-
-        try:
-            while not self._closed and self._trio_token is token:
-                await trio.lowlevel.wait_readable(self._fd)
-                self.drain()
-        except (trio.ClosedResourceError, trio.Cancelled):
-            pass
-        finally:
-            if self._trio_token is token:
-                self._trio_token = None
+        if loop is None or loop.is_closed():
+            return
+        if loop.is_running() and _running_loop() is not loop:
+            # Not the loop's thread (a close or a garbage collection elsewhere): the loop
+            # removes its reader itself; the engine, and so the fd, stays open until then.
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_remove_reader, loop, self._fd, self._core)
+            return
+        with contextlib.suppress(Exception):
+            loop.remove_reader(self._fd)
 
     # ----- draining --------------------------------------------------------------------
 
     def drain(self) -> None:
         """Runs on the loop thread: wakes finished waiters, fires pressure callbacks."""
         tickets, pressure = self._core.drain_notifications()
+        on_pressure = self._on_pressure()
         for t in tickets:
             w = self._waiters.get(t)
             if w is None:
@@ -97,8 +118,9 @@ class Dispatcher:
                     w.set_result(None)
             else:
                 w.set()
-        for ev in pressure:
-            self._on_pressure(ev)
+        if on_pressure is not None:
+            for ev in pressure:
+                on_pressure(ev)
 
     # ----- waiting ---------------------------------------------------------------------
 
@@ -145,3 +167,60 @@ class Dispatcher:
 
             if _running_trio_token() is token:
                 trio.lowlevel.notify_closing(self._fd)
+            else:  # another thread: the watcher, holding the engine, wakes on the trio thread
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(trio.lowlevel.notify_closing, self._fd)
+
+
+def _drain_asyncio(ref: weakref.ref[Dispatcher], loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """The asyncio reader: drains through a weak reference, and removes itself once the
+    dispatcher is gone or closed (it is normally removed before)."""
+    d = ref()
+    if d is None or d._closed:
+        loop.remove_reader(fd)
+        return
+    d.drain()
+
+
+def _remove_reader(loop: asyncio.AbstractEventLoop, fd: int, core: Any) -> None:
+    """Runs on the loop's thread; `core` (the fd's owner) is held until the reader is gone."""
+    loop.remove_reader(fd)
+
+
+async def _trio_watch(ref: weakref.ref[Dispatcher], core: Any, fd: int, token: Any) -> None:
+    """The trio system task watching `fd`. It holds the dispatcher weakly (never across an
+    await) and the engine strongly, so the fd stays open while it waits; `Dispatcher.close`
+    wakes it with `notify_closing`."""
+    import trio
+
+    try:
+        while True:
+            d = ref()
+            if d is None or d._closed or d._trio_token is not token:
+                return
+            del d
+            await trio.lowlevel.wait_readable(fd)
+            d = ref()
+            if d is None:
+                return
+            d.drain()
+            del d
+    except (trio.ClosedResourceError, trio.Cancelled):
+        pass
+    finally:
+        d = ref()
+        if d is not None and d._trio_token is token:
+            d._trio_token = None
+
+
+def close_dropped(core: Any, dispatcher: Dispatcher, what: str) -> None:
+    """The finalizer of a `KvCache` collected without `close()`: closes its engine (pending
+    waiters fail, threads are joined, the disk file's lock is released) and its dispatcher
+    (the fd leaves the loop), then warns: logged, and as a ResourceWarning."""
+    try:
+        core.close()
+    finally:
+        dispatcher.close()
+    msg = f"{what} was garbage-collected without close(); it is closed now"
+    log.warning("%s (close it, or use `with` / `async with`)", msg)
+    warnings.warn(msg, ResourceWarning, stacklevel=2)

@@ -15,13 +15,14 @@ import collections
 import inspect
 import logging
 import sys
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _core
-from ._dispatch import Dispatcher
+from ._dispatch import Dispatcher, close_dropped
 from .errors import CacheClosedError, OutOfBlocksError
 from .types import (
     CacheStats,
@@ -84,6 +85,10 @@ class KvCache:
         dtype = _NUMPY_DTYPES.get(config.dtype, np.uint16)  # bfloat16: raw uint16 bits
         self._np_dtype = np.dtype(dtype)
         self._kv_shape = (config.num_kv_heads, config.head_dim)
+        # Closes the engine if this cache is collected without close() (see _dispatch).
+        what = f"ferrumkv.KvCache(device={config.device!r}, disk_path={config.disk_path!r})"
+        self._finalizer = weakref.finalize(self, close_dropped, self._core, self._dispatcher, what)
+        self._finalizer.atexit = False  # at exit the engine is torn down as it always was
 
     # ----- lifecycle -----------------------------------------------------------------------
 
@@ -104,6 +109,7 @@ class KvCache:
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         self._core.close()
         self._dispatcher.close()
         self._subs.clear()
