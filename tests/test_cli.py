@@ -252,6 +252,21 @@ def test_failed_run_exits_1() -> None:
     assert "run failed" in result.stderr and "CUDA" in result.stderr
 
 
+def test_a_refused_disk_path_is_a_failed_run_not_a_traceback(tmp_path: Path) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    link = tmp_path / "kv.bin"
+    link.symlink_to(precious)
+    result = ferrumkv(
+        "replay", "--requests", "2", *SMALL_MODEL, "--host-blocks", "4",
+        "--disk-path", str(link), "--disk-blocks", "8",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "run failed" in result.stderr and "symbolic link" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert precious.read_text() == "keep me"
+
+
 # ---------------------------------------------------------------------- help and bench
 
 

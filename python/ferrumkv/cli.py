@@ -282,7 +282,7 @@ def run_replay(args: argparse.Namespace) -> int:
     workload = _workload(args)
     try:
         cache = _open_cache(config)
-    except FerrumKVError as exc:
+    except (FerrumKVError, OSError) as exc:  # OSError: a disk path refused or unusable
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     options = ReplayOptions(
@@ -307,6 +307,8 @@ def run_replay(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("ferrumkv replay: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        cache.close()
     return EXIT_OK
 
 
