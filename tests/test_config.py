@@ -104,6 +104,41 @@ def test_out_of_range_huge_int_is_a_value_error_naming_the_field() -> None:
     assert not wrong, wrong
 
 
+# Every size field within its range, float32: one block is 2^59 bytes, so a tier of 8 of them
+# (2^62 bytes) is over the largest tier and one of 2^32 - 2 overflows 64 bits.
+HUGE_BLOCK = {
+    "num_layers": 4096,
+    "num_kv_heads": 4096,
+    "head_dim": 65536,
+    "block_size": 65536,
+    "dtype": "float32",
+}
+TIER_OVERFLOWS = [
+    ({"num_blocks": 8}, "num_blocks"),
+    ({"num_blocks": 2**32 - 2}, "num_blocks"),
+    ({"num_blocks": None, "memory_bytes": 2**63 - 1}, "memory_bytes"),
+    ({"num_blocks": 1, "host_blocks": 8}, "host_blocks"),
+    ({"num_blocks": 1, "host_blocks": 2**32 - 2}, "host_blocks"),
+    (
+        {"num_blocks": 1, "host_blocks": 1, "disk_path": "/none/kv", "disk_blocks": 2**32 - 2},
+        "disk_blocks",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "field"), TIER_OVERFLOWS, ids=lambda v: repr(v))
+def test_tier_bytes_overflow_is_a_value_error_naming_the_field(overrides: dict, field: str) -> None:
+    # Checked at validation: no PanicException (a BaseException) from the layout later.
+    with pytest.raises(ValueError, match=rf"invalid {field}: .* x bytes_per_block = ") as err:
+        make_config(**{**HUGE_BLOCK, **overrides})
+    assert str(2**59) in str(err.value)
+
+
+def test_largest_tier_under_the_limit_is_accepted() -> None:
+    cfg = make_config(**HUGE_BLOCK, num_blocks=7)  # 7 x 2^59 bytes < 2^62 (validated only)
+    assert cfg.bytes_per_block == 2**59
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -2,6 +2,9 @@
 //!
 //! `CacheConfig::validate` is the single place where field ranges are checked; every
 //! violation names the field and the allowed range. A validated config is immutable.
+//! Invariant: in a validated config, `bytes_per_block` and each tier's byte size
+//! (`num_blocks`, `host_blocks`, `disk_blocks` x `bytes_per_block`) are at most
+//! `MAX_TIER_BYTES`, so the layout's size and offset arithmetic cannot overflow.
 
 use crate::error::{Error, Result};
 
@@ -219,6 +222,33 @@ pub struct CacheConfig {
 /// Largest block count of one tier (block ids are u32; keep clear of the list sentinel).
 pub const MAX_BLOCKS: i64 = (u32::MAX - 1) as i64;
 
+/// Largest byte size of one tier's memory (a slab, or the disk tier's file), and so of one
+/// block: half of `isize::MAX`, so a slab's size rounded up to its alignment is a valid
+/// allocation size and every byte offset into a tier fits in `isize`, `i64` and `off_t`.
+pub const MAX_TIER_BYTES: usize = isize::MAX as usize / 2;
+
+/// `blocks x bytes_per_block`, the byte size of a tier, checked against `MAX_TIER_BYTES`;
+/// an error names `field` (the setting that sized the tier) and both factors.
+fn tier_bytes(
+    field: &'static str,
+    name: &str,
+    blocks: usize,
+    bytes_per_block: usize,
+) -> Result<usize> {
+    blocks
+        .checked_mul(bytes_per_block)
+        .filter(|&t| t <= MAX_TIER_BYTES)
+        .ok_or_else(|| {
+            Error::config(
+                field,
+                format!(
+                    "{name} x bytes_per_block = {blocks} x {bytes_per_block} bytes is more than \
+                     the largest tier ({MAX_TIER_BYTES} bytes)"
+                ),
+            )
+        })
+}
+
 fn positive(field: &'static str, v: i64, max: i64) -> Result<usize> {
     if v < 1 || v > max {
         return Err(Error::config(field, format!("{v} is outside 1..={max}")));
@@ -243,10 +273,21 @@ impl CacheConfig {
         let device = Device::parse(&c.device)?;
         let layout = LayoutKind::parse(&c.layout)?;
         let hash_algo = HashAlgo::parse(&c.hash_algo)?;
-        let bytes_per_block = block_size
-            .checked_mul(num_layers * 2 * num_kv_heads * head_dim * dtype.itemsize())
-            .filter(|&b| b <= isize::MAX as usize / 2)
-            .ok_or_else(|| Error::config("block_size", "bytes_per_block overflows"))?;
+        let bytes_per_block = [num_layers, 2, num_kv_heads, head_dim, dtype.itemsize()]
+            .into_iter()
+            .try_fold(block_size, usize::checked_mul)
+            .filter(|&b| b <= MAX_TIER_BYTES)
+            .ok_or_else(|| {
+                Error::config(
+                    "block_size",
+                    format!(
+                        "bytes_per_block = block_size x num_layers x 2 x num_kv_heads x head_dim \
+                         x itemsize = {block_size} x {num_layers} x 2 x {num_kv_heads} x \
+                         {head_dim} x {} is more than {MAX_TIER_BYTES} bytes",
+                        dtype.itemsize()
+                    ),
+                )
+            })?;
         let num_blocks = match (c.num_blocks, c.memory_bytes) {
             (Some(n), None) => positive("num_blocks", n, MAX_BLOCKS)?,
             (None, Some(m)) => {
@@ -269,8 +310,15 @@ impl CacheConfig {
                 ))
             }
         };
+        let device_field = match c.memory_bytes {
+            Some(_) => "memory_bytes",
+            None => "num_blocks",
+        };
+        tier_bytes(device_field, "num_blocks", num_blocks, bytes_per_block)?;
         let host_blocks = non_negative("host_blocks", c.host_blocks, MAX_BLOCKS)?;
+        tier_bytes("host_blocks", "host_blocks", host_blocks, bytes_per_block)?;
         let disk_blocks = non_negative("disk_blocks", c.disk_blocks, MAX_BLOCKS)?;
+        tier_bytes("disk_blocks", "disk_blocks", disk_blocks, bytes_per_block)?;
         if disk_blocks > 0 && c.disk_path.as_deref().is_none_or(str::is_empty) {
             return Err(Error::config(
                 "disk_path",
@@ -320,7 +368,9 @@ impl CacheConfig {
         })
     }
 
-    /// block_size x num_layers x 2 x num_kv_heads x head_dim x itemsize.
+    /// block_size x num_layers x 2 x num_kv_heads x head_dim x itemsize (cannot overflow:
+    /// `validate` checked it, and every tier's `blocks x bytes_per_block`, against
+    /// `MAX_TIER_BYTES`).
     pub fn bytes_per_block(&self) -> usize {
         self.block_size
             * self.num_layers
@@ -384,6 +434,45 @@ mod tests {
             let mut c = ConfigInput::small(8);
             mutate(&mut c);
             assert_eq!(err_field(&c), field);
+        }
+    }
+
+    /// The largest block: 2^59 bytes (every size field at its maximum, float32).
+    fn huge_blocks(num_blocks: i64) -> ConfigInput {
+        let mut c = ConfigInput::small(num_blocks);
+        (c.num_layers, c.num_kv_heads, c.head_dim, c.block_size) = (4096, 4096, 65536, 65536);
+        c.dtype = "float32".into();
+        c
+    }
+
+    #[test]
+    fn tier_sizes_are_checked_products() {
+        let c = CacheConfig::validate(&huge_blocks(1)).unwrap();
+        assert_eq!(c.bytes_per_block(), 1 << 59);
+        // 7 x 2^59 bytes fit under MAX_TIER_BYTES (2^62 - 1); 8 x 2^59 = 2^62 do not.
+        assert!(CacheConfig::validate(&huge_blocks(7)).is_ok());
+        assert_eq!(err_field(&huge_blocks(8)), "num_blocks");
+        // A product that overflows usize altogether is the same clean error.
+        assert_eq!(err_field(&huge_blocks(MAX_BLOCKS)), "num_blocks");
+        let mut c = huge_blocks(1);
+        c.num_blocks = None;
+        c.memory_bytes = Some(i64::MAX); // 15 blocks of 2^59 bytes
+        assert_eq!(err_field(&c), "memory_bytes");
+        let mut c = huge_blocks(1);
+        c.host_blocks = 8;
+        assert_eq!(err_field(&c), "host_blocks");
+        c.host_blocks = MAX_BLOCKS;
+        assert_eq!(err_field(&c), "host_blocks");
+        let mut c = huge_blocks(1);
+        (c.host_blocks, c.disk_blocks, c.disk_path) = (1, MAX_BLOCKS, Some("/tmp/d".into()));
+        assert_eq!(err_field(&c), "disk_blocks");
+        match CacheConfig::validate(&huge_blocks(8)) {
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("num_blocks x bytes_per_block"), "{msg}");
+                assert!(msg.contains(&format!("8 x {}", 1u64 << 59)), "{msg}");
+            }
+            Ok(_) => panic!("8 blocks of 2^59 bytes validated"),
         }
     }
 

@@ -8,8 +8,12 @@
 //!
 //! In both, the K (or V) vectors of consecutive token slots of one block and layer are
 //! contiguous (`token_bytes` apart), which is what `write_kv` / `read_kv` rely on.
+//!
+//! Arithmetic: every size and offset here is at most `total_bytes`, which `KvLayout::new`
+//! requires to be at most `MAX_TIER_BYTES` (`CacheConfig::validate` checks it for each tier
+//! with checked arithmetic), so the plain `*` / `+` below cannot overflow.
 
-use crate::config::{CacheConfig, LayoutKind};
+use crate::config::{CacheConfig, LayoutKind, MAX_TIER_BYTES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
@@ -33,7 +37,16 @@ pub struct LayerView {
 }
 
 impl KvLayout {
+    /// The layout of a tier of `num_blocks` blocks of `c`. Panics if the tier is larger than
+    /// `MAX_TIER_BYTES`, which a validated config rules out for each of its tiers.
     pub fn new(c: &CacheConfig, num_blocks: usize) -> Self {
+        assert!(
+            num_blocks
+                .checked_mul(c.bytes_per_block())
+                .is_some_and(|t| t <= MAX_TIER_BYTES),
+            "a tier of {num_blocks} blocks of {} bytes is larger than MAX_TIER_BYTES",
+            c.bytes_per_block()
+        );
         KvLayout {
             kind: c.layout,
             num_blocks,
