@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import ferrumkv
@@ -137,6 +139,16 @@ def test_tier_bytes_overflow_is_a_value_error_naming_the_field(overrides: dict, 
 def test_largest_tier_under_the_limit_is_accepted() -> None:
     cfg = make_config(**HUGE_BLOCK, num_blocks=7)  # 7 x 2^59 bytes < 2^62 (validated only)
     assert cfg.bytes_per_block == 2**59
+
+
+def test_disk_tier_without_host_tier_is_rejected(tmp_path: Path) -> None:
+    # The disk tier only holds blocks spilled from the host tier: without one it would never
+    # be written, so the config says so instead of accepting a dead tier.
+    disk = {"disk_path": str(tmp_path / "kv.bin"), "disk_blocks": 4}
+    with pytest.raises(ValueError, match=r"invalid disk_blocks: .*needs host_blocks > 0"):
+        make_config(**disk)
+    assert not (tmp_path / "kv.bin").exists()
+    assert make_config(**disk, host_blocks=1).disk_blocks == 4
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@
 //! violation names the field and the allowed range. A validated config is immutable.
 //! Invariant: in a validated config, `bytes_per_block` and each tier's byte size
 //! (`num_blocks`, `host_blocks`, `disk_blocks` x `bytes_per_block`) are at most
-//! `MAX_TIER_BYTES`, so the layout's size and offset arithmetic cannot overflow.
+//! `MAX_TIER_BYTES`, so the layout's size and offset arithmetic cannot overflow; and a disk
+//! tier comes with a host tier (it only ever holds blocks spilled from the host tier).
 
 use crate::error::{Error, Result};
 
@@ -325,6 +326,13 @@ impl CacheConfig {
                 "a path is required when disk_blocks > 0",
             ));
         }
+        if disk_blocks > 0 && host_blocks == 0 {
+            return Err(Error::config(
+                "disk_blocks",
+                "the disk tier spills from the host tier, so disk_blocks > 0 needs \
+                 host_blocks > 0",
+            ));
+        }
         let unit = |field: &'static str, v: f64| {
             if !(0.0..=1.0).contains(&v) {
                 return Err(Error::config(field, format!("{v} is outside [0, 1]")));
@@ -474,6 +482,21 @@ mod tests {
             }
             Ok(_) => panic!("8 blocks of 2^59 bytes validated"),
         }
+    }
+
+    #[test]
+    fn a_disk_tier_needs_a_host_tier() {
+        let mut c = ConfigInput::small(8);
+        (c.disk_blocks, c.disk_path) = (4, Some("/tmp/ferrumkv-disk".into()));
+        match CacheConfig::validate(&c) {
+            Err(Error::InvalidConfig { field, reason }) => {
+                assert_eq!(field, "disk_blocks");
+                assert!(reason.contains("host_blocks > 0"), "{reason}");
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        c.host_blocks = 1;
+        assert!(CacheConfig::validate(&c).is_ok());
     }
 
     #[test]
