@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -149,6 +153,70 @@ def test_disk_tier_without_host_tier_is_rejected(tmp_path: Path) -> None:
         make_config(**disk)
     assert not (tmp_path / "kv.bin").exists()
     assert make_config(**disk, host_blocks=1).disk_blocks == 4
+
+
+# A child with 1 GiB of address space left builds a cache of 2-byte blocks (uint8, one layer,
+# head and slot): a slab or bookkeeping array that does not fit must raise MemoryError, leave
+# the process healthy (a small cache still works) and never abort. It runs in a subprocess
+# so that a regression (SIGABRT from a failed `vec!`) cannot take pytest down with it.
+OOM_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    import ferrumkv
+
+    def vm_bytes():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+
+    tiny = dict(num_layers=1, num_kv_heads=1, head_dim=1, block_size=1, dtype="uint8")
+    cfg = ferrumkv.CacheConfig(**tiny, **json.loads(sys.argv[1]))
+    limit = vm_bytes() + (1 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        ferrumkv.KvCache(cfg)
+    except BaseException as e:
+        print(f"{type(e).__name__}: {e}")
+    else:
+        print("built")
+    with ferrumkv.KvCache(ferrumkv.CacheConfig(**tiny, num_blocks=8)) as cache:
+        assert cache.try_allocate("r", [1, 2, 3]) is not None
+    print("healthy")
+    """
+)
+
+# (overrides, what the MemoryError names); 2^31 blocks: a 4 GiB slab; 2^28 host blocks: a
+# 512 MiB slab that fits, then 1 GiB of pool links that do not.
+OOM_CASES = [
+    ({"num_blocks": 2**31}, "cannot allocate 4294967296 bytes of host memory"),
+    ({"num_blocks": 8, "host_blocks": 2**31}, "host tier (host_blocks=2147483648): cannot"),
+    ({"num_blocks": 8, "host_blocks": 2**28}, "host tier (host_blocks=268435456): cannot"),
+    pytest.param(
+        {"num_blocks": 2**28},
+        "for the block pool",
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="the device tier's pool, index and residency arrays are built by "
+            "state::State::new with the panicking BlockPool::new / PrefixIndex::new / "
+            "Residency::new; it must call their try_new (issue 8)",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "named"), OOM_CASES, ids=lambda v: repr(v))
+def test_tier_too_large_for_memory_is_a_memory_error(overrides: dict, named: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", OOM_CHILD, json.dumps(overrides)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout.splitlines()
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert out[-1] == "healthy", done.stdout
+    assert out[0].startswith("MemoryError: out of memory: "), done.stdout
+    assert named in out[0], out[0]
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ __all__ = [
 
 class FerrumKVError(Exception):
     """Base of every error the engine raises (bad argument types/values raise the
-    built-in TypeError / ValueError)."""
+    built-in TypeError / ValueError; a tier too large for the memory left, MemoryError)."""
 
 
 class OutOfBlocksError(FerrumKVError):

@@ -41,6 +41,10 @@ pub enum Error {
     /// An I/O failure of the disk tier (Python `OSError`).
     #[error("{0}")]
     Io(String),
+    /// Memory for a tier (its slab or its bookkeeping) cannot be allocated (Python
+    /// `MemoryError`). Raised only while building an engine, which then does not exist.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -5,7 +5,8 @@
 //! `pool` (refcounts and free queues), `prefix` (hashes and the cached-block index),
 //! `sequence`, `waiters` (tickets of calls that wait for blocks), `state` (the bookkeeping
 //! under the lock), `engine` (the lock, the notifier and the public calls), `stats`,
-//! `events`, `residency`, `pressure`, `notify`, `clock`, `cuda`, `error`.
+//! `events`, `residency`, `pressure`, `notify`, `clock`, `cuda`, `error`, `fallible`
+//! (bookkeeping allocations that fail with `Error::OutOfMemory` instead of aborting).
 
 pub mod clock;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod fallible;
 pub mod layout;
 pub mod notify;
 pub mod pool;

@@ -14,6 +14,8 @@
 //! Invariants (checked by `check_invariants`): free == blank + evictable; a block is in a
 //! queue iff its ref_cnt is 0; a block is evictable iff it is cached (`cached[b]`).
 
+use crate::error::Result;
+use crate::fallible::vec_of;
 use crate::types::BlockId;
 
 const NIL: u32 = u32::MAX;
@@ -37,15 +39,15 @@ struct Queues {
 }
 
 impl Queues {
-    fn new(n: usize) -> Self {
-        Queues {
-            prev: vec![NIL; n],
-            next: vec![NIL; n],
-            at: vec![Queue::None; n],
+    fn try_new(n: usize) -> Result<Self> {
+        Ok(Queues {
+            prev: vec_of(n, NIL, "the block pool's queue links")?,
+            next: vec_of(n, NIL, "the block pool's queue links")?,
+            at: vec_of(n, Queue::None, "the block pool's queue marks")?,
             head: [NIL; 2],
             tail: [NIL; 2],
             len: [0; 2],
-        }
+        })
     }
 
     fn slot(q: Queue) -> usize {
@@ -130,16 +132,25 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
+    /// A pool of `num_blocks` blank blocks. Panics where `try_new` fails (tests, benches).
     pub fn new(num_blocks: usize) -> Self {
-        let mut queues = Queues::new(num_blocks);
+        Self::try_new(num_blocks).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A pool of `num_blocks` blank blocks; `Error::OutOfMemory` (nothing allocated kept)
+    /// when its arrays do not fit in memory.
+    pub fn try_new(num_blocks: usize) -> Result<Self> {
+        let mut queues = Queues::try_new(num_blocks)?;
+        let ref_cnt = vec_of(num_blocks, 0, "the block pool's reference counts")?;
+        let cached = vec_of(num_blocks, false, "the block pool's cached marks")?;
         for b in 0..num_blocks as u32 {
             queues.push_back(Queue::Blank, b);
         }
-        BlockPool {
-            ref_cnt: vec![0; num_blocks],
-            cached: vec![false; num_blocks],
+        Ok(BlockPool {
+            ref_cnt,
+            cached,
             queues,
-        }
+        })
     }
 
     pub fn num_blocks(&self) -> usize {

@@ -21,6 +21,8 @@ use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_128;
 
 use crate::config::HashAlgo;
+use crate::error::Result;
+use crate::fallible::{out_of_memory, vec_of};
 use crate::types::{BlockHash, BlockId};
 
 /// Hashes blocks of token ids under one algorithm.
@@ -155,16 +157,27 @@ pub struct PrefixIndex {
 }
 
 impl PrefixIndex {
+    /// An empty index of `num_blocks` blocks. Panics where `try_new` fails (tests, benches).
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        PrefixIndex {
+        Self::try_new(num_blocks, block_size).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An empty index of `num_blocks` blocks of `block_size` tokens; `Error::OutOfMemory`
+    /// when its per-block arrays do not fit in memory (or their size overflows `usize`).
+    pub fn try_new(num_blocks: usize, block_size: usize) -> Result<Self> {
+        const TOKENS: &str = "the prefix index's token ids";
+        let num_tokens = num_blocks
+            .checked_mul(block_size)
+            .ok_or_else(|| out_of_memory(TOKENS, num_blocks, 4 * block_size))?;
+        Ok(PrefixIndex {
             block_size,
             by_hash: HashKeyed::default(),
             siblings: HashMap::default(),
-            next_sib: vec![NIL; num_blocks],
-            prev_sib: vec![NIL; num_blocks],
-            entry: vec![None; num_blocks],
-            tokens: vec![0; num_blocks * block_size],
-        }
+            next_sib: vec_of(num_blocks, NIL, "the prefix index's sibling links")?,
+            prev_sib: vec_of(num_blocks, NIL, "the prefix index's sibling links")?,
+            entry: vec_of(num_blocks, None, "the prefix index's entries")?,
+            tokens: vec_of(num_tokens, 0, TOKENS)?,
+        })
     }
 
     pub fn len(&self) -> usize {

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 
+use crate::error::Result;
+use crate::fallible::vec_of;
 use crate::types::BlockId;
 
 const ACCESSES: usize = 4;
@@ -43,20 +45,27 @@ pub struct Residency {
 pub const MAX_PENDING: usize = 1 << 16;
 
 impl Residency {
+    /// Sampling of `num_blocks` blocks. Panics where `try_new` fails (tests, benches).
     pub fn new(rate: f64, seed: u64, num_blocks: usize) -> Self {
+        Self::try_new(rate, seed, num_blocks).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Sampling of `num_blocks` blocks; `Error::OutOfMemory` when its per-block marks do not
+    /// fit in memory.
+    pub fn try_new(rate: f64, seed: u64, num_blocks: usize) -> Result<Self> {
         let threshold = if rate >= 1.0 {
             u64::MAX
         } else {
             (rate * u64::MAX as f64) as u64
         };
-        Residency {
+        Ok(Residency {
             threshold,
             rng: seed ^ 0x9E37_79B9_7F4A_7C15,
             tracked: HashMap::new(),
-            is_tracked: vec![false; num_blocks],
+            is_tracked: vec_of(num_blocks, false, "the residency sampler's marks")?,
             events: Vec::new(),
             dropped: 0,
-        }
+        })
     }
 
     fn untrack(&mut self, b: BlockId) -> Option<Track> {

@@ -8,10 +8,16 @@
 //! block's bytes are the device block's runs (`KvLayout::block_runs`) laid end to end, so
 //! copies work for either device layout.
 //! Invariants: the same as `BlockPool` and `PrefixIndex`; an indexed host block is cached.
+//!
+//! Construction: a tier whose memory or bookkeeping cannot be allocated is an
+//! `Error::OutOfMemory` naming the tier (and nothing of it is kept); the disk tier allocates
+//! its bookkeeping before it creates its file, so that failure leaves no file behind.
 
 use std::sync::Arc;
 
+use crate::error::{Error, Result};
 use crate::events::EventQueue;
+use crate::fallible::{out_of_memory, vec_of};
 use crate::pool::BlockPool;
 use crate::prefix::PrefixIndex;
 use crate::storage::disk::DiskFile;
@@ -33,6 +39,14 @@ pub struct HostTier {
     pub bytes_per_block: usize,
 }
 
+/// Prefixes an `OutOfMemory` message with the tier it happened in.
+fn in_tier(tier: String, e: Error) -> Error {
+    match e {
+        Error::OutOfMemory(m) => Error::OutOfMemory(format!("{tier}: {m}")),
+        e => e,
+    }
+}
+
 impl HostTier {
     /// `device`: the device tier's memory (the host tier is pinned beside a GPU).
     pub fn new(
@@ -40,13 +54,19 @@ impl HostTier {
         block_size: usize,
         bytes_per_block: usize,
         device: &Memory,
-    ) -> crate::error::Result<Self> {
-        Ok(HostTier {
-            slab: Memory::host_tier_for(device, num_blocks * bytes_per_block)?,
-            pool: BlockPool::new(num_blocks),
-            index: PrefixIndex::new(num_blocks, block_size),
-            bytes_per_block,
-        })
+    ) -> Result<Self> {
+        let build = || {
+            let bytes = num_blocks
+                .checked_mul(bytes_per_block)
+                .ok_or_else(|| out_of_memory("the slab", num_blocks, bytes_per_block))?;
+            Ok(HostTier {
+                slab: Memory::host_tier_for(device, bytes)?,
+                pool: BlockPool::try_new(num_blocks)?,
+                index: PrefixIndex::try_new(num_blocks, block_size)?,
+                bytes_per_block,
+            })
+        };
+        build().map_err(|e| in_tier(format!("host tier (host_blocks={num_blocks})"), e))
     }
 
     /// Byte offset of a host block.
@@ -127,12 +147,18 @@ impl DiskTier {
         num_slots: usize,
         block_size: usize,
         bytes_per_block: usize,
-    ) -> crate::error::Result<Self> {
+    ) -> Result<Self> {
+        let tier = || format!("disk tier (disk_blocks={num_slots})");
+        // Bookkeeping first: running out of memory must not leave a preallocated file.
+        let pool = BlockPool::try_new(num_slots).map_err(|e| in_tier(tier(), e))?;
+        let index = PrefixIndex::try_new(num_slots, block_size).map_err(|e| in_tier(tier(), e))?;
+        let pending =
+            vec_of(num_slots, false, "the pending-write marks").map_err(|e| in_tier(tier(), e))?;
         Ok(DiskTier {
             file: Arc::new(DiskFile::create(path, num_slots, bytes_per_block)?),
-            pool: BlockPool::new(num_slots),
-            index: PrefixIndex::new(num_slots, block_size),
-            pending: vec![false; num_slots],
+            pool,
+            index,
+            pending,
         })
     }
 
@@ -206,5 +232,49 @@ impl DiskTier {
         while self.pool.evict_lru_to_blank().is_some() {}
         // Pending slots stay owned by their writes; `finish_write` sees them unindexed.
         self.index.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2^46 blocks: 2^48 bytes for one u32 per block, past any 47-bit address space, so the
+    /// allocation is refused whatever the overcommit policy.
+    const TOO_MANY: usize = 1 << 46;
+
+    fn oom_message(r: Result<impl Sized>) -> String {
+        match r {
+            Err(Error::OutOfMemory(msg)) => msg,
+            Err(e) => panic!("expected OutOfMemory, got {e:?}"),
+            Ok(_) => panic!("expected OutOfMemory, got a tier"),
+        }
+    }
+
+    #[test]
+    fn a_host_tier_too_large_for_memory_is_out_of_memory() {
+        let device = Memory::host(64).unwrap();
+        let msg = oom_message(HostTier::new(TOO_MANY, 1, 4, &device));
+        assert!(
+            msg.contains(&format!("host tier (host_blocks={TOO_MANY})")),
+            "{msg}"
+        );
+        let msg = oom_message(HostTier::new(usize::MAX, 1, 2, &device));
+        assert!(msg.contains("host tier"), "{msg}");
+    }
+
+    #[test]
+    fn a_disk_tier_too_large_for_memory_is_out_of_memory_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blocks.bin");
+        let msg = oom_message(DiskTier::new(&path, TOO_MANY, 1, 1));
+        assert!(
+            msg.contains(&format!("disk tier (disk_blocks={TOO_MANY})")),
+            "{msg}"
+        );
+        assert!(
+            !path.exists(),
+            "the bookkeeping is allocated before the file"
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! are imported once, on first use.
 
 use ferrumkv_core::Error;
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOSError, PyValueError};
 use pyo3::PyErr;
 
 pyo3::import_exception!(ferrumkv.errors, OutOfBlocksError);
@@ -29,6 +29,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::CudaUnavailable(_) => CudaUnavailableError::new_err(msg),
         Error::CopyFailed(_) => CopyError::new_err(msg),
         Error::Io(_) => PyOSError::new_err(msg),
+        Error::OutOfMemory(_) => PyMemoryError::new_err(msg),
     }
 }
 

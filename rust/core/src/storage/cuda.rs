@@ -40,8 +40,10 @@
 //! Errors: without a driver, with an ordinal out of range or when the driver fails, every
 //! constructor returns `Error::CudaUnavailable` with the reason and never panics (libcuda is
 //! loaded lazily by cudarc, which panics on a missing library or symbol, so `open` runs under
-//! `catch_unwind`). Driver failures of later calls are reported as `Error::CudaUnavailable`
-//! too, naming the call; bad runs or offsets are `Error::InvalidArgument`.
+//! `catch_unwind`). A slab the driver cannot allocate for lack of memory is
+//! `Error::OutOfMemory` instead. Driver failures of later calls are reported as
+//! `Error::CudaUnavailable` too, naming the call; bad runs or offsets are
+//! `Error::InvalidArgument`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
@@ -59,6 +61,16 @@ pub type Run = (usize, usize, usize);
 
 fn driver_err(what: &str, e: DriverError) -> Error {
     Error::CudaUnavailable(format!("{what} failed: {e}"))
+}
+
+/// A slab allocation's failure: `Error::OutOfMemory` when the driver is out of memory (the
+/// tier is too large for the memory left), else `Error::CudaUnavailable`.
+fn alloc_err(what: String, e: DriverError) -> Error {
+    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory(format!("{what}: {e}"))
+    } else {
+        Error::CudaUnavailable(format!("{what}: {e}"))
+    }
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -385,10 +397,13 @@ impl DeviceSlab {
         // SAFETY: the device's context is current on this thread; the memory is zeroed below
         // before anyone can read it.
         let ptr = unsafe { result::malloc_sync(size) }.map_err(|e| {
-            Error::CudaUnavailable(format!(
-                "cannot allocate {len} bytes on cuda:{}: cuMemAlloc failed: {e}",
-                dev.ordinal
-            ))
+            alloc_err(
+                format!(
+                    "cannot allocate {len} bytes on cuda:{}: cuMemAlloc failed",
+                    dev.ordinal
+                ),
+                e,
+            )
         })?;
         // SAFETY: `ptr` was just allocated with `size` bytes in the current context.
         if let Err(e) = unsafe { result::memset_d8_sync(ptr, 0, size) } {
@@ -454,12 +469,15 @@ impl PinnedSlab {
         // before anyone can read it.
         let raw =
             unsafe { result::malloc_host(size, sys::CU_MEMHOSTALLOC_PORTABLE) }.map_err(|e| {
-                Error::CudaUnavailable(format!(
-                    "cannot allocate {len} bytes of pinned host memory: cuMemHostAlloc failed: {e}"
-                ))
+                alloc_err(
+                    format!(
+                        "cannot allocate {len} bytes of pinned host memory: cuMemHostAlloc failed"
+                    ),
+                    e,
+                )
             })?;
         let Some(ptr) = NonNull::new(raw.cast::<u8>()) else {
-            return Err(Error::CudaUnavailable(format!(
+            return Err(Error::OutOfMemory(format!(
                 "cannot allocate {len} bytes of pinned host memory: cuMemHostAlloc returned null"
             )));
         };

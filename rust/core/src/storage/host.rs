@@ -1,5 +1,6 @@
 //! A host memory slab: one zeroed, page-aligned allocation holding a tier's blocks (its bytes
-//! are reached through `RawBytes`, see there for the access rules).
+//! are reached through `RawBytes`, see there for the access rules). An allocation the system
+//! refuses is `Error::OutOfMemory`, never an abort.
 //! Invariant: the allocation lives from `new` until `Drop`; views hold an `Arc<HostSlab>`,
 //! so the memory outlives every view.
 
@@ -38,12 +39,13 @@ impl std::ops::Deref for HostSlab {
 impl HostSlab {
     pub fn new(len: usize) -> Result<Self> {
         let size = len.max(1);
-        let layout = Layout::from_size_align(size, align_for(size))
-            .map_err(|_| Error::config("num_blocks", format!("{len} bytes is too large")))?;
+        let oom = || Error::OutOfMemory(format!("cannot allocate {len} bytes of host memory"));
+        // Too large for a `Layout` (near `isize::MAX`) is out of memory as well.
+        let layout = Layout::from_size_align(size, align_for(size)).map_err(|_| oom())?;
         // SAFETY: `layout` has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw)
-            .ok_or_else(|| Error::config("num_blocks", format!("cannot allocate {len} bytes")))?;
+        // A null return is the allocator's refusal; `handle_alloc_error` is never called.
+        let ptr = NonNull::new(raw).ok_or_else(oom)?;
         if size >= HUGE {
             // SAFETY: advisory call on memory we own (`size` bytes from `raw`); failure (e.g.
             // THP disabled) changes nothing and is ignored.
@@ -80,6 +82,17 @@ mod tests {
         s.read(30, &mut out);
         assert_eq!(out, [0, 0, 1, 2, 3, 4, 0, 0]);
         assert_eq!(s.as_ptr() as usize % ALIGN, 0);
+    }
+
+    #[test]
+    fn a_refused_allocation_is_out_of_memory() {
+        // Past what `Layout` takes, and past any address space (the allocator says no).
+        for len in [usize::MAX, isize::MAX as usize / 2] {
+            match HostSlab::new(len) {
+                Err(Error::OutOfMemory(msg)) => assert!(msg.contains(&len.to_string()), "{msg}"),
+                other => panic!("expected OutOfMemory, got {other:?}"),
+            }
+        }
     }
 
     #[test]
