@@ -8,6 +8,9 @@ is K and index 1 is V.
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -269,3 +272,65 @@ def test_view_keeps_memory_alive(how: str) -> None:
     gc.collect()
     arr[5] = 3.0
     assert (arr[5] == 3.0).all() and arr[0, 0, 0, 0, 0] == 1.5
+
+
+# write_kv / read_kv stage K and V in buffers of their own. With 200 MiB per array and too
+# little address space left for a staging buffer, the call must raise MemoryError and leave
+# the cache as it was, not abort the process (hence the subprocess).
+STAGING_CHILD = textwrap.dedent(
+    """
+    import resource
+    import numpy as np
+    import ferrumkv
+
+    def vm_bytes():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+
+    def limit(headroom):
+        soft = resource.RLIM_INFINITY if headroom is None else vm_bytes() + headroom
+        resource.setrlimit(resource.RLIMIT_AS, (soft, resource.RLIM_INFINITY))
+
+    MiB = 1 << 20
+    # A token's K is 64 KiB (64 heads x 1024 uint8): 3200 tokens are 200 MiB per array.
+    cfg = ferrumkv.CacheConfig(
+        num_layers=1, num_kv_heads=64, head_dim=1024, block_size=16, dtype="uint8",
+        num_blocks=200,
+    )
+    cache = ferrumkv.KvCache(cfg)
+    assert cache.try_allocate("r", list(range(3200))) is not None
+    small = np.full((4, 64, 1024), 7, np.uint8)
+    cache.write_kv("r", 0, 0, small, small + 1)
+    k = np.ones((3200, 64, 1024), np.uint8)
+    for call, headroom in [("write_kv", 100 * MiB), ("read_kv", 500 * MiB)]:
+        limit(headroom)  # read_kv's own 2 x 200 MiB arrays fit; its staging buffer does not
+        try:
+            if call == "write_kv":
+                cache.write_kv("r", 0, 0, k, k)
+            else:
+                cache.read_kv("r", 0, 0, 3200)
+        except MemoryError as e:
+            print(f"{call}: MemoryError: {e}")
+        limit(None)
+    got_k, got_v = cache.read_kv("r", 0, 0, 4)
+    assert (got_k == 7).all() and (got_v == 8).all(), "the failed write changed nothing"
+    print("healthy")
+    """
+)
+
+
+def test_kv_copies_too_large_for_memory_are_memory_errors() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STAGING_CHILD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    out = done.stdout.splitlines()
+    assert out[-1] == "healthy", done.stdout
+    assert out[0].startswith("write_kv: MemoryError: out of memory: "), done.stdout
+    assert "cannot allocate 209715200 bytes for the k buffer" in out[0], out[0]
+    assert out[1].startswith("read_kv: MemoryError: out of memory: "), done.stdout
+    assert "cannot allocate 209715200 bytes for the k_out buffer" in out[1], out[1]

@@ -5,7 +5,12 @@
 //! integer in `0..=u32::MAX`; a float array is a `TypeError`, a negative or too large id a
 //! `ValueError`. Lists are read item by item without building Python objects; arrays are
 //! read in place through the buffer protocol.
+//!
+//! K/V bytes are staged in buffers of our own (never a Rust slice over the caller's buffer,
+//! which may be a view of the cache's own memory): allocated fallibly, so a copy too large
+//! for the memory left is a `MemoryError`, not an abort.
 
+use ferrumkv_core::fallible::vec_of;
 use ferrumkv_core::prefix::Salt;
 use ferrumkv_core::types::RequestId;
 use pyo3::buffer::{Element, PyBuffer};
@@ -186,11 +191,18 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
     }
 }
 
-/// The bytes of a C-contiguous uint8 buffer.
+/// A zeroed staging buffer of `n` bytes for `what`; `MemoryError` if it cannot be allocated.
+pub fn staging(n: usize, what: &str) -> PyResult<Vec<u8>> {
+    vec_of(n, 0, &format!("the {what} buffer")).map_err(crate::errors::to_py)
+}
+
+/// A copy of the bytes of a C-contiguous uint8 buffer.
 pub fn bytes_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u8>> {
     let buf = PyBuffer::<u8>::get(obj)
         .map_err(|_| PyTypeError::new_err(format!("{what} must be a contiguous byte buffer")))?;
-    buf.to_vec(obj.py())
+    let mut out = staging(buf.len_bytes(), what)?;
+    buf.copy_to_slice(obj.py(), &mut out)?;
+    Ok(out)
 }
 
 /// Copies `data` into a writable C-contiguous uint8 buffer of the same length.

@@ -440,8 +440,8 @@ impl PyEngine {
         nbytes: usize,
     ) -> PyResult<()> {
         let rid = convert::request_id(request_id)?;
-        let mut k = vec![0u8; nbytes];
-        let mut v = vec![0u8; nbytes];
+        let mut k = convert::staging(nbytes, "k_out")?;
+        let mut v = convert::staging(nbytes, "v_out")?;
         detach_if_large(py, nbytes, || {
             self.engine.read_kv(&rid, layer, start, &mut k, &mut v)
         })
