@@ -235,6 +235,20 @@ def test_layers_do_not_alias(layout: str) -> None:
     assert (k == 2.0).all() and (v == 2.0).all()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_view_data_ptr_is_the_exported_address(layout: str) -> None:
+    # `data_ptr` and the DLPack export compute the address apart (integer vs pointer
+    # arithmetic); both must name element [0, 0, 0, 0, 0] of the layer.
+    cache = cache_for("float16", layout)
+    block = BS * HEADS * HEAD_DIM * 2 * 2  # bytes of one layer of one block (K and V)
+    views = [cache.kv_view(layer) for layer in range(LAYERS)]
+    for view in views:
+        assert torch.from_dlpack(view).data_ptr() == view.data_ptr
+        assert np.from_dlpack(view).ctypes.data == view.data_ptr
+    step = block if layout == "block_major" else block * cache.config.num_blocks
+    assert views[1].data_ptr - views[0].data_ptr == step
+
+
 def test_kv_view_bad_layer() -> None:
     cache = cache_for()
     with pytest.raises(ValueError):

@@ -36,6 +36,30 @@ pub struct LayerView {
     pub strides: [i64; 5],
 }
 
+impl LayerView {
+    /// One past the last byte the view reaches (`byte_offset`, plus `(shape - 1) x stride`
+    /// elements per dimension, plus one element), or `byte_offset` for an empty view; None
+    /// if that overflows or a stride is negative. A consumer of the view touches only bytes
+    /// in `byte_offset..end_byte`.
+    pub fn end_byte(&self, itemsize: usize) -> Option<usize> {
+        if self.shape.contains(&0) {
+            return Some(self.byte_offset);
+        }
+        let last = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .try_fold(0u64, |acc, (&n, &s)| {
+                let (n, s) = (u64::try_from(n - 1).ok()?, u64::try_from(s).ok()?);
+                acc.checked_add(n.checked_mul(s)?)
+            })?;
+        let bytes = usize::try_from(last.checked_add(1)?)
+            .ok()?
+            .checked_mul(itemsize)?;
+        self.byte_offset.checked_add(bytes)
+    }
+}
+
 impl KvLayout {
     /// The layout of a tier of `num_blocks` blocks of `c`. Panics if the tier is larger than
     /// `MAX_TIER_BYTES`, which a validated config rules out for each of its tiers.
@@ -160,6 +184,33 @@ mod tests {
             }
             assert!(seen.iter().all(|&x| x == 1), "{kind}");
         }
+    }
+
+    #[test]
+    fn views_end_inside_the_tier() {
+        for kind in ["block_major", "layer_major"] {
+            let l = layout(kind);
+            let ends: Vec<_> = (0..l.num_layers)
+                .map(|layer| l.layer_view(layer).end_byte(l.itemsize).unwrap())
+                .collect();
+            // The last token slot of V of the last block of a layer ends the view.
+            for (layer, &end) in ends.iter().enumerate() {
+                let last = l.offset(l.num_blocks - 1, layer, 1, l.block_size - 1);
+                assert_eq!(end, last + l.token_bytes(), "{kind}");
+            }
+            assert_eq!(*ends.last().unwrap(), l.total_bytes(), "{kind}");
+        }
+        let mut v = layout("block_major").layer_view(0);
+        v.strides[0] = -1;
+        assert_eq!(v.end_byte(2), None, "a negative stride is refused");
+        v.strides[0] = i64::MAX;
+        assert_eq!(v.end_byte(2), None, "an overflow is refused");
+        v.shape[2] = 0;
+        assert_eq!(
+            v.end_byte(2),
+            Some(v.byte_offset),
+            "an empty view reaches nothing"
+        );
     }
 
     #[test]

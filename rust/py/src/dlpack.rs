@@ -65,6 +65,8 @@ impl DlDtype {
 /// One strided view to export.
 pub struct TensorDesc {
     /// Address of element `[0, 0, ...]` (already offset); exported with `byte_offset = 0`.
+    /// Only carried to the consumer, never dereferenced here (on a GPU it is a device
+    /// address, not host memory).
     pub data: *mut u8,
     /// Where `data` lives.
     pub device: DlDevice,

@@ -452,11 +452,7 @@ impl PyEngine {
 
     fn kv_view(&self, layer: usize) -> PyResult<PyKvView> {
         let (memory, view) = self.engine.layer_view(layer).py_err()?;
-        Ok(PyKvView {
-            memory,
-            view,
-            dtype: self.engine.config().dtype,
-        })
+        PyKvView::new(memory, view, self.engine.config().dtype)
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -4,11 +4,18 @@
 //! holds another, so the memory outlives the cache, the view and every consumer tensor.
 //! On a GPU the view is `kDLCUDA`; a consumer's `stream` is made to wait on every copy the
 //! engine enqueued, so it never reads a block whose onboard copy is still running.
+//!
+//! Addresses: a view only ever computes and hands out addresses; Rust never reads or writes
+//! through them (consumers do). A device address is a `u64` in the GPU's address space, not
+//! host memory, so it is offset with integer arithmetic and exported as a pointer without
+//! provenance; a host address is offset with `wrapping_add` on the slab's pointer. Neither
+//! needs `unsafe`. Invariant (checked by `PyKvView::new`): every byte the view describes lies
+//! inside the tier's memory.
 
 use ferrumkv_core::config::DType;
 use ferrumkv_core::layout::LayerView;
 use ferrumkv_core::storage::Memory;
-use pyo3::exceptions::PyBufferError;
+use pyo3::exceptions::{PyBufferError, PyRuntimeError};
 use pyo3::prelude::*;
 
 use crate::dlpack::{export_capsule, wants_versioned, DlDevice, DlDtype, TensorDesc};
@@ -18,9 +25,9 @@ const KDL_CUDA: i32 = 2;
 
 #[pyclass(frozen, name = "KvView", module = "ferrumkv._core")]
 pub struct PyKvView {
-    pub memory: Memory,
-    pub view: LayerView,
-    pub dtype: DType,
+    memory: Memory,
+    view: LayerView,
+    dtype: DType,
 }
 
 fn dl_dtype(d: DType) -> DlDtype {
@@ -33,12 +40,42 @@ fn dl_dtype(d: DType) -> DlDtype {
 }
 
 impl PyKvView {
-    /// Base address of the tier's memory (a device address on a GPU).
-    fn base(&self) -> *mut u8 {
+    /// A view of `view` in `memory`; refuses (an internal error) a view that reaches past
+    /// the end of the memory, so no export can describe bytes outside the tier.
+    pub fn new(memory: Memory, view: LayerView, dtype: DType) -> PyResult<Self> {
+        match view.end_byte(dtype.itemsize()) {
+            Some(end) if end <= memory.len() => Ok(PyKvView {
+                memory,
+                view,
+                dtype,
+            }),
+            end => Err(PyRuntimeError::new_err(format!(
+                "internal error: a layer view ending at byte {end:?} of a {}-byte tier",
+                memory.len()
+            ))),
+        }
+    }
+
+    /// Address of element `[0, 0, 0, 0, 0]` as an integer (a device address on a GPU).
+    fn data_addr(&self) -> usize {
+        let off = self.view.byte_offset;
         match &self.memory {
-            Memory::Host(s) => s.as_ptr(),
-            Memory::Pinned(_, s) => s.as_ptr(),
-            Memory::Cuda(_, s) => s.device_ptr() as *mut u8,
+            Memory::Host(s) => s.as_ptr() as usize + off,
+            Memory::Pinned(_, s) => s.as_ptr() as usize + off,
+            // CUDA device addresses are 64-bit, as is every supported host.
+            Memory::Cuda(_, s) => (s.device_ptr() + off as u64) as usize,
+        }
+    }
+
+    /// The pointer a DLPack consumer gets for element `[0, 0, 0, 0, 0]`; never dereferenced
+    /// here. `byte_offset` is inside the memory (`new`), so the host pointers stay inside
+    /// their slab.
+    fn data_ptr_for_export(&self) -> *mut u8 {
+        let off = self.view.byte_offset;
+        match &self.memory {
+            Memory::Host(s) => s.as_ptr().wrapping_add(off),
+            Memory::Pinned(_, s) => s.as_ptr().wrapping_add(off),
+            Memory::Cuda(..) => std::ptr::without_provenance_mut(self.data_addr()),
         }
     }
 
@@ -83,7 +120,7 @@ impl PyKvView {
     /// Address of element `[0, 0, 0, 0, 0]` (a device pointer on a GPU).
     #[getter]
     fn data_ptr(&self) -> usize {
-        self.base() as usize + self.view.byte_offset
+        self.data_addr()
     }
 
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
@@ -116,10 +153,8 @@ impl PyKvView {
             ),
         };
         let desc = TensorDesc {
-            // SAFETY: `byte_offset` is inside the slab (the layout computed it for a valid
-            // layer); the capsule keeps the slab alive through the owner below. On a GPU the
-            // address is only carried, never dereferenced here.
-            data: unsafe { self.base().add(self.view.byte_offset) },
+            // The capsule keeps the memory alive through the owner below.
+            data: self.data_ptr_for_export(),
             device: self.prepare_device(stream)?,
             dtype: dl_dtype(self.dtype),
             shape: self.view.shape.to_vec(),
