@@ -9,8 +9,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Whether the CUDA driver library can be loaded on this machine.
 pub fn driver_present() -> bool {
-    // SAFETY: `is_culib_present` only tries to dlopen the driver library; a failure to load
-    // it is reported as `false` or as a panic, which `catch_unwind` turns into `false`.
+    // SAFETY: `is_culib_present` dlopens the driver library (unsafe because loading runs the
+    // library's initializers) and drops it again. That library is the system's NVIDIA driver
+    // (libcuda), built to be loaded into any process, and the one cudarc loads for every
+    // driver call anyway. A failure to load it is `false` or a panic, which `catch_unwind`
+    // turns into `false`.
     catch_unwind(AssertUnwindSafe(|| unsafe {
         cudarc::driver::sys::is_culib_present()
     }))

@@ -189,8 +189,10 @@ impl CudaDevice {
             |stream, (so, doff, n)| {
                 // SAFETY: `check_runs` proved both ranges lie inside their allocations,
                 // which stay valid until their `Drop`, and `Drop` synchronizes the context
-                // before freeing, so the copy never outlives the memory. `dst` is pinned, so
-                // the copy is truly asynchronous and reads no Rust-owned buffer.
+                // before freeing, so the copy never outlives the memory. The DMA writes into
+                // pinned memory that Rust reaches only through `RawBytes` raw copies (never
+                // a reference), and the engine makes none on these blocks before the batch's
+                // end event completes (module invariants); `d.add(doff)` stays in bounds.
                 unsafe {
                     sys::cuMemcpyDtoHAsync_v2(d.add(doff).cast(), s + so as u64, n, stream).result()
                 }
@@ -211,7 +213,8 @@ impl CudaDevice {
             "cuMemcpyHtoDAsync",
             |stream, (so, doff, n)| {
                 // SAFETY: as in `copy_d2h`: both ranges are in bounds of live allocations
-                // that are only freed after a context synchronize; the source is pinned.
+                // that are only freed after a context synchronize; the DMA reads pinned
+                // memory that no Rust reference covers (`s.add(so)` stays in bounds).
                 unsafe {
                     sys::cuMemcpyHtoDAsync_v2(d + doff as u64, s.add(so).cast(), n, stream).result()
                 }
@@ -294,10 +297,13 @@ impl CudaDevice {
     /// never reads a block whose onboard copy is still running. Does not block the CPU.
     pub fn make_stream_wait(&self, stream: u64) -> Result<()> {
         self.bind()?;
-        // SAFETY: the handle comes from a consumer of this device's memory (torch passes its
-        // current stream of the primary context, which is ours) and is alive for this call;
-        // the wrapper is not owned, so dropping it does not destroy the stream, and it is
-        // dropped before this function returns.
+        // SAFETY: the handle is whatever the DLPack consumer passed as `stream`; a raw
+        // `CUstream` cannot be validated (querying a bad one is itself undefined), so this
+        // relies on the DLPack contract, as every producer does (torch, cupy): the consumer
+        // passes 0, 1 (legacy default), 2 (per-thread default) or a live stream of this
+        // device's context (torch passes its current stream of the primary context, ours),
+        // alive for this call. The wrapper is borrowed, not owned: dropping it, before this
+        // function returns, does not destroy the stream.
         let foreign = unsafe {
             self.ctx
                 .wrap_borrowed_stream(stream as usize as sys::CUstream)

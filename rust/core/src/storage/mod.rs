@@ -138,7 +138,9 @@ pub fn copy_runs(src: &Memory, dst: &Memory, runs: &Runs) -> Result<()> {
                 check(src, s, n);
                 check(dst, d, n);
                 // SAFETY: both ranges are in bounds (checked above) of live host slabs kept
-                // alive by `src` and `dst`; `copy` allows overlap (in-tier copies).
+                // alive by `src` and `dst`, reached only through raw pointers (no reference
+                // to their bytes exists; see `raw`); `copy` allows overlap (in-tier copies).
+                // A consumer writing these blocks meanwhile can only tear the copied bytes.
                 unsafe { std::ptr::copy(sp.add(s), dp.add(d), n) };
             }
             Ok(())
