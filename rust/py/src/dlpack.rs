@@ -181,7 +181,11 @@ unsafe extern "C" fn delete_ctx<M: Managed>(managed: *mut M) {
 unsafe extern "C" fn capsule_destructor<M: Managed>(capsule: *mut ffi::PyObject) {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: CPython calls capsule destructors with the GIL held and a
-        // live capsule; the names are static NUL-terminated strings.
+        // live capsule; the names are static NUL-terminated strings. This
+        // destructor is installed only on capsules made by `into_capsule`, so a
+        // non-null pointer under `M::NAME` is the `Ctx<M>` made there; the name
+        // is still `M::NAME` (not `USED_NAME`), so no consumer took the tensor
+        // over and its deleter has not run: calling it here is the only free.
         unsafe {
             if ffi::PyCapsule_IsValid(capsule, M::USED_NAME.as_ptr()) == 1 {
                 return; // consumed: the consumer owns it and calls the deleter
