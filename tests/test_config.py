@@ -190,16 +190,7 @@ OOM_CASES = [
     ({"num_blocks": 2**31}, "cannot allocate 4294967296 bytes of host memory"),
     ({"num_blocks": 8, "host_blocks": 2**31}, "host tier (host_blocks=2147483648): cannot"),
     ({"num_blocks": 8, "host_blocks": 2**28}, "host tier (host_blocks=268435456): cannot"),
-    pytest.param(
-        {"num_blocks": 2**28},
-        "for the block pool",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="the device tier's pool, index and residency arrays are built by "
-            "state::State::new with the panicking BlockPool::new / PrefixIndex::new / "
-            "Residency::new; it must call their try_new (issue 8)",
-        ),
-    ),
+    ({"num_blocks": 2**28}, "for the block pool"),
 ]
 
 

@@ -16,6 +16,7 @@ of its sequence, and nothing left on any tier at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -37,6 +38,7 @@ from ferrumkv import CopyError, InvalidStateError, OutOfBlocksError
 BS, DEVICE, HOST, DISK, LAYERS = 4, 10, 6, 12, 2
 EXAMPLES = int(os.environ.get("FERRUMKV_MODEL_EXAMPLES", "1000"))
 STEPS = 50
+RULES_RUN = [0]  # every rule run, over all examples (printed with FERRUMKV_MODEL_REPORT=1)
 SALTS = [None, "tenant-b"]
 # Prompts share whole blocks ([1,2,3,4] / [1,2,3,5] agree on 3 tokens: partial reuse).
 CHUNKS = [[1, 2, 3, 4], [1, 2, 3, 5], [6, 6, 6, 6]]
@@ -112,6 +114,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.counter = 0
         self.order = 0
         self.paused = False
+        self.task_errors: list[BaseException] = []
 
     async def _make(self, config: ferrumkv.CacheConfig) -> ferrumkv.KvCache:
         return ferrumkv.KvCache(config)
@@ -166,8 +169,13 @@ class CacheMachine(RuleBasedStateMachine):
                 assert v[p].tobytes() == want_v, (rid, layer, p, "V: another prefix's bytes")
 
     async def settle(self) -> None:
-        for _ in range(4):
+        """Lets the loop run until every call the engine finished has woken its waiter (the
+        engine's waiting calls are exactly the model's running ones)."""
+        for i in range(1000):
             await anyio.sleep(0)
+            if i >= 3 and len(self.running("alloc", "extend")) == self.cache.stats().num_waiting:
+                return
+        raise AssertionError("a finished call never woke its waiter")
 
     def run(self, fn: Any, *args: Any) -> Any:
         """Runs an async step on the loop, then lets woken waiters run."""
@@ -196,11 +204,19 @@ class CacheMachine(RuleBasedStateMachine):
                 else:
                     h = await self.cache.swap_in(w.rid)
             except (OutOfBlocksError, InvalidStateError, CopyError) as e:
-                self.finish_error(w, e)
+                self.guarded(self.finish_error, w, e)
                 return
-            self.finish_ok(w, h)  # no await between the grant and the compute
+            self.guarded(self.finish_ok, w, h)  # no await between the grant and the compute
         if scope.cancelled_caught:
             self.finish_cancelled(w)
+
+    def guarded(self, fn: Any, *args: Any) -> None:
+        """Runs a waiter's model update; a failure there is kept for the next check (a task's
+        exception would otherwise be lost)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self.task_errors.append(e)
 
     def start(self, w: Waiter, timeout: float | None = None) -> None:
         """Starts a call as its own task: its engine call is made before this returns."""
@@ -253,18 +269,20 @@ class CacheMachine(RuleBasedStateMachine):
             timeout = 0.005 if mode == "timeout" else None
             self.start(Waiter("alloc", rid, self.next_order(), tokens, salt), timeout)
             return
-        ahead = self.running("alloc", "extend")
-        before = self.cache.stats().device
+        seen: dict[str, Any] = {}
 
         async def now() -> Any:
+            # read on the loop's thread, right before the call: nothing runs in between
+            seen["ahead"] = self.running("alloc", "extend")
+            seen["before"] = self.cache.stats().device
             return await self.cache.allocate(rid, tokens, salt=salt, timeout=0)
 
         try:
             h = self.run(now)
         except OutOfBlocksError:
-            assert self.cache.stats().device == before
+            assert self.cache.stats().device == seen["before"]
             return
-        assert not ahead, "a new prompt overtook a waiting call"
+        assert not seen["ahead"], "a new prompt overtook a waiting call"
         s = Seq(salt, [])
         s.grow(tokens)
         self.seqs[rid] = s
@@ -353,10 +371,8 @@ class CacheMachine(RuleBasedStateMachine):
         kv = [kv_at(d, layer) for d in s.digests[start : start + n]]
         k = np.frombuffer(b"".join(x[0] for x in kv), np.float16).reshape(n, 2, 4)
         v = np.frombuffer(b"".join(x[1] for x in kv), np.float16).reshape(n, 2, 4)
-        try:
+        with contextlib.suppress(OutOfBlocksError):  # no block for the copy-on-write
             self.cache.write_kv(rid, layer, start, k, v)
-        except OutOfBlocksError:  # no block for the copy-on-write
-            pass
 
     @rule(i=picks)
     def touch_a_moving_sequence(self, i: int) -> None:
@@ -453,8 +469,14 @@ class CacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def bytes_and_bookkeeping(self) -> None:
+        RULES_RUN[0] += 1
+        assert not self.task_errors, self.task_errors
         if not self.paused:
             self.finish_swaps()
+        self.portal.call(self._check_bytes_and_bookkeeping)
+
+    def _check_bytes_and_bookkeeping(self) -> None:
+        """On the loop's thread: no waiter runs while it checks."""
         self.cache._core.check_invariants()
         for rid, s in self.seqs.items():
             h = self.cache.get(rid)
@@ -470,6 +492,9 @@ class CacheMachine(RuleBasedStateMachine):
 
     @invariant()
     def first_come_first_served(self) -> None:
+        self.portal.call(self._check_first_come_first_served)
+
+    def _check_first_come_first_served(self) -> None:
         pending = self.running("alloc", "extend")
         if pending:
             assert not self.cache.can_allocate(1), "can_allocate while a call waits"
@@ -491,6 +516,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.portal.call(self.settle)
             for rid in list(self.seqs):
                 self.run(self.cache.deallocate, rid)
+            assert not self.task_errors, self.task_errors
             s = self.cache.stats()
             assert s.device.used_blocks == 0 and s.host.used_blocks == 0, s
             assert s.num_sequences == 0 and s.num_waiting == 0
@@ -499,6 +525,8 @@ class CacheMachine(RuleBasedStateMachine):
             self.cache.close()
             self._portal_cm.__exit__(None, None, None)
             self._tmp.cleanup()
+            if os.environ.get("FERRUMKV_MODEL_REPORT"):
+                print(f"[model] {self.backend}: {RULES_RUN[0]} rules run so far", flush=True)
 
 
 class AsyncioMachine(CacheMachine):

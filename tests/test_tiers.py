@@ -14,7 +14,10 @@ import asyncio
 import hashlib
 import os
 import re
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -613,20 +616,31 @@ def test_an_existing_file_the_cache_did_not_make_is_never_overwritten(tmp_path: 
 
 
 def test_a_failed_preallocation_keeps_a_file_that_was_there(tmp_path: Any) -> None:
-    """An empty file (as mktemp makes) is taken over; when its preallocation fails (2^50
-    bytes: ENOSPC or EFBIG on any test filesystem) it is left there, empty, as it was."""
+    """An empty file (as mktemp makes) is taken over; when its preallocation fails (here: a
+    file size limit of 1 MiB, in a subprocess) it is left there, empty, as it was; a file the
+    failed call created itself is removed again."""
     path = tmp_path / "kv.bin"
-    path.write_bytes(b"")
-    cfg = disk_config(path, head_dim=4096, num_blocks=2, disk_blocks=2**32 - 2)
-    with pytest.raises(OSError, match="cannot preallocate"):
-        ferrumkv.KvCache(cfg)
-    assert path.exists()
-    assert path.stat().st_size == 0
-    # The same path, missing: the file the failed call created is removed again.
-    path.unlink()
-    with pytest.raises(OSError, match="cannot preallocate"):
-        ferrumkv.KvCache(cfg)
-    assert not path.exists()
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+import pathlib, pytest, ferrumkv
+from conftest import make_config
+path = pathlib.Path({str(path)!r})
+cfg = make_config(num_blocks=4, host_blocks=1, disk_blocks=64, head_dim=1024, disk_path=str(path))
+path.write_bytes(b"")
+with pytest.raises(OSError, match="cannot preallocate"):
+    ferrumkv.KvCache(cfg)
+assert path.exists() and path.stat().st_size == 0
+path.unlink()
+with pytest.raises(OSError, match="cannot preallocate"):
+    ferrumkv.KvCache(cfg)
+assert not path.exists()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 def alloc_from_disk(cache: ferrumkv.KvCache, rid: str, tokens: list[int]) -> Any:

@@ -67,13 +67,7 @@ enum SwapDir {
 impl SwapDir {
     /// Records the end of a swap's copy: done, or undone (the sequence stays where it was
     /// and the blocks the swap took go back) with the copy's error returned.
-    fn settle(
-        self,
-        st: &mut State,
-        rid: &RequestId,
-        ns: u64,
-        copied: Result<()>,
-    ) -> Result<()> {
+    fn settle(self, st: &mut State, rid: &RequestId, ns: u64, copied: Result<()>) -> Result<()> {
         match (self, copied) {
             (SwapDir::Out, Ok(())) => {
                 st.finish_swap_out(rid);
@@ -320,7 +314,8 @@ impl EngineCore {
                 let file = core.state.lock().disk.as_ref().map(|d| d.file.clone());
                 let Some(file) = file else { return };
                 // A panic inside the write is a failed write, never a lost answer.
-                let write = std::panic::AssertUnwindSafe(|| file.write_block(w.slot.idx(), &w.data));
+                let write =
+                    std::panic::AssertUnwindSafe(|| file.write_block(w.slot.idx(), &w.data));
                 let ok = matches!(std::panic::catch_unwind(write), Ok(Ok(())));
                 let mut st = core.state.lock();
                 if !st.closed {
@@ -407,7 +402,10 @@ impl EngineCore {
                         "disk reader failed: {}",
                         panic_message(&*p)
                     ));
-                    reads.iter().map(|&(h, s)| (h, s, Err(why.clone()))).collect()
+                    reads
+                        .iter()
+                        .map(|&(h, s)| (h, s, Err(why.clone())))
+                        .collect()
                 });
                 let mut st = core.state.lock();
                 if st.closed {
@@ -562,7 +560,7 @@ impl EngineCore {
 
     /// Hands a finished ticket's result to its waiter; a grant is applied and published.
     pub fn take_ticket(&self, t: Ticket) -> Result<SeqView> {
-        self.mutate(true, |st, ctx| st.take_ticket(ctx, t))
+        self.mutate(false, |st, ctx| st.take_ticket(ctx, t))
     }
 
     /// Withdraws a ticket (a cancelled or timed-out waiter): nothing it took is kept.

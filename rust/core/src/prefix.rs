@@ -298,9 +298,15 @@ impl PrefixIndex {
 
     /// The cached child of `parent` sharing the longest run of leading tokens with `window`,
     /// as `(block, matched_tokens)`, if any shares at least one. Ties go to the lowest id.
-    pub fn best_partial(&self, parent: BlockHash, window: &[u32]) -> Option<(BlockId, usize)> {
+    pub fn best_partial(
+        &self,
+        parent: BlockHash,
+        window: &[u32],
+        usable: impl Fn(BlockId) -> bool,
+    ) -> Option<(BlockId, usize)> {
         let first = *window.first()?;
         self.siblings_of((parent, first))
+            .filter(|&b| usable(b))
             .map(|b| {
                 let m = self
                     .tokens_of(b)
@@ -376,11 +382,17 @@ mod tests {
             !ix.insert(BlockId(2), 10, 0, true, &[1, 2, 3, 4]),
             "duplicate hash stays unindexed"
         );
-        assert_eq!(ix.best_partial(0, &[1, 2, 3, 7]), Some((BlockId(0), 3)));
-        assert_eq!(ix.best_partial(0, &[1, 2]), Some((BlockId(0), 2)));
-        assert_eq!(ix.best_partial(0, &[5]), None);
+        assert_eq!(
+            ix.best_partial(0, &[1, 2, 3, 7], |_| true),
+            Some((BlockId(0), 3))
+        );
+        assert_eq!(ix.best_partial(0, &[1, 2], |_| true), Some((BlockId(0), 2)));
+        assert_eq!(ix.best_partial(0, &[5], |_| true), None);
         assert_eq!(ix.remove(BlockId(0)), Some(10));
-        assert_eq!(ix.best_partial(0, &[1, 2, 3, 7]), Some((BlockId(1), 2)));
+        assert_eq!(
+            ix.best_partial(0, &[1, 2, 3, 7], |_| true),
+            Some((BlockId(1), 2))
+        );
         ix.check_invariants();
     }
 }

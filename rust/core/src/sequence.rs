@@ -23,6 +23,9 @@ pub struct Sequence {
     pub root: BlockHash,
     pub tail: Vec<u32>,
     pub cacheable: bool,
+    /// `blocks[own_from..]` were filled by this sequence (not prefix hits, not inherited
+    /// from a fork parent): it computes their K/V, in place even once others share them.
+    pub own_from: usize,
     pub phase: Phase,
 }
 

@@ -352,3 +352,70 @@ fn a_failed_inline_swap_copy_changes_nothing() {
     assert_eq!(read(&e, "a", 0, 5), kv);
     e.check_invariants();
 }
+
+#[test]
+fn a_waiting_prompt_is_not_served_while_a_decode_step_waits() {
+    // Defect 6, in the queues: the prompt queue was served when the head extend was short.
+    let e = engine(4, true);
+    alloc(&e, "a", &[1, 2, 3, 4]);
+    alloc(&e, "x1", &[20, 21]);
+    alloc(&e, "x2", &(30..38).collect::<Vec<_>>());
+    let p = alloc_wait(&e, "p", &[50]); // needs 1 block
+    let t = extend_wait(&e, "a", &[5, 6, 7, 8, 9]); // needs 2 blocks, queued after p
+    e.deallocate(&rid("x1")).unwrap(); // 1 block: enough for p, not for the extend
+    let done = e.drain_notifications().0;
+    assert!(
+        !done.contains(&p),
+        "a prompt was served while a decode step waits"
+    );
+    e.deallocate(&rid("x2")).unwrap();
+    assert_eq!(e.drain_notifications().0, [t, p]);
+    e.take_ticket(t).unwrap();
+    e.take_ticket(p).unwrap();
+    e.check_invariants();
+}
+
+#[test]
+fn a_take_serves_no_waiter_a_hit_on_blocks_not_yet_computed() {
+    // Found by the model-based test: taking a granted allocate published its blocks and, in
+    // the same call, granted a second waiter hits on them; the first waiter's own write then
+    // went to a copy (copy-on-write of a shared block), so the second read bytes nobody
+    // wrote. Now a take serves nobody after its publish, and a sequence writes the blocks it
+    // computes in place even when they are shared.
+    let e = engine(9, true);
+    alloc(&e, "x", &(100..136).collect::<Vec<_>>()); // the device is full
+    let prompt: Vec<u32> = (1..=9).collect(); // 2 full blocks + 1 token
+    let t1 = alloc_wait(&e, "p1", &prompt);
+    let t2 = alloc_wait(&e, "p2", &prompt);
+    e.deallocate(&rid("x")).unwrap(); // 9 free: p1 takes 3, p2 3 more
+    let done = e.drain_notifications().0;
+    assert_eq!(done, [t1, t2], "both are granted at once");
+    let p1 = e.take_ticket(t1).unwrap();
+    let k = fill(&e, "p1", 0, 9, 42); // p1 computes its blocks
+    let p2 = e.take_ticket(t2).unwrap();
+    assert_eq!(
+        p2.num_cached_tokens, 0,
+        "p2 was reserved before p1 published"
+    );
+    assert_ne!(p1.block_ids, p2.block_ids);
+    alloc(&e, "p3", &prompt); // a later prompt hits p1's computed blocks
+    assert_eq!(read(&e, "p3", 0, 8), k[..8 * 16].to_vec());
+    e.check_invariants();
+}
+
+#[test]
+fn the_owner_writes_its_blocks_in_place_when_others_already_share_them() {
+    let e = engine(8, true);
+    let prompt: Vec<u32> = (1..=9).collect();
+    alloc(&e, "a", &prompt); // registered at once, computed below
+    let b = alloc(&e, "b", &prompt); // same step: a full hit on a's blocks
+    assert_eq!(b.num_cached_tokens, 8);
+    let k = fill(&e, "a", 0, 9, 7);
+    assert_eq!(
+        read(&e, "b", 0, 8),
+        k[..8 * 16].to_vec(),
+        "b reads what a computed"
+    );
+    assert_eq!(e.stats().unwrap().counters.intra_device_copy_blocks, 0);
+    e.check_invariants();
+}

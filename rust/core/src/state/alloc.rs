@@ -93,7 +93,9 @@ impl State {
         let partial = if window.is_empty() {
             None
         } else {
-            self.index.best_partial(parent, window)
+            // NOTE: the source may be a live sequence's block: its K/V must have been computed
+            // (written) before this call, since the copy is taken now (README, "Guarantees").
+            self.index.best_partial(parent, window, |_| true)
         };
         AllocPlan {
             hits,
@@ -205,6 +207,7 @@ impl State {
                 vec![]
             },
             cacheable,
+            own_from: full_hits,
             phase: Phase::Resident,
         };
         Ok(Admission {

@@ -186,7 +186,8 @@ impl State {
     }
 
     /// Copy-on-write: gives `rid` private copies of the shared blocks that hold positions
-    /// `start..start+n`, so a write there is never seen by another sequence.
+    /// `start..start+n`, so a write there is never seen by another sequence, except blocks
+    /// the sequence computes itself (see below).
     pub fn unshare_span(
         &mut self,
         ctx: &Ctx,
@@ -200,8 +201,17 @@ impl State {
         let bs = ctx.config.block_size;
         let span = start / bs..=(start + n - 1) / bs;
         let s = self.resident(rid, "write_kv")?;
+        // A full block this sequence computes (past its cached prefix) and registered under
+        // its own chain is written in place even when shared: its K/V is defined by its
+        // tokens, and whoever got it as a prefix hit is waiting for exactly these bytes.
+        let computes_in_place = |i: usize| {
+            i >= s.own_from
+                && s.hashes
+                    .get(i)
+                    .is_some_and(|&h| self.index.hash_of(s.blocks[i]) == Some(h))
+        };
         let shared: Vec<usize> = span
-            .filter(|&i| self.pool.ref_cnt(s.blocks[i]) > 1)
+            .filter(|&i| self.pool.ref_cnt(s.blocks[i]) > 1 && !computes_in_place(i))
             .collect();
         if shared.len() > self.pool.num_free_blocks() {
             return Err(short(shared.len(), self.pool.num_free_blocks()));

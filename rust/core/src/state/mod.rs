@@ -200,6 +200,10 @@ fn short(needed: usize, available: usize) -> Error {
 impl State {
     pub fn new(ctx: &Ctx) -> Result<Self> {
         let c = &ctx.config;
+        // Bookkeeping first, fallibly (a MemoryError, never an abort), before any file exists.
+        let pool = BlockPool::try_new(c.num_blocks)?;
+        let index = PrefixIndex::try_new(c.num_blocks, c.block_size)?;
+        let residency = Residency::try_new(c.residency_sample_rate, c.seed, c.num_blocks)?;
         let host = match c.host_blocks {
             0 => None,
             n => Some(HostTier::new(
@@ -221,8 +225,8 @@ impl State {
         Ok(State {
             closed: false,
             closing: false,
-            pool: BlockPool::new(c.num_blocks),
-            index: PrefixIndex::new(c.num_blocks, c.block_size),
+            pool,
+            index,
             host,
             disk,
             disk_writes: Vec::new(),
@@ -237,7 +241,7 @@ impl State {
             subscribed: false,
             pressure_events: Vec::new(),
             events: EventQueue::new(c.enable_kv_events),
-            residency: Residency::new(c.residency_sample_rate, c.seed, c.num_blocks),
+            residency,
             callback_errors: 0,
             needs_signal: false,
             scratch: Vec::new(),
@@ -263,9 +267,9 @@ impl State {
         let s = self.seq(rid)?;
         match s.phase {
             Phase::Resident => Ok(s),
-            Phase::SwappingOut { .. } | Phase::SwappingIn { .. } => Err(Error::InvalidState(format!(
-                "cannot {what} request {rid}: a swap is in progress"
-            ))),
+            Phase::SwappingOut { .. } | Phase::SwappingIn { .. } => Err(Error::InvalidState(
+                format!("cannot {what} request {rid}: a swap is in progress"),
+            )),
             Phase::Swapped => Err(Error::InvalidState(format!(
                 "cannot {what} request {rid}: it is swapped out"
             ))),
@@ -380,7 +384,8 @@ impl State {
             self.pool.acquire(b);
         }
         let view = SeqView::of(child, &p);
-        self.seqs.insert(child.clone(), p);
+        let own_from = p.blocks.len(); // the child computes only what it appends
+        self.seqs.insert(child.clone(), Sequence { own_from, ..p });
         Ok(view)
     }
 

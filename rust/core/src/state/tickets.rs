@@ -53,10 +53,14 @@ impl State {
         }
     }
 
-    /// Serves waiting tickets in order while blocks last (extends first, then allocates).
+    /// Serves waiting tickets in order while blocks last: extends first, and allocates only
+    /// once no extend waits.
     /// Serving reserves; nothing is applied or published before the waiter takes it.
     pub fn serve_waiters(&mut self, ctx: &Ctx) {
         for allocates in [false, true] {
+            if allocates && !self.waiters.extends.is_empty() {
+                break; // a waiting decode step is ahead of every prompt
+            }
             loop {
                 let queue = if allocates {
                     &self.waiters.allocates
@@ -103,15 +107,26 @@ impl State {
     }
 
     /// The result of a finished ticket, handed to its waiter (the ticket is consumed). A
-    /// grant is applied and published here.
+    /// grant is applied and published here, and nothing is served after it in the same call:
+    /// the waiter computes the K/V of its new blocks before any other call can hit them.
     pub fn take_ticket(&mut self, ctx: &Ctx, t: Ticket) -> Result<SeqView> {
         match self.waiters.remove(t) {
             Some(TicketState::Granted(Grant::Allocate(adm))) => Ok(self.admit(ctx, adm)),
             Some(TicketState::Granted(Grant::Extend {
                 rid,
                 append,
-                reserved,
+                mut reserved,
             })) => {
+                // Blocks it no longer needs (a write unshared its tail meanwhile) go to the
+                // waiters first: serving happens before the publish, never after it, so no
+                // waiter is granted a hit on blocks whose K/V its owner has not computed yet.
+                if let Ok((n, cow)) = self.extend_need(ctx, &rid, append.len()) {
+                    if n + usize::from(cow) < reserved.len() {
+                        let spare = reserved.split_off(n + usize::from(cow));
+                        self.release_reserved(spare);
+                        self.serve_waiters(ctx);
+                    }
+                }
                 self.apply_extend(ctx, &rid, &append, reserved)?;
                 Ok(SeqView::of(&rid, self.seq(&rid)?))
             }
