@@ -36,7 +36,7 @@ from conftest import make_config
 from ferrumkv import CopyError, InvalidStateError, OutOfBlocksError
 
 BS, DEVICE, HOST, DISK, LAYERS = 4, 10, 6, 12, 2
-EXAMPLES = int(os.environ.get("FERRUMKV_MODEL_EXAMPLES", "1000"))
+EXAMPLES = int(os.environ.get("FERRUMKV_MODEL_EXAMPLES", "1100"))
 STEPS = 50
 RULES_RUN = [0]  # every rule run, over all examples (printed with FERRUMKV_MODEL_REPORT=1)
 SALTS = [None, "tenant-b"]
@@ -440,6 +440,46 @@ class CacheMachine(RuleBasedStateMachine):
 
         self.run(go)
         del self.seqs[rid]
+
+    @rule(i=picks, j=picks, act=st.sampled_from(["reuse", "extend_again"]))
+    def free_act_then_cancel(self, i: int, j: int, act: str) -> None:
+        """Blocks come back (a waiter is granted, not yet taken), then, before the waiter runs:
+        a prompt that would reuse what the grant filled, or a second extend of the waiter's
+        request; then the waiter is cancelled."""
+        rid = self.pick(i)
+        live = self.running("alloc", "extend")
+        if rid is None or not live:
+            return
+        w = live[j % len(live)]
+        if w.rid == rid:
+            return
+        if w.kind == "extend":
+            base = self.seqs[w.rid]
+            salt, tokens = base.salt, [*base.tokens, *w.tokens, 0]
+        else:
+            salt, tokens = w.salt, [*w.tokens, 0]
+        new = self.new_rid()
+
+        async def go() -> None:
+            await self.cache.deallocate(rid)
+            if act == "reuse":
+                try:
+                    h = await self.cache.allocate(new, tokens, salt=salt, timeout=0)
+                except OutOfBlocksError:
+                    pass
+                else:
+                    s = Seq(salt, [])
+                    s.grow(tokens)
+                    self.seqs[new] = s
+                    self.check_cached(new, h)
+                    self.compute(new, h, h.num_cached_tokens)
+            elif w.kind == "extend":
+                with pytest.raises(InvalidStateError):
+                    await self.cache.extend(w.rid, [1], timeout=0)
+            w.scope.cancel()
+
+        del self.seqs[rid]
+        self.run(go)
 
     @rule(ratio=st.sampled_from([0.0, 0.5, 1.0]))
     def gc(self, ratio: float) -> None:

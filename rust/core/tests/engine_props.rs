@@ -1,4 +1,5 @@
-//! Property tests: random allocate / extend / fork / deallocate / gc / cancel workloads,
+//! Property tests: random allocate / extend / fork / deallocate / gc / swap workloads, with
+//! waiting calls granted and then taken, cancelled, refused a second extend or withdrawn,
 //! with the prefix cache on and off.
 //!
 //! Data model: the K/V a sequence holds at position p is a function of its tokens 0..=p
@@ -53,6 +54,14 @@ enum Op {
     SwapIn {
         rid: u8,
     },
+    /// An extend that may wait; blocks come back (a victim is freed); then the waiter takes,
+    /// cancels, is refused a second extend and cancels, or its request is deallocated.
+    GrantThen {
+        rid: u8,
+        tokens: Vec<u32>,
+        victim: u8,
+        then: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -67,6 +76,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (6..8u8, 1..60u8).prop_map(|(rid, len)| Op::WaitThenCancel { rid, len }),
         2 => (0..6u8).prop_map(|rid| Op::SwapOut { rid }),
         2 => (0..6u8).prop_map(|rid| Op::SwapIn { rid }),
+        3 => (0..6u8, prop::collection::vec(0..3u32, 1..80), 0..6u8, 0..4u8)
+            .prop_map(|(rid, tokens, victim, then)| Op::GrantThen { rid, tokens, victim, then }),
     ]
 }
 
@@ -267,6 +278,62 @@ fn run(ops: Vec<Op>, prefix: bool) {
             }
             Op::Gc { ratio } => {
                 e.gc(Some(f64::from(ratio) / 4.0)).unwrap();
+            }
+            Op::GrantThen {
+                rid: r,
+                tokens,
+                victim,
+                then,
+            } => {
+                let id = format!("r{r}");
+                let grow = |m: &mut Model, id: &str| {
+                    let hist = m.seqs.get_mut(id).expect("live");
+                    let from = hist.len();
+                    tokens.iter().for_each(|&t| Model::push(hist, t));
+                    let hist = hist.clone();
+                    write_positions(&e, id, &hist, from);
+                };
+                match e.extend(rid(&id), Append::Ids(tokens.clone()), true) {
+                    Ok(Outcome::Ready(_)) => grow(&mut m, &id),
+                    Ok(Outcome::Waiting(t)) => {
+                        let vid = format!("r{victim}");
+                        if vid != id && e.deallocate(&rid(&vid)).is_ok() {
+                            m.seqs.remove(&vid);
+                            m.swapped.remove(&vid);
+                        }
+                        let len_before = m.seqs[&id].len();
+                        match then {
+                            0 => match e.take_ticket(t) {
+                                Ok(v) => {
+                                    assert_eq!(v.num_tokens, len_before + tokens.len());
+                                    grow(&mut m, &id);
+                                }
+                                Err(Error::InvalidState(_)) => e.cancel_ticket(t), // not granted
+                                Err(other) => panic!("take: {other:?}"),
+                            },
+                            1 => e.cancel_ticket(t),
+                            2 => {
+                                let again = e.extend(rid(&id), Append::Ids(vec![1]), false);
+                                assert!(matches!(again, Err(Error::InvalidState(_))), "{again:?}");
+                                e.cancel_ticket(t);
+                            }
+                            _ => {
+                                e.deallocate(&rid(&id)).unwrap();
+                                m.seqs.remove(&id);
+                                assert!(matches!(e.take_ticket(t), Err(Error::InvalidState(_))));
+                            }
+                        }
+                        if let Some(v) = e.get(&rid(&id)).unwrap() {
+                            assert_eq!(v.num_tokens, m.seqs[&id].len(), "a cancel undid more");
+                        }
+                    }
+                    Err(Error::UnknownRequest(_)) => assert!(!m.seqs.contains_key(&id)),
+                    Err(Error::InvalidState(_)) => assert!(m.swapped.contains(&id)),
+                    Err(Error::OutOfBlocks {
+                        never_fits: true, ..
+                    }) => {}
+                    other => panic!("waiting extend: {other:?}"),
+                }
             }
             Op::WaitThenCancel { rid: r, len } => {
                 // A waiter that is granted (or not) and then cancelled leaves nothing behind.
