@@ -566,7 +566,9 @@ class CacheMachine(RuleBasedStateMachine):
             self._portal_cm.__exit__(None, None, None)
             self._tmp.cleanup()
             if os.environ.get("FERRUMKV_MODEL_REPORT"):
-                print(f"[model] {self.backend}: {RULES_RUN[0]} rules run so far", flush=True)
+                with open("/proc/self/status") as f:
+                    rss = next(line.split()[1] for line in f if line.startswith("VmRSS"))
+                print(f"[model] {self.backend}: {RULES_RUN[0]} rules, RSS {rss} kB", flush=True)
 
 
 class AsyncioMachine(CacheMachine):

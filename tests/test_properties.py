@@ -1,6 +1,7 @@
 """Property tests: random sequences of allocate / extend / deallocate / fork / write_kv /
-gc against a model of the K/V bytes each live sequence wrote, with the prefix cache on and
-off. After every step each live sequence reads back exactly what it wrote, the block
+gc against a model of the K/V bytes each live sequence wrote (a write into a block the
+writer computes lands in place, seen by the requests that share it as a prefix hit; any other
+write into a shared block is copied first), with the prefix cache on and off. After every step each live sequence reads back exactly what it wrote, the block
 figures add up and the engine's invariant check passes."""
 
 from __future__ import annotations
@@ -144,13 +145,23 @@ def step(cache: ferrumkv.KvCache, model: Model, op: tuple, prefix_cache: bool) -
         layer, start, n = op[2], op[3] % model.n[target], op[4]
         n = min(n, model.n[target] - start)
         k, v = kv_for(model.counter, n)
+        held = {r: cache.get(r).block_ids for r in model.n}
         try:
             cache.write_kv(target, layer, start, k, v)
         except OutOfBlocksError:  # no free block for a copy-on-write
             assert gauges(cache) == before
             return
+        after = cache.get(target).block_ids
         for i in range(n):
-            model.data[target][(layer, start + i)] = (k[i].tobytes(), v[i].tobytes())
+            pos = start + i
+            b = pos // BS
+            kv = (k[i].tobytes(), v[i].tobytes())
+            model.data[target][(layer, pos)] = kv
+            if after[b] == held[target][b]:
+                # written in place (a block the target computes): every sharer reads it too
+                for r, ids in held.items():
+                    if r != target and b < len(ids) and ids[b] == after[b]:
+                        model.data[r][(layer, pos)] = kv
 
 
 @settings(

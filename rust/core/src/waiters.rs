@@ -56,8 +56,8 @@ impl WaitOp {
 /// What a served ticket holds until its waiter takes or cancels it.
 #[derive(Debug)]
 pub enum Grant {
-    /// A new sequence's blocks, reserved and filled, not yet published.
-    Allocate(Admission),
+    /// A new sequence's blocks (for `tokens`), reserved and filled, not yet published.
+    Allocate { adm: Admission, tokens: Vec<u32> },
     /// Blocks reserved for an extend of a resident sequence (applied when taken).
     Extend {
         rid: RequestId,
@@ -69,7 +69,7 @@ pub enum Grant {
 impl Grant {
     pub fn rid(&self) -> &RequestId {
         match self {
-            Grant::Allocate(a) => &a.rid,
+            Grant::Allocate { adm, .. } => &adm.rid,
             Grant::Extend { rid, .. } => rid,
         }
     }

@@ -41,7 +41,6 @@ pub(super) struct AllocPlan {
 pub struct Admission {
     pub rid: RequestId,
     seq: Sequence,
-    tokens: Vec<u32>,
     /// The first `device_hits` blocks were device prefix hits (already indexed, shared).
     device_hits: usize,
     /// Full blocks served from any tier (device, host, disk).
@@ -118,7 +117,7 @@ impl State {
         staged: &mut StagedReads,
     ) -> Result<SeqView> {
         let adm = self.reserve_allocate(ctx, rid, tokens, root, staged)?;
-        Ok(self.admit(ctx, adm))
+        Ok(self.admit(ctx, adm, tokens))
     }
 
     /// Takes and fills the blocks of a new sequence (step 1 of the module header), or fails
@@ -213,20 +212,18 @@ impl State {
         Ok(Admission {
             rid: rid.clone(),
             seq,
-            tokens: tokens.to_vec(),
             device_hits: k,
             full_hits,
             partial: plan.partial.is_some(),
         })
     }
 
-    /// Publishes a reserved allocation (step 2 of the module header). Infallible.
-    pub(super) fn admit(&mut self, ctx: &Ctx, adm: Admission) -> SeqView {
+    /// Publishes a reserved allocation of `tokens` (step 2 of the module header). Infallible.
+    pub(super) fn admit(&mut self, ctx: &Ctx, adm: Admission, tokens: &[u32]) -> SeqView {
         let bs = ctx.config.block_size;
         let Admission {
             rid,
             seq,
-            tokens,
             device_hits,
             full_hits,
             partial,

@@ -16,7 +16,7 @@ impl State {
         let mut host_owners = vec![0u32; self.host.as_ref().map_or(0, |h| h.pool.num_blocks())];
         for g in self.waiters.grants() {
             let held = match g {
-                Grant::Allocate(adm) => State::admission_blocks(adm),
+                Grant::Allocate { adm, .. } => State::admission_blocks(adm),
                 Grant::Extend { reserved, .. } => reserved,
             };
             for &b in held {

@@ -14,7 +14,7 @@ impl State {
     /// Gives back what a grant holds (it was never applied, so nothing else changes).
     pub fn release_grant(&mut self, g: Grant) {
         match g {
-            Grant::Allocate(adm) => self.release_admission(adm),
+            Grant::Allocate { adm, .. } => self.release_admission(adm),
             Grant::Extend { reserved, .. } => self.release_reserved(reserved),
         }
     }
@@ -83,7 +83,7 @@ impl State {
                         if is_short(&r) && !staged.is_empty() {
                             self.staged.insert(t, staged); // still waiting: keep its reads
                         }
-                        r.map(Grant::Allocate)
+                        r.map(|adm| Grant::Allocate { adm, tokens })
                     }
                     WaitOp::Extend { rid, append } => self
                         .reserve_extend(ctx, &rid, append.len())
@@ -111,7 +111,9 @@ impl State {
     /// the waiter computes the K/V of its new blocks before any other call can hit them.
     pub fn take_ticket(&mut self, ctx: &Ctx, t: Ticket) -> Result<SeqView> {
         match self.waiters.remove(t) {
-            Some(TicketState::Granted(Grant::Allocate(adm))) => Ok(self.admit(ctx, adm)),
+            Some(TicketState::Granted(Grant::Allocate { adm, tokens })) => {
+                Ok(self.admit(ctx, adm, &tokens))
+            }
             Some(TicketState::Granted(Grant::Extend {
                 rid,
                 append,
