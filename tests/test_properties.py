@@ -1,8 +1,9 @@
 """Property tests: random sequences of allocate / extend / deallocate / fork / write_kv /
 gc against a model of the K/V bytes each live sequence wrote (a write into a block the
 writer computes lands in place, seen by the requests that share it as a prefix hit; any other
-write into a shared block is copied first), with the prefix cache on and off. After every step each live sequence reads back exactly what it wrote, the block
-figures add up and the engine's invariant check passes."""
+write into a shared block is copied first), with the prefix cache on and off. After every
+step each live sequence reads back exactly what it wrote, the block figures add up and the
+engine's invariant check passes."""
 
 from __future__ import annotations
 
