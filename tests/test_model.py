@@ -533,6 +533,13 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def first_come_first_served(self) -> None:
         self.portal.call(self._check_first_come_first_served)
+        # Finished calls older than every waiting one can never break the check again.
+        oldest = min((w.order for w in self.running()), default=None)
+        self.waiters = [
+            w
+            for w in self.waiters
+            if w.state == "running" or (oldest is not None and w.order > oldest)
+        ]
 
     def _check_first_come_first_served(self) -> None:
         pending = self.running("alloc", "extend")

@@ -3,6 +3,12 @@
 //! Every public method takes the lock once, does bookkeeping (and the small block copies it
 //! implies), updates the pressure level and, when a waiter finished or the level changed,
 //! signals the eventfd. None of them calls Python or blocks on anything but the lock.
+//!
+//! Worker threads (the swap copier, the disk writers and the disk reader) never let a failure
+//! escape: a copy that fails or panics is caught (`guarded_copy`), the swap it served is undone
+//! and its ticket fails with `CopyFailed`; a failed disk read or write is a miss or an unused
+//! slot. So every waiter is answered. Test hooks (`inject_copy_faults`, `pause_copies`,
+//! `set_inline_copy_bytes`, `wait_copies_idle`) let tests hold a swap in flight or fail it.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};

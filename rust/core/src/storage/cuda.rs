@@ -12,8 +12,10 @@
 //!   `alloc_pinned`), so the CPU reads it at full speed too.
 //! - A copy ([`CudaDevice::copy_d2h`], [`CudaDevice::copy_h2d`], [`CudaDevice::copy_d2d`])
 //!   enqueues one async memcpy per byte run between a start and an end event and returns a
-//!   [`CopyBatch`]; the engine polls [`CopyBatch::is_done`] or blocks a worker thread in
-//!   [`CopyBatch::wait`].
+//!   [`CopyBatch`]; the engine waits for it with [`CopyBatch::wait`] (today every copy is
+//!   waited for at once by the thread that made it: the swap worker for swaps, the calling
+//!   thread for the small copies of offload, onboard and copy-on-write; `is_done` is a
+//!   non-blocking check used by tests).
 //!
 //! Ownership: every slab, stream and event holds an `Arc` of the cudarc context, so the
 //! context outlives all of them; the slabs are raw memory like `HostSlab` (no Rust reference
@@ -28,7 +30,7 @@
 //!   synchronized before the error returns, so no copy of a failed batch is left running.
 //! - A block whose memory is a source or destination of a batch is reused (freed to the
 //!   pool, overwritten, read by the CPU, exported) only after that batch's end event has
-//!   completed: the engine checks `is_done` (or returns from `wait`) first. This module does
+//!   completed: the engine returns from `wait` first. This module does
 //!   not track it per block; it gives the engine the events to do so.
 //! - External consumers (torch) that read device memory on their own stream call
 //!   [`CudaDevice::make_stream_wait`] first, so they never read a block whose onboard copy is
