@@ -541,10 +541,20 @@ class CacheMachine(RuleBasedStateMachine):
             if w.state == "running" or (oldest is not None and w.order > oldest)
         ]
 
-    def _check_first_come_first_served(self) -> None:
+    async def _check_first_come_first_served(self) -> None:
+        """On the loop's thread, once woken waiters ran. A swap finishing on the worker may
+        grant a waiter at any moment (it only ever removes waiting calls), so: `can_allocate`
+        answering True while the engine still has a call waiting afterwards is a bug; the order
+        check runs only when the engine's waiting calls are exactly the model's."""
+        await self.settle()
         pending = self.running("alloc", "extend")
         if pending:
-            assert not self.cache.can_allocate(1), "can_allocate while a call waits"
+            free_to_admit = self.cache.can_allocate(1)
+            assert not (free_to_admit and self.cache.stats().num_waiting > 0), (
+                "can_allocate while a call waits"
+            )
+        if len(pending) != self.cache.stats().num_waiting:
+            return  # a worker granted a waiter that has not run yet
         first_alloc = min((w.order for w in pending if w.kind == "alloc"), default=None)
         first_extend = min((w.order for w in pending if w.kind == "extend"), default=None)
         for w in self.waiters:
