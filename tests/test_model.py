@@ -65,6 +65,14 @@ def kv_at(d: bytes, layer: int) -> tuple[bytes, bytes]:
     return h[:16], h[16:]
 
 
+def kv_arrays(digests: list[bytes], layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """The K and V arrays ([n, 2 heads, 4 dims] f16) of consecutive positions."""
+    kv = [kv_at(d, layer) for d in digests]
+    k = np.frombuffer(b"".join(x[0] for x in kv), np.float16).reshape(len(kv), 2, 4)
+    v = np.frombuffer(b"".join(x[1] for x in kv), np.float16).reshape(len(kv), 2, 4)
+    return k, v
+
+
 @dataclass
 class Seq:
     salt: str | None
@@ -146,10 +154,23 @@ class CacheMachine(RuleBasedStateMachine):
         if n <= 0:
             return
         for layer in range(LAYERS):
-            kv = [kv_at(d, layer) for d in s.digests[start:]]
-            k = np.frombuffer(b"".join(x[0] for x in kv), np.float16).reshape(n, 2, 4)
-            v = np.frombuffer(b"".join(x[1] for x in kv), np.float16).reshape(n, 2, 4)
-            self.cache.write_kv(rid, layer, start, k, v)
+            self.cache.write_kv(rid, layer, start, *kv_arrays(s.digests[start:], layer))
+
+    def admitted(self, rid: str, salt: str | None, tokens: list[int], h: Any) -> None:
+        """A new sequence was handed out: its cached prefix must hold its own K/V; the rest
+        is computed now."""
+        s = Seq(salt, [])
+        s.grow(tokens)
+        self.seqs[rid] = s
+        self.check_cached(rid, h)
+        self.compute(rid, h, h.num_cached_tokens)
+
+    def extended(self, rid: str, tokens: list[int], h: Any) -> None:
+        """A sequence grew by `tokens`: they are computed now."""
+        s = self.seqs[rid]
+        start = len(s.tokens)
+        s.grow(tokens)
+        self.compute(rid, h, start)
 
     def check_cached(self, rid: str, h: Any) -> None:
         """The cached positions of a new sequence hold exactly its own prefix's K/V."""
@@ -227,16 +248,9 @@ class CacheMachine(RuleBasedStateMachine):
     def finish_ok(self, w: Waiter, h: Any) -> None:
         w.state = "ok"
         if w.kind == "alloc":
-            s = Seq(w.salt, [])
-            s.grow(w.tokens)
-            self.seqs[w.rid] = s
-            self.check_cached(w.rid, h)
-            self.compute(w.rid, h, h.num_cached_tokens)
+            self.admitted(w.rid, w.salt, w.tokens, h)
         elif w.kind == "extend":
-            s = self.seqs[w.rid]
-            start = len(s.tokens)
-            s.grow(w.tokens)
-            self.compute(w.rid, h, start)
+            self.extended(w.rid, w.tokens, h)
         else:
             s = self.seqs[w.rid]
             s.moving = False
@@ -283,11 +297,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert self.cache.stats().device == seen["before"]
             return
         assert not seen["ahead"], "a new prompt overtook a waiting call"
-        s = Seq(salt, [])
-        s.grow(tokens)
-        self.seqs[rid] = s
-        self.check_cached(rid, h)
-        self.compute(rid, h, h.num_cached_tokens)
+        self.admitted(rid, salt, tokens, h)
 
     @rule(i=picks, tokens=st.lists(st.integers(0, 9), min_size=1, max_size=6), wait=st.booleans())
     def extend(self, i: int, tokens: list[int], wait: bool) -> None:
@@ -297,18 +307,7 @@ class CacheMachine(RuleBasedStateMachine):
         if wait:
             self.start(Waiter("extend", rid, self.next_order(), tokens))
             return
-
-        async def now() -> Any:
-            return await self.cache.extend(rid, tokens, timeout=0)
-
-        try:
-            h = self.run(now)
-        except OutOfBlocksError:
-            return
-        s = self.seqs[rid]
-        start = len(s.tokens)
-        s.grow(tokens)
-        self.compute(rid, h, start)
+        self.extend_now(rid, tokens, tokens)
 
     @rule(i=picks, n=st.integers(1, 5))
     def extend_by_count(self, i: int, n: int) -> None:
@@ -316,19 +315,20 @@ class CacheMachine(RuleBasedStateMachine):
         rid = self.pick(i)
         if rid is None or self.seqs[rid].tier != "device":
             return
+        self.counter += 1
+        self.extend_now(rid, n, [1_000_000 + self.counter * 16 + j for j in range(n)])
+
+    def extend_now(self, rid: str, arg: list[int] | int, tokens: list[int]) -> None:
+        """`extend(rid, arg)` that never waits; the model appends `tokens` if it succeeds."""
 
         async def now() -> Any:
-            return await self.cache.extend(rid, n, timeout=0)
+            return await self.cache.extend(rid, arg, timeout=0)
 
         try:
             h = self.run(now)
         except OutOfBlocksError:
             return
-        s = self.seqs[rid]
-        start = len(s.tokens)
-        s.grow([1_000_000 + self.counter * 16 + j for j in range(n)])
-        self.counter += 1
-        self.compute(rid, h, start)
+        self.extended(rid, tokens, h)
 
     @rule(i=picks)
     def deallocate(self, i: int) -> None:
@@ -368,9 +368,7 @@ class CacheMachine(RuleBasedStateMachine):
         s = self.seqs[rid]
         start = at % len(s.tokens)
         n = min(n, len(s.tokens) - start)
-        kv = [kv_at(d, layer) for d in s.digests[start : start + n]]
-        k = np.frombuffer(b"".join(x[0] for x in kv), np.float16).reshape(n, 2, 4)
-        v = np.frombuffer(b"".join(x[1] for x in kv), np.float16).reshape(n, 2, 4)
+        k, v = kv_arrays(s.digests[start : start + n], layer)
         with contextlib.suppress(OutOfBlocksError):  # no block for the copy-on-write
             self.cache.write_kv(rid, layer, start, k, v)
 
@@ -468,11 +466,7 @@ class CacheMachine(RuleBasedStateMachine):
                 except OutOfBlocksError:
                     pass
                 else:
-                    s = Seq(salt, [])
-                    s.grow(tokens)
-                    self.seqs[new] = s
-                    self.check_cached(new, h)
-                    self.compute(new, h, h.num_cached_tokens)
+                    self.admitted(new, salt, tokens, h)
             elif w.kind == "extend":
                 with pytest.raises(InvalidStateError):
                     await self.cache.extend(w.rid, [1], timeout=0)

@@ -74,28 +74,18 @@ impl SwapDir {
     /// Records the end of a swap's copy: done, or undone (the sequence stays where it was
     /// and the blocks the swap took go back) with the copy's error returned.
     fn settle(self, st: &mut State, rid: &RequestId, ns: u64, copied: Result<()>) -> Result<()> {
-        match (self, copied) {
-            (SwapDir::Out, Ok(())) => {
-                st.finish_swap_out(rid);
-                st.counters.d2h_transfers += 1;
-                st.counters.d2h_transfer_ns += ns;
-                Ok(())
-            }
-            (SwapDir::In, Ok(())) => {
-                st.finish_swap_in(rid);
-                st.counters.h2d_transfers += 1;
-                st.counters.h2d_transfer_ns += ns;
-                Ok(())
-            }
-            (SwapDir::Out, Err(e)) => {
-                st.abort_swap_out(rid);
-                Err(e)
-            }
-            (SwapDir::In, Err(e)) => {
-                st.abort_swap_in(rid);
-                Err(e)
-            }
+        let out = matches!(self, SwapDir::Out);
+        st.end_swap(rid, out, copied.is_ok());
+        copied?;
+        let c = &mut st.counters;
+        if out {
+            c.d2h_transfers += 1;
+            c.d2h_transfer_ns += ns;
+        } else {
+            c.h2d_transfers += 1;
+            c.h2d_transfer_ns += ns;
         }
+        Ok(())
     }
 }
 
@@ -505,7 +495,8 @@ impl EngineCore {
                     "request {rid} already has an extend waiting"
                 )));
             }
-            let (new_blocks, cow) = st.extend_need(ctx, &rid, append.len())?;
+            let need = st.extend_need(ctx, &rid, append.len())?;
+            let (new_blocks, cow) = need;
             let needed = new_blocks + usize::from(cow);
             let overtakes = needed > 0 && !st.waiters.extends.is_empty();
             let result = if overtakes {
@@ -515,7 +506,7 @@ impl EngineCore {
                     never_fits: false,
                 })
             } else {
-                st.extend_now(ctx, &rid, &append)
+                st.extend_with(ctx, &rid, &append, need)
             };
             match result {
                 Ok(v) => Ok(Outcome::Ready(v)),
@@ -677,23 +668,7 @@ impl EngineCore {
         n: usize,
         what: &str,
     ) -> Result<()> {
-        let s = st
-            .seqs
-            .get(rid)
-            .ok_or_else(|| Error::UnknownRequest(rid.clone()))?;
-        match s.phase {
-            Phase::Resident => {}
-            Phase::SwappingOut { .. } | Phase::SwappingIn { .. } => {
-                return Err(Error::InvalidState(format!(
-                    "cannot {what} request {rid}: a swap is in progress"
-                )))
-            }
-            Phase::Swapped => {
-                return Err(Error::InvalidState(format!(
-                    "cannot {what} request {rid}: it is swapped out"
-                )))
-            }
-        }
+        let s = st.resident(rid, what)?;
         if layer >= self.ctx.config.num_layers {
             return Err(Error::InvalidArgument(format!(
                 "layer {layer} is outside 0..{}",

@@ -3,9 +3,9 @@
 //! An extend by `m` tokens needs the blocks its new tokens spill into, plus one when the
 //! sequence's partial last block is shared (a fork): that block is copied first
 //! (copy-on-write), so the new tokens are never seen by the other owner. `reserve_extend`
-//! checks and takes those blocks; `apply_extend` joins them to the sequence, registers every
-//! block the new ids complete and gives back any reserved block it no longer needs (a write
-//! may have unshared the tail meanwhile). `extend_now` does both at once; a waiting extend
+//! checks and takes those blocks; `apply_reserved` joins them to the sequence and registers
+//! every block the new ids complete; `take_extend` first gives back any reserved block a
+//! granted extend no longer needs (a write may have unshared the tail meanwhile). `extend_now` does both at once; a waiting extend
 //! reserves when served and applies when its waiter takes the ticket, so a cancelled one
 //! gives back exactly its reservation and the sequence was never touched.
 //! Cost: O(new blocks + new tokens) (plus hashing of each completed block).
@@ -45,15 +45,8 @@ impl State {
         }
     }
 
-    /// Checks an extend of a resident sequence and takes the blocks it needs, or fails with
-    /// nothing changed.
-    pub(super) fn reserve_extend(
-        &mut self,
-        ctx: &Ctx,
-        rid: &RequestId,
-        m: usize,
-    ) -> Result<Vec<BlockId>> {
-        let (new_blocks, cow) = self.extend_need(ctx, rid, m)?;
+    /// Takes the blocks `need` (from `extend_need`) asks for, or fails with nothing changed.
+    fn reserve_for(&mut self, ctx: &Ctx, (new_blocks, cow): (usize, bool)) -> Result<Vec<BlockId>> {
         let needed = new_blocks + usize::from(cow);
         let available = self.pool.num_free_blocks();
         if needed > available {
@@ -62,25 +55,51 @@ impl State {
         Ok(self.reserve_blocks(ctx, needed))
     }
 
+    /// Checks an extend of a resident sequence and takes the blocks it needs, or fails with
+    /// nothing changed.
+    pub(super) fn reserve_extend(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        m: usize,
+    ) -> Result<Vec<BlockId>> {
+        let need = self.extend_need(ctx, rid, m)?;
+        self.reserve_for(ctx, need)
+    }
+
     /// Appends tokens to a resident sequence now, or fails with nothing changed.
     pub fn extend_now(&mut self, ctx: &Ctx, rid: &RequestId, append: &Append) -> Result<SeqView> {
-        let reserved = self.reserve_extend(ctx, rid, append.len())?;
-        self.apply_extend(ctx, rid, append, reserved)?;
+        let need = self.extend_need(ctx, rid, append.len())?;
+        self.extend_with(ctx, rid, append, need)
+    }
+
+    /// `extend_now` with the `need` the caller already computed for this very state.
+    pub fn extend_with(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        append: &Append,
+        need: (usize, bool),
+    ) -> Result<SeqView> {
+        let reserved = self.reserve_for(ctx, need)?;
+        self.apply_reserved(ctx, rid, append, reserved, need);
         Ok(SeqView::of(rid, &self.seqs[rid]))
     }
 
-    /// Appends tokens using `reserved` blocks. Fails, giving the reservation back and
-    /// changing nothing else, only if the sequence needs more than was reserved.
-    pub(super) fn apply_extend(
+    /// Applies a granted extend whose waiter takes it. The sequence is as it was when the
+    /// blocks were reserved, except that a write may have unshared its tail meanwhile: the
+    /// blocks it no longer needs go back first, and `serve` then runs, before anything of
+    /// the extend is published. Fails, giving the reservation back, only if it needs more
+    /// than was reserved (it cannot: nothing can share the tail while the ticket is open).
+    pub(super) fn take_extend(
         &mut self,
         ctx: &Ctx,
         rid: &RequestId,
         append: &Append,
         mut reserved: Vec<BlockId>,
+        serve: impl FnOnce(&mut Self),
     ) -> Result<()> {
-        let bs = ctx.config.block_size;
-        let need = self.extend_need(ctx, rid, append.len());
-        let (new_blocks, tail_shared) = match need {
+        let need = match self.extend_need(ctx, rid, append.len()) {
             Ok((n, cow)) if n + usize::from(cow) <= reserved.len() => (n, cow),
             Ok((n, cow)) => {
                 let have = reserved.len();
@@ -92,6 +111,27 @@ impl State {
                 return Err(e);
             }
         };
+        let spare = reserved.split_off(need.0 + usize::from(need.1));
+        if !spare.is_empty() {
+            self.release_reserved(spare);
+            serve(self);
+        }
+        self.apply_reserved(ctx, rid, append, reserved, need);
+        Ok(())
+    }
+
+    /// Appends tokens using exactly the blocks `need` asked for (the copy-on-write block
+    /// first). Infallible.
+    fn apply_reserved(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        append: &Append,
+        mut reserved: Vec<BlockId>,
+        (new_blocks, tail_shared): (usize, bool),
+    ) {
+        let bs = ctx.config.block_size;
+        debug_assert_eq!(reserved.len(), new_blocks + usize::from(tail_shared));
         if tail_shared {
             let copy = reserved.remove(0); // taken first, as by a direct extend
             let s = self.seqs.get_mut(rid).expect("checked");
@@ -101,13 +141,11 @@ impl State {
             self.counters.intra_device_copy_blocks += 1;
             self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
         }
-        let spare = reserved.split_off(new_blocks);
         self.seqs
             .get_mut(rid)
             .expect("checked")
             .blocks
             .extend(reserved);
-        self.release_reserved(spare);
         self.counters.gen_alloc_blocks += new_blocks as u64;
         let s = self.seqs.get_mut(rid).expect("checked");
         match append {
@@ -141,7 +179,6 @@ impl State {
         }
         s.num_tokens += append.len();
         self.events.end_op();
-        Ok(())
     }
 
     /// Extends every sequence of `items` or none (see `Engine::extend_batch`): everything

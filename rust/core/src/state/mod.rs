@@ -341,17 +341,19 @@ impl State {
     /// Releases every block of a sequence, tail first.
     pub fn free_sequence(&mut self, s: Sequence) {
         // (A moving sequence is freed only by `close`, after its copy was drained.)
-        if s.phase.tier() == Tier::Host {
-            let host = self
-                .host
-                .as_mut()
-                .expect("a swapped sequence implies a host tier");
-            for &b in s.blocks.iter().rev() {
+        self.release_in(s.phase.tier(), s.blocks);
+    }
+
+    /// Releases blocks of one tier, last first (a sequence's tail goes first).
+    pub(super) fn release_in(&mut self, tier: Tier, blocks: Vec<BlockId>) {
+        if tier == Tier::Host {
+            let host = self.host.as_mut().expect("host blocks imply a host tier");
+            for &b in blocks.iter().rev() {
                 host.pool.release(b);
             }
             return;
         }
-        for &b in s.blocks.iter().rev() {
+        for &b in blocks.iter().rev() {
             self.release_block(b);
         }
     }

@@ -117,19 +117,11 @@ impl State {
             Some(TicketState::Granted(Grant::Extend {
                 rid,
                 append,
-                mut reserved,
+                reserved,
             })) => {
-                // Blocks it no longer needs (a write unshared its tail meanwhile) go to the
-                // waiters first: serving happens before the publish, never after it, so no
-                // waiter is granted a hit on blocks whose K/V its owner has not computed yet.
-                if let Ok((n, cow)) = self.extend_need(ctx, &rid, append.len()) {
-                    if n + usize::from(cow) < reserved.len() {
-                        let spare = reserved.split_off(n + usize::from(cow));
-                        self.release_reserved(spare);
-                        self.serve_waiters(ctx);
-                    }
-                }
-                self.apply_extend(ctx, &rid, &append, reserved)?;
+                // Blocks it no longer needs go to the waiters before the publish, never after
+                // it, so no waiter is granted a hit on blocks whose K/V is not computed yet.
+                self.take_extend(ctx, &rid, &append, reserved, |st| st.serve_waiters(ctx))?;
                 Ok(SeqView::of(&rid, self.seq(&rid)?))
             }
             Some(TicketState::Moved { rid }) => Ok(SeqView::of(&rid, self.seq(&rid)?)),

@@ -249,39 +249,6 @@ impl State {
         })
     }
 
-    /// Completes a swap-out once its bytes are on the host: the device blocks are released.
-    pub fn finish_swap_out(&mut self, rid: &RequestId) {
-        let s = self
-            .seqs
-            .get_mut(rid)
-            .expect("a swapping sequence stays live");
-        let Phase::SwappingOut { to } = std::mem::replace(&mut s.phase, Phase::Swapped) else {
-            unreachable!("finish_swap_out of a sequence not swapping out")
-        };
-        let from = std::mem::replace(&mut s.blocks, to);
-        for &b in from.iter().rev() {
-            self.release_block(b);
-        }
-        self.counters.d2h_blocks_copied += from.len() as u64;
-        self.counters.swap_out_count += 1;
-    }
-
-    /// A swap-out whose copy failed: the host blocks it took go back, the sequence stays
-    /// resident with its device blocks (they were only read).
-    pub fn abort_swap_out(&mut self, rid: &RequestId) {
-        let s = self
-            .seqs
-            .get_mut(rid)
-            .expect("a swapping sequence stays live");
-        let Phase::SwappingOut { to } = std::mem::replace(&mut s.phase, Phase::Resident) else {
-            unreachable!("abort_swap_out of a sequence not swapping out")
-        };
-        let host = self.host.as_mut().expect("a swap implies a host tier");
-        for &b in to.iter().rev() {
-            host.pool.release(b);
-        }
-    }
-
     /// Starts moving a swapped-out sequence back: takes device blocks (which may evict and
     /// offload cached ones) and returns the copies to make (host -> device).
     pub fn begin_swap_in(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<Swap> {
@@ -330,43 +297,49 @@ impl State {
         })
     }
 
-    /// Completes a swap-in: host blocks are released. NOTE: the blocks are not registered
-    /// in the device prefix cache again; the copies registered before the swap-out stay
-    /// cached (on the device while not evicted, then in the host tier by offload).
-    pub fn finish_swap_in(&mut self, rid: &RequestId) {
-        let mut s = self
-            .seqs
-            .remove(rid)
-            .expect("a swapping sequence stays live");
-        let Phase::SwappingIn { to } = std::mem::replace(&mut s.phase, Phase::Resident) else {
-            unreachable!("finish_swap_in of a sequence not swapping in")
+    /// Ends the swap of `rid` once its copy finished (`done`) or failed. Done: the sequence
+    /// takes the blocks the copy filled and the ones it left go back. Failed: it keeps its
+    /// blocks (they were only read) and the ones the swap took go back. NOTE: blocks swapped
+    /// in are not registered in the device prefix cache again; the copies registered before
+    /// the swap-out stay cached (on the device while not evicted, then in the host tier).
+    pub fn end_swap(&mut self, rid: &RequestId, out: bool, done: bool) {
+        let next = if out == done {
+            Phase::Swapped
+        } else {
+            Phase::Resident
         };
-        let from = std::mem::replace(&mut s.blocks, to);
-        let host = self
-            .host
-            .as_mut()
-            .expect("a swapped sequence implies a host tier");
-        for &b in from.iter().rev() {
-            host.pool.release(b);
-        }
-        self.events.end_op();
-        self.counters.h2d_blocks_copied += from.len() as u64;
-        self.counters.swap_in_count += 1;
-        self.seqs.insert(rid.clone(), s);
-    }
-
-    /// A swap-in whose copy failed: the device blocks it took go back blank, the sequence
-    /// stays swapped out with its host blocks (they were only read).
-    pub fn abort_swap_in(&mut self, rid: &RequestId) {
         let s = self
             .seqs
             .get_mut(rid)
             .expect("a swapping sequence stays live");
-        let Phase::SwappingIn { to } = std::mem::replace(&mut s.phase, Phase::Swapped) else {
-            unreachable!("abort_swap_in of a sequence not swapping in")
+        let to = match (std::mem::replace(&mut s.phase, next), out) {
+            (Phase::SwappingOut { to }, true) | (Phase::SwappingIn { to }, false) => to,
+            (other, _) => unreachable!("request {rid} ends a swap it is not in ({other:?})"),
         };
-        for &b in to.iter().rev() {
-            self.release_block(b);
+        let give_back = if done {
+            std::mem::replace(&mut s.blocks, to)
+        } else {
+            to
+        };
+        let n = give_back.len() as u64;
+        // The blocks left behind are on the source tier, the ones taken on the target tier.
+        let tier = if out == done {
+            Tier::Device
+        } else {
+            Tier::Host
+        };
+        self.release_in(tier, give_back);
+        self.events.end_op();
+        match (done, out) {
+            (true, true) => {
+                self.counters.d2h_blocks_copied += n;
+                self.counters.swap_out_count += 1;
+            }
+            (true, false) => {
+                self.counters.h2d_blocks_copied += n;
+                self.counters.swap_in_count += 1;
+            }
+            (false, _) => {}
         }
     }
 }
