@@ -1,14 +1,18 @@
 //! The engine: one lock around `State`, the memory it manages, and the notifier.
 //!
-//! Every public method takes the lock once, does bookkeeping (and the small block copies it
-//! implies), updates the pressure level and, when a waiter finished or the level changed,
-//! signals the eventfd. None of them calls Python or blocks on anything but the lock.
+//! State plans, the engine executes. Every public method takes the lock once, lets `State`
+//! do the bookkeeping, and ends in `commit`, the one epilogue (also of every worker's
+//! completion): serve waiters, update the pressure level, run the block copies the call
+//! recorded (`state::effects`) in order, then, after the lock, wake the event loop and hand
+//! disk I/O to the workers. None of them calls Python or blocks on anything but the lock.
 //!
 //! Worker threads (the swap copier, the disk writers and the disk reader) never let a failure
-//! escape: a copy that fails or panics is caught (`guarded_copy`), the swap it served is undone
-//! and its ticket fails with `CopyFailed`; a failed disk read or write is a miss or an unused
-//! slot. So every waiter is answered. Test hooks (`inject_copy_faults`, `pause_copies`,
-//! `set_inline_copy_bytes`, `wait_copies_idle`) let tests hold a swap in flight or fail it.
+//! escape: a copy that fails or panics is caught (`guarded`, the one copy policy), the swap it
+//! served is undone and its ticket fails with `CopyFailed`; a failed disk read or write is a
+//! miss or an unused slot. So every waiter is answered. A failed bookkeeping copy (only a
+//! lost device can fail one) stops the engine instead: every waiter and later call gets
+//! `CopyFailed`. Test hooks (`inject_copy_faults`, `inject_device_fault`, `pause_copies`,
+//! `set_inline_copy_bytes`, `wait_copies_idle`) hold a swap in flight or fail a copy.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -147,13 +151,7 @@ impl Engine {
             }
             let settled = dir.settle(&mut st, &rid, t0.elapsed().as_nanos() as u64, copied);
             st.waiters.finish_moving(ticket, settled);
-            st.serve_waiters(&core.ctx);
-            st.update_pressure();
-            st.needs_signal = false;
-            let writes = std::mem::take(&mut st.disk_writes);
-            drop(st);
-            core.notifier.signal();
-            core.submit_disk_writes(writes);
+            let _ = core.commit(st, true);
         });
         if !self.copier.submit(job) {
             // Closing: `close` fails the ticket and frees the sequence.
@@ -195,6 +193,8 @@ pub struct EngineCore {
     disk_workers: Option<DiskWorkers>,
     /// Swap copies still to fail on purpose (`inject_copy_faults`).
     copy_faults: AtomicU32,
+    /// The next commit's memory operations fail (`inject_device_fault`).
+    device_fault: AtomicBool,
     /// Worker copies wait while set (`pause_copies`).
     copies_paused: AtomicBool,
     /// Swaps smaller than this copy inline (`set_inline_copy_bytes`).
@@ -207,6 +207,25 @@ pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         (Some(s), _) => (*s).to_string(),
         (_, Some(s)) => s.clone(),
         _ => "a block copy panicked".to_string(),
+    }
+}
+
+/// The one copy policy: runs a block copy, turning its failure, or a panic inside it, into
+/// `CopyFailed` (a worker that died would leave its ticket unanswered forever). `inject`
+/// fails it on purpose (test hooks), as a panic would.
+fn guarded<T>(inject: bool, copy: impl FnOnce() -> Result<T>) -> Result<T> {
+    let run = std::panic::AssertUnwindSafe(|| {
+        if inject {
+            // `resume_unwind` unwinds like a panic without running the panic hook.
+            std::panic::resume_unwind(Box::new("injected copy fault"));
+        }
+        copy()
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(Error::CopyFailed(m))) => Err(Error::CopyFailed(m)),
+        Ok(Err(e)) => Err(Error::CopyFailed(e.to_string())),
+        Err(panic) => Err(Error::CopyFailed(panic_message(&*panic))),
     }
 }
 
@@ -250,13 +269,14 @@ impl EngineCore {
             notifier,
             disk_workers,
             copy_faults: AtomicU32::new(0),
+            device_fault: AtomicBool::new(false),
             copies_paused: AtomicBool::new(false),
             inline_copy_bytes: AtomicUsize::new(INLINE_COPY_BYTES),
         }))
     }
 
-    /// Runs a swap's block copy, turning its failure, or a panic inside it, into an error (a
-    /// worker that dies would leave its ticket unanswered forever).
+    /// Runs a swap's block copy under `guarded` (the test hooks apply: `pause_copies`,
+    /// `inject_copy_faults`).
     fn guarded_copy(&self, src: &Memory, dst: &Memory, runs: &crate::transfer::Runs) -> Result<()> {
         while self.copies_paused.load(Ordering::SeqCst) {
             std::thread::sleep(std::time::Duration::from_micros(200));
@@ -265,18 +285,13 @@ impl EngineCore {
             .copy_faults
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
-        let run = std::panic::AssertUnwindSafe(|| {
-            if inject {
-                // `resume_unwind` unwinds like a panic without running the panic hook.
-                std::panic::resume_unwind(Box::new("injected copy fault"));
-            }
-            copy_runs(src, dst, runs)
-        });
-        match std::panic::catch_unwind(run) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Error::CopyFailed(e.to_string())),
-            Err(panic) => Err(Error::CopyFailed(panic_message(&*panic))),
-        }
+        guarded(inject, || copy_runs(src, dst, runs))
+    }
+
+    /// Makes the memory operations of the next commit that has any fail, as a lost device
+    /// would (tests: the engine must then stop serving, see `commit`).
+    pub fn inject_device_fault(&self) {
+        self.device_fault.store(true, Ordering::SeqCst);
     }
 
     /// Makes the next `n` swap copies fail as if the copy panicked (tests).
@@ -316,6 +331,7 @@ impl EngineCore {
                 let mut st = core.state.lock();
                 if !st.closed {
                     st.finish_disk_write(w.slot, w.hash, ok);
+                    let _ = core.commit(st, false);
                 }
             }));
         }
@@ -344,24 +360,46 @@ impl EngineCore {
         Ok(st)
     }
 
-    /// Runs a mutating operation, then serves waiters (if `freed`), updates pressure and
-    /// signals the event loop if needed.
+    /// Runs a mutating operation, then commits its effects (serving waiters if `freed`).
+    /// The operation's result is returned unless its block copies failed.
     fn mutate<T>(&self, freed: bool, f: impl FnOnce(&mut State, &Ctx) -> Result<T>) -> Result<T> {
         let mut st = self.lock()?;
         let out = f(&mut st, &self.ctx);
+        self.commit(st, freed)?;
+        out
+    }
+
+    /// The epilogue of every call and of every worker's completion, the one place effects
+    /// run (see `state::effects`): serves waiters (if `freed`), updates pressure, runs the
+    /// recorded block copies in order under the lock, then, without it, wakes the event
+    /// loop and hands disk I/O to the workers.
+    /// A failed copy (only device memory can fail) leaves blocks whose bytes are unknown
+    /// already published, so the engine stops serving: every waiter and every later call
+    /// fails with `CopyFailed` (`State::fail_device`), and the error is returned.
+    fn commit(&self, mut st: MutexGuard<'_, State>, freed: bool) -> Result<()> {
         if freed {
             st.serve_waiters(&self.ctx);
         }
         st.update_pressure();
-        if std::mem::take(&mut st.needs_signal) {
+        let mut fx = st.take_effects();
+        let copied = if fx.has_memory_ops() {
+            let inject = self.device_fault.swap(false, Ordering::SeqCst);
+            guarded(inject, || fx.run_memory())
+        } else {
+            Ok(vec![])
+        };
+        if let Err(e) = &copied {
+            st.fail_device(e);
+            fx.signal = true;
+        }
+        drop(st);
+        if fx.signal {
             self.notifier.signal();
         }
-        let writes = std::mem::take(&mut st.disk_writes);
-        let reads = std::mem::take(&mut st.disk_reads);
-        drop(st);
+        let writes = copied?;
         self.submit_disk_writes(writes);
-        self.submit_disk_reads(reads);
-        out
+        self.submit_disk_reads(fx.disk_reads);
+        Ok(())
     }
 
     /// Hands read-aheads to the disk reader; each finishes by staging its results and
@@ -408,13 +446,8 @@ impl EngineCore {
                     return;
                 }
                 st.finish_disk_read(ticket, results);
-                st.serve_waiters(&core.ctx);
-                st.update_pressure();
-                st.needs_signal = false;
-                let writes = std::mem::take(&mut st.disk_writes);
-                drop(st);
-                core.notifier.signal();
-                core.submit_disk_writes(writes);
+                st.signal();
+                let _ = core.commit(st, true);
             }));
         }
     }

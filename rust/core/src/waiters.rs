@@ -183,6 +183,13 @@ impl Waiters {
         self.tickets.insert(t, st);
     }
 
+    /// The open (pending or granted) tickets, oldest first.
+    pub fn open_tickets(&self) -> Vec<Ticket> {
+        let mut v: Vec<Ticket> = self.open.values().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn num_pending(&self) -> usize {
         self.extends.len() + self.allocates.len()
     }

@@ -174,8 +174,8 @@ impl State {
             self.onboard(ctx, &plan.onboard, &blocks[k..k + j]);
         }
         let d = disk_data.len();
-        for (bytes, &db) in disk_data.iter().zip(&blocks[k + j..k + j + d]) {
-            ctx.write_block(db, bytes);
+        for (bytes, &db) in disk_data.into_iter().zip(&blocks[k + j..k + j + d]) {
+            ctx.write_block(&mut self.fx, db, bytes);
         }
         let bpb = ctx.bytes_per_block() as u64;
         self.counters.onboard_blocks += d as u64;
@@ -184,7 +184,7 @@ impl State {
         let full_hits = k + j + d;
         let mut cached_tokens = full_hits * bs;
         if let Some((src, m)) = plan.partial {
-            ctx.copy_block(src, blocks[full_hits]);
+            ctx.copy_block(&mut self.fx, src, blocks[full_hits]);
             self.release_block(src);
             self.residency.on_access(src, now);
             self.counters.intra_device_copy_blocks += 1;

@@ -136,7 +136,7 @@ impl State {
             let copy = reserved.remove(0); // taken first, as by a direct extend
             let s = self.seqs.get_mut(rid).expect("checked");
             let old = std::mem::replace(s.blocks.last_mut().expect("n > 0"), copy);
-            ctx.copy_block(old, copy);
+            ctx.copy_block(&mut self.fx, old, copy);
             self.release_block(old);
             self.counters.intra_device_copy_blocks += 1;
             self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
@@ -257,7 +257,7 @@ impl State {
         for i in shared {
             let old = self.seqs[rid].blocks[i];
             let copy = self.alloc_block(ctx, now);
-            ctx.copy_block(old, copy);
+            ctx.copy_block(&mut self.fx, old, copy);
             self.release_block(old);
             self.seqs.get_mut(rid).expect("checked above").blocks[i] = copy;
             self.counters.intra_device_copy_blocks += 1;

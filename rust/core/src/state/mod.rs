@@ -3,16 +3,18 @@
 //! `State` composes the block pool (free queues, refcounts), the prefix index (hashes),
 //! the sequences, the waiters, the counters, pressure and events. Each public operation
 //! first checks and plans without changing anything, then commits; so a call that fails
-//! leaves the state exactly as it was. Block data moves inside one tier (copy-on-write,
-//! partial reuse) and between the device and host tiers on eviction and prefix hits are
-//! done by the caller-supplied `Memory` while the lock is held, so a block's bytes never
-//! change owner mid-copy; swaps copy without the lock while their sequence is pinned in a
-//! moving `Phase` (see `sequence`).
+//! leaves the state exactly as it was. No operation touches memory, a file or the eventfd:
+//! each records what it implies in `Effects` (block copies inside and between tiers, disk
+//! spills, read-aheads, a wake-up), which the engine runs in one place after the call, in
+//! recording order and before the lock is released, so a block's bytes never change owner
+//! mid-copy. Swaps copy without the lock while their sequence is pinned in a moving `Phase`
+//! (see `sequence`).
 //!
 //! Allocation order: blank blocks first (FIFO), then the least recently released evictable
 //! block (a sequence releases its blocks tail first, so children go before parents).
 //! Submodules add to `State`, each owning one kind of change: `alloc` (a new sequence:
-//! plan, reserve, publish), `extend` (growing a sequence, copy-on-write), `tickets`
+//! plan, reserve, publish), `extend` (growing a sequence, copy-on-write), `effects` (what
+//! a call leaves the engine to do), `tickets`
 //! (waiters: serve, take, cancel), `tiers` (offload, onboard, disk, swaps), `checks` (the
 //! invariants below).
 //! Invariants (checked by `check_invariants`): every block's refcount equals the number of
@@ -24,11 +26,13 @@ use std::collections::HashMap;
 
 mod alloc;
 mod checks;
+mod effects;
 mod extend;
 mod tickets;
 mod tiers;
 
 pub use alloc::Admission;
+pub use effects::Effects;
 pub use tiers::Swap;
 
 use crate::clock::Clock;
@@ -42,8 +46,8 @@ use crate::pressure::{Level, Pressure, PressureEvent};
 use crate::residency::Residency;
 use crate::sequence::{Phase, SeqView, Sequence};
 use crate::stats::Counters;
-use crate::storage::{copy_runs, Memory};
-use crate::tier::{DiskTier, DiskWrite, HostTier};
+use crate::storage::Memory;
+use crate::tier::{DiskTier, HostTier};
 use crate::transfer::Runs;
 use crate::types::{BlockHash, BlockId, RequestId, Tier};
 use crate::waiters::Waiters;
@@ -84,35 +88,26 @@ impl Ctx {
         }
     }
 
-    /// Writes a block's bytes (its runs laid end to end, as in the other tiers) into
-    /// device block `b`.
-    fn write_block(&self, b: BlockId, bytes: &[u8]) {
-        let mut at = 0;
-        for (off, len) in self.layout.block_runs(b.idx()) {
-            device_io(self.memory.write(off, &bytes[at..at + len]));
-            at += len;
-        }
+    /// Records writing a block's bytes (its runs laid end to end, as in the other tiers)
+    /// into device block `b`.
+    fn write_block(&self, fx: &mut Effects, b: BlockId, bytes: Vec<u8>) {
+        fx.write(
+            &self.memory,
+            self.layout.block_runs(b.idx()).collect(),
+            bytes,
+        );
     }
 
-    /// Copies every byte of block `src` into block `dst` (device tier).
-    fn copy_block(&self, src: BlockId, dst: BlockId) {
-        let mut runs = Runs::default();
+    /// Records copying every byte of block `src` into block `dst` (device tier).
+    fn copy_block(&self, fx: &mut Effects, src: BlockId, dst: BlockId) {
         for ((s, n), (d, _)) in self
             .layout
             .block_runs(src.idx())
             .zip(self.layout.block_runs(dst.idx()))
         {
-            runs.push(s, d, n);
+            fx.copy(&self.memory, &self.memory, s, d, n);
         }
-        device_io(copy_runs(&self.memory, &self.memory, &runs));
     }
-}
-
-/// NOTE: memory accesses inside bookkeeping cannot fail on host memory; on a GPU they fail
-/// only when the device is lost, which leaves no state worth keeping, so it is a loud panic
-/// (a Python `PanicException`) rather than an error every caller would have to unwind.
-fn device_io<T>(r: Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("device memory access failed: {e}"))
 }
 
 /// The result of reading one disk block.
@@ -160,16 +155,16 @@ pub struct State {
     pub closed: bool,
     /// `close()` has begun: new calls fail while in-flight copies drain.
     pub closing: bool,
+    /// A block copy failed: why. Every later call fails (see `fail_device`).
+    broken: Option<String>,
     pub pool: BlockPool,
     pub index: PrefixIndex,
     /// The host tier, when `host_blocks > 0`.
     pub host: Option<HostTier>,
     /// The disk tier, when `disk_blocks > 0` (it spills from the host tier).
     pub disk: Option<DiskTier>,
-    /// Spilled blocks whose disk writes the engine hands to its disk workers after the call.
-    pub disk_writes: Vec<DiskWrite>,
-    /// Read-aheads the engine hands to its disk reader after the call.
-    pub disk_reads: Vec<DiskRead>,
+    /// What the calls since the last commit left the engine to do (copies, disk I/O, wake).
+    fx: Effects,
     /// Waiting allocations whose disk read-ahead is still running (not served before).
     pub loading: std::collections::HashSet<crate::waiters::Ticket>,
     /// Finished read-aheads, per waiting allocation.
@@ -184,8 +179,6 @@ pub struct State {
     pub events: EventQueue,
     pub residency: Residency,
     pub callback_errors: u64,
-    /// Set when the event loop must be woken (tickets finished, pressure changed).
-    pub needs_signal: bool,
     scratch: Vec<u8>,
 }
 
@@ -225,12 +218,12 @@ impl State {
         Ok(State {
             closed: false,
             closing: false,
+            broken: None,
             pool,
             index,
             host,
             disk,
-            disk_writes: Vec::new(),
-            disk_reads: Vec::new(),
+            fx: Effects::default(),
             loading: Default::default(),
             staged: HashMap::new(),
             seqs: HashMap::new(),
@@ -243,17 +236,45 @@ impl State {
             events: EventQueue::new(c.enable_kv_events),
             residency,
             callback_errors: 0,
-            needs_signal: false,
             scratch: Vec::new(),
         })
     }
 
+    /// The effects recorded since the last call of this (the engine commits them).
+    pub fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.fx)
+    }
+
+    /// Asks the engine to wake the event loop when it commits this call.
+    pub fn signal(&mut self) {
+        self.fx.signal = true;
+    }
+
     pub fn check_open(&self) -> Result<()> {
         if self.closed || self.closing {
-            Err(Error::Closed)
-        } else {
-            Ok(())
+            return Err(Error::Closed);
         }
+        match &self.broken {
+            Some(why) => Err(Error::CopyFailed(format!(
+                "an earlier block copy failed ({why}): the cache no longer serves; close it"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A recorded block copy failed (a device fault): blocks whose bytes are unknown may be
+    /// published, so nothing is served from now on. Every open ticket fails with
+    /// `CopyFailed` and gives back what it holds; later calls fail in `check_open`.
+    pub fn fail_device(&mut self, e: &Error) {
+        let why = match e {
+            Error::CopyFailed(m) => m.clone(),
+            other => other.to_string(),
+        };
+        for t in self.waiters.open_tickets() {
+            self.withdraw(t);
+            self.waiters.fail(t, Error::CopyFailed(why.clone()));
+        }
+        self.broken = Some(why);
     }
 
     fn seq(&self, rid: &RequestId) -> Result<&Sequence> {
@@ -456,7 +477,7 @@ impl State {
         if let Some(e) = ev {
             if self.subscribed {
                 self.pressure_events.push(e);
-                self.needs_signal = true;
+                self.fx.signal = true;
             }
         }
     }

@@ -28,12 +28,12 @@ impl State {
         self.withdraw(t);
         self.waiters
             .fail(t, Error::InvalidState(format!("request {rid}: {why}")));
-        self.needs_signal = true;
+        self.fx.signal = true;
         true
     }
 
     /// Removes an open ticket and gives back what it holds; true if it was open.
-    fn withdraw(&mut self, t: Ticket) -> bool {
+    pub(super) fn withdraw(&mut self, t: Ticket) -> bool {
         match self.waiters.get(t) {
             Some(TicketState::Pending { .. }) => {
                 self.waiters.unqueue(t);
@@ -101,7 +101,7 @@ impl State {
                     Ok(g) => self.waiters.grant(t, g),
                     Err(e) => self.waiters.fail(t, e),
                 }
-                self.needs_signal = true;
+                self.fx.signal = true;
             }
         }
     }

@@ -8,14 +8,13 @@
 use crate::error::{Error, Result};
 use crate::sequence::Phase;
 use crate::storage::disk::ReadError;
-use crate::storage::{copy_runs, Memory};
-use crate::tier::DiskWrite;
+use crate::storage::Memory;
 use crate::transfer::Runs;
 use crate::types::{BlockHash, BlockId, RequestId, Tier};
 use crate::waiters::Ticket;
 
 use super::alloc::AllocPlan;
-use super::{device_io, short, Ctx, DiskRead, DiskReadResult, StagedReads, State};
+use super::{short, Ctx, DiskRead, DiskReadResult, StagedReads, State};
 
 /// A swap's copies, planned under the lock and executed with or without it (the blocks
 /// they fill are held by the sequence's moving `Phase`).
@@ -44,7 +43,9 @@ impl State {
         let host = self.host.as_mut().expect("checked above");
         let mut runs = Runs::default();
         ctx.to_host(b, host.offset(hb), &mut runs);
-        device_io(copy_runs(&ctx.memory, &host.slab, &runs));
+        for &(s, d, n) in &runs.runs {
+            self.fx.copy(&ctx.memory, &host.slab, s, d, n);
+        }
         let tokens = self.index.tokens_of(b).to_vec();
         let first = self.index.is_first(b);
         host.cache_block(hb, hash, parent, first, &tokens);
@@ -66,13 +67,9 @@ impl State {
             if let Some(slot) =
                 disk.reserve(sp.hash, sp.parent, sp.first, &sp.tokens, &mut self.events)
             {
-                let mut data = vec![0u8; host.bytes_per_block];
-                device_io(host.slab.read(host.offset(b), &mut data));
-                self.disk_writes.push(DiskWrite {
-                    slot,
-                    hash: sp.hash,
-                    data,
-                });
+                // Read when the effects run, after any copy into `b` recorded before.
+                let (off, len) = (host.offset(b), host.bytes_per_block);
+                self.fx.spill(&host.slab, off, len, slot, sp.hash);
             }
         }
         Some(b)
@@ -162,7 +159,7 @@ impl State {
             disk.pool.acquire(slot);
         }
         self.loading.insert(ticket);
-        self.disk_reads.push(DiskRead {
+        self.fx.disk_reads.push(DiskRead {
             ticket,
             file: disk.file.clone(),
             reads,
@@ -198,7 +195,9 @@ impl State {
         for (&hb, &db) in from.iter().zip(to) {
             ctx.from_host(host.offset(hb), db, &mut runs);
         }
-        device_io(copy_runs(&host.slab, &ctx.memory, &runs));
+        for &(s, d, n) in &runs.runs {
+            self.fx.copy(&host.slab, &ctx.memory, s, d, n);
+        }
         for &hb in from {
             host.pool.release(hb);
         }
