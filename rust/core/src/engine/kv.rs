@@ -1,0 +1,161 @@
+//! K/V data access: block tables, `write_kv` / `read_kv` byte copies and the layer views
+//! DLPack exports.
+//!
+//! `write_kv` first unshares the blocks it writes (copy-on-write, recorded as effects and run
+//! before the write); both copy under the lock, so a read never sees a half-moved block.
+
+use crate::error::{Error, Result};
+use crate::layout::LayerView;
+use crate::sequence::Phase;
+use crate::state::State;
+use crate::storage::Memory;
+use crate::types::RequestId;
+
+use super::EngineCore;
+
+impl EngineCore {
+    /// Row-major `[rids.len(), max_blocks]` block ids padded with `pad`, and the column count.
+    pub fn block_table(&self, rids: &[RequestId], pad: i32) -> Result<(Vec<i32>, usize)> {
+        let st = self.lock()?;
+        let rows = rids
+            .iter()
+            .map(|r| {
+                let s = st
+                    .seqs
+                    .get(r)
+                    .ok_or_else(|| Error::UnknownRequest(r.clone()))?;
+                if s.phase != Phase::Resident {
+                    return Err(Error::InvalidState(format!(
+                        "request {r} is not resident on the device: it has no block table"
+                    )));
+                }
+                Ok(s)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cols = rows.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
+        let mut out = vec![pad; rows.len() * cols];
+        for (row, s) in out.chunks_mut(cols.max(1)).zip(&rows) {
+            for (o, b) in row.iter_mut().zip(&s.blocks) {
+                *o = b.0 as i32;
+            }
+        }
+        Ok((out, cols))
+    }
+
+    pub(super) fn kv_span(
+        &self,
+        st: &State,
+        rid: &RequestId,
+        layer: usize,
+        start: usize,
+        n: usize,
+        what: &str,
+    ) -> Result<()> {
+        let s = st.resident(rid, what)?;
+        if layer >= self.ctx.config.num_layers {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer} is outside 0..{}",
+                self.ctx.config.num_layers
+            )));
+        }
+        if start.checked_add(n).is_none_or(|e| e > s.num_tokens) {
+            return Err(Error::InvalidArgument(format!(
+                "positions {start}..{} are past the end of request {rid} ({} tokens)",
+                start.saturating_add(n),
+                s.num_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    /// Visits the contiguous runs of token positions `start..start+n` of one layer:
+    /// `(byte offset of K in the slab, byte offset of V, bytes, offset in the caller's array)`.
+    pub(super) fn for_each_run(
+        &self,
+        blocks: &[crate::types::BlockId],
+        layer: usize,
+        start: usize,
+        n: usize,
+        mut f: impl FnMut(usize, usize, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let bs = self.ctx.config.block_size;
+        let tb = self.ctx.layout.token_bytes();
+        let mut pos = start;
+        while pos < start + n {
+            let slot = pos % bs;
+            let run = (bs - slot).min(start + n - pos);
+            let b = blocks[pos / bs].idx();
+            let k = self.ctx.layout.offset(b, layer, 0, slot);
+            let v = self.ctx.layout.offset(b, layer, 1, slot);
+            f(k, v, run * tb, (pos - start) * tb)?;
+            pos += run;
+        }
+        Ok(())
+    }
+
+    /// Copies K and V (`n x heads x head_dim` elements each, as bytes) into positions
+    /// `start..start+n` of one layer. A shared block is copied first (copy-on-write).
+    pub fn write_kv(
+        &self,
+        rid: &RequestId,
+        layer: usize,
+        start: usize,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<()> {
+        let tb = self.ctx.layout.token_bytes();
+        if k.len() != v.len() || k.len() % tb != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "k and v must both hold n x {tb} bytes (got {} and {})",
+                k.len(),
+                v.len()
+            )));
+        }
+        let n = k.len() / tb;
+        self.mutate(false, |st, ctx| {
+            self.kv_span(st, rid, layer, start, n, "write_kv")?;
+            st.unshare_span(ctx, rid, start, n)?;
+            let blocks = &st.seqs[rid].blocks;
+            self.for_each_run(blocks, layer, start, n, |ko, vo, len, at| {
+                ctx.memory.write(ko, &k[at..at + len])?;
+                ctx.memory.write(vo, &v[at..at + len])
+            })
+        })
+    }
+
+    /// Copies K and V of positions `start..start+n` of one layer out into `k` and `v`.
+    pub fn read_kv(
+        &self,
+        rid: &RequestId,
+        layer: usize,
+        start: usize,
+        k: &mut [u8],
+        v: &mut [u8],
+    ) -> Result<()> {
+        let tb = self.ctx.layout.token_bytes();
+        if k.len() != v.len() || k.len() % tb != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "k and v must both hold n x {tb} bytes"
+            )));
+        }
+        let n = k.len() / tb;
+        let st = self.lock()?;
+        self.kv_span(&st, rid, layer, start, n, "read_kv")?;
+        self.for_each_run(&st.seqs[rid].blocks, layer, start, n, |ko, vo, len, at| {
+            self.ctx.memory.read(ko, &mut k[at..at + len])?;
+            self.ctx.memory.read(vo, &mut v[at..at + len])
+        })
+    }
+
+    /// The device tier's memory and one layer's view of it (for DLPack).
+    pub fn layer_view(&self, layer: usize) -> Result<(Memory, LayerView)> {
+        drop(self.lock()?);
+        if layer >= self.ctx.config.num_layers {
+            return Err(Error::InvalidArgument(format!(
+                "layer {layer} is outside 0..{}",
+                self.ctx.config.num_layers
+            )));
+        }
+        Ok((self.ctx.memory.clone(), self.ctx.layout.layer_view(layer)))
+    }
+}

@@ -1,0 +1,306 @@
+//! The engine: one lock around `State`, the memory it manages, and the notifier.
+//!
+//! State plans, the engine executes. Every public method takes the lock once, lets `State`
+//! do the bookkeeping, and ends in `commit`, the one epilogue (also of every worker's
+//! completion): serve waiters, update the pressure level, run the block copies the call
+//! recorded (`state::effects`) in order, then, after the lock, wake the event loop and hand
+//! disk I/O to the workers. None of them calls Python or blocks on anything but the lock.
+//!
+//! Worker threads (the swap copier, the disk writers and the disk reader) never let a failure
+//! escape: a copy that fails or panics is caught (`guarded`, the one copy policy), the swap it
+//! served is undone and its ticket fails with `CopyFailed`; a failed disk read or write is a
+//! miss or an unused slot. So every waiter is answered. A failed bookkeeping copy (only a
+//! lost device can fail one) stops the engine instead: every waiter and later call gets
+//! `CopyFailed`. Test hooks (`inject_copy_faults`, `inject_device_fault`, `pause_copies`,
+//! `set_inline_copy_bytes`, `wait_copies_idle`) hold a swap in flight or fail a copy.
+//!
+//! Split by the data each part serves: `sequences` (allocation, extension, tickets, gc),
+//! `swap` (whole-sequence moves between tiers), `disk` (the disk tier's I/O jobs), `kv` (K/V
+//! bytes, block tables, views), `stats` (snapshots, notifications, event queues).
+
+mod disk;
+mod kv;
+mod sequences;
+mod stats;
+mod swap;
+
+pub use swap::INLINE_COPY_BYTES;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::clock::Clock;
+use crate::config::{CacheConfig, Device};
+use crate::error::{Error, Result};
+use crate::layout::KvLayout;
+use crate::notify::Notifier;
+use crate::prefix::{Hasher, Salt};
+use crate::sequence::SeqView;
+use crate::state::{Ctx, State};
+use crate::storage::cuda::{CudaDevice, DeviceSlab};
+use crate::storage::disk::DiskWorkers;
+use crate::storage::Memory;
+use crate::transfer::Copier;
+use crate::waiters::Ticket;
+
+/// What a call that may wait returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ready(SeqView),
+    /// Queued: the ticket finishes later (see `drain_notifications`).
+    Waiting(Ticket),
+}
+
+/// The engine: its bookkeeping core, shared with the copy worker, and that worker.
+/// Every bookkeeping call is a method of `EngineCore`, reached through `Deref`; calls that
+/// move bytes between tiers (swaps) live here because they may hand work to the worker.
+pub struct Engine {
+    core: Arc<EngineCore>,
+    copier: Copier,
+}
+
+impl std::ops::Deref for Engine {
+    type Target = EngineCore;
+
+    fn deref(&self) -> &EngineCore {
+        &self.core
+    }
+}
+
+impl Engine {
+    pub fn new(config: CacheConfig) -> Result<Self> {
+        Self::with_clock(config, Clock::default())
+    }
+
+    pub fn with_clock(config: CacheConfig, clock: Clock) -> Result<Self> {
+        let core = EngineCore::new(config, clock)?;
+        Ok(Engine {
+            core,
+            copier: Copier::new(),
+        })
+    }
+
+    /// Closes the engine: pending waiters fail with `Closed`, copies in flight finish
+    /// first (nothing leaks), every later call fails. Memory stays alive while DLPack views
+    /// hold it. Idempotent.
+    pub fn close(&self) {
+        self.core.mark_closing();
+        self.core.pause_copies(false);
+        self.copier.shutdown();
+        if let Some(w) = &self.core.disk_workers {
+            w.shutdown();
+        }
+        if let Some(r) = &self.core.ctx.disk_reader {
+            r.shutdown();
+        }
+        self.core.close();
+    }
+}
+
+/// The bookkeeping half of the engine (see `Engine`).
+pub struct EngineCore {
+    /// Itself, for jobs handed to worker threads.
+    me: Weak<EngineCore>,
+    ctx: Ctx,
+    state: Mutex<State>,
+    notifier: Notifier,
+    disk_workers: Option<DiskWorkers>,
+    /// Swap copies still to fail on purpose (`inject_copy_faults`).
+    copy_faults: AtomicU32,
+    /// The next commit's memory operations fail (`inject_device_fault`).
+    device_fault: AtomicBool,
+    /// Worker copies wait while set (`pause_copies`).
+    copies_paused: AtomicBool,
+    /// Swaps smaller than this copy inline (`set_inline_copy_bytes`).
+    inline_copy_bytes: AtomicUsize,
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    match (p.downcast_ref::<&str>(), p.downcast_ref::<String>()) {
+        (Some(s), _) => (*s).to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "a block copy panicked".to_string(),
+    }
+}
+
+/// The one copy policy: runs a block copy, turning its failure, or a panic inside it, into
+/// `CopyFailed` (a worker that died would leave its ticket unanswered forever). `inject`
+/// fails it on purpose (test hooks), as a panic would.
+fn guarded<T>(inject: bool, copy: impl FnOnce() -> Result<T>) -> Result<T> {
+    let run = std::panic::AssertUnwindSafe(|| {
+        if inject {
+            // `resume_unwind` unwinds like a panic without running the panic hook.
+            std::panic::resume_unwind(Box::new("injected copy fault"));
+        }
+        copy()
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(Error::CopyFailed(m))) => Err(Error::CopyFailed(m)),
+        Ok(Err(e)) => Err(Error::CopyFailed(e.to_string())),
+        Err(panic) => Err(Error::CopyFailed(panic_message(&*panic))),
+    }
+}
+
+/// Threads writing spilled blocks to the disk tier.
+const DISK_THREADS: usize = 2;
+
+impl EngineCore {
+    fn new(config: CacheConfig, clock: Clock) -> Result<Arc<Self>> {
+        let layout = KvLayout::new(&config, config.num_blocks);
+        let memory = match config.device {
+            Device::Cpu => Memory::host(layout.total_bytes())?,
+            Device::Cuda(n) => {
+                let dev = Arc::new(CudaDevice::open(n)?);
+                let slab = Arc::new(DeviceSlab::new(&dev, layout.total_bytes())?);
+                Memory::Cuda(dev, slab)
+            }
+        };
+        let hasher = Hasher::new(config.hash_algo);
+        let disk_reader = match config.disk_blocks {
+            0 => None,
+            _ => Some(DiskWorkers::new(1)?),
+        };
+        let ctx = Ctx {
+            config,
+            layout,
+            memory,
+            hasher,
+            clock,
+            disk_reader,
+        };
+        let state = Mutex::new(State::new(&ctx)?);
+        let disk_workers = match state.lock().disk {
+            Some(_) => Some(DiskWorkers::new(DISK_THREADS)?),
+            None => None,
+        };
+        let notifier = Notifier::new()?;
+        Ok(Arc::new_cyclic(|me| EngineCore {
+            me: me.clone(),
+            ctx,
+            state,
+            notifier,
+            disk_workers,
+            copy_faults: AtomicU32::new(0),
+            device_fault: AtomicBool::new(false),
+            copies_paused: AtomicBool::new(false),
+            inline_copy_bytes: AtomicUsize::new(INLINE_COPY_BYTES),
+        }))
+    }
+
+    /// Makes the memory operations of the next commit that has any fail, as a lost device
+    /// would (tests: the engine must then stop serving, see `commit`).
+    pub fn inject_device_fault(&self) {
+        self.device_fault.store(true, Ordering::SeqCst);
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.ctx.config
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.ctx.layout
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.ctx.clock
+    }
+
+    /// The eventfd the event loop watches.
+    pub fn notify_fd(&self) -> i32 {
+        self.notifier.fd()
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        let st = self.state.lock();
+        st.check_open()?;
+        Ok(st)
+    }
+
+    /// Runs a mutating operation, then commits its effects (serving waiters if `freed`).
+    /// The operation's result is returned unless its block copies failed.
+    fn mutate<T>(&self, freed: bool, f: impl FnOnce(&mut State, &Ctx) -> Result<T>) -> Result<T> {
+        let mut st = self.lock()?;
+        let out = f(&mut st, &self.ctx);
+        self.commit(st, freed)?;
+        out
+    }
+
+    /// The epilogue of every call and of every worker's completion, the one place effects
+    /// run (see `state::effects`): serves waiters (if `freed`), updates pressure, runs the
+    /// recorded block copies in order under the lock, then, without it, wakes the event
+    /// loop and hands disk I/O to the workers.
+    /// A failed copy (only device memory can fail) leaves blocks whose bytes are unknown
+    /// already published, so the engine stops serving: every waiter and every later call
+    /// fails with `CopyFailed` (`State::fail_device`), and the error is returned.
+    fn commit(&self, mut st: MutexGuard<'_, State>, freed: bool) -> Result<()> {
+        if freed {
+            st.serve_waiters(&self.ctx);
+        }
+        st.update_pressure();
+        let mut fx = st.take_effects();
+        let copied = if fx.has_memory_ops() {
+            let inject = self.device_fault.swap(false, Ordering::SeqCst);
+            guarded(inject, || fx.run_memory())
+        } else {
+            Ok(vec![])
+        };
+        if let Err(e) = &copied {
+            st.fail_device(e);
+            fx.signal = true;
+        }
+        drop(st);
+        if fx.signal {
+            self.notifier.signal();
+        }
+        let writes = copied?;
+        self.submit_disk_writes(writes);
+        self.submit_disk_reads(fx.disk_reads);
+        Ok(())
+    }
+
+    /// Salt -> the root hash its sequences chain from.
+    pub fn root_hash(&self, salt: Option<&Salt>) -> crate::types::BlockHash {
+        self.ctx.hasher.root_hash(salt)
+    }
+
+    /// Refuses new calls from now on (before in-flight copies are drained).
+    fn mark_closing(&self) {
+        self.state.lock().closing = true;
+    }
+
+    fn close(&self) {
+        let mut st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        for (t, ticket) in st.waiters.drain_all() {
+            if let crate::waiters::TicketState::Granted(g) = ticket {
+                st.release_grant(g);
+            }
+            st.waiters.fail(t, Error::Closed);
+        }
+        let seqs: Vec<_> = st.seqs.drain().map(|(_, s)| s).collect();
+        for s in seqs {
+            st.free_sequence(s);
+        }
+        // The disk threads are joined: give the file's lock up for the next cache.
+        if let Some(d) = &st.disk {
+            d.file.release();
+        }
+        st.closed = true;
+        self.notifier.signal();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
+    /// Panics if any bookkeeping invariant is broken (tests).
+    pub fn check_invariants(&self) {
+        self.state.lock().check_invariants(&self.ctx);
+    }
+}
