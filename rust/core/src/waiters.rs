@@ -32,6 +32,14 @@ use crate::types::{BlockHash, BlockId, RequestId};
 
 pub type Ticket = u64;
 
+/// What a call that may wait returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ready(crate::sequence::SeqView),
+    /// Queued: the ticket finishes later (see `drain_notifications`).
+    Waiting(Ticket),
+}
+
 #[derive(Debug, Clone)]
 pub enum WaitOp {
     Allocate {

@@ -23,14 +23,14 @@ impl EngineCore {
         for w in writes {
             let core = core.clone();
             workers.submit(Box::new(move || {
-                let file = core.state.lock().disk.as_ref().map(|d| d.file.clone());
+                let file = core.state.lock().disk_file().cloned();
                 let Some(file) = file else { return };
                 // A panic inside the write is a failed write, never a lost answer.
                 let write =
                     std::panic::AssertUnwindSafe(|| file.write_block(w.slot.idx(), &w.data));
                 let ok = matches!(std::panic::catch_unwind(write), Ok(Ok(())));
                 let mut st = core.state.lock();
-                if !st.closed {
+                if !st.is_closed() {
                     st.finish_disk_write(w.slot, w.hash, ok);
                     let _ = core.commit(st, false);
                 }
@@ -78,7 +78,7 @@ impl EngineCore {
                         .collect()
                 });
                 let mut st = core.state.lock();
-                if st.closed {
+                if st.is_closed() {
                     return;
                 }
                 st.finish_disk_read(ticket, results);
@@ -91,30 +91,24 @@ impl EngineCore {
     /// Injects a disk fault (tests). `InvalidArgument` without a disk tier or for a bad slot.
     pub fn inject_disk_fault(&self, fault: crate::storage::disk::Fault) -> Result<()> {
         let st = self.lock()?;
-        let disk = st
-            .disk
-            .as_ref()
+        let file = st
+            .disk_file()
             .ok_or_else(|| Error::InvalidArgument("there is no disk tier".into()))?;
         if let crate::storage::disk::Fault::FlipByte { slot, offset } = fault {
-            if slot >= disk.file.num_slots() || offset >= disk.file.slot_bytes() {
+            if slot >= file.num_slots() || offset >= file.slot_bytes() {
                 return Err(Error::InvalidArgument(format!(
                     "no byte {offset} of slot {slot}"
                 )));
             }
         }
-        disk.file.inject(fault);
+        file.inject(fault);
         Ok(())
     }
 
     /// Blocks until every disk write handed to the workers has finished (tests, benches).
     pub fn wait_disk_idle(&self) -> Result<()> {
         loop {
-            let busy = self
-                .lock()?
-                .disk
-                .as_ref()
-                .is_some_and(|d| d.pending.iter().any(|&p| p));
-            if !busy {
+            if !self.lock()?.disk_busy() {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_micros(200));

@@ -6,7 +6,6 @@
 
 use crate::error::{Error, Result};
 use crate::layout::LayerView;
-use crate::sequence::Phase;
 use crate::state::State;
 use crate::storage::Memory;
 use crate::types::RequestId;
@@ -16,30 +15,7 @@ use super::EngineCore;
 impl EngineCore {
     /// Row-major `[rids.len(), max_blocks]` block ids padded with `pad`, and the column count.
     pub fn block_table(&self, rids: &[RequestId], pad: i32) -> Result<(Vec<i32>, usize)> {
-        let st = self.lock()?;
-        let rows = rids
-            .iter()
-            .map(|r| {
-                let s = st
-                    .seqs
-                    .get(r)
-                    .ok_or_else(|| Error::UnknownRequest(r.clone()))?;
-                if s.phase != Phase::Resident {
-                    return Err(Error::InvalidState(format!(
-                        "request {r} is not resident on the device: it has no block table"
-                    )));
-                }
-                Ok(s)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let cols = rows.iter().map(|s| s.blocks.len()).max().unwrap_or(0);
-        let mut out = vec![pad; rows.len() * cols];
-        for (row, s) in out.chunks_mut(cols.max(1)).zip(&rows) {
-            for (o, b) in row.iter_mut().zip(&s.blocks) {
-                *o = b.0 as i32;
-            }
-        }
-        Ok((out, cols))
+        self.lock()?.block_table(rids, pad)
     }
 
     pub(super) fn kv_span(
@@ -51,18 +27,18 @@ impl EngineCore {
         n: usize,
         what: &str,
     ) -> Result<()> {
-        let s = st.resident(rid, what)?;
+        let num_tokens = st.view_tokens(rid, what)?;
         if layer >= self.ctx.config.num_layers {
             return Err(Error::InvalidArgument(format!(
                 "layer {layer} is outside 0..{}",
                 self.ctx.config.num_layers
             )));
         }
-        if start.checked_add(n).is_none_or(|e| e > s.num_tokens) {
+        if start.checked_add(n).is_none_or(|e| e > num_tokens) {
             return Err(Error::InvalidArgument(format!(
                 "positions {start}..{} are past the end of request {rid} ({} tokens)",
                 start.saturating_add(n),
-                s.num_tokens
+                num_tokens
             )));
         }
         Ok(())
@@ -115,7 +91,7 @@ impl EngineCore {
         self.mutate(false, |st, ctx| {
             self.kv_span(st, rid, layer, start, n, "write_kv")?;
             st.unshare_span(ctx, rid, start, n)?;
-            let blocks = &st.seqs[rid].blocks;
+            let blocks = st.resident_blocks(rid, "write_kv")?;
             self.for_each_run(blocks, layer, start, n, |ko, vo, len, at| {
                 ctx.memory.write(ko, &k[at..at + len])?;
                 ctx.memory.write(vo, &v[at..at + len])
@@ -141,10 +117,16 @@ impl EngineCore {
         let n = k.len() / tb;
         let st = self.lock()?;
         self.kv_span(&st, rid, layer, start, n, "read_kv")?;
-        self.for_each_run(&st.seqs[rid].blocks, layer, start, n, |ko, vo, len, at| {
-            self.ctx.memory.read(ko, &mut k[at..at + len])?;
-            self.ctx.memory.read(vo, &mut v[at..at + len])
-        })
+        self.for_each_run(
+            st.resident_blocks(rid, "read_kv")?,
+            layer,
+            start,
+            n,
+            |ko, vo, len, at| {
+                self.ctx.memory.read(ko, &mut k[at..at + len])?;
+                self.ctx.memory.read(vo, &mut v[at..at + len])
+            },
+        )
     }
 
     /// The device tier's memory and one layer's view of it (for DLPack).

@@ -37,21 +37,13 @@ use crate::error::{Error, Result};
 use crate::layout::KvLayout;
 use crate::notify::Notifier;
 use crate::prefix::{Hasher, Salt};
-use crate::sequence::SeqView;
 use crate::state::{Ctx, State};
 use crate::storage::cuda::{CudaDevice, DeviceSlab};
 use crate::storage::disk::DiskWorkers;
 use crate::storage::Memory;
 use crate::transfer::Copier;
-use crate::waiters::Ticket;
 
-/// What a call that may wait returns.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Ready(SeqView),
-    /// Queued: the ticket finishes later (see `drain_notifications`).
-    Waiting(Ticket),
-}
+pub use crate::waiters::Outcome;
 
 /// The engine: its bookkeeping core, shared with the copy worker, and that worker.
 /// Every bookkeeping call is a method of `EngineCore`, reached through `Deref`; calls that
@@ -173,7 +165,7 @@ impl EngineCore {
             disk_reader,
         };
         let state = Mutex::new(State::new(&ctx)?);
-        let disk_workers = match state.lock().disk {
+        let disk_workers = match state.lock().disk_file() {
             Some(_) => Some(DiskWorkers::new(DISK_THREADS)?),
             None => None,
         };
@@ -269,34 +261,17 @@ impl EngineCore {
 
     /// Refuses new calls from now on (before in-flight copies are drained).
     fn mark_closing(&self) {
-        self.state.lock().closing = true;
+        self.state.lock().mark_closing();
     }
 
     fn close(&self) {
-        let mut st = self.state.lock();
-        if st.closed {
-            return;
+        if self.state.lock().close() {
+            self.notifier.signal();
         }
-        for (t, ticket) in st.waiters.drain_all() {
-            if let crate::waiters::TicketState::Granted(g) = ticket {
-                st.release_grant(g);
-            }
-            st.waiters.fail(t, Error::Closed);
-        }
-        let seqs: Vec<_> = st.seqs.drain().map(|(_, s)| s).collect();
-        for s in seqs {
-            st.free_sequence(s);
-        }
-        // The disk threads are joined: give the file's lock up for the next cache.
-        if let Some(d) = &st.disk {
-            d.file.release();
-        }
-        st.closed = true;
-        self.notifier.signal();
     }
 
     pub fn is_closed(&self) -> bool {
-        self.state.lock().closed
+        self.state.lock().is_closed()
     }
 
     /// Panics if any bookkeeping invariant is broken (tests).

@@ -12,7 +12,7 @@ use crate::prefix::Salt;
 use crate::sequence::{Append, SeqView};
 use crate::stats::GcStats;
 use crate::types::RequestId;
-use crate::waiters::{Ticket, WaitOp};
+use crate::waiters::Ticket;
 
 use super::{EngineCore, Outcome};
 
@@ -29,107 +29,19 @@ impl EngineCore {
             return Err(Error::InvalidArgument("tokens must not be empty".into()));
         }
         let root = self.root_hash(salt);
-        self.mutate(false, |st, ctx| {
-            st.check_new_rid(&rid)?;
-            let total = st.pool.num_blocks();
-            let need = st.blocks_needed(ctx, tokens.len());
-            if need > total {
-                return Err(Error::OutOfBlocks {
-                    needed: need,
-                    available: total,
-                    never_fits: true,
-                });
-            }
-            // A prefix hit on disk is read ahead by the disk reader while the call waits, so
-            // the caller's thread never blocks on disk I/O (`try_allocate` reads inline).
-            let reads = if wait {
-                st.planned_disk_reads(ctx, &tokens, root)
-            } else {
-                vec![]
-            };
-            if !reads.is_empty() {
-                let t = st
-                    .waiters
-                    .push(WaitOp::Allocate { rid, tokens, root }, need);
-                st.start_disk_read(t, reads);
-                return Ok(Outcome::Waiting(t));
-            }
-            // First come, first served: a new prompt overtakes no waiting call.
-            if st.waiters.num_pending() == 0 {
-                match st.allocate_now(ctx, &rid, &tokens, root, &mut Default::default()) {
-                    Ok(v) => return Ok(Outcome::Ready(v)),
-                    Err(Error::OutOfBlocks {
-                        never_fits: false, ..
-                    }) if wait => {}
-                    Err(e) => return Err(e),
-                }
-            } else if !wait {
-                let free = st.pool.num_free_blocks();
-                return Err(Error::OutOfBlocks {
-                    needed: need,
-                    available: free,
-                    never_fits: false,
-                });
-            }
-            st.counters.preempted_waits += 1;
-            Ok(Outcome::Waiting(
-                st.waiters
-                    .push(WaitOp::Allocate { rid, tokens, root }, need),
-            ))
-        })
+        self.mutate(false, |st, ctx| st.allocate(ctx, rid, tokens, root, wait))
     }
 
     /// Appends tokens to a sequence. `wait`: queue when short (else `OutOfBlocks`). An
     /// extend that needs blocks while an earlier one waits queues behind it (or fails).
     pub fn extend(&self, rid: RequestId, append: Append, wait: bool) -> Result<Outcome> {
-        self.mutate(false, |st, ctx| {
-            if st.waiters.open_ticket(&rid).is_some() {
-                return Err(Error::InvalidState(format!(
-                    "request {rid} already has an extend waiting"
-                )));
-            }
-            let need = st.extend_need(ctx, &rid, append.len())?;
-            let (new_blocks, cow) = need;
-            let needed = new_blocks + usize::from(cow);
-            let overtakes = needed > 0 && !st.waiters.extends.is_empty();
-            let result = if overtakes {
-                Err(Error::OutOfBlocks {
-                    needed,
-                    available: 0,
-                    never_fits: false,
-                })
-            } else {
-                st.extend_with(ctx, &rid, &append, need)
-            };
-            match result {
-                Ok(v) => Ok(Outcome::Ready(v)),
-                Err(Error::OutOfBlocks { needed, .. }) if wait => {
-                    let held = st.seqs.get(&rid).map_or(0, |s| s.blocks.len());
-                    let never = held + needed - usize::from(cow) > st.pool.num_blocks();
-                    if never {
-                        return Err(Error::OutOfBlocks {
-                            needed,
-                            available: st.pool.num_blocks(),
-                            never_fits: true,
-                        });
-                    }
-                    st.counters.preempted_waits += 1;
-                    Ok(Outcome::Waiting(
-                        st.waiters.push(WaitOp::Extend { rid, append }, needed),
-                    ))
-                }
-                Err(e) => Err(e),
-            }
-        })
+        self.mutate(false, |st, ctx| st.extend(ctx, rid, append, wait))
     }
 
     /// One decode step: extends every sequence in `items`, all or nothing (never waits).
     /// A batch that needs blocks while an extend waits fails (it would overtake it).
     pub fn extend_batch(&self, items: &[(RequestId, Append)]) -> Result<()> {
-        self.mutate(false, |st, ctx| {
-            let blocked = !st.waiters.extends.is_empty();
-            st.extend_batch(ctx, items, blocked)
-        })
+        self.mutate(false, |st, ctx| st.extend_batch(ctx, items))
     }
 
     /// Tokens of `tokens` the prefix cache would serve now (full hits and a partial copy),
@@ -184,21 +96,18 @@ impl EngineCore {
     }
 
     pub fn can_allocate(&self, num_tokens: usize) -> Result<bool> {
-        let st = self.lock()?;
-        let need = st.blocks_needed(&self.ctx, num_tokens);
-        Ok(st.waiters.num_pending() == 0 && need <= st.pool.num_free_blocks())
+        Ok(self.lock()?.can_allocate(&self.ctx, num_tokens))
     }
 
     pub fn get(&self, rid: &RequestId) -> Result<Option<SeqView>> {
-        let st = self.lock()?;
-        Ok(st.seqs.get(rid).map(|s| SeqView::of(rid, s)))
+        Ok(self.lock()?.view(rid))
     }
 
     pub fn contains(&self, rid: &RequestId) -> Result<bool> {
-        Ok(self.lock()?.seqs.contains_key(rid))
+        Ok(self.lock()?.contains(rid))
     }
 
     pub fn num_sequences(&self) -> Result<usize> {
-        Ok(self.lock()?.seqs.len())
+        Ok(self.lock()?.num_sequences())
     }
 }

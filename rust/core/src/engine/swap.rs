@@ -9,7 +9,6 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::sequence::SeqView;
 use crate::state::{State, Swap};
 use crate::storage::{copy_runs, Memory};
 use crate::types::RequestId;
@@ -31,17 +30,8 @@ impl SwapDir {
     /// and the blocks the swap took go back) with the copy's error returned.
     fn settle(self, st: &mut State, rid: &RequestId, ns: u64, copied: Result<()>) -> Result<()> {
         let out = matches!(self, SwapDir::Out);
-        st.end_swap(rid, out, copied.is_ok());
-        copied?;
-        let c = &mut st.counters;
-        if out {
-            c.d2h_transfers += 1;
-            c.d2h_transfer_ns += ns;
-        } else {
-            c.h2d_transfers += 1;
-            c.h2d_transfer_ns += ns;
-        }
-        Ok(())
+        st.end_swap(rid, out, copied.is_ok(), ns);
+        copied
     }
 }
 
@@ -72,12 +62,12 @@ impl Engine {
             let ns = t0.elapsed().as_nanos() as u64;
             return self.core.mutate(true, |st, _| {
                 dir.settle(st, rid, ns, copied)?;
-                Ok(Outcome::Ready(SeqView::of(rid, &st.seqs[rid])))
+                Ok(Outcome::Ready(
+                    st.view(rid).expect("a swapped sequence stays live"),
+                ))
             });
         }
-        let ticket = self
-            .core
-            .mutate(false, |st, _| Ok(st.waiters.push_moving(rid.clone())))?;
+        let ticket = self.core.mutate(false, |st, _| Ok(st.push_moving(rid)))?;
         let core = self.core.clone();
         let rid = rid.clone();
         // NOTE: the copy runs without the lock: it touches only blocks the sequence owns
@@ -86,11 +76,11 @@ impl Engine {
             let t0 = Instant::now();
             let copied = core.guarded_copy(&src, &dst, &runs);
             let mut st = core.state.lock();
-            if st.closed {
+            if st.is_closed() {
                 return;
             }
             let settled = dir.settle(&mut st, &rid, t0.elapsed().as_nanos() as u64, copied);
-            st.waiters.finish_moving(ticket, settled);
+            st.finish_moving(ticket, settled);
             let _ = core.commit(st, true);
         });
         if !self.copier.submit(job) {

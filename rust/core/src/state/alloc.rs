@@ -20,6 +20,7 @@
 use crate::error::{Error, Result};
 use crate::sequence::{Phase, SeqView, Sequence};
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId};
+use crate::waiters::{Outcome, WaitOp};
 
 use super::{short, Ctx, StagedReads, State};
 
@@ -49,6 +50,65 @@ pub struct Admission {
 }
 
 impl State {
+    /// A new sequence of `tokens`, now or (with `wait`) through a ticket when blocks are
+    /// short or its disk hits must be read ahead. First come, first served: a new prompt
+    /// overtakes no waiting call.
+    pub fn allocate(
+        &mut self,
+        ctx: &Ctx,
+        rid: RequestId,
+        tokens: Vec<u32>,
+        root: BlockHash,
+        wait: bool,
+    ) -> Result<Outcome> {
+        self.check_new_rid(&rid)?;
+        let total = self.pool.num_blocks();
+        let need = self.blocks_needed(ctx, tokens.len());
+        if need > total {
+            return Err(Error::OutOfBlocks {
+                needed: need,
+                available: total,
+                never_fits: true,
+            });
+        }
+        // A prefix hit on disk is read ahead by the disk reader while the call waits, so
+        // the caller's thread never blocks on disk I/O (`try_allocate` reads inline).
+        let reads = if wait {
+            self.planned_disk_reads(ctx, &tokens, root)
+        } else {
+            vec![]
+        };
+        if !reads.is_empty() {
+            let t = self
+                .waiters
+                .push(WaitOp::Allocate { rid, tokens, root }, need);
+            self.start_disk_read(t, reads);
+            return Ok(Outcome::Waiting(t));
+        }
+        // First come, first served: a new prompt overtakes no waiting call.
+        if self.waiters.num_pending() == 0 {
+            match self.allocate_now(ctx, &rid, &tokens, root, &mut Default::default()) {
+                Ok(v) => return Ok(Outcome::Ready(v)),
+                Err(Error::OutOfBlocks {
+                    never_fits: false, ..
+                }) if wait => {}
+                Err(e) => return Err(e),
+            }
+        } else if !wait {
+            let free = self.pool.num_free_blocks();
+            return Err(Error::OutOfBlocks {
+                needed: need,
+                available: free,
+                never_fits: false,
+            });
+        }
+        self.counters.preempted_waits += 1;
+        Ok(Outcome::Waiting(
+            self.waiters
+                .push(WaitOp::Allocate { rid, tokens, root }, need),
+        ))
+    }
+
     pub(super) fn plan_allocate(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> AllocPlan {
         let bs = ctx.config.block_size;
         let n = tokens.len();

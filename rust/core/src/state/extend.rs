@@ -13,10 +13,60 @@
 use crate::error::{Error, Result};
 use crate::sequence::{Append, SeqView};
 use crate::types::{blocks_for, BlockId, RequestId};
+use crate::waiters::{Outcome, WaitOp};
 
 use super::{short, Ctx, Registry, State};
 
 impl State {
+    /// Appends tokens to a resident sequence, now or (with `wait`) through a ticket when
+    /// blocks are short. An extend that needs blocks while an earlier one waits queues
+    /// behind it (or fails).
+    pub fn extend(
+        &mut self,
+        ctx: &Ctx,
+        rid: RequestId,
+        append: Append,
+        wait: bool,
+    ) -> Result<Outcome> {
+        if self.waiters.open_ticket(&rid).is_some() {
+            return Err(Error::InvalidState(format!(
+                "request {rid} already has an extend waiting"
+            )));
+        }
+        let need = self.extend_need(ctx, &rid, append.len())?;
+        let (new_blocks, cow) = need;
+        let needed = new_blocks + usize::from(cow);
+        let overtakes = needed > 0 && !self.waiters.extends.is_empty();
+        let result = if overtakes {
+            Err(Error::OutOfBlocks {
+                needed,
+                available: 0,
+                never_fits: false,
+            })
+        } else {
+            self.extend_with(ctx, &rid, &append, need)
+        };
+        match result {
+            Ok(v) => Ok(Outcome::Ready(v)),
+            Err(Error::OutOfBlocks { needed, .. }) if wait => {
+                let held = self.seqs.get(&rid).map_or(0, |s| s.blocks.len());
+                let never = held + needed - usize::from(cow) > self.pool.num_blocks();
+                if never {
+                    return Err(Error::OutOfBlocks {
+                        needed,
+                        available: self.pool.num_blocks(),
+                        never_fits: true,
+                    });
+                }
+                self.counters.preempted_waits += 1;
+                Ok(Outcome::Waiting(
+                    self.waiters.push(WaitOp::Extend { rid, append }, needed),
+                ))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Blocks an extend by `m` tokens takes: new blocks, and whether the shared partial tail
     /// must be copied first (copy-on-write).
     pub fn extend_need(&self, ctx: &Ctx, rid: &RequestId, m: usize) -> Result<(usize, bool)> {
@@ -183,13 +233,9 @@ impl State {
 
     /// Extends every sequence of `items` or none (see `Engine::extend_batch`): everything
     /// is checked before anything changes, so a failure leaves the state as it was.
-    /// `blocked`: a call that needs blocks may not take them (an earlier extend waits).
-    pub fn extend_batch(
-        &mut self,
-        ctx: &Ctx,
-        items: &[(RequestId, Append)],
-        blocked: bool,
-    ) -> Result<()> {
+    /// A batch that needs blocks while an extend waits fails (it would overtake it).
+    pub fn extend_batch(&mut self, ctx: &Ctx, items: &[(RequestId, Append)]) -> Result<()> {
+        let blocked = !self.waiters.extends.is_empty();
         let mut seen = std::collections::HashSet::with_capacity(items.len());
         let mut needed = 0usize;
         for (rid, append) in items {

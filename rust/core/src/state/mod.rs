@@ -28,6 +28,7 @@ mod alloc;
 mod checks;
 mod effects;
 mod extend;
+mod report;
 mod tickets;
 mod tiers;
 
@@ -152,33 +153,33 @@ impl Registry<'_> {
 }
 
 pub struct State {
-    pub closed: bool,
+    closed: bool,
     /// `close()` has begun: new calls fail while in-flight copies drain.
-    pub closing: bool,
+    closing: bool,
     /// A block copy failed: why. Every later call fails (see `fail_device`).
     broken: Option<String>,
-    pub pool: BlockPool,
-    pub index: PrefixIndex,
+    pool: BlockPool,
+    index: PrefixIndex,
     /// The host tier, when `host_blocks > 0`.
-    pub host: Option<HostTier>,
+    host: Option<HostTier>,
     /// The disk tier, when `disk_blocks > 0` (it spills from the host tier).
-    pub disk: Option<DiskTier>,
+    disk: Option<DiskTier>,
     /// What the calls since the last commit left the engine to do (copies, disk I/O, wake).
     fx: Effects,
     /// Waiting allocations whose disk read-ahead is still running (not served before).
-    pub loading: std::collections::HashSet<crate::waiters::Ticket>,
+    loading: std::collections::HashSet<crate::waiters::Ticket>,
     /// Finished read-aheads, per waiting allocation.
-    pub staged: HashMap<crate::waiters::Ticket, StagedReads>,
-    pub seqs: HashMap<RequestId, Sequence>,
-    pub waiters: Waiters,
-    pub counters: Counters,
-    pub iter_mark: Counters,
-    pub pressure: Pressure,
-    pub subscribed: bool,
-    pub pressure_events: Vec<PressureEvent>,
-    pub events: EventQueue,
-    pub residency: Residency,
-    pub callback_errors: u64,
+    staged: HashMap<crate::waiters::Ticket, StagedReads>,
+    seqs: HashMap<RequestId, Sequence>,
+    waiters: Waiters,
+    counters: Counters,
+    iter_mark: Counters,
+    pressure: Pressure,
+    subscribed: bool,
+    pressure_events: Vec<PressureEvent>,
+    events: EventQueue,
+    residency: Residency,
+    callback_errors: u64,
     scratch: Vec<u8>,
 }
 
@@ -248,6 +249,44 @@ impl State {
     /// Asks the engine to wake the event loop when it commits this call.
     pub fn signal(&mut self) {
         self.fx.signal = true;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// `close()` has begun: new calls fail while in-flight copies drain.
+    pub fn mark_closing(&mut self) {
+        self.closing = true;
+    }
+
+    /// Closes the state: every open ticket fails with `Closed` (a grant gives back what it
+    /// holds), every sequence is freed, the disk file's lock is given up (the disk threads
+    /// were joined). Returns false if it was closed already.
+    pub fn close(&mut self) -> bool {
+        if self.closed {
+            return false;
+        }
+        for (t, ticket) in self.waiters.drain_all() {
+            if let crate::waiters::TicketState::Granted(g) = ticket {
+                self.release_grant(g);
+            }
+            self.waiters.fail(t, Error::Closed);
+        }
+        let seqs: Vec<_> = self.seqs.drain().map(|(_, s)| s).collect();
+        for s in seqs {
+            self.free_sequence(s);
+        }
+        if let Some(d) = &self.disk {
+            d.file.release();
+        }
+        self.closed = true;
+        true
+    }
+
+    /// The token count of a resident sequence (`what` names the call, for the error).
+    pub fn view_tokens(&self, rid: &RequestId, what: &str) -> Result<usize> {
+        Ok(self.resident(rid, what)?.num_tokens)
     }
 
     pub fn check_open(&self) -> Result<()> {
@@ -480,6 +519,24 @@ impl State {
                 self.fx.signal = true;
             }
         }
+    }
+
+    /// Whether `num_tokens` new tokens fit now and nothing waits ahead of them.
+    pub fn can_allocate(&self, ctx: &Ctx, num_tokens: usize) -> bool {
+        let need = self.blocks_needed(ctx, num_tokens);
+        self.waiters.num_pending() == 0 && need <= self.pool.num_free_blocks()
+    }
+
+    pub fn view(&self, rid: &RequestId) -> Option<SeqView> {
+        self.seqs.get(rid).map(|s| SeqView::of(rid, s))
+    }
+
+    pub fn contains(&self, rid: &RequestId) -> bool {
+        self.seqs.contains_key(rid)
+    }
+
+    pub fn num_sequences(&self) -> usize {
+        self.seqs.len()
     }
 
     pub fn level(&self) -> Level {

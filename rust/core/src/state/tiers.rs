@@ -296,12 +296,22 @@ impl State {
         })
     }
 
-    /// Ends the swap of `rid` once its copy finished (`done`) or failed. Done: the sequence
+    /// The ticket a swap copying on the worker finishes through.
+    pub fn push_moving(&mut self, rid: &RequestId) -> Ticket {
+        self.waiters.push_moving(rid.clone())
+    }
+
+    /// The worker's swap copy ended: its ticket is answered (`settled`).
+    pub fn finish_moving(&mut self, t: Ticket, settled: Result<()>) {
+        self.waiters.finish_moving(t, settled);
+    }
+
+    /// Ends the swap of `rid` once its copy finished (`done`, in `ns`) or failed. Done: the sequence
     /// takes the blocks the copy filled and the ones it left go back. Failed: it keeps its
     /// blocks (they were only read) and the ones the swap took go back. NOTE: blocks swapped
     /// in are not registered in the device prefix cache again; the copies registered before
     /// the swap-out stay cached (on the device while not evicted, then in the host tier).
-    pub fn end_swap(&mut self, rid: &RequestId, out: bool, done: bool) {
+    pub fn end_swap(&mut self, rid: &RequestId, out: bool, done: bool, ns: u64) {
         let next = if out == done {
             Phase::Swapped
         } else {
@@ -331,12 +341,18 @@ impl State {
         self.events.end_op();
         match (done, out) {
             (true, true) => {
-                self.counters.d2h_blocks_copied += n;
-                self.counters.swap_out_count += 1;
+                let c = &mut self.counters;
+                c.d2h_blocks_copied += n;
+                c.swap_out_count += 1;
+                c.d2h_transfers += 1;
+                c.d2h_transfer_ns += ns;
             }
             (true, false) => {
-                self.counters.h2d_blocks_copied += n;
-                self.counters.swap_in_count += 1;
+                let c = &mut self.counters;
+                c.h2d_blocks_copied += n;
+                c.swap_in_count += 1;
+                c.h2d_transfers += 1;
+                c.h2d_transfer_ns += ns;
             }
             (false, _) => {}
         }
