@@ -82,7 +82,6 @@ impl EngineCore {
                     return;
                 }
                 st.finish_disk_read(ticket, results);
-                st.signal();
                 let _ = core.commit(st, true);
             }));
         }

@@ -91,6 +91,7 @@ impl EngineCore {
         self.mutate(false, |st, ctx| {
             self.kv_span(st, rid, layer, start, n, "write_kv")?;
             st.unshare_span(ctx, rid, start, n)?;
+            self.run_copies(st)?; // the copies land before the write, never over it
             let blocks = st.resident_blocks(rid, "write_kv")?;
             self.for_each_run(blocks, layer, start, n, |ko, vo, len, at| {
                 ctx.memory.write(ko, &k[at..at + len])?;

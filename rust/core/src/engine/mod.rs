@@ -233,25 +233,32 @@ impl EngineCore {
             st.serve_waiters(&self.ctx);
         }
         st.update_pressure();
-        let mut fx = st.take_effects();
-        let copied = if fx.has_memory_ops() {
-            let inject = self.device_fault.swap(false, Ordering::SeqCst);
-            guarded(inject, || fx.run_memory())
-        } else {
-            Ok(vec![])
-        };
-        if let Err(e) = &copied {
-            st.fail_device(e);
-            fx.signal = true;
-        }
+        let copied = self.run_copies(&mut st);
+        let fx = st.take_effects();
         drop(st);
         if fx.signal {
             self.notifier.signal();
         }
-        let writes = copied?;
-        self.submit_disk_writes(writes);
+        copied?;
+        self.submit_disk_writes(fx.disk_writes);
         self.submit_disk_reads(fx.disk_reads);
         Ok(())
+    }
+
+    /// Runs the memory operations recorded so far, in order, under the lock held (`commit`,
+    /// and a call that touches bytes after them). A failure stops the engine (see `commit`).
+    fn run_copies(&self, st: &mut State) -> Result<()> {
+        let fx = st.effects_mut();
+        if !fx.has_memory_ops() {
+            return Ok(());
+        }
+        let inject = self.device_fault.swap(false, Ordering::SeqCst);
+        let copied = guarded(inject, || fx.run_memory());
+        if let Err(e) = &copied {
+            st.fail_device(e);
+            st.signal();
+        }
+        copied
     }
 
     /// Salt -> the root hash its sequences chain from.

@@ -55,6 +55,8 @@ pub struct Effects {
     mem: Vec<MemOp>,
     /// Read-aheads for the disk reader.
     pub(crate) disk_reads: Vec<DiskRead>,
+    /// Spilled blocks read by `run_memory`, for the disk writers.
+    pub(crate) disk_writes: Vec<DiskWrite>,
     /// Wake the event loop: a ticket finished or the pressure level changed.
     pub(crate) signal: bool,
 }
@@ -125,10 +127,10 @@ impl Effects {
         !self.mem.is_empty()
     }
 
-    /// Runs the memory operations in order and returns the disk writes they produced.
-    /// Stops at the first failure (only device memory can fail: a lost GPU context).
-    pub(crate) fn run_memory(&mut self) -> Result<Vec<DiskWrite>> {
-        let mut writes = Vec::new();
+    /// Runs the memory operations in order (spills become `disk_writes`). Stops at the
+    /// first failure (only device memory can fail: a lost GPU context).
+    pub(crate) fn run_memory(&mut self) -> Result<()> {
+        let writes = &mut self.disk_writes;
         for op in self.mem.drain(..) {
             match op {
                 MemOp::Copy { src, dst, runs } => copy_runs(&src, &dst, &runs)?,
@@ -152,7 +154,7 @@ impl Effects {
                 }
             }
         }
-        Ok(writes)
+        Ok(())
     }
 }
 
@@ -171,7 +173,8 @@ mod tests {
         fx.copy(&b, &b, 8, 32, 4); // must see the copy above
         assert_eq!(fx.mem.len(), 2);
         fx.spill(&b, 32, 4, BlockId(3), 7);
-        let writes = fx.run_memory().unwrap();
+        fx.run_memory().unwrap();
+        let writes = &fx.disk_writes;
         assert_eq!(writes.len(), 1);
         assert_eq!(writes[0].data, [1, 2, 3, 4]);
         assert_eq!((writes[0].slot, writes[0].hash), (BlockId(3), 7));

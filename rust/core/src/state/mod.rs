@@ -246,6 +246,12 @@ impl State {
         std::mem::take(&mut self.fx)
     }
 
+    /// The effects recorded so far, to run their memory operations now (a call that
+    /// touches bytes itself after them: `write_kv` after copy-on-write).
+    pub fn effects_mut(&mut self) -> &mut Effects {
+        &mut self.fx
+    }
+
     /// Asks the engine to wake the event loop when it commits this call.
     pub fn signal(&mut self) {
         self.fx.signal = true;

@@ -185,6 +185,7 @@ impl State {
         if self.loading.remove(&ticket) {
             self.staged.insert(ticket, staged);
         }
+        self.fx.signal = true;
     }
 
     /// Copies cached host blocks into fresh device blocks (a prefix hit in the host tier)
@@ -304,6 +305,7 @@ impl State {
     /// The worker's swap copy ended: its ticket is answered (`settled`).
     pub fn finish_moving(&mut self, t: Ticket, settled: Result<()>) {
         self.waiters.finish_moving(t, settled);
+        self.fx.signal = true;
     }
 
     /// Ends the swap of `rid` once its copy finished (`done`, in `ns`) or failed. Done: the sequence
