@@ -65,7 +65,10 @@ impl WaitOp {
 #[derive(Debug)]
 pub enum Grant {
     /// A new sequence's blocks (for `tokens`), reserved and filled, not yet published.
-    Allocate { adm: Admission, tokens: Vec<u32> },
+    Allocate {
+        adm: Box<Admission>,
+        tokens: Vec<u32>,
+    },
     /// Blocks reserved for an extend of a resident sequence (applied when taken).
     Extend {
         rid: RequestId,

@@ -37,7 +37,8 @@ use crate::error::{Error, Result};
 use crate::layout::KvLayout;
 use crate::notify::Notifier;
 use crate::prefix::{Hasher, Salt};
-use crate::state::{Ctx, State};
+use crate::sequence::SeqView;
+use crate::state::{Ctx, Fill, State};
 use crate::storage::cuda::{CudaDevice, DeviceSlab};
 use crate::storage::disk::DiskWorkers;
 use crate::storage::Memory;
@@ -80,6 +81,7 @@ impl Engine {
     pub fn close(&self) {
         self.core.mark_closing();
         self.core.pause_copies(false);
+        self.core.pause_fills(false);
         self.copier.shutdown();
         if let Some(w) = &self.core.disk_workers {
             w.shutdown();
@@ -101,6 +103,8 @@ pub struct EngineCore {
     disk_workers: Option<DiskWorkers>,
     /// Swap copies still to fail on purpose (`inject_copy_faults`).
     copy_faults: AtomicU32,
+    /// Fills wait before they start while set (`pause_fills`).
+    fills_paused: AtomicBool,
     /// The next commit's memory operations fail (`inject_device_fault`).
     device_fault: AtomicBool,
     /// Worker copies wait while set (`pause_copies`).
@@ -178,12 +182,19 @@ impl EngineCore {
             disk_workers,
             copy_faults: AtomicU32::new(0),
             device_fault: AtomicBool::new(false),
+            fills_paused: AtomicBool::new(false),
             copies_paused: AtomicBool::new(false),
             inline_copy_bytes: AtomicUsize::new(INLINE_COPY_BYTES),
         }))
     }
 
-    /// Makes the memory operations of the next commit that has any fail, as a lost device
+    /// Holds admissions' fills (run outside the lock) before they start while `on` (tests: a
+    /// fill stays in flight while other threads call in). `close` lifts it.
+    pub fn pause_fills(&self, on: bool) {
+        self.fills_paused.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes the memory operations of the next commit (or fill) that has any fail, as a lost device
     /// would (tests: the engine must then stop serving, see `commit`).
     pub fn inject_device_fault(&self) {
         self.device_fault.store(true, Ordering::SeqCst);
@@ -245,15 +256,38 @@ impl EngineCore {
         Ok(())
     }
 
+    /// Runs an admission's fill (see `state::Staged`) without the lock, then publishes the
+    /// admission, or gives it back if a copy failed: only this call fails (`CopyFailed`),
+    /// since nothing it filled was ever published.
+    /// NOTE: safe without the lock because every block the fill touches is unreachable by
+    /// other calls until `finish_fill`: its destinations are the admission's own blocks and
+    /// the host blocks its offloads took (owned, unindexed), its sources are pinned.
+    fn run_fill(&self, fill: Fill) -> Result<SeqView> {
+        let Fill { rid, mut fx } = fill;
+        while self.fills_paused.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let inject = self.device_fault.swap(false, Ordering::SeqCst);
+        let copied = guarded(inject, || fx.run_memory());
+        let mut st = self.state.lock();
+        if st.is_closed() {
+            return Err(Error::Closed);
+        }
+        let published = st.finish_fill(&self.ctx, &rid, copied);
+        self.commit(st, published.is_err())?;
+        published
+    }
+
     /// Runs the memory operations recorded so far, in order, under the lock held (`commit`,
     /// and a call that touches bytes after them). A failure stops the engine (see `commit`).
     fn run_copies(&self, st: &mut State) -> Result<()> {
         let fx = st.effects_mut();
-        if !fx.has_memory_ops() {
+        if fx.is_settled() {
             return Ok(());
         }
-        let inject = self.device_fault.swap(false, Ordering::SeqCst);
+        let inject = fx.has_memory_ops() && self.device_fault.swap(false, Ordering::SeqCst);
         let copied = guarded(inject, || fx.run_memory());
+        st.settle_effects(copied.is_ok());
         if let Err(e) = &copied {
             st.fail_device(e);
             st.signal();

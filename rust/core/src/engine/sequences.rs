@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::prefix::Salt;
 use crate::sequence::{Append, SeqView};
+use crate::state::Staged;
 use crate::stats::GcStats;
 use crate::types::RequestId;
 use crate::waiters::Ticket;
@@ -29,7 +30,10 @@ impl EngineCore {
             return Err(Error::InvalidArgument("tokens must not be empty".into()));
         }
         let root = self.root_hash(salt);
-        self.mutate(false, |st, ctx| st.allocate(ctx, rid, tokens, root, wait))
+        match self.mutate(false, |st, ctx| st.allocate(ctx, rid, tokens, root, wait))? {
+            Staged::Done(o) => Ok(o),
+            Staged::Fill(fill) => Ok(Outcome::Ready(self.run_fill(fill)?)),
+        }
     }
 
     /// Appends tokens to a sequence. `wait`: queue when short (else `OutOfBlocks`). An
@@ -62,7 +66,10 @@ impl EngineCore {
 
     /// Hands a finished ticket's result to its waiter; a grant is applied and published.
     pub fn take_ticket(&self, t: Ticket) -> Result<SeqView> {
-        self.mutate(false, |st, ctx| st.take_ticket(ctx, t))
+        match self.mutate(false, |st, ctx| st.take_ticket(ctx, t))? {
+            Staged::Done(v) => Ok(v),
+            Staged::Fill(fill) => self.run_fill(fill),
+        }
     }
 
     /// Withdraws a ticket (a cancelled or timed-out waiter): nothing it took is kept.

@@ -1,20 +1,23 @@
-//! Allocation of a new sequence: plan, reserve, publish.
+//! Allocation of a new sequence: plan, reserve, fill, publish.
 //!
-//! An allocation is two steps with nothing fallible between them:
 //! 1. `reserve_allocate` plans the prompt's prefix hits (device, then host, then disk, then a
 //!    partial copy), checks that enough blocks are free, and takes them: device hits are
-//!    shared (their refcounts rise), the other blocks are taken from the pool and filled
-//!    (onboarded from the host tier, read back from disk, partially copied). The result, an
-//!    `Admission`, holds every block it took; none of them is in a sequence or the prefix
-//!    index yet, so no other request can see them.
-//! 2. `admit` publishes it: the sequence is inserted, its full blocks are registered in the
-//!    prefix index (KV events), and the allocation counters are counted.
+//!    shared (their refcounts rise), the other blocks are taken from the pool. The copies
+//!    that fill them (onboard from the host tier, disk read-back, the partial copy, and the
+//!    offloads of cached blocks their eviction displaced) are recorded as the admission's
+//!    `fill`, with their sources pinned. The result, an `Admission`, holds every block it
+//!    took; none of them is in a sequence or an index yet, so no other request can see them.
+//! 2. The fill runs: at once if it is empty, else by the engine outside the lock
+//!    (`Staged::Fill`) while the admission waits in `filling`.
+//! 3. `admit` publishes it: the fill's after-actions apply (host copies indexed, pins
+//!    dropped, transfers counted), the sequence is inserted, its full blocks are registered
+//!    in the prefix index (KV events), and the allocation counters are counted.
 //!
-//! `allocate_now` does both at once. A waiting allocation is reserved when it is served and
-//! admitted when its waiter takes the ticket; a cancelled one gives its `Admission` back
-//! (`release_admission`): the never-published blocks go back blank, the shared hits back to
-//! the cache, and no counter of the allocation was ever counted. Bytes copied into the
-//! reserved blocks were copied and stay counted as transfers.
+//! A waiting allocation is reserved when it is served, and filled and admitted when its
+//! waiter takes the ticket; a cancelled one, or one whose fill failed, gives its `Admission`
+//! back (`release_admission`): the never-published blocks go back blank, the shared hits back
+//! to the cache, the pins are dropped, and no counter of it was ever counted (nothing was
+//! copied either). Only the cached device blocks its reservation evicted stay evicted.
 //! Cost: O(prompt blocks) for hashing and lookups, O(1) per block taken.
 
 use crate::error::{Error, Result};
@@ -22,6 +25,7 @@ use crate::sequence::{Phase, SeqView, Sequence};
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId};
 use crate::waiters::{Outcome, WaitOp};
 
+use super::effects::{After, Effects};
 use super::{short, Ctx, StagedReads, State};
 
 /// Plan of a prompt allocation, computed without side effects.
@@ -47,6 +51,26 @@ pub struct Admission {
     /// Full blocks served from any tier (device, host, disk).
     full_hits: usize,
     partial: bool,
+    /// The copies that fill the new blocks (onboard, disk read-back, partial copy, and the
+    /// offloads of the cached blocks their eviction displaced), with their after-actions.
+    /// They run outside the lock before the admission is published (`Staged::Fill`).
+    fill: Effects,
+}
+
+/// A call's answer, or an admission whose fill the engine runs first, outside the lock,
+/// before `finish_fill` publishes it.
+#[must_use]
+pub enum Staged<T> {
+    Done(T),
+    Fill(Fill),
+}
+
+/// The memory operations of one admission, carried out of the lock (see `Staged`). The
+/// admission itself stays in the state (`filling`), so nothing it holds is ever unowned.
+#[must_use]
+pub struct Fill {
+    pub rid: RequestId,
+    pub fx: Effects,
 }
 
 impl State {
@@ -60,7 +84,7 @@ impl State {
         tokens: Vec<u32>,
         root: BlockHash,
         wait: bool,
-    ) -> Result<Outcome> {
+    ) -> Result<Staged<Outcome>> {
         self.check_new_rid(&rid)?;
         let total = self.pool.num_blocks();
         let need = self.blocks_needed(ctx, tokens.len());
@@ -83,12 +107,13 @@ impl State {
                 .waiters
                 .push(WaitOp::Allocate { rid, tokens, root }, need);
             self.start_disk_read(t, reads);
-            return Ok(Outcome::Waiting(t));
+            return Ok(Staged::Done(Outcome::Waiting(t)));
         }
         // First come, first served: a new prompt overtakes no waiting call.
         if self.waiters.num_pending() == 0 {
             match self.allocate_now(ctx, &rid, &tokens, root, &mut Default::default()) {
-                Ok(v) => return Ok(Outcome::Ready(v)),
+                Ok(Staged::Done(v)) => return Ok(Staged::Done(Outcome::Ready(v))),
+                Ok(Staged::Fill(f)) => return Ok(Staged::Fill(f)),
                 Err(Error::OutOfBlocks {
                     never_fits: false, ..
                 }) if wait => {}
@@ -103,10 +128,10 @@ impl State {
             });
         }
         self.counters.preempted_waits += 1;
-        Ok(Outcome::Waiting(
-            self.waiters
-                .push(WaitOp::Allocate { rid, tokens, root }, need),
-        ))
+        let t = self
+            .waiters
+            .push(WaitOp::Allocate { rid, tokens, root }, need);
+        Ok(Staged::Done(Outcome::Waiting(t)))
     }
 
     pub(super) fn plan_allocate(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> AllocPlan {
@@ -175,9 +200,9 @@ impl State {
         tokens: &[u32],
         root: BlockHash,
         staged: &mut StagedReads,
-    ) -> Result<SeqView> {
+    ) -> Result<Staged<SeqView>> {
         let adm = self.reserve_allocate(ctx, rid, tokens, root, staged)?;
-        Ok(self.admit(ctx, adm, tokens))
+        Ok(self.publish_or_fill(ctx, adm, tokens.to_vec()))
     }
 
     /// Takes and fills the blocks of a new sequence (step 1 of the module header), or fails
@@ -213,7 +238,8 @@ impl State {
             return Err(short(new, available));
         }
         let disk_data = self.read_disk_hits(&mut plan, staged);
-        // Commit.
+        // Commit. What this records from here on is the admission's fill.
+        let mark = self.fx.mark();
         let now = ctx.clock.now();
         for &b in &plan.hits {
             self.pool.acquire(b);
@@ -237,21 +263,20 @@ impl State {
         for (bytes, &db) in disk_data.into_iter().zip(&blocks[k + j..k + j + d]) {
             ctx.write_block(&mut self.fx, db, bytes);
         }
-        let bpb = ctx.bytes_per_block() as u64;
-        self.counters.onboard_blocks += d as u64;
-        self.counters.onboard_bytes += d as u64 * bpb;
-        self.counters.h2d_blocks_copied += d as u64;
+        if j + d > 0 {
+            let host = plan.onboard;
+            self.fx.after(After::Onboarded { host, disk: d });
+        }
         let full_hits = k + j + d;
         let mut cached_tokens = full_hits * bs;
         if let Some((src, m)) = plan.partial {
             ctx.copy_block(&mut self.fx, src, blocks[full_hits]);
-            self.release_block(src);
+            self.fx.after(After::PartialCopied { src });
             self.residency.on_access(src, now);
-            self.counters.intra_device_copy_blocks += 1;
-            self.counters.intra_device_copy_bytes += bpb;
             cached_tokens += m;
         }
         self.events.end_op();
+        let fill = self.fx.split_fill(mark);
         let cacheable = ctx.config.enable_prefix_cache;
         let n_full = tokens.len() / bs;
         let seq = Sequence {
@@ -275,6 +300,7 @@ impl State {
             device_hits: k,
             full_hits,
             partial: plan.partial.is_some(),
+            fill,
         })
     }
 
@@ -287,8 +313,14 @@ impl State {
             device_hits,
             full_hits,
             partial,
+            fill,
         } = adm;
         debug_assert!(!self.seqs.contains_key(&rid), "admitted twice: {rid}");
+        debug_assert!(
+            !fill.has_memory_ops(),
+            "admitted before its fill ran: {rid}"
+        );
+        self.settle_after(fill.after, true);
         if seq.cacheable {
             // Blocks after the device hits (onboarded, read back or computed) are new.
             for i in device_hits..tokens.len() / bs {
@@ -321,17 +353,67 @@ impl State {
     /// Gives back a reservation that is never admitted: its new blocks were never
     /// published, so they go back blank; the shared hits go back to the cache.
     pub(super) fn release_admission(&mut self, adm: Admission) {
+        self.settle_after(adm.fill.after, false);
         self.free_sequence(adm.seq);
     }
 
-    /// Blocks an admission holds (the invariant checks count them as owners).
-    pub(super) fn admission_blocks(adm: &Admission) -> &[BlockId] {
-        &adm.seq.blocks
+    /// Blocks an admission holds: (device, host), each once per reference it holds (the
+    /// invariant checks count them as owners).
+    pub(super) fn admission_blocks(adm: &Admission) -> (Vec<BlockId>, Vec<BlockId>) {
+        let mut device = adm.seq.blocks.clone();
+        let mut host = vec![];
+        for a in &adm.fill.after {
+            match a {
+                After::CacheHost { hb, .. } => host.push(*hb),
+                After::Onboarded { host: h, .. } => host.extend(h),
+                After::PartialCopied { src } => device.push(*src),
+            }
+        }
+        (device, host)
+    }
+
+    /// Publishes `adm` now if it has nothing to copy, else keeps it in `filling` and hands
+    /// its fill to the engine.
+    pub(super) fn publish_or_fill(
+        &mut self,
+        ctx: &Ctx,
+        mut adm: Admission,
+        tokens: Vec<u32>,
+    ) -> Staged<SeqView> {
+        if !adm.fill.has_memory_ops() {
+            return Staged::Done(self.admit(ctx, adm, &tokens));
+        }
+        let fx = adm.fill.take_memory();
+        let rid = adm.rid.clone();
+        self.filling.insert(rid.clone(), (adm, tokens));
+        Staged::Fill(Fill { rid, fx })
+    }
+
+    /// Publishes an admission once the engine ran its fill (`copied`), or gives it back if
+    /// the copies failed or the engine stopped meanwhile.
+    pub fn finish_fill(
+        &mut self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        copied: Result<()>,
+    ) -> Result<SeqView> {
+        let Some((adm, tokens)) = self.filling.remove(rid) else {
+            return Err(Error::Closed); // `close` gave it back
+        };
+        if let Err(e) = copied.and_then(|()| self.check_open()) {
+            self.release_admission(adm);
+            self.fx.signal = true; // waiters may fit now
+            return Err(e);
+        }
+        Ok(self.admit(ctx, adm, &tokens))
     }
 
     /// Checks that `rid` may be used for a new sequence.
     pub fn check_new_rid(&self, rid: &RequestId) -> Result<()> {
-        if self.seqs.contains_key(rid) || self.waiters.open_ticket(rid).is_some() {
+        if self.seqs.contains_key(rid)
+            || self.waiters.open_ticket(rid).is_some()
+            || self.filling.contains_key(rid)
+        {
             return Err(Error::DuplicateRequest(rid.clone()));
         }
         Ok(())

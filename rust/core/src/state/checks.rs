@@ -14,13 +14,24 @@ impl State {
         self.index.check_invariants();
         let mut owners = vec![0u32; self.pool.num_blocks()];
         let mut host_owners = vec![0u32; self.host.as_ref().map_or(0, |h| h.pool.num_blocks())];
+        let admissions = self
+            .waiters
+            .grants()
+            .filter_map(|g| match g {
+                Grant::Allocate { adm, .. } => Some(&**adm),
+                Grant::Extend { .. } => None,
+            })
+            .chain(self.filling.values().map(|(adm, _)| adm));
+        for adm in admissions {
+            let (device, host) = State::admission_blocks(adm);
+            device.iter().for_each(|b| owners[b.idx()] += 1);
+            host.iter().for_each(|b| host_owners[b.idx()] += 1);
+        }
         for g in self.waiters.grants() {
-            let held = match g {
-                Grant::Allocate { adm, .. } => State::admission_blocks(adm),
-                Grant::Extend { reserved, .. } => reserved,
-            };
-            for &b in held {
-                owners[b.idx()] += 1;
+            if let Grant::Extend { reserved, .. } = g {
+                for &b in reserved {
+                    owners[b.idx()] += 1;
+                }
             }
         }
         for g in self.waiters.grants() {
@@ -100,10 +111,11 @@ impl State {
                     "host block {b}: refcount != owners"
                 );
             }
+            // An indexed host block is cached; only fills pin it (counted as owners above).
             for (_, b) in host.index.iter() {
                 assert!(
-                    host.pool.is_cached(b) && host.pool.ref_cnt(b) == 0,
-                    "host block {}",
+                    host.pool.is_cached(b),
+                    "indexed host block {} is not cached",
                     b.0
                 );
             }

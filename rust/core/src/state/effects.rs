@@ -10,9 +10,13 @@
 //! Memory operations run in the order they were recorded, before the lock that planned
 //! them is released: the blocks they read or write may be published, evicted or reused by
 //! the very next step of the same call (an offload reads a block the same allocation then
-//! onboards into), and recording order is the order those steps assume. Swaps are the one
-//! copy that runs without the lock: their blocks are held by the sequence's moving
-//! `Phase` instead (see `state::tiers`). Disk I/O runs on the workers, after the lock.
+//! onboards into), and recording order is the order those steps assume. Two kinds of copy
+//! run without the lock, because nothing they touch is reachable by another call meanwhile:
+//! an admission's fill (`split_fill`: the copies into a new sequence's blocks, run before it
+//! is published, see `state::alloc`) and swaps (their blocks are held by the sequence's
+//! moving `Phase`, see `state::tiers`). What becomes of the blocks a copy touched is an
+//! `After` action applied once it ran (or, if it never runs, undone). Disk I/O runs on the
+//! workers, after the lock.
 //!
 //! Cost: one `Vec` push per copy run (contiguous runs between the same memories merge).
 
@@ -49,10 +53,39 @@ enum MemOp {
     },
 }
 
+/// What becomes of a block the memory operations touched once they ran, or if they never
+/// run (a cancelled grant, a failed fill): applied by `State::settle_after`, under the lock.
+#[derive(Debug)]
+pub(crate) enum After {
+    /// An offloaded device block's copy landed in host block `hb`: index it there (a KV
+    /// event, the offload counters). Not run: `hb` goes back blank.
+    CacheHost {
+        hb: BlockId,
+        hash: BlockHash,
+        parent: BlockHash,
+        first: bool,
+        tokens: Vec<u32>,
+    },
+    /// Host blocks were onboarded (`host`, pinned until now) and `disk` blocks read back
+    /// into the device tier: unpin the host blocks, count the transfers.
+    Onboarded { host: Vec<BlockId>, disk: usize },
+    /// Device block `src` was copied for a partial prefix hit: unpin it, count the copy.
+    PartialCopied { src: BlockId },
+}
+
+/// Where a call's recording started, to split off what it recorded (`split_fill`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mark {
+    mem: usize,
+    after: usize,
+}
+
 /// The effects recorded by one call (see the module header).
 #[derive(Default)]
 pub struct Effects {
     mem: Vec<MemOp>,
+    /// Applied once `mem` ran (or with `ran = false` if it never will).
+    pub(crate) after: Vec<After>,
     /// Read-aheads for the disk reader.
     pub(crate) disk_reads: Vec<DiskRead>,
     /// Spilled blocks read by `run_memory`, for the disk writers.
@@ -70,7 +103,66 @@ fn same(a: &Memory, b: &Memory) -> bool {
     }
 }
 
+impl std::fmt::Debug for Effects {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Effects")
+            .field("memory_ops", &self.mem.len())
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Effects {
+    /// Where recording stands now.
+    pub(crate) fn mark(&self) -> Mark {
+        Mark {
+            mem: self.mem.len(),
+            after: self.after.len(),
+        }
+    }
+
+    /// Moves the copies, writes and after-actions recorded since `mark` into a fill of
+    /// their own (run later, outside the lock, by whoever publishes the blocks they fill).
+    /// Spills stay: they read host blocks evicted for the fill's own offloads, so they
+    /// must run first, with the rest of this call's effects.
+    pub(crate) fn split_fill(&mut self, mark: Mark) -> Effects {
+        let tail: Vec<MemOp> = self.mem.drain(mark.mem..).collect();
+        let mut fill = Effects::default();
+        for op in tail {
+            match op {
+                MemOp::Spill { .. } => self.mem.push(op),
+                _ => fill.mem.push(op),
+            }
+        }
+        fill.after = self.after.split_off(mark.after);
+        fill
+    }
+
+    /// Moves the memory operations out, to run them elsewhere; the after-actions stay.
+    pub(crate) fn take_memory(&mut self) -> Effects {
+        Effects {
+            mem: std::mem::take(&mut self.mem),
+            ..Effects::default()
+        }
+    }
+
+    /// Records an after-action (see `After`).
+    pub(crate) fn after(&mut self, a: After) {
+        self.after.push(a);
+    }
+
+    /// Bytes the memory operations move (copies and writes).
+    pub fn bytes(&self) -> usize {
+        self.mem
+            .iter()
+            .map(|op| match op {
+                MemOp::Copy { runs, .. } => runs.bytes(),
+                MemOp::Write { bytes, .. } => bytes.len(),
+                MemOp::Spill { len, .. } => *len,
+            })
+            .sum()
+    }
+
     /// Records a copy of `len` bytes from `src` at `s` to `dst` at `d`; it continues the
     /// previous copy when that one was between the same memories.
     pub(crate) fn copy(&mut self, src: &Memory, dst: &Memory, s: usize, d: usize, len: usize) {
@@ -127,6 +219,11 @@ impl Effects {
         !self.mem.is_empty()
     }
 
+    /// Whether nothing at all is recorded for the memory (no operation, no after-action).
+    pub fn is_settled(&self) -> bool {
+        self.mem.is_empty() && self.after.is_empty()
+    }
+
     /// Runs the memory operations in order (spills become `disk_writes`). Stops at the
     /// first failure (only device memory can fail: a lost GPU context).
     pub(crate) fn run_memory(&mut self) -> Result<()> {
@@ -179,6 +276,22 @@ mod tests {
         assert_eq!(writes[0].data, [1, 2, 3, 4]);
         assert_eq!((writes[0].slot, writes[0].hash), (BlockId(3), 7));
         assert!(!fx.has_memory_ops());
+    }
+
+    #[test]
+    fn a_fill_takes_what_was_recorded_since_its_mark_except_spills() {
+        let a = Memory::host(64).unwrap();
+        let mut fx = Effects::default();
+        fx.copy(&a, &a, 0, 8, 4); // before the mark: stays
+        let m = fx.mark();
+        fx.spill(&a, 16, 4, BlockId(1), 2);
+        fx.write(&a, vec![(32, 2)], vec![1, 2]);
+        fx.after(After::PartialCopied { src: BlockId(5) });
+        let fill = fx.split_fill(m);
+        assert_eq!((fx.mem.len(), fill.mem.len()), (2, 1));
+        assert!(matches!(fx.mem[1], MemOp::Spill { .. }));
+        assert_eq!((fx.after.len(), fill.after.len()), (0, 1));
+        assert_eq!(fill.bytes(), 2);
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod report;
 mod tickets;
 mod tiers;
 
-pub use alloc::Admission;
+pub use alloc::{Admission, Fill, Staged};
 pub use effects::Effects;
 pub use tiers::Swap;
 
@@ -168,6 +168,10 @@ pub struct State {
     fx: Effects,
     /// Waiting allocations whose disk read-ahead is still running (not served before).
     loading: std::collections::HashSet<crate::waiters::Ticket>,
+    /// Admissions whose fill the engine runs outside the lock, by request (see `Staged`).
+    filling: HashMap<RequestId, (Admission, Vec<u32>)>,
+    /// Bytes of one block (in every tier).
+    bytes_per_block: u64,
     /// Finished read-aheads, per waiting allocation.
     staged: HashMap<crate::waiters::Ticket, StagedReads>,
     seqs: HashMap<RequestId, Sequence>,
@@ -227,6 +231,8 @@ impl State {
             fx: Effects::default(),
             loading: Default::default(),
             staged: HashMap::new(),
+            filling: HashMap::new(),
+            bytes_per_block: ctx.bytes_per_block() as u64,
             seqs: HashMap::new(),
             waiters: Waiters::default(),
             counters: Counters::default(),
@@ -244,6 +250,12 @@ impl State {
     /// The effects recorded since the last call of this (the engine commits them).
     pub fn take_effects(&mut self) -> Effects {
         std::mem::take(&mut self.fx)
+    }
+
+    /// Applies the after-actions of the memory operations just run (`ran`) or failed.
+    pub fn settle_effects(&mut self, ran: bool) {
+        let after = std::mem::take(&mut self.fx.after);
+        self.settle_after(after, ran);
     }
 
     /// The effects recorded so far, to run their memory operations now (a call that
@@ -278,6 +290,10 @@ impl State {
                 self.release_grant(g);
             }
             self.waiters.fail(t, Error::Closed);
+        }
+        let filling: Vec<_> = self.filling.drain().map(|(_, (a, _))| a).collect();
+        for adm in filling {
+            self.release_admission(adm);
         }
         let seqs: Vec<_> = self.seqs.drain().map(|(_, s)| s).collect();
         for s in seqs {
@@ -478,6 +494,7 @@ impl State {
 
     pub fn reset_prefix_cache(&mut self) -> bool {
         if !self.seqs.is_empty()
+            || !self.filling.is_empty()
             || self.waiters.num_pending() > 0
             || self.waiters.grants().next().is_some()
         {

@@ -8,13 +8,13 @@ use crate::sequence::SeqView;
 use crate::types::RequestId;
 use crate::waiters::{Grant, Ticket, TicketState, WaitOp};
 
-use super::{Ctx, State};
+use super::{Ctx, Staged, State};
 
 impl State {
     /// Gives back what a grant holds (it was never applied, so nothing else changes).
     pub fn release_grant(&mut self, g: Grant) {
         match g {
-            Grant::Allocate { adm, .. } => self.release_admission(adm),
+            Grant::Allocate { adm, .. } => self.release_admission(*adm),
             Grant::Extend { reserved, .. } => self.release_reserved(reserved),
         }
     }
@@ -83,7 +83,10 @@ impl State {
                         if is_short(&r) && !staged.is_empty() {
                             self.staged.insert(t, staged); // still waiting: keep its reads
                         }
-                        r.map(|adm| Grant::Allocate { adm, tokens })
+                        r.map(|adm| Grant::Allocate {
+                            adm: Box::new(adm),
+                            tokens,
+                        })
                     }
                     WaitOp::Extend { rid, append } => self
                         .reserve_extend(ctx, &rid, append.len())
@@ -109,10 +112,12 @@ impl State {
     /// The result of a finished ticket, handed to its waiter (the ticket is consumed). A
     /// grant is applied and published here, and nothing is served after it in the same call:
     /// the waiter computes the K/V of its new blocks before any other call can hit them.
-    pub fn take_ticket(&mut self, ctx: &Ctx, t: Ticket) -> Result<SeqView> {
+    /// A granted allocation with bytes to copy comes back as a fill the engine runs outside
+    /// the lock before publishing it (`Staged::Fill`).
+    pub fn take_ticket(&mut self, ctx: &Ctx, t: Ticket) -> Result<Staged<SeqView>> {
         match self.waiters.remove(t) {
             Some(TicketState::Granted(Grant::Allocate { adm, tokens })) => {
-                Ok(self.admit(ctx, adm, &tokens))
+                Ok(self.publish_or_fill(ctx, *adm, tokens))
             }
             Some(TicketState::Granted(Grant::Extend {
                 rid,
@@ -122,9 +127,11 @@ impl State {
                 // Blocks it no longer needs go to the waiters before the publish, never after
                 // it, so no waiter is granted a hit on blocks whose K/V is not computed yet.
                 self.take_extend(ctx, &rid, &append, reserved, |st| st.serve_waiters(ctx))?;
-                Ok(SeqView::of(&rid, self.seq(&rid)?))
+                Ok(Staged::Done(SeqView::of(&rid, self.seq(&rid)?)))
             }
-            Some(TicketState::Moved { rid }) => Ok(SeqView::of(&rid, self.seq(&rid)?)),
+            Some(TicketState::Moved { rid }) => {
+                Ok(Staged::Done(SeqView::of(&rid, self.seq(&rid)?)))
+            }
             Some(TicketState::Failed(e)) => Err(e),
             Some(waiting) => {
                 self.waiters.restore(t, waiting);

@@ -14,6 +14,7 @@ use crate::types::{BlockHash, BlockId, RequestId, Tier};
 use crate::waiters::Ticket;
 
 use super::alloc::AllocPlan;
+use super::effects::After;
 use super::{short, Ctx, DiskRead, DiskReadResult, StagedReads, State};
 
 /// A swap's copies, planned under the lock and executed with or without it (the blocks
@@ -25,7 +26,8 @@ pub struct Swap {
 }
 
 impl State {
-    /// Copies cached device block `b` into a host block indexed under the same hash.
+    /// Records copying cached device block `b` into a host block, indexed there under the
+    /// same hash once the copy ran (`After::CacheHost`).
     pub(super) fn offload(&mut self, ctx: &Ctx, b: BlockId) -> bool {
         let (Some(hash), Some(parent)) = (self.index.hash_of(b), self.index.parent_of(b)) else {
             return false;
@@ -48,14 +50,69 @@ impl State {
         }
         let tokens = self.index.tokens_of(b).to_vec();
         let first = self.index.is_first(b);
-        host.cache_block(hb, hash, parent, first, &tokens);
-        self.events
-            .stored(hash, (!first).then_some(parent), &tokens, Tier::Host);
-        let bpb = ctx.bytes_per_block() as u64;
-        self.counters.offload_blocks += 1;
-        self.counters.offload_bytes += bpb;
-        self.counters.d2h_blocks_copied += 1;
+        // `hb` is indexed once the copy ran (it is owned, so unreachable, until then).
+        self.fx.after(After::CacheHost {
+            hb,
+            hash,
+            parent,
+            first,
+            tokens,
+        });
         true
+    }
+
+    /// Applies after-actions once their memory operations ran (`ran`), or gives back what
+    /// they hold if those never run (a cancelled grant, a failed fill).
+    pub(super) fn settle_after(&mut self, after: Vec<After>, ran: bool) {
+        let bpb = self.bytes_per_block;
+        for a in after {
+            match a {
+                After::CacheHost {
+                    hb,
+                    hash,
+                    parent,
+                    first,
+                    tokens,
+                } => {
+                    let host = self.host.as_mut().expect("an offload implies a host tier");
+                    if !ran {
+                        host.pool.release(hb);
+                        continue;
+                    }
+                    if host.cache_block(hb, hash, parent, first, &tokens) {
+                        self.events
+                            .stored(hash, (!first).then_some(parent), &tokens, Tier::Host);
+                    }
+                    let c = &mut self.counters;
+                    c.offload_blocks += 1;
+                    c.offload_bytes += bpb;
+                    c.d2h_blocks_copied += 1;
+                }
+                After::Onboarded { host, disk } => {
+                    if let Some(h) = self.host.as_mut() {
+                        for &hb in &host {
+                            h.pool.release(hb);
+                        }
+                    }
+                    if ran {
+                        let n = (host.len() + disk) as u64;
+                        let c = &mut self.counters;
+                        c.onboard_blocks += n;
+                        c.onboard_bytes += n * bpb;
+                        c.h2d_blocks_copied += n;
+                        c.disk_blocks_read += disk as u64;
+                    }
+                }
+                After::PartialCopied { src } => {
+                    self.release_block(src);
+                    if ran {
+                        self.counters.intra_device_copy_blocks += 1;
+                        self.counters.intra_device_copy_bytes += bpb;
+                    }
+                }
+            }
+        }
+        self.events.end_op();
     }
 
     /// Takes a host block (see `HostTier::take_block`); an evicted cached host block is
@@ -126,7 +183,6 @@ impl State {
                 }
             }
         }
-        self.counters.disk_blocks_read += out.len() as u64;
         out
     }
 
@@ -188,8 +244,8 @@ impl State {
         self.fx.signal = true;
     }
 
-    /// Copies cached host blocks into fresh device blocks (a prefix hit in the host tier)
-    /// and unpins the host blocks, which stay cached there.
+    /// Records copying cached host blocks into fresh device blocks (a prefix hit in the host
+    /// tier). The host blocks stay pinned until the copies ran (`After::Onboarded`).
     pub(super) fn onboard(&mut self, ctx: &Ctx, from: &[BlockId], to: &[BlockId]) {
         let host = self.host.as_mut().expect("onboard implies a host tier");
         let mut runs = Runs::default();
@@ -199,13 +255,6 @@ impl State {
         for &(s, d, n) in &runs.runs {
             self.fx.copy(&host.slab, &ctx.memory, s, d, n);
         }
-        for &hb in from {
-            host.pool.release(hb);
-        }
-        let n = from.len() as u64;
-        self.counters.onboard_blocks += n;
-        self.counters.onboard_bytes += n * ctx.bytes_per_block() as u64;
-        self.counters.h2d_blocks_copied += n;
     }
 
     // ----- swap -------------------------------------------------------------------------
