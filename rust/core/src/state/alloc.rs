@@ -2,10 +2,10 @@
 //!
 //! 1. `reserve_allocate` plans the prompt's prefix hits (device, then host, then disk, then a
 //!    partial copy), checks that enough blocks are free, and takes them: device hits are
-//!    shared (their refcounts rise), the other blocks are taken from the pool. The copies
-//!    that fill them (onboard from the host tier, disk read-back, the partial copy, and the
-//!    offloads of cached blocks their eviction displaced) are recorded as the admission's
-//!    `fill`, with their sources pinned. The result, an `Admission`, holds every block it
+//!    shared (their refcounts rise), the other blocks are taken from the pool (the cached
+//!    blocks their eviction displaces are offloaded with the call's own effects, first). The
+//!    copies that fill them (onboard from the host tier, disk read-back, the partial copy)
+//!    are recorded as the admission's `fill`, with their sources pinned. The result, an `Admission`, holds every block it
 //!    took; none of them is in a sequence or an index yet, so no other request can see them.
 //! 2. The fill runs: at once if it is empty, else by the engine outside the lock
 //!    (`Staged::Fill`) while the admission waits in `filling`.
@@ -51,8 +51,8 @@ pub struct Admission {
     /// Full blocks served from any tier (device, host, disk).
     full_hits: usize,
     partial: bool,
-    /// The copies that fill the new blocks (onboard, disk read-back, partial copy, and the
-    /// offloads of the cached blocks their eviction displaced), with their after-actions.
+    /// The copies that fill the new blocks (onboard, disk read-back, partial copy), with
+    /// their after-actions.
     /// They run outside the lock before the admission is published (`Staged::Fill`).
     fill: Effects,
 }
@@ -364,7 +364,6 @@ impl State {
         let mut host = vec![];
         for a in &adm.fill.after {
             match a {
-                After::CacheHost { hb, .. } => host.push(*hb),
                 After::Onboarded { host: h, .. } => host.extend(h),
                 After::PartialCopied { src } => device.push(*src),
             }

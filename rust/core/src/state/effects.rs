@@ -14,9 +14,10 @@
 //! run without the lock, because nothing they touch is reachable by another call meanwhile:
 //! an admission's fill (`split_fill`: the copies into a new sequence's blocks, run before it
 //! is published, see `state::alloc`) and swaps (their blocks are held by the sequence's
-//! moving `Phase`, see `state::tiers`). What becomes of the blocks a copy touched is an
-//! `After` action applied once it ran (or, if it never runs, undone). Disk I/O runs on the
-//! workers, after the lock.
+//! moving `Phase`, see `state::tiers`). What becomes of the blocks a fill touched is an
+//! `After` action applied once it ran (or, if it never runs, undone). Offloads and spills
+//! always run under the lock, in order: a burst of evictions may push a block through the
+//! host tier to disk within one call. Disk I/O runs on the workers, after the lock.
 //!
 //! Cost: one `Vec` push per copy run (contiguous runs between the same memories merge).
 
@@ -30,11 +31,13 @@ use super::DiskRead;
 
 /// One memory operation, run by the engine in recording order.
 enum MemOp {
-    /// Byte runs from `src` to `dst` (the same memory for in-tier copies).
+    /// Byte runs from `src` to `dst` (the same memory for in-tier copies). `in_lock`: it
+    /// stays with the call's own effects, never in a fill (see `split_fill`).
     Copy {
         src: Memory,
         dst: Memory,
         runs: Runs,
+        in_lock: bool,
     },
     /// Bytes read back from disk, written at `(offset, len)` runs of `dst`, end to end.
     Write {
@@ -57,15 +60,6 @@ enum MemOp {
 /// run (a cancelled grant, a failed fill): applied by `State::settle_after`, under the lock.
 #[derive(Debug)]
 pub(crate) enum After {
-    /// An offloaded device block's copy landed in host block `hb`: index it there (a KV
-    /// event, the offload counters). Not run: `hb` goes back blank.
-    CacheHost {
-        hb: BlockId,
-        hash: BlockHash,
-        parent: BlockHash,
-        first: bool,
-        tokens: Vec<u32>,
-    },
     /// Host blocks were onboarded (`host`, pinned until now) and `disk` blocks read back
     /// into the device tier: unpin the host blocks, count the transfers.
     Onboarded { host: Vec<BlockId>, disk: usize },
@@ -123,14 +117,15 @@ impl Effects {
 
     /// Moves the copies, writes and after-actions recorded since `mark` into a fill of
     /// their own (run later, outside the lock, by whoever publishes the blocks they fill).
-    /// Spills stay: they read host blocks evicted for the fill's own offloads, so they
-    /// must run first, with the rest of this call's effects.
+    /// Offloads and spills stay: they move cached bytes out of blocks the admission took
+    /// (device blocks it reuses, host blocks its offloads reuse), so they must run first,
+    /// with the rest of this call's effects, before the fill overwrites those blocks.
     pub(crate) fn split_fill(&mut self, mark: Mark) -> Effects {
         let tail: Vec<MemOp> = self.mem.drain(mark.mem..).collect();
         let mut fill = Effects::default();
         for op in tail {
             match op {
-                MemOp::Spill { .. } => self.mem.push(op),
+                MemOp::Spill { .. } | MemOp::Copy { in_lock: true, .. } => self.mem.push(op),
                 _ => fill.mem.push(op),
             }
         }
@@ -166,13 +161,40 @@ impl Effects {
     /// Records a copy of `len` bytes from `src` at `s` to `dst` at `d`; it continues the
     /// previous copy when that one was between the same memories.
     pub(crate) fn copy(&mut self, src: &Memory, dst: &Memory, s: usize, d: usize, len: usize) {
+        self.push_copy(src, dst, s, d, len, false);
+    }
+
+    /// `copy` for an offload: it runs with this call's effects, under the lock, even when
+    /// recorded inside an admission (its host block is indexed at once, so a later step of
+    /// the same call may evict or spill it again: recording order must hold).
+    pub(crate) fn offload_copy(
+        &mut self,
+        src: &Memory,
+        dst: &Memory,
+        s: usize,
+        d: usize,
+        len: usize,
+    ) {
+        self.push_copy(src, dst, s, d, len, true);
+    }
+
+    fn push_copy(
+        &mut self,
+        src: &Memory,
+        dst: &Memory,
+        s: usize,
+        d: usize,
+        len: usize,
+        lock: bool,
+    ) {
         if let Some(MemOp::Copy {
             src: ls,
             dst: ld,
             runs,
+            in_lock,
         }) = self.mem.last_mut()
         {
-            if same(ls, src) && same(ld, dst) {
+            if same(ls, src) && same(ld, dst) && *in_lock == lock {
                 runs.push(s, d, len);
                 return;
             }
@@ -183,6 +205,7 @@ impl Effects {
             src: src.clone(),
             dst: dst.clone(),
             runs,
+            in_lock: lock,
         });
     }
 
@@ -230,7 +253,7 @@ impl Effects {
         let writes = &mut self.disk_writes;
         for op in self.mem.drain(..) {
             match op {
-                MemOp::Copy { src, dst, runs } => copy_runs(&src, &dst, &runs)?,
+                MemOp::Copy { src, dst, runs, .. } => copy_runs(&src, &dst, &runs)?,
                 MemOp::Write { dst, at, bytes } => {
                     let mut from = 0;
                     for (off, len) in at {
@@ -285,11 +308,13 @@ mod tests {
         fx.copy(&a, &a, 0, 8, 4); // before the mark: stays
         let m = fx.mark();
         fx.spill(&a, 16, 4, BlockId(1), 2);
+        fx.offload_copy(&a, &a, 40, 48, 4);
         fx.write(&a, vec![(32, 2)], vec![1, 2]);
         fx.after(After::PartialCopied { src: BlockId(5) });
         let fill = fx.split_fill(m);
-        assert_eq!((fx.mem.len(), fill.mem.len()), (2, 1));
+        assert_eq!((fx.mem.len(), fill.mem.len()), (3, 1));
         assert!(matches!(fx.mem[1], MemOp::Spill { .. }));
+        assert!(matches!(fx.mem[2], MemOp::Copy { in_lock: true, .. }));
         assert_eq!((fx.after.len(), fill.after.len()), (0, 1));
         assert_eq!(fill.bytes(), 2);
     }

@@ -26,8 +26,8 @@ pub struct Swap {
 }
 
 impl State {
-    /// Records copying cached device block `b` into a host block, indexed there under the
-    /// same hash once the copy ran (`After::CacheHost`).
+    /// Records copying cached device block `b` into a host block indexed under the same hash
+    /// (an offload: it runs under the lock, see `Effects::offload_copy`).
     pub(super) fn offload(&mut self, ctx: &Ctx, b: BlockId) -> bool {
         let (Some(hash), Some(parent)) = (self.index.hash_of(b), self.index.parent_of(b)) else {
             return false;
@@ -46,18 +46,19 @@ impl State {
         let mut runs = Runs::default();
         ctx.to_host(b, host.offset(hb), &mut runs);
         for &(s, d, n) in &runs.runs {
-            self.fx.copy(&ctx.memory, &host.slab, s, d, n);
+            self.fx.offload_copy(&ctx.memory, &host.slab, s, d, n);
         }
+        // Indexed at once: the copy runs, in order, before the lock is released.
         let tokens = self.index.tokens_of(b).to_vec();
         let first = self.index.is_first(b);
-        // `hb` is indexed once the copy ran (it is owned, so unreachable, until then).
-        self.fx.after(After::CacheHost {
-            hb,
-            hash,
-            parent,
-            first,
-            tokens,
-        });
+        if host.cache_block(hb, hash, parent, first, &tokens) {
+            self.events
+                .stored(hash, (!first).then_some(parent), &tokens, Tier::Host);
+        }
+        let bpb = self.bytes_per_block;
+        self.counters.offload_blocks += 1;
+        self.counters.offload_bytes += bpb;
+        self.counters.d2h_blocks_copied += 1;
         true
     }
 
@@ -67,27 +68,6 @@ impl State {
         let bpb = self.bytes_per_block;
         for a in after {
             match a {
-                After::CacheHost {
-                    hb,
-                    hash,
-                    parent,
-                    first,
-                    tokens,
-                } => {
-                    let host = self.host.as_mut().expect("an offload implies a host tier");
-                    if !ran {
-                        host.pool.release(hb);
-                        continue;
-                    }
-                    if host.cache_block(hb, hash, parent, first, &tokens) {
-                        self.events
-                            .stored(hash, (!first).then_some(parent), &tokens, Tier::Host);
-                    }
-                    let c = &mut self.counters;
-                    c.offload_blocks += 1;
-                    c.offload_bytes += bpb;
-                    c.d2h_blocks_copied += 1;
-                }
                 After::Onboarded { host, disk } => {
                     if let Some(h) = self.host.as_mut() {
                         for &hb in &host {
