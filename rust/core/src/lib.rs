@@ -6,7 +6,8 @@
 //! `sequence`, `waiters` (tickets of calls that wait for blocks), `state` (the bookkeeping
 //! under the lock), `engine` (the lock, the notifier and the public calls), `stats`,
 //! `events`, `residency`, `pressure`, `notify`, `clock`, `cuda`, `error`, `fallible`
-//! (bookkeeping allocations that fail with `Error::OutOfMemory` instead of aborting).
+//! (bookkeeping allocations that fail with `Error::OutOfMemory` instead of aborting), `sync`
+//! (the locks, atomics and threads of the worker handshakes; shuttle's under `--features shuttle`).
 
 pub mod clock;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod sequence;
 pub mod state;
 pub mod stats;
 pub mod storage;
+pub mod sync;
 pub mod tier;
 pub mod transfer;
 pub mod types;

@@ -6,9 +6,9 @@
 //! event loop never blocks on a large swap); a job reports completion through the engine's
 //! eventfd, never by calling Python. Dropping the `Copier` finishes queued jobs and joins.
 
-use std::sync::mpsc::{channel, Sender};
-use std::sync::Mutex;
-use std::thread::JoinHandle;
+use crate::sync::mpsc::{channel, Sender};
+use crate::sync::thread::JoinHandle;
+use crate::sync::Mutex;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Runs {
@@ -48,7 +48,7 @@ impl Default for Copier {
 impl Copier {
     pub fn new() -> Self {
         let (tx, rx) = channel::<Job>();
-        let thread = std::thread::Builder::new()
+        let thread = crate::sync::thread::Builder::new()
             .name("ferrumkv-copy".into())
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
@@ -64,7 +64,7 @@ impl Copier {
 
     /// Queues a job; false if the copier was shut down.
     pub fn submit(&self, job: Job) -> bool {
-        let tx = self.tx.lock().expect("copier lock");
+        let tx = self.tx.lock();
         match tx.as_ref() {
             Some(tx) => tx.send(job).is_ok(),
             None => false,
@@ -81,8 +81,8 @@ impl Copier {
 
     /// Finishes every queued job and joins the thread (idempotent).
     pub fn shutdown(&self) {
-        drop(self.tx.lock().expect("copier lock").take());
-        if let Some(t) = self.thread.lock().expect("copier lock").take() {
+        drop(self.tx.lock().take());
+        if let Some(t) = self.thread.lock().take() {
             let _ = t.join();
         }
     }

@@ -110,7 +110,7 @@ impl EngineCore {
             if !self.lock()?.disk_busy() {
                 return Ok(());
             }
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            crate::sync::poll_sleep(std::time::Duration::from_micros(200));
         }
     }
 }

@@ -26,10 +26,9 @@ mod swap;
 
 pub use swap::INLINE_COPY_BYTES;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use crate::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use parking_lot::{Mutex, MutexGuard};
 
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Device};
@@ -265,7 +264,7 @@ impl EngineCore {
     fn run_fill(&self, fill: Fill) -> Result<SeqView> {
         let Fill { rid, mut fx } = fill;
         while self.fills_paused.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            crate::sync::poll_sleep(std::time::Duration::from_micros(200));
         }
         let inject = self.device_fault.swap(false, Ordering::SeqCst);
         let copied = guarded(inject, || fx.run_memory());

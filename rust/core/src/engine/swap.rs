@@ -5,7 +5,7 @@
 //! the lock, and `SwapDir::settle` records its end (done, or undone on a failed copy).
 //! Cost: O(blocks) bookkeeping under the lock; the bytes move outside it when big.
 
-use std::sync::atomic::Ordering;
+use crate::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -107,7 +107,7 @@ impl EngineCore {
         runs: &crate::transfer::Runs,
     ) -> Result<()> {
         while self.copies_paused.load(Ordering::SeqCst) {
-            std::thread::sleep(std::time::Duration::from_micros(200));
+            crate::sync::poll_sleep(std::time::Duration::from_micros(200));
         }
         let inject = self
             .copy_faults

@@ -49,15 +49,14 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
-use parking_lot::{Condvar, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Error, Result};
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::thread::JoinHandle;
+use crate::sync::{Arc, Condvar, Mutex};
 
 /// Why a [`DiskFile::read_block`] gave no data.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -635,7 +634,7 @@ impl DiskWorkers {
         };
         for i in 0..threads.max(1) {
             let shared = Arc::clone(&pool.shared);
-            let handle = std::thread::Builder::new()
+            let handle = crate::sync::thread::Builder::new()
                 .name(format!("ferrumkv-disk-{i}"))
                 .spawn(move || worker(&shared))
                 .map_err(|e| Error::Io(format!("cannot start disk worker thread: {e}")))?;
@@ -668,7 +667,7 @@ impl DiskWorkers {
         self.shared.queue.lock().closed = true;
         self.shared.ready.notify_all();
         let handles = std::mem::take(&mut *self.threads.lock());
-        let me = std::thread::current().id();
+        let me = crate::sync::thread::current().id();
         for h in handles {
             if h.thread().id() != me {
                 // Jobs run under catch_unwind, so a worker never panics.
