@@ -422,7 +422,14 @@ impl State {
 
     /// Releases every block of a sequence, tail first.
     pub fn free_sequence(&mut self, s: Sequence) {
-        // (A moving sequence is freed only by `close`, after its copy was drained.)
+        // A moving sequence is freed only by `close`, after its copy was drained, or when the
+        // copy never ran: a swap whose ticket or worker job was refused because the engine
+        // started closing stays moving. Then the blocks it took on the target tier go too.
+        match &s.phase {
+            Phase::SwappingOut { to } => self.release_in(Tier::Host, to.clone()),
+            Phase::SwappingIn { to } => self.release_in(Tier::Device, to.clone()),
+            Phase::Resident | Phase::Swapped => {}
+        }
         self.release_in(s.phase.tier(), s.blocks);
     }
 
