@@ -24,9 +24,12 @@ run: build
 rust-checks: venv
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p ferrumkv-core --all-targets --features shuttle -- -D warnings
 
+# The second line model-checks the engine's thread handshakes with shuttle (about 10 s).
 rust-test: venv
 	cargo test --workspace
+	cargo test -p ferrumkv-core --features shuttle --test shuttle_handshake
 
 py-lint: venv
 	ruff check python tests benches
