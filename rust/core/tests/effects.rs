@@ -191,3 +191,31 @@ fn a_granted_fill_runs_when_taken_and_a_cancelled_one_copies_nothing() {
     assert_eq!(read(&e, "c", 0, 8), kv[..8 * 16].to_vec());
     e.check_invariants();
 }
+
+#[test]
+fn a_deallocate_during_a_fill_withdraws_the_allocation() {
+    // The shuttle model check found a take whose fill ran while the request was deallocated:
+    // the deallocate said "unknown request" and the sequence appeared afterwards.
+    let (e, a, _) = a_on_the_host(4);
+    let e = std::sync::Arc::new(e);
+    e.pause_fills(true);
+    let bg = {
+        let (e, a) = (e.clone(), a.clone());
+        std::thread::spawn(move || e.allocate(rid("b"), a, None, false))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while e.stats().unwrap().device.free_blocks == 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fill never started"
+        );
+        std::thread::yield_now();
+    }
+    e.deallocate(&rid("b")).unwrap();
+    e.pause_fills(false);
+    let r = bg.join().unwrap();
+    assert!(matches!(r, Err(Error::InvalidState(_))), "{r:?}");
+    assert!(!e.contains(&rid("b")).unwrap());
+    assert_eq!(e.stats().unwrap().device.free_blocks, 4);
+    e.check_invariants();
+}

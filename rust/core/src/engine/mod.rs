@@ -29,7 +29,6 @@ pub use swap::INLINE_COPY_BYTES;
 use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use crate::sync::{Arc, Mutex, MutexGuard, Weak};
 
-
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Device};
 use crate::error::{Error, Result};

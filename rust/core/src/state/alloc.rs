@@ -384,22 +384,31 @@ impl State {
         }
         let fx = adm.fill.take_memory();
         let rid = adm.rid.clone();
-        self.filling.insert(rid.clone(), (adm, tokens));
+        self.filling.insert(rid.clone(), (adm, tokens, false));
         Staged::Fill(Fill { rid, fx })
     }
 
     /// Publishes an admission once the engine ran its fill (`copied`), or gives it back if
-    /// the copies failed or the engine stopped meanwhile.
+    /// the copies failed, the engine stopped or the request was deallocated meanwhile.
     pub fn finish_fill(
         &mut self,
         ctx: &Ctx,
         rid: &RequestId,
         copied: Result<()>,
     ) -> Result<SeqView> {
-        let Some((adm, tokens)) = self.filling.remove(rid) else {
+        let Some((adm, tokens, withdrawn)) = self.filling.remove(rid) else {
             return Err(Error::Closed); // `close` gave it back
         };
-        if let Err(e) = copied.and_then(|()| self.check_open()) {
+        let withdrawn = || match withdrawn {
+            true => Err(Error::InvalidState(format!(
+                "request {rid}: it was deallocated while waiting"
+            ))),
+            false => Ok(()),
+        };
+        if let Err(e) = copied
+            .and_then(|()| self.check_open())
+            .and_then(|()| withdrawn())
+        {
             self.release_admission(adm);
             self.fx.signal = true; // waiters may fit now
             return Err(e);

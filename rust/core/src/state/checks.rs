@@ -21,7 +21,7 @@ impl State {
                 Grant::Allocate { adm, .. } => Some(&**adm),
                 Grant::Extend { .. } => None,
             })
-            .chain(self.filling.values().map(|(adm, _)| adm));
+            .chain(self.filling.values().map(|(adm, ..)| adm));
         for adm in admissions {
             let (device, host) = State::admission_blocks(adm);
             device.iter().for_each(|b| owners[b.idx()] += 1);

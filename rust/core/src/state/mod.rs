@@ -168,8 +168,9 @@ pub struct State {
     fx: Effects,
     /// Waiting allocations whose disk read-ahead is still running (not served before).
     loading: std::collections::HashSet<crate::waiters::Ticket>,
-    /// Admissions whose fill the engine runs outside the lock, by request (see `Staged`).
-    filling: HashMap<RequestId, (Admission, Vec<u32>)>,
+    /// Admissions whose fill the engine runs outside the lock, by request (see `Staged`),
+    /// with whether `deallocate` withdrew the request meanwhile.
+    filling: HashMap<RequestId, (Admission, Vec<u32>, bool)>,
     /// Bytes of one block (in every tier).
     bytes_per_block: u64,
     /// Finished read-aheads, per waiting allocation.
@@ -291,7 +292,7 @@ impl State {
             }
             self.waiters.fail(t, Error::Closed);
         }
-        let filling: Vec<_> = self.filling.drain().map(|(_, (a, _))| a).collect();
+        let filling: Vec<_> = self.filling.drain().map(|(_, (a, ..))| a).collect();
         for adm in filling {
             self.release_admission(adm);
         }
@@ -455,6 +456,10 @@ impl State {
             return Err(Error::InvalidState(format!(
                 "cannot deallocate request {rid}: a swap is in progress"
             )));
+        }
+        if let Some((_, _, withdrawn)) = self.filling.get_mut(rid) {
+            *withdrawn = true; // its fill is running: `finish_fill` gives it back
+            return Ok(());
         }
         let failed = self.fail_ticket_of(rid, "it was deallocated while waiting");
         match self.seqs.remove(rid) {
