@@ -47,6 +47,7 @@ BAD_VALUES = [
     ({"dtype": ""}, "dtype"),
     ({"layout": "row_major"}, "layout"),
     ({"hash_algo": "md5"}, "hash_algo"),
+    ({"eviction_policy": "mru"}, "eviction_policy"),
     ({"device": "gpu"}, "device"),
     ({"device": "cuda:"}, "device"),
     ({"device": "cuda:x"}, "device"),
@@ -294,7 +295,14 @@ def test_defaults() -> None:
     assert (cfg.low_watermark, cfg.high_watermark) == (0.3, 0.1)
     assert cfg.residency_sample_rate == 0.01
     assert cfg.layout == "block_major"
+    assert cfg.eviction_policy == "lru"
     assert cfg.bytes_per_block == 16 * 2 * 2 * 2 * 64 * 2
+
+
+def test_eviction_policies_are_listed_and_accepted() -> None:
+    assert ferrumkv.EVICTION_POLICIES == ("lru", "lfu")
+    for name in ferrumkv.EVICTION_POLICIES:
+        assert make_config(eviction_policy=name).eviction_policy == name
 
 
 @pytest.mark.parametrize(
@@ -361,6 +369,7 @@ def test_to_dict_repr_eq() -> None:
         "layout": "layer_major",
         "enable_kv_events": True,
         "seed": 7,
+        "eviction_policy": "lru",
     }
     r = repr(cfg)
     assert r.startswith("CacheConfig(") and r.endswith(")")

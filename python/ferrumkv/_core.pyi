@@ -4,6 +4,7 @@ from typing import Any
 
 __version__: str
 cuda_driver_present: bool
+EVICTION_POLICIES: tuple[str, ...]
 
 class CacheConfig:
     def __init__(
@@ -28,6 +29,7 @@ class CacheConfig:
         layout: str = "block_major",
         enable_kv_events: bool = True,
         seed: int = 0,
+        eviction_policy: str = "lru",
     ) -> None: ...
     num_layers: int
     num_kv_heads: int
@@ -49,6 +51,7 @@ class CacheConfig:
     layout: str
     enable_kv_events: bool
     seed: int
+    eviction_policy: str
     @property
     def bytes_per_block(self) -> int: ...
     def to_dict(self) -> dict[str, Any]: ...

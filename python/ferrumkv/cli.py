@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ferrumkv import CacheConfig, FerrumKVError, KvCache
+from ferrumkv import EVICTION_POLICIES, CacheConfig, FerrumKVError, KvCache
 from ferrumkv.replay import (
     DEFAULT_WAIT_TIMEOUT_S,
     ReplayOptions,
@@ -196,6 +196,12 @@ def _add_cache_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--disk-path", type=Path, metavar="FILE", help="disk tier file")
     group.add_argument("--disk-blocks", type=non_negative_int, default=0, metavar="N")
     group.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
+    group.add_argument(
+        "--eviction-policy",
+        choices=EVICTION_POLICIES,
+        default="lru",
+        help="which free cached block each tier gives up first (default: lru)",
+    )
 
 
 def _add_serving_arguments(group: argparse._ArgumentGroup) -> None:
@@ -339,6 +345,7 @@ def _cache_config(args: argparse.Namespace) -> CacheConfig:
             disk_path=None if args.disk_path is None else str(args.disk_path),
             disk_blocks=args.disk_blocks,
             enable_prefix_cache=not args.no_prefix_cache,
+            eviction_policy=args.eviction_policy,
             **size,
         )
     except (TypeError, ValueError) as exc:

@@ -162,6 +162,8 @@ pub struct ConfigInput {
     pub disk_blocks: i64,
     pub enable_prefix_cache: bool,
     pub hash_algo: String,
+    /// `eviction::POLICY_NAMES`.
+    pub eviction_policy: String,
     pub low_watermark: f64,
     pub high_watermark: f64,
     pub residency_sample_rate: f64,
@@ -187,6 +189,7 @@ impl ConfigInput {
             disk_blocks: 0,
             enable_prefix_cache: true,
             hash_algo: "xxh3_128".into(),
+            eviction_policy: "lru".into(),
             low_watermark: 0.3,
             high_watermark: 0.1,
             residency_sample_rate: 0.01,
@@ -212,6 +215,7 @@ pub struct CacheConfig {
     pub disk_blocks: usize,
     pub enable_prefix_cache: bool,
     pub hash_algo: HashAlgo,
+    pub eviction_policy: crate::eviction::EvictionPolicy,
     pub low_watermark: f64,
     pub high_watermark: f64,
     pub residency_sample_rate: f64,
@@ -274,6 +278,7 @@ impl CacheConfig {
         let device = Device::parse(&c.device)?;
         let layout = LayoutKind::parse(&c.layout)?;
         let hash_algo = HashAlgo::parse(&c.hash_algo)?;
+        let eviction_policy = crate::eviction::EvictionPolicy::parse(&c.eviction_policy)?;
         let bytes_per_block = [num_layers, 2, num_kv_heads, head_dim, dtype.itemsize()]
             .into_iter()
             .try_fold(block_size, usize::checked_mul)
@@ -367,6 +372,7 @@ impl CacheConfig {
             disk_blocks,
             enable_prefix_cache: c.enable_prefix_cache,
             hash_algo,
+            eviction_policy,
             low_watermark,
             high_watermark,
             residency_sample_rate: rate,
@@ -432,6 +438,7 @@ mod tests {
             (|c| c.device = "cuda:x".into(), "device"),
             (|c| c.device = "gpu".into(), "device"),
             (|c| c.hash_algo = "md5".into(), "hash_algo"),
+            (|c| c.eviction_policy = "mru".into(), "eviction_policy"),
             (|c| c.high_watermark = 0.3, "high_watermark"),
             (|c| c.low_watermark = 1.5, "low_watermark"),
             (|c| c.residency_sample_rate = 0.0, "residency_sample_rate"),

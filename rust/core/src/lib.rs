@@ -15,6 +15,7 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod eviction;
 pub mod fallible;
 pub mod layout;
 pub mod notify;

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::events::EventQueue;
+use crate::eviction::EvictionPolicy;
 use crate::fallible::{out_of_memory, vec_of};
 use crate::pool::BlockPool;
 use crate::prefix::PrefixIndex;
@@ -54,6 +55,7 @@ impl HostTier {
         block_size: usize,
         bytes_per_block: usize,
         device: &Memory,
+        policy: EvictionPolicy,
     ) -> Result<Self> {
         let build = || {
             let bytes = num_blocks
@@ -61,7 +63,7 @@ impl HostTier {
                 .ok_or_else(|| out_of_memory("the slab", num_blocks, bytes_per_block))?;
             Ok(HostTier {
                 slab: Memory::host_tier_for(device, bytes)?,
-                pool: BlockPool::try_new(num_blocks)?,
+                pool: BlockPool::with_policy(num_blocks, policy)?,
                 index: PrefixIndex::try_new(num_blocks, block_size)?,
                 bytes_per_block,
             })
@@ -147,10 +149,11 @@ impl DiskTier {
         num_slots: usize,
         block_size: usize,
         bytes_per_block: usize,
+        policy: EvictionPolicy,
     ) -> Result<Self> {
         let tier = || format!("disk tier (disk_blocks={num_slots})");
         // Bookkeeping first: running out of memory must not leave a preallocated file.
-        let pool = BlockPool::try_new(num_slots).map_err(|e| in_tier(tier(), e))?;
+        let pool = BlockPool::with_policy(num_slots, policy).map_err(|e| in_tier(tier(), e))?;
         let index = PrefixIndex::try_new(num_slots, block_size).map_err(|e| in_tier(tier(), e))?;
         let pending =
             vec_of(num_slots, false, "the pending-write marks").map_err(|e| in_tier(tier(), e))?;
@@ -254,12 +257,12 @@ mod tests {
     #[test]
     fn a_host_tier_too_large_for_memory_is_out_of_memory() {
         let device = Memory::host(64).unwrap();
-        let msg = oom_message(HostTier::new(TOO_MANY, 1, 4, &device));
+        let msg = oom_message(HostTier::new(TOO_MANY, 1, 4, &device, Default::default()));
         assert!(
             msg.contains(&format!("host tier (host_blocks={TOO_MANY})")),
             "{msg}"
         );
-        let msg = oom_message(HostTier::new(usize::MAX, 1, 2, &device));
+        let msg = oom_message(HostTier::new(usize::MAX, 1, 2, &device, Default::default()));
         assert!(msg.contains("host tier"), "{msg}");
     }
 
@@ -267,7 +270,7 @@ mod tests {
     fn a_disk_tier_too_large_for_memory_is_out_of_memory_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blocks.bin");
-        let msg = oom_message(DiskTier::new(&path, TOO_MANY, 1, 1));
+        let msg = oom_message(DiskTier::new(&path, TOO_MANY, 1, 1, Default::default()));
         assert!(
             msg.contains(&format!("disk tier (disk_blocks={TOO_MANY})")),
             "{msg}"

@@ -37,7 +37,7 @@ impl PyCacheConfig {
         device="cpu".to_string(), num_blocks=None, memory_bytes=None, host_blocks=None, disk_path=None,
         disk_blocks=None, enable_prefix_cache=true, hash_algo="xxh3_128".to_string(), low_watermark=0.3,
         high_watermark=0.1, residency_sample_rate=0.01, layout="block_major".to_string(),
-        enable_kv_events=true, seed=None), text_signature = "(*, num_layers, num_kv_heads, head_dim, block_size=16, dtype='float16', device='cpu', num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None, disk_blocks=0, enable_prefix_cache=True, hash_algo='xxh3_128', low_watermark=0.3, high_watermark=0.1, residency_sample_rate=0.01, layout='block_major', enable_kv_events=True, seed=0)")]
+        enable_kv_events=true, seed=None, eviction_policy="lru".to_string()), text_signature = "(*, num_layers, num_kv_heads, head_dim, block_size=16, dtype='float16', device='cpu', num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None, disk_blocks=0, enable_prefix_cache=True, hash_algo='xxh3_128', low_watermark=0.3, high_watermark=0.1, residency_sample_rate=0.01, layout='block_major', enable_kv_events=True, seed=0, eviction_policy='lru')")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_layers: &Bound<'_, PyAny>,
@@ -59,6 +59,7 @@ impl PyCacheConfig {
         layout: String,
         enable_kv_events: bool,
         seed: Option<&Bound<'_, PyAny>>,
+        eviction_policy: String,
     ) -> PyResult<Self> {
         let opt = |name, v: Option<&Bound<'_, PyAny>>| {
             v.filter(|o| !o.is_none())
@@ -79,6 +80,7 @@ impl PyCacheConfig {
             disk_blocks: opt("disk_blocks", disk_blocks)?.unwrap_or(0),
             enable_prefix_cache,
             hash_algo,
+            eviction_policy,
             low_watermark,
             high_watermark,
             residency_sample_rate,
@@ -149,6 +151,10 @@ impl PyCacheConfig {
         self.config.hash_algo.name()
     }
     #[getter]
+    fn eviction_policy(&self) -> &'static str {
+        self.config.eviction_policy.name()
+    }
+    #[getter]
     fn low_watermark(&self) -> f64 {
         self.config.low_watermark
     }
@@ -200,6 +206,7 @@ impl PyCacheConfig {
         d.set_item("layout", c.layout.name())?;
         d.set_item("enable_kv_events", c.enable_kv_events)?;
         d.set_item("seed", c.seed)?;
+        d.set_item("eviction_policy", c.eviction_policy.name())?;
         Ok(d)
     }
 

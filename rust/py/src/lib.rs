@@ -19,5 +19,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<view::PyKvView>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("cuda_driver_present", ferrumkv_core::cuda::driver_present())?;
+    m.add(
+        "EVICTION_POLICIES",
+        pyo3::types::PyTuple::new(m.py(), ferrumkv_core::eviction::POLICY_NAMES)?,
+    )?;
     Ok(())
 }

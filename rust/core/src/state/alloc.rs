@@ -242,16 +242,16 @@ impl State {
         let mark = self.fx.mark();
         let now = ctx.clock.now();
         for &b in &plan.hits {
-            self.pool.acquire(b);
+            self.pool.acquire_hit(b);
             self.residency.on_access(b, now);
         }
         if let Some((src, _)) = plan.partial {
-            self.pool.acquire(src); // pinned so the allocation below cannot evict it
+            self.pool.acquire_hit(src); // pinned so the allocation below cannot evict it
         }
         if let Some(host) = self.host.as_mut() {
             // Pinned too: offloads made by the allocation below must not evict them.
             for &hb in &plan.onboard {
-                host.pool.acquire(hb);
+                host.pool.acquire_hit(hb);
             }
         }
         let mut blocks = plan.hits;

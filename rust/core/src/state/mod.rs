@@ -200,7 +200,7 @@ impl State {
     pub fn new(ctx: &Ctx) -> Result<Self> {
         let c = &ctx.config;
         // Bookkeeping first, fallibly (a MemoryError, never an abort), before any file exists.
-        let pool = BlockPool::try_new(c.num_blocks)?;
+        let pool = BlockPool::with_policy(c.num_blocks, c.eviction_policy)?;
         let index = PrefixIndex::try_new(c.num_blocks, c.block_size)?;
         let residency = Residency::try_new(c.residency_sample_rate, c.seed, c.num_blocks)?;
         let host = match c.host_blocks {
@@ -210,6 +210,7 @@ impl State {
                 c.block_size,
                 ctx.bytes_per_block(),
                 &ctx.memory,
+                c.eviction_policy,
             )?),
         };
         let disk = match (c.disk_blocks, &c.disk_path) {
@@ -219,6 +220,7 @@ impl State {
                 n,
                 c.block_size,
                 ctx.bytes_per_block(),
+                c.eviction_policy,
             )?),
         };
         Ok(State {
