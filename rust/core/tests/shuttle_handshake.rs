@@ -117,6 +117,9 @@ fn explore(f: impl Fn() + Send + Sync + 'static) {
     let mut config = shuttle::Config::new();
     // The engine's counters use relaxed atomics; shuttle runs them as SeqCst and says so.
     config.silence_warnings = true;
+    // Debug frames of the engine (copies, unwinding a caught copy fault) outgrow shuttle's
+    // default 32 KiB continuation stacks.
+    config.stack_size = 256 << 10;
     config.max_steps = shuttle::MaxSteps::FailAfter(MAX_STEPS);
     let f = Arc::new(f);
     let g = f.clone();
