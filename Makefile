@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv build run test rust-checks rust-test py-lint py-test bench clean
+.PHONY: venv build run test rust-checks rust-test fuzz fuzz-smoke py-lint py-test bench clean
 
 $(VENV)/.ready: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ rust-test: venv
 	cargo test --workspace
 	cargo test -p ferrumkv-core --features shuttle --test shuttle_handshake
 
+# Coverage-guided fuzzing of the engine (libFuzzer, on stable: scripts/fuzz.sh).
+FUZZ_SECS ?= 300
+fuzz:
+	scripts/fuzz.sh $(FUZZ_SECS)
+
+# The bounded run `make test` makes, after the instrumented build (about 45 s on 2 idle cores).
+FUZZ_SMOKE_SECS ?= 30
+fuzz-smoke:
+	scripts/fuzz.sh $(FUZZ_SMOKE_SECS)
+
 py-lint: venv
 	ruff check python tests benches
 	ruff format --check python tests benches
@@ -38,7 +48,7 @@ py-lint: venv
 py-test: build
 	$(PY) -m pytest
 
-test: rust-checks rust-test py-lint py-test
+test: rust-checks rust-test fuzz-smoke py-lint py-test
 
 bench: build
 	$(PY) -m ferrumkv bench

@@ -123,11 +123,12 @@ pub enum Op {
     /// Swaps copy inline (true) or on the worker.
     InlineSwaps(bool),
     CopyFaults(u8),
-    /// 0: fail the next write, 1: short next read, else flip byte `offset` of `slot`.
+    /// 0: fail the next write, 1: short next read, else flip a byte of a slot: `slot` and
+    /// `offset` pick one in range, except for their top values, which pick one past the end.
     DiskFault {
         kind: u8,
-        slot: usize,
-        offset: usize,
+        slot: u8,
+        offset: u16,
     },
     WriteKv {
         rid: usize,
@@ -271,8 +272,8 @@ impl Op {
             10 => Op::CopyFaults(byte(u) % 3),
             11 => Op::DiskFault {
                 kind: byte(u) % 3,
-                slot: int(u, 0, 8),
-                offset: int(u, 0, 1100),
+                slot: byte(u),
+                offset: u.arbitrary().unwrap_or(0),
             },
             12 => Op::WriteKv {
                 rid: rid(u),

@@ -860,7 +860,17 @@ impl Harness {
         }
     }
 
-    fn disk_fault(&mut self, which: u8, slot: usize, offset: usize) {
+    fn disk_fault(&mut self, which: u8, slot: u8, offset: u16) {
+        let bpb = self.s.layers * 2 * self.s.block_size * self.tb;
+        let slots = self.s.disk_blocks.max(1);
+        let slot = match slot {
+            0..=239 => usize::from(slot) % slots,
+            s => slots + usize::from(s % 3),
+        };
+        let offset = match offset {
+            0..=0xEFFF => usize::from(offset) % bpb,
+            o => bpb + usize::from(o % 7),
+        };
         let fault = match which {
             0 => Fault::FailNextWrite,
             1 => Fault::ShortNextRead,
@@ -869,7 +879,6 @@ impl Harness {
         let what = format!("inject_disk_fault {fault:?}");
         let res = self.e.inject_disk_fault(fault);
         self.trace(&what, &res);
-        let bpb = self.s.layers * 2 * self.s.block_size * self.tb;
         let bad = self.s.disk_blocks == 0
             || (which >= 2 && (slot >= self.s.disk_blocks || offset >= bpb));
         match &res {
