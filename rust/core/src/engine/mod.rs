@@ -226,7 +226,8 @@ impl EngineCore {
     fn mutate<T>(&self, freed: bool, f: impl FnOnce(&mut State, &Ctx) -> Result<T>) -> Result<T> {
         let mut st = self.lock()?;
         let out = f(&mut st, &self.ctx);
-        self.commit(st, freed)?;
+        // A failed call changes nothing, so it serves nobody either.
+        self.commit(st, freed && out.is_ok())?;
         out
     }
 

@@ -321,6 +321,9 @@ impl State {
             "admitted before its fill ran: {rid}"
         );
         self.settle_after(fill.after, true);
+        // The pins just dropped may free a block: waiters are served now, before the
+        // publish, so none of them is granted a hit on blocks whose K/V is not computed yet.
+        self.serve_waiters(ctx);
         if seq.cacheable {
             // Blocks after the device hits (onboarded, read back or computed) are new.
             for i in device_hits..tokens.len() / bs {
