@@ -180,10 +180,12 @@ def test_handle_is_a_frozen_value() -> None:
         "request_id": "a",
         "num_tokens": 5,
         "num_cached_tokens": 0,
+        "num_prompt_tokens": 5,
         "block_ids": (0, 1),
         "tier": "device",
     }
     assert "request_id='a'" in repr(h) and "num_tokens=5" in repr(h)
+    assert "num_prompt_tokens=5" in repr(h)
     assert "block_ids=(0, 1)" in repr(h)
     with pytest.raises(AttributeError):
         h.num_tokens = 3  # type: ignore[misc]

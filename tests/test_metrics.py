@@ -45,9 +45,12 @@ COUNTERS = {
     "prefix_cache_hits_tokens",
     "prefix_cache_reused_blocks",
     "prefix_cache_missed_blocks",
+    "prefix_cache_preempted_requests",
+    "prefix_cache_preempted_tokens",
     "allocated_blocks",
     "allocated_new_blocks",
     "evicted_blocks",
+    "truncated_blocks",
     "block_waits",
     "swaps",
     "transfer_blocks",
@@ -151,10 +154,14 @@ def expected_samples(
     put("prefix_cache_reused_blocks_total", s.full_reused_blocks, kind="full")
     put("prefix_cache_reused_blocks_total", s.partial_reused_blocks, kind="partial")
     put("prefix_cache_missed_blocks_total", s.missed_blocks)
+    put("prefix_cache_preempted_requests_total", s.preempted_requests)
+    put("prefix_cache_preempted_tokens_total", s.preempted_prompt_tokens, kind="queries")
+    put("prefix_cache_preempted_tokens_total", s.preempted_cache_tokens, kind="hits")
     put("allocated_blocks_total", s.alloc_total_blocks, phase="prompt")
     put("allocated_blocks_total", s.gen_alloc_blocks, phase="generation")
     put("allocated_new_blocks_total", s.alloc_new_blocks)
     put("evicted_blocks_total", s.evicted_blocks)
+    put("truncated_blocks_total", s.truncated_blocks)
     put("block_waits_total", s.preempted_waits)
     put("swaps_total", s.swap_out_count, direction="out")
     put("swaps_total", s.swap_in_count, direction="in")

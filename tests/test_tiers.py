@@ -256,7 +256,7 @@ async def test_disk_round_trip_through_offload_and_spill(
         assert (s.disk_blocks_written, s.disk_write_errors, s.inflight_disk_ops) == (4, 0, 0)
         assert (s.disk.evictable_blocks, s.disk.used_blocks) == (4, 0)
         assert (s.offload_blocks, s.host.evictable_blocks) == (6, 2)
-        assert cache.lookup_prefix(prompt) == 8
+        assert cache.lookup_prefix(prompt) == ferrumkv.PrefixMatch(0, 0, 8)  # A0 A1 on disk
 
         before = stats_dict(cache)
         a2 = await cache.allocate("a2", prompt)
@@ -289,7 +289,7 @@ async def test_offload_and_onboard_through_the_host_tier() -> None:
         assert (s.evicted_blocks, s.offload_blocks, s.offload_bytes) == (2, 2, 2 * BPB)
         assert (s.d2h_blocks_copied, s.host.evictable_blocks, s.host.used_blocks) == (2, 2, 0)
         await cache.deallocate("b")
-        assert cache.lookup_prefix(list(range(9))) == 8
+        assert cache.lookup_prefix(list(range(9))) == ferrumkv.PrefixMatch(0, 8, 0)
         before = stats_dict(cache)
         a2 = await cache.allocate("a2", list(range(9)))
         assert a2.num_cached_tokens == 8
@@ -661,7 +661,8 @@ def spill_chain(cache: ferrumkv.KvCache, rng: np.random.Generator) -> tuple[list
     s = cache.stats()
     assert (s.offload_blocks, s.disk_blocks_written) == (3, 2)
     assert (s.host.evictable_blocks, s.disk.evictable_blocks) == (1, 2)
-    assert cache.lookup_prefix(prompt) == 12
+    match = cache.lookup_prefix(prompt)
+    assert (match.num_cached_tokens, match.host_tokens, match.disk_tokens) == (12, 4, 8)
     return prompt, data
 
 
@@ -701,7 +702,7 @@ def test_a_second_cache_on_the_same_disk_path_fails_and_the_first_keeps_its_tier
     # Closing the first gives the file up: a new cache takes it over (trusting none of it).
     first.close()
     with disk_cache(tmp_path) as second:
-        assert second.lookup_prefix(prompt) == 0
+        assert second.lookup_prefix(prompt).num_cached_tokens == 0
         prompt, data = spill_chain(second, rng)
         assert alloc_from_disk(second, "b", prompt).num_cached_tokens == 12
         assert_reads(second, "b", data, 0, 12)
@@ -792,7 +793,8 @@ def test_a_failed_disk_write_loses_only_that_block(tmp_path: Any) -> None:
         assert (s.disk_write_errors, s.disk_blocks_written, s.inflight_disk_ops) == (1, 0, 0)
         assert (s.disk.evictable_blocks, s.disk.free_blocks, s.disk.used_blocks) == (0, 8, 0)
         assert s.host.evictable_blocks == 1
-        assert cache.lookup_prefix(prompt) == 4  # A1 is not readable from disk
+        # A0 is on the host; A1 is not readable from disk
+        assert cache.lookup_prefix(prompt) == ferrumkv.PrefixMatch(0, 4, 0)
         before = stats_dict(cache)
         h = alloc(cache, "a2", prompt)
         assert h.num_cached_tokens == 4  # a miss on disk, not an error
@@ -929,12 +931,14 @@ async def test_swap_out_after_a_granted_allocate_then_cancelling_its_waiter() ->
             await wait_until(lambda: cache.stats().num_waiting == 1)
             await cache.deallocate("x")  # grants the allocate at once
             assert cache.get("a") is None  # reserved, not published
-            assert cache.lookup_prefix([1, 2, 3, 4, 5]) == 0  # nothing registered yet
+            # nothing registered yet
+            assert cache.lookup_prefix([1, 2, 3, 4, 5]).num_cached_tokens == 0
             with pytest.raises(ferrumkv.UnknownRequestError):
                 await cache.swap_out("a")
             tg.cancel_scope.cancel()  # the waiter gives up: the allocation is undone
         assert "a" not in cache
-        assert cache.lookup_prefix([1, 2, 3, 4, 5]) == 0, "a never-written block stays cached"
+        match = cache.lookup_prefix([1, 2, 3, 4, 5])
+        assert match.num_cached_tokens == 0, "a never-written block stays cached"
         assert_all_unused(cache)
 
 
@@ -1066,7 +1070,7 @@ def run_program(program: list[tuple[Any, ...]], disk_path: str) -> None:
                 model.prompts.append(prompt)
                 rid = model.next_id
                 model.next_id += 1
-                looked_up = cache.lookup_prefix(prompt)
+                looked_up = cache.lookup_prefix(prompt).num_cached_tokens
                 try:
                     h = drive(cache.allocate(rid, prompt, timeout=0))
                 except OutOfBlocksError:

@@ -223,7 +223,7 @@ async def _prefix(rounds: int) -> list[tuple[str, float, float, str]]:
         prompt = rng.integers(0, 32000, 32 * BLOCK, dtype=np.int64)
         await cache.allocate("warm", prompt)
         await cache.deallocate("warm")
-        assert cache.lookup_prefix(prompt) == 31 * BLOCK + BLOCK - 1
+        assert cache.lookup_prefix(prompt).num_cached_tokens == 31 * BLOCK + BLOCK - 1
         query = prompt.copy()
         query[-1] += 1  # hits 31 full blocks, then a partial match
         plist = query.tolist()

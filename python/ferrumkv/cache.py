@@ -30,6 +30,7 @@ from .types import (
     GcStats,
     IterationStats,
     KvEvent,
+    PrefixMatch,
     PressureEvent,
     PressureLevel,
     _event_from_core,
@@ -156,14 +157,22 @@ class KvCache:
         *,
         salt: str | bytes | int | None = None,
         timeout: float | None = None,
+        num_new_tokens: int | None = None,
+        preempted: bool = False,
     ) -> SequenceHandle:
-        """Reserves KV space for `tokens`, reusing the longest cached prefix; waits for
-        blocks (first come, first served) up to `timeout` seconds (0: never)."""
+        """Reserves KV space for `tokens` (the whole prompt), reusing the longest cached
+        prefix; waits for blocks (first come, first served) up to `timeout` seconds (0:
+        never).
+
+        `num_new_tokens` (chunked prefill): slots only for the cached tokens plus that many
+        (default: all of them); `extend(num_new_tokens=...)` reserves the next chunks.
+        `preempted=True`: a request resumed after preemption by recompute, whose lookup is
+        counted in `preempted_*` and in no hit-rate counter."""
         if self._subs:
             self._dispatcher.attach()
         if timeout is not None:
             self._check_timeout(timeout)
-        r = self._core.allocate(request_id, tokens, salt, timeout != 0)
+        r = self._core.allocate(request_id, tokens, salt, timeout != 0, num_new_tokens, preempted)
         return await self._settle(r, timeout)
 
     def try_allocate(
@@ -172,33 +181,49 @@ class KvCache:
         tokens: Sequence[int] | np.ndarray,
         *,
         salt: str | bytes | int | None = None,
+        num_new_tokens: int | None = None,
+        preempted: bool = False,
     ) -> SequenceHandle | None:
         """Like `allocate`, synchronous and never waiting: None when blocks are short."""
-        return self._core.try_allocate(request_id, tokens, salt)
+        return self._core.try_allocate(request_id, tokens, salt, num_new_tokens, preempted)
 
     async def extend(
         self,
         request_id: RequestId,
-        tokens: Sequence[int] | np.ndarray | int,
+        tokens: Sequence[int] | np.ndarray | int | None = None,
         *,
+        num_new_tokens: int | None = None,
         timeout: float | None = None,
     ) -> SequenceHandle:
-        """Appends generated tokens (ids, or an int count when ids are unknown)."""
+        """Appends generated tokens (ids, or an int count when ids are unknown); or, while
+        prompt tokens are still without slots, `num_new_tokens=n` reserves the next `n` of
+        them (the next chunk). Waits for blocks like `allocate`."""
         if self._subs:
             self._dispatcher.attach()
         if timeout is not None:
             self._check_timeout(timeout)
-        r = self._core.extend(request_id, tokens, timeout != 0)
+        r = self._core.extend(request_id, tokens, timeout != 0, num_new_tokens)
         return await self._settle(r, timeout)
 
     def try_extend(
-        self, request_id: RequestId, tokens: Sequence[int] | np.ndarray | int
+        self,
+        request_id: RequestId,
+        tokens: Sequence[int] | np.ndarray | int | None = None,
+        *,
+        num_new_tokens: int | None = None,
     ) -> SequenceHandle | None:
         """Like `extend`, synchronous and never waiting: None when blocks are short."""
         try:
-            return self._core.extend(request_id, tokens, False)
+            return self._core.extend(request_id, tokens, False, num_new_tokens)
         except OutOfBlocksError:
             return None
+
+    async def truncate(self, request_id: RequestId, num_tokens: int) -> SequenceHandle:
+        """Drops the tokens past `num_tokens` (1 <= num_tokens <= the sequence's
+        `num_tokens`): rejected speculative tokens, or a rollback. Blocks past the new end
+        are freed; a block that was full and is now partial is never written in place while
+        the prefix cache names its old tokens (the next append copies it if it is shared)."""
+        return self._core.truncate(request_id, num_tokens)
 
     async def extend_batch(
         self,
@@ -213,9 +238,9 @@ class KvCache:
 
     def lookup_prefix(
         self, tokens: Sequence[int] | np.ndarray, *, salt: str | bytes | int | None = None
-    ) -> int:
-        """Prompt tokens the prefix cache would serve now (nothing is allocated)."""
-        return self._core.lookup_prefix(tokens, salt)
+    ) -> PrefixMatch:
+        """What `allocate` would reuse of `tokens` now, per tier (nothing is allocated)."""
+        return PrefixMatch._from_core(self._core.lookup_prefix(tokens, salt))
 
     async def deallocate(self, request_id: RequestId) -> None:
         """Releases the sequence: full hashed blocks stay cached (evictable)."""
@@ -242,8 +267,18 @@ class KvCache:
         target (default: low_watermark)."""
         return GcStats(**self._core.gc(target_free_ratio))
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self._core.can_allocate(num_tokens)
+    def can_allocate(
+        self,
+        tokens_or_count: Sequence[int] | np.ndarray | int,
+        *,
+        salt: str | bytes | int | None = None,
+        num_new_tokens: int | None = None,
+    ) -> bool:
+        """Whether a prompt fits now without waiting. An int counts tokens with nothing
+        cached; a prompt's tokens (with its `salt`, and `num_new_tokens` for a first chunk)
+        answer exactly whether `allocate` would succeed now, prefix hits included. False
+        while any call waits for blocks."""
+        return self._core.can_allocate(tokens_or_count, salt, num_new_tokens)
 
     def get(self, request_id: RequestId) -> SequenceHandle | None:
         return self._core.get(request_id)

@@ -211,6 +211,22 @@ SPECS: tuple[_Spec, ...] = (
         (),
         _field("missed_blocks"),
     ),
+    _Spec(
+        "prefix_cache_preempted_requests",
+        "counter",
+        "Requests resumed after preemption by recompute (allocate(preempted=True)); their "
+        "lookups are kept out of the other prefix_cache_* counters.",
+        (),
+        _field("preempted_requests"),
+    ),
+    _Spec(
+        "prefix_cache_preempted_tokens",
+        "counter",
+        "Prompt tokens of resumed requests: kind=queries (preempted_prompt_tokens) or hits "
+        "(preempted_cache_tokens, served from the prefix cache).",
+        ("kind",),
+        _by((("queries", "preempted_prompt_tokens"), ("hits", "preempted_cache_tokens"))),
+    ),
     # ----- allocation and eviction (counters) -----
     _Spec(
         "allocated_blocks",
@@ -233,6 +249,13 @@ SPECS: tuple[_Spec, ...] = (
         "Cached blocks evicted from the device tier's prefix cache.",
         (),
         _field("evicted_blocks"),
+    ),
+    _Spec(
+        "truncated_blocks",
+        "counter",
+        "Blocks freed by truncate() past a sequence's new end (rejected speculative tokens).",
+        (),
+        _field("truncated_blocks"),
     ),
     _Spec(
         "block_waits",

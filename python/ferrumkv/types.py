@@ -19,6 +19,7 @@ __all__ = [
     "EvictionEvent",
     "GcStats",
     "IterationStats",
+    "PrefixMatch",
     "PressureEvent",
     "PressureLevel",
     "TierStats",
@@ -96,6 +97,10 @@ class _Counters(_ToDict):
     evicted_blocks: int
     input_tokens: int
     cache_tokens: int
+    preempted_requests: int
+    preempted_prompt_tokens: int
+    preempted_cache_tokens: int
+    truncated_blocks: int
     swap_out_count: int
     d2h_transfers: int
     d2h_transfer_ns: int
@@ -219,6 +224,35 @@ class IterationStats(_Counters):
             inflight_disk_ops=raw["inflight_disk_ops"],
             **_counters(raw),
         )
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class PrefixMatch(_ToDict):
+    """What `allocate` would reuse of a prompt now (`lookup_prefix`), per tier: device hits
+    (shared whole, plus a partly matching block's tokens, copied), host and disk hits
+    (onboarded). Local tiers only."""
+
+    device_tokens: int
+    host_tokens: int
+    disk_tokens: int
+
+    _DERIVED = ("num_cached_tokens",)
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Tokens the prompt would get from the cache (the sum over the tiers)."""
+        return self.device_tokens + self.host_tokens + self.disk_tokens
+
+    def __repr__(self) -> str:
+        return (
+            f"PrefixMatch(num_cached_tokens={self.num_cached_tokens}, "
+            f"device_tokens={self.device_tokens}, host_tokens={self.host_tokens}, "
+            f"disk_tokens={self.disk_tokens})"
+        )
+
+    @classmethod
+    def _from_core(cls, raw: dict[str, int]) -> PrefixMatch:
+        return cls(raw["device_tokens"], raw["host_tokens"], raw["disk_tokens"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,16 @@
 //! of the tokens after the last full block. A sequence extended by a bare token count is no
 //! longer cacheable (its ids are unknown), and neither are blocks after that point.
 //!
+//! Chunked prefill: `allocate` may give slots to only the first tokens of its prompt (the
+//! cached ones plus one chunk). Until every prompt token has a slot the sequence keeps its
+//! `Prompt`: the whole prompt's ids and the chained hashes of its full blocks, computed once
+//! at allocation (`hashes` is always a prefix of them), so a later chunk
+//! (`Append::Prompt`) registers its completed blocks under the right hashes without hashing
+//! again. Invariant: while `prompt` is `Some`, `num_tokens < prompt.tokens.len() ==
+//! num_prompt_tokens` and (if cacheable) `hashes` is a prefix of `prompt.hashes`; it becomes
+//! `None` when the last chunk gets its slots (a truncate keeps it: the next chunk continues
+//! from the new end). Generated tokens (`Ids`, `Count`) are refused while it is `Some`.
+//!
 //! Lifecycle: every sequence is in exactly one `Phase`, and every call matches on it. While a
 //! copy moves a sequence between tiers (`SwappingOut`, `SwappingIn`) no call may read, write
 //! or change it: its blocks are pinned by it and the copier reads or fills them without the
@@ -16,8 +26,11 @@ use crate::types::{BlockHash, BlockId, RequestId, Tier};
 
 #[derive(Debug, Clone)]
 pub struct Sequence {
+    /// Tokens with slots (a block position each).
     pub num_tokens: usize,
     pub num_cached_tokens: usize,
+    /// Length of the prompt `allocate` was given (slots or not).
+    pub num_prompt_tokens: usize,
     pub blocks: Vec<BlockId>,
     pub hashes: Vec<BlockHash>,
     pub root: BlockHash,
@@ -27,6 +40,34 @@ pub struct Sequence {
     /// from a fork parent): it computes their K/V, in place even once others share them.
     pub own_from: usize,
     pub phase: Phase,
+    /// The prompt while some of its tokens have no slot yet (chunked prefill), else None.
+    pub prompt: Option<Box<Prompt>>,
+}
+
+/// The whole prompt of a sequence whose prefill is chunked (see the module header).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    /// Chained hashes of every full block of `tokens` (empty without a prefix cache).
+    pub hashes: Vec<BlockHash>,
+}
+
+/// How much of a prompt `allocate` reserves, and how its lookup is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AllocOpts {
+    /// Slots for the cached tokens plus this many (>= 1); None: every token of the prompt.
+    pub num_new_tokens: Option<usize>,
+    /// A request resumed after preemption by recompute: its lookup is counted in the
+    /// `preempted_*` counters and in no hit-rate input (as vLLM's `PrefixCacheStats`).
+    pub preempted: bool,
+}
+
+impl AllocOpts {
+    /// Tokens that get slots in a prompt of `n` tokens of which `cached` come from the cache.
+    pub fn slots(&self, n: usize, cached: usize) -> usize {
+        self.num_new_tokens
+            .map_or(n, |k| n.min(cached.saturating_add(k)))
+    }
 }
 
 /// Where a sequence's blocks are, and whether a copy is moving them.
@@ -64,18 +105,20 @@ impl Sequence {
     }
 }
 
-/// Tokens appended by `extend`: their ids, or only their number (never cached).
+/// Tokens appended by `extend`: generated ids, or only their number (never cached), or the
+/// next tokens of the sequence's own prompt (a chunk of a chunked prefill).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Append {
     Ids(Vec<u32>),
     Count(usize),
+    Prompt(usize),
 }
 
 impl Append {
     pub fn len(&self) -> usize {
         match self {
             Append::Ids(v) => v.len(),
-            Append::Count(n) => *n,
+            Append::Count(n) | Append::Prompt(n) => *n,
         }
     }
 
@@ -90,6 +133,7 @@ pub struct SeqView {
     pub request_id: RequestId,
     pub num_tokens: usize,
     pub num_cached_tokens: usize,
+    pub num_prompt_tokens: usize,
     pub block_ids: Vec<u32>,
     pub tier: Tier,
 }
@@ -100,6 +144,7 @@ impl SeqView {
             request_id: rid.clone(),
             num_tokens: s.num_tokens,
             num_cached_tokens: s.num_cached_tokens,
+            num_prompt_tokens: s.num_prompt_tokens,
             block_ids: s.blocks.iter().map(|b| b.0).collect(),
             tier: s.phase.tier(),
         }

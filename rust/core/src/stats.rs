@@ -28,7 +28,7 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Blocks of prompts allocated (hits + new).
+    /// Blocks of prompts allocated (hits + new), chunks of a chunked prefill included.
     alloc_total_blocks,
     /// Blocks of prompts taken from the free pool.
     alloc_new_blocks,
@@ -59,6 +59,15 @@ counters! {
     input_tokens,
     /// Prompt tokens served from the cache.
     cache_tokens,
+    /// Requests resumed after preemption by recompute (`allocate(preempted=true)`), whose
+    /// lookups are kept out of every hit-rate input above.
+    preempted_requests,
+    /// Prompt tokens of those requests.
+    preempted_prompt_tokens,
+    /// Prompt tokens of those requests served from the cache.
+    preempted_cache_tokens,
+    /// Blocks released by `truncate` (past a sequence's new end).
+    truncated_blocks,
     swap_out_count,
     /// Device -> host copies (swap-outs): count and nanoseconds.
     d2h_transfers,

@@ -26,7 +26,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::error::Error;
-use crate::sequence::Append;
+use crate::sequence::{AllocOpts, Append};
 use crate::state::Admission;
 use crate::types::{BlockHash, BlockId, RequestId};
 
@@ -46,6 +46,7 @@ pub enum WaitOp {
         rid: RequestId,
         tokens: Vec<u32>,
         root: BlockHash,
+        opts: AllocOpts,
     },
     Extend {
         rid: RequestId,

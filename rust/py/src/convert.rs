@@ -34,6 +34,39 @@ pub fn request_id(obj: &Bound<'_, PyAny>) -> PyResult<RequestId> {
     )))
 }
 
+/// An integer argument (a Python int or anything with `__index__`, never a bool); one that
+/// does not fit in 64 bits is a `ValueError`.
+pub fn int_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<i64> {
+    if obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!(
+            "{what} must be an int, not bool"
+        )));
+    }
+    match obj.extract::<i64>() {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) => Err(
+            PyValueError::new_err(format!("{what} is too large (it must fit in 64 bits)")),
+        ),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{what} must be an int, not {}",
+            obj.get_type().name()?
+        ))),
+    }
+}
+
+/// An optional count of at least 1 (`num_new_tokens`).
+pub fn count(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<usize>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(None);
+    };
+    match int_arg(obj, what)? {
+        n if n >= 1 => Ok(Some(n as usize)),
+        n => Err(PyValueError::new_err(format!(
+            "{what} must be >= 1, got {n}"
+        ))),
+    }
+}
+
 pub fn request_id_to_py<'py>(py: Python<'py>, rid: &RequestId) -> PyResult<Bound<'py, PyAny>> {
     Ok(match rid {
         RequestId::Int(i) => i.into_pyobject(py)?.into_any(),

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use ferrumkv_core::clock::Clock;
 use ferrumkv_core::events::KvEvent;
-use ferrumkv_core::sequence::{Append, SeqView};
+use ferrumkv_core::sequence::{AllocOpts, Append, SeqView};
 use ferrumkv_core::stats::{Snapshot, TierStats};
 use ferrumkv_core::{Engine, Error, Outcome};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyDict, PyInt, PyList, PyTuple};
 
@@ -118,6 +118,14 @@ fn append_of(tokens: &Bound<'_, PyAny>) -> PyResult<Append> {
     Ok(Append::Ids(ids))
 }
 
+/// The options of an allocation (`num_new_tokens` >= 1 or None).
+fn alloc_opts(num_new_tokens: Option<&Bound<'_, PyAny>>, preempted: bool) -> PyResult<AllocOpts> {
+    Ok(AllocOpts {
+        num_new_tokens: convert::count(num_new_tokens, "num_new_tokens")?,
+        preempted,
+    })
+}
+
 /// Copies above this size release the GIL while they run.
 const DETACH_BYTES: usize = 1 << 20;
 
@@ -178,7 +186,9 @@ impl PyEngine {
     }
 
     /// A handle, an int ticket (queued; only when `wait`), or OutOfBlocksError.
-    #[pyo3(signature = (request_id, tokens, salt=None, wait=true))]
+    /// `num_new_tokens`: slots for the cached tokens plus that many (one chunk).
+    #[pyo3(signature = (request_id, tokens, salt=None, wait=true, num_new_tokens=None, preempted=false))]
+    #[allow(clippy::too_many_arguments)]
     fn allocate(
         &self,
         py: Python<'_>,
@@ -186,27 +196,39 @@ impl PyEngine {
         tokens: &Bound<'_, PyAny>,
         salt: Option<&Bound<'_, PyAny>>,
         wait: bool,
+        num_new_tokens: Option<&Bound<'_, PyAny>>,
+        preempted: bool,
     ) -> PyResult<Py<PyAny>> {
         let rid = convert::request_id(request_id)?;
         let salt = convert::salt(salt)?;
         let tokens = convert::tokens(tokens)?;
-        let run = || self.engine.allocate(rid, tokens, salt.as_ref(), wait);
+        let opts = alloc_opts(num_new_tokens, preempted)?;
+        let run = || {
+            self.engine
+                .allocate_with(rid, tokens, salt.as_ref(), opts, wait)
+        };
         outcome(py, self.without_gil_if_disk(py, run).py_err()?)
     }
 
     /// A handle, or None when blocks are short (never waits).
-    #[pyo3(signature = (request_id, tokens, salt=None))]
+    #[pyo3(signature = (request_id, tokens, salt=None, num_new_tokens=None, preempted=false))]
     fn try_allocate(
         &self,
         py: Python<'_>,
         request_id: &Bound<'_, PyAny>,
         tokens: &Bound<'_, PyAny>,
         salt: Option<&Bound<'_, PyAny>>,
+        num_new_tokens: Option<&Bound<'_, PyAny>>,
+        preempted: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
         let rid = convert::request_id(request_id)?;
         let salt = convert::salt(salt)?;
         let tokens = convert::tokens(tokens)?;
-        let run = || self.engine.allocate(rid, tokens, salt.as_ref(), false);
+        let opts = alloc_opts(num_new_tokens, preempted)?;
+        let run = || {
+            self.engine
+                .allocate_with(rid, tokens, salt.as_ref(), opts, false)
+        };
         match self.without_gil_if_disk(py, run) {
             Ok(o) => outcome(py, o).map(Some),
             Err(Error::OutOfBlocks {
@@ -216,18 +238,52 @@ impl PyEngine {
         }
     }
 
-    /// `tokens`: ids (list / array) or an int count of tokens whose ids are unknown.
-    #[pyo3(signature = (request_id, tokens, wait=true))]
+    /// `tokens`: generated ids (list / array) or an int count of tokens whose ids are
+    /// unknown; or `num_new_tokens`: the next chunk of the prompt. Exactly one of them.
+    #[pyo3(signature = (request_id, tokens=None, wait=true, num_new_tokens=None))]
     fn extend(
         &self,
         py: Python<'_>,
         request_id: &Bound<'_, PyAny>,
-        tokens: &Bound<'_, PyAny>,
+        tokens: Option<&Bound<'_, PyAny>>,
         wait: bool,
+        num_new_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let rid = convert::request_id(request_id)?;
-        let append = append_of(tokens)?;
+        let chunk = convert::count(num_new_tokens, "num_new_tokens")?;
+        let append = match (tokens.filter(|t| !t.is_none()), chunk) {
+            (Some(_), Some(_)) => {
+                return Err(PyTypeError::new_err(
+                    "extend takes tokens or num_new_tokens, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(PyTypeError::new_err(
+                    "extend needs tokens (generated ids or a count) or num_new_tokens \
+                     (the next chunk of the prompt)",
+                ))
+            }
+            (Some(t), None) => append_of(t)?,
+            (None, Some(n)) => Append::Prompt(n),
+        };
         outcome(py, self.engine.extend(rid, append, wait).py_err()?)
+    }
+
+    /// Drops the tokens past `num_tokens` (1 ..= the sequence's tokens); returns the handle.
+    fn truncate(
+        &self,
+        py: Python<'_>,
+        request_id: &Bound<'_, PyAny>,
+        num_tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<PyAny>> {
+        let rid = convert::request_id(request_id)?;
+        let n = convert::int_arg(num_tokens, "num_tokens")?;
+        if n < 1 {
+            return Err(PyValueError::new_err(format!(
+                "num_tokens must be >= 1, got {n}"
+            )));
+        }
+        handle(py, self.engine.truncate(&rid, n as usize).py_err()?)
     }
 
     /// One decode step, all or nothing: `tokens` is a list with one entry per request (ids
@@ -262,17 +318,26 @@ impl PyEngine {
         self.engine.extend_batch(&items).py_err()
     }
 
-    /// Prompt tokens the prefix cache would serve now, without allocating.
+    /// What the prefix cache would serve of `tokens` now, per tier, without allocating:
+    /// `{num_cached_tokens, device_tokens, host_tokens, disk_tokens}`.
     #[pyo3(signature = (tokens, salt=None))]
-    fn lookup_prefix(
+    fn lookup_prefix<'py>(
         &self,
+        py: Python<'py>,
         tokens: &Bound<'_, PyAny>,
         salt: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<usize> {
+    ) -> PyResult<Bound<'py, PyDict>> {
         let salt = convert::salt(salt)?;
-        self.engine
+        let m = self
+            .engine
             .lookup_prefix(&convert::tokens(tokens)?, salt.as_ref())
-            .py_err()
+            .py_err()?;
+        let d = PyDict::new(py);
+        d.set_item("num_cached_tokens", m.num_cached_tokens())?;
+        d.set_item("device_tokens", m.device_tokens)?;
+        d.set_item("host_tokens", m.host_tokens)?;
+        d.set_item("disk_tokens", m.disk_tokens)?;
+        Ok(d)
     }
 
     /// A handle (tier "host"), or an int ticket when the copy runs on the worker.
@@ -359,13 +424,39 @@ impl PyEngine {
         self.engine.reset_prefix_cache().py_err()
     }
 
-    fn can_allocate(&self, num_tokens: i64) -> PyResult<bool> {
-        if num_tokens < 0 {
+    /// With an int: whether that many tokens fit now (nothing cached). With a prompt's
+    /// tokens: whether `allocate(tokens, salt=..., num_new_tokens=...)` would succeed now
+    /// without waiting (its prefix hits count).
+    #[pyo3(signature = (tokens_or_count, salt=None, num_new_tokens=None))]
+    fn can_allocate(
+        &self,
+        tokens_or_count: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+        num_new_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let opts = alloc_opts(num_new_tokens, false)?;
+        let salt = convert::salt(salt)?;
+        let is_count = tokens_or_count.is_instance_of::<PyInt>()
+            || (tokens_or_count.hasattr("__index__")? && !tokens_or_count.hasattr("__len__")?);
+        if !is_count {
+            let tokens = convert::tokens(tokens_or_count)?;
+            return self
+                .engine
+                .can_allocate_prompt(&tokens, salt.as_ref(), opts)
+                .py_err();
+        }
+        let n = convert::int_arg(tokens_or_count, "num_tokens")?;
+        if n < 0 {
             return Err(PyValueError::new_err(format!(
-                "num_tokens must be >= 0, got {num_tokens}"
+                "num_tokens must be >= 0, got {n}"
             )));
         }
-        self.engine.can_allocate(num_tokens as usize).py_err()
+        if salt.is_some() || opts.num_new_tokens.is_some() {
+            return Err(PyValueError::new_err(
+                "salt and num_new_tokens need the prompt's tokens, not a token count",
+            ));
+        }
+        self.engine.can_allocate(n as usize).py_err()
     }
 
     fn get(&self, py: Python<'_>, request_id: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {

@@ -28,6 +28,13 @@ impl PySequenceHandle {
         self.view.num_cached_tokens
     }
 
+    /// Tokens of the prompt given to `allocate` (with slots or not: `num_tokens` counts
+    /// those with slots).
+    #[getter]
+    fn num_prompt_tokens(&self) -> usize {
+        self.view.num_prompt_tokens
+    }
+
     /// Block ids in order, as a tuple of ints.
     #[getter]
     fn block_ids<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
@@ -49,6 +56,7 @@ impl PySequenceHandle {
         d.set_item("request_id", self.request_id(py)?)?;
         d.set_item("num_tokens", self.view.num_tokens)?;
         d.set_item("num_cached_tokens", self.view.num_cached_tokens)?;
+        d.set_item("num_prompt_tokens", self.view.num_prompt_tokens)?;
         d.set_item("block_ids", self.block_ids(py)?)?;
         d.set_item("tier", self.tier())?;
         Ok(d)
@@ -56,10 +64,11 @@ impl PySequenceHandle {
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
-            "SequenceHandle(request_id={}, num_tokens={}, num_cached_tokens={}, block_ids={}, tier={:?})",
+            "SequenceHandle(request_id={}, num_tokens={}, num_cached_tokens={}, num_prompt_tokens={}, block_ids={}, tier={:?})",
             self.request_id(py)?.repr()?,
             self.view.num_tokens,
             self.view.num_cached_tokens,
+            self.view.num_prompt_tokens,
             self.block_ids(py)?.repr()?,
             self.tier()
         ))

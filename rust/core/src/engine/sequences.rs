@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::prefix::Salt;
-use crate::sequence::{Append, SeqView};
-use crate::state::Staged;
+use crate::sequence::{AllocOpts, Append, SeqView};
+use crate::state::{PrefixMatch, Staged};
 use crate::stats::GcStats;
 use crate::types::RequestId;
 use crate::waiters::Ticket;
@@ -26,11 +26,27 @@ impl EngineCore {
         salt: Option<&Salt>,
         wait: bool,
     ) -> Result<Outcome> {
+        self.allocate_with(rid, tokens, salt, AllocOpts::default(), wait)
+    }
+
+    /// `allocate` of one chunk of the prompt, or of a request resumed after preemption
+    /// (see `AllocOpts`).
+    pub fn allocate_with(
+        &self,
+        rid: RequestId,
+        tokens: Vec<u32>,
+        salt: Option<&Salt>,
+        opts: AllocOpts,
+        wait: bool,
+    ) -> Result<Outcome> {
         if tokens.is_empty() {
             return Err(Error::InvalidArgument("tokens must not be empty".into()));
         }
+        check_chunk(opts.num_new_tokens)?;
         let root = self.root_hash(salt);
-        match self.mutate(false, |st, ctx| st.allocate(ctx, rid, tokens, root, wait))? {
+        match self.mutate(false, |st, ctx| {
+            st.allocate(ctx, rid, tokens, root, opts, wait)
+        })? {
             Staged::Done(o) => Ok(o),
             Staged::Fill(fill) => Ok(Outcome::Ready(self.run_fill(fill)?)),
         }
@@ -48,12 +64,18 @@ impl EngineCore {
         self.mutate(false, |st, ctx| st.extend_batch(ctx, items))
     }
 
-    /// Tokens of `tokens` the prefix cache would serve now (full hits and a partial copy),
-    /// without allocating anything.
-    pub fn lookup_prefix(&self, tokens: &[u32], salt: Option<&Salt>) -> Result<usize> {
+    /// Drops the tokens of `rid` past `num_tokens` and frees the blocks past the new end
+    /// (see `state::truncate`).
+    pub fn truncate(&self, rid: &RequestId, num_tokens: usize) -> Result<SeqView> {
+        self.mutate(true, |st, ctx| st.truncate(ctx, rid, num_tokens))
+    }
+
+    /// What the prefix cache would serve of `tokens` now, per tier (full hits and a partial
+    /// copy), without allocating anything.
+    pub fn lookup_prefix(&self, tokens: &[u32], salt: Option<&Salt>) -> Result<PrefixMatch> {
         let root = self.root_hash(salt);
         let st = self.lock()?;
-        Ok(st.cached_prefix_len(&self.ctx, tokens, root))
+        Ok(st.prefix_match(&self.ctx, tokens, root))
     }
 
     pub fn deallocate(&self, rid: &RequestId) -> Result<()> {
@@ -106,6 +128,24 @@ impl EngineCore {
         Ok(self.lock()?.can_allocate(&self.ctx, num_tokens))
     }
 
+    /// Whether `allocate_with(tokens, salt, opts)` would succeed now without waiting (its
+    /// prefix hits count).
+    pub fn can_allocate_prompt(
+        &self,
+        tokens: &[u32],
+        salt: Option<&Salt>,
+        opts: AllocOpts,
+    ) -> Result<bool> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("tokens must not be empty".into()));
+        }
+        check_chunk(opts.num_new_tokens)?;
+        let root = self.root_hash(salt);
+        Ok(self
+            .lock()?
+            .can_allocate_prompt(&self.ctx, tokens, root, opts))
+    }
+
     pub fn get(&self, rid: &RequestId) -> Result<Option<SeqView>> {
         Ok(self.lock()?.view(rid))
     }
@@ -116,5 +156,15 @@ impl EngineCore {
 
     pub fn num_sequences(&self) -> Result<usize> {
         Ok(self.lock()?.num_sequences())
+    }
+}
+
+/// A chunk reserves at least one token.
+fn check_chunk(num_new_tokens: Option<usize>) -> Result<()> {
+    match num_new_tokens {
+        Some(0) => Err(Error::InvalidArgument(
+            "num_new_tokens must be >= 1 (None: the whole prompt)".into(),
+        )),
+        _ => Ok(()),
     }
 }

@@ -13,6 +13,17 @@
 //!    dropped, transfers counted), the sequence is inserted, its full blocks are registered
 //!    in the prefix index (KV events), and the allocation counters are counted.
 //!
+//! Chunked prefill (`AllocOpts::num_new_tokens`): the lookup covers the whole prompt, and
+//! slots are reserved for the cached tokens plus one chunk (`AllocOpts::slots`); the sequence
+//! keeps the prompt and its hashes (`sequence::Prompt`) for the next chunks (`extend`). NOTE:
+//! as in vLLM, the prefix cache is looked up once, here: a later chunk computes its blocks
+//! even if another request cached them meanwhile (they register as duplicates and stay
+//! unindexed). The lookup is counted once, for the whole prompt, when the allocation is
+//! published (hits and misses over all its blocks, `input_tokens` = uncached tokens), so a
+//! chunked prompt has the hit rate of the same prompt unchunked; a resumed request
+//! (`preempted`) is counted in `preempted_*` instead. `alloc_*_blocks` count blocks as they
+//! are taken: this chunk's here, later chunks' in `extend`.
+//!
 //! A waiting allocation is reserved when it is served, and filled and admitted when its
 //! waiter takes the ticket; a cancelled one, or one whose fill failed, gives its `Admission`
 //! back (`release_admission`): the never-published blocks go back blank, the shared hits back
@@ -21,7 +32,7 @@
 //! Cost: O(prompt blocks) for hashing and lookups, O(1) per block taken.
 
 use crate::error::{Error, Result};
-use crate::sequence::{Phase, SeqView, Sequence};
+use crate::sequence::{AllocOpts, Phase, Prompt, SeqView, Sequence};
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId};
 use crate::waiters::{Outcome, WaitOp};
 
@@ -38,7 +49,31 @@ pub(super) struct AllocPlan {
     /// Chained hashes of every full block of the prompt.
     pub hashes: Vec<BlockHash>,
     pub partial: Option<(BlockId, usize)>,
-    pub num_blocks: usize,
+}
+
+impl AllocPlan {
+    /// Tokens the plan serves from the cache (full hits of every tier, then the partial copy).
+    fn cached_tokens(&self, block_size: usize) -> usize {
+        (self.hits.len() + self.onboard.len() + self.from_disk.len()) * block_size
+            + self.partial.map_or(0, |p| p.1)
+    }
+}
+
+/// What `allocate` would reuse now, per tier (`lookup_prefix`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixMatch {
+    /// Full device hits plus the tokens of a partly matching device block (copied).
+    pub device_tokens: usize,
+    /// Full blocks onboarded from the host tier.
+    pub host_tokens: usize,
+    /// Full blocks read back from the disk tier.
+    pub disk_tokens: usize,
+}
+
+impl PrefixMatch {
+    pub fn num_cached_tokens(&self) -> usize {
+        self.device_tokens + self.host_tokens + self.disk_tokens
+    }
 }
 
 /// A new sequence's blocks, reserved and filled, not yet published (see the module header).
@@ -51,6 +86,11 @@ pub struct Admission {
     /// Full blocks served from any tier (device, host, disk).
     full_hits: usize,
     partial: bool,
+    /// Counted apart from the hit rates (see the module header).
+    preempted: bool,
+    /// The hashes of every full block of the prompt, when only a chunk of it has slots: the
+    /// sequence's `Prompt` is made of them and the tokens at `admit`.
+    prompt_hashes: Option<Vec<BlockHash>>,
     /// The copies that fill the new blocks (onboard, disk read-back, partial copy), with
     /// their after-actions.
     /// They run outside the lock before the admission is published (`Staged::Fill`).
@@ -83,11 +123,13 @@ impl State {
         rid: RequestId,
         tokens: Vec<u32>,
         root: BlockHash,
+        opts: AllocOpts,
         wait: bool,
     ) -> Result<Staged<Outcome>> {
         self.check_new_rid(&rid)?;
         let total = self.pool.num_blocks();
-        let need = self.blocks_needed(ctx, tokens.len());
+        // What it needs with nothing cached (hits only ever lower it, see `reserve_allocate`).
+        let need = self.blocks_needed(ctx, opts.slots(tokens.len(), 0));
         if need > total {
             return Err(Error::OutOfBlocks {
                 needed: need,
@@ -103,15 +145,19 @@ impl State {
             vec![]
         };
         if !reads.is_empty() {
-            let t = self
-                .waiters
-                .push(WaitOp::Allocate { rid, tokens, root }, need);
+            let op = WaitOp::Allocate {
+                rid,
+                tokens,
+                root,
+                opts,
+            };
+            let t = self.waiters.push(op, need);
             self.start_disk_read(t, reads);
             return Ok(Staged::Done(Outcome::Waiting(t)));
         }
         // First come, first served: a new prompt overtakes no waiting call.
         if self.waiters.num_pending() == 0 {
-            match self.allocate_now(ctx, &rid, &tokens, root, &mut Default::default()) {
+            match self.allocate_now(ctx, &rid, &tokens, root, opts, &mut Default::default()) {
                 Ok(Staged::Done(v)) => return Ok(Staged::Done(Outcome::Ready(v))),
                 Ok(Staged::Fill(f)) => return Ok(Staged::Fill(f)),
                 Err(Error::OutOfBlocks {
@@ -128,16 +174,18 @@ impl State {
             });
         }
         self.counters.preempted_waits += 1;
-        let t = self
-            .waiters
-            .push(WaitOp::Allocate { rid, tokens, root }, need);
-        Ok(Staged::Done(Outcome::Waiting(t)))
+        let op = WaitOp::Allocate {
+            rid,
+            tokens,
+            root,
+            opts,
+        };
+        Ok(Staged::Done(Outcome::Waiting(self.waiters.push(op, need))))
     }
 
     pub(super) fn plan_allocate(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> AllocPlan {
         let bs = ctx.config.block_size;
         let n = tokens.len();
-        let num_blocks = blocks_for(n, bs);
         if !ctx.config.enable_prefix_cache {
             return AllocPlan {
                 hits: vec![],
@@ -145,7 +193,6 @@ impl State {
                 from_disk: vec![],
                 hashes: vec![],
                 partial: None,
-                num_blocks,
             };
         }
         let hashes = ctx.hasher.chain(root, tokens, bs);
@@ -187,7 +234,6 @@ impl State {
             from_disk,
             hashes,
             partial,
-            num_blocks,
         }
     }
 
@@ -199,9 +245,10 @@ impl State {
         rid: &RequestId,
         tokens: &[u32],
         root: BlockHash,
+        opts: AllocOpts,
         staged: &mut StagedReads,
     ) -> Result<Staged<SeqView>> {
-        let adm = self.reserve_allocate(ctx, rid, tokens, root, staged)?;
+        let adm = self.reserve_allocate(ctx, rid, tokens, root, opts, staged)?;
         Ok(self.publish_or_fill(ctx, adm, tokens.to_vec()))
     }
 
@@ -213,31 +260,41 @@ impl State {
         rid: &RequestId,
         tokens: &[u32],
         root: BlockHash,
+        opts: AllocOpts,
         staged: &mut StagedReads,
     ) -> Result<Admission> {
         let bs = ctx.config.block_size;
+        let n = tokens.len();
+        let total = self.pool.num_blocks();
         let mut plan = self.plan_allocate(ctx, tokens, root);
-        if plan.num_blocks > self.pool.num_blocks() {
+        let k = plan.hits.len();
+        // Every hit lies inside the slots: they cover the cached tokens plus at least one.
+        let blocks_of = |plan: &AllocPlan| blocks_for(opts.slots(n, plan.cached_tokens(bs)), bs);
+        let mut num_blocks = blocks_of(&plan);
+        let mut available =
+            self.available_excluding(plan.hits.iter().copied().chain(plan.partial.map(|p| p.0)));
+        if (num_blocks > total || num_blocks - k > available) && plan.partial.is_some() {
+            // Pinning the partial source (or the chunk it lengthens) is what makes it short:
+            // skip the partial copy.
+            plan.partial = None;
+            num_blocks = blocks_of(&plan);
+            available = self.available_excluding(plan.hits.iter().copied());
+        }
+        if num_blocks > total {
             return Err(Error::OutOfBlocks {
-                needed: plan.num_blocks,
-                available: self.pool.num_blocks(),
+                needed: num_blocks,
+                available: total,
                 never_fits: true,
             });
         }
-        let k = plan.hits.len();
-        let j = plan.onboard.len();
-        let new = plan.num_blocks - k;
-        let mut available =
-            self.available_excluding(plan.hits.iter().copied().chain(plan.partial.map(|p| p.0)));
-        if new > available && plan.partial.is_some() {
-            // Pinning the partial source is what makes it short: skip the partial copy.
-            plan.partial = None;
-            available = self.available_excluding(plan.hits.iter().copied());
-        }
-        if new > available {
-            return Err(short(new, available));
+        if num_blocks - k > available {
+            return Err(short(num_blocks - k, available));
         }
         let disk_data = self.read_disk_hits(&mut plan, staged);
+        // A disk block that failed its read shortens the hits, and so a chunk's slots: never
+        // more blocks than were checked above.
+        let slots = opts.slots(n, plan.cached_tokens(bs));
+        let new = blocks_for(slots, bs) - k;
         // Commit. What this records from here on is the admission's fill.
         let mark = self.fx.mark();
         let now = ctx.clock.now();
@@ -254,6 +311,7 @@ impl State {
                 host.pool.acquire_hit(hb);
             }
         }
+        let j = plan.onboard.len();
         let mut blocks = plan.hits;
         blocks.extend((0..new).map(|_| self.alloc_block(ctx, now)));
         if j > 0 {
@@ -278,21 +336,26 @@ impl State {
         self.events.end_op();
         let fill = self.fx.split_fill(mark);
         let cacheable = ctx.config.enable_prefix_cache;
-        let n_full = tokens.len() / bs;
+        let n_full = slots / bs;
+        let mut hashes = if cacheable { plan.hashes } else { vec![] };
+        let prompt_hashes = (slots < n).then(|| hashes.clone());
+        hashes.truncate(n_full);
         let seq = Sequence {
-            num_tokens: tokens.len(),
+            num_tokens: slots,
             num_cached_tokens: cached_tokens,
+            num_prompt_tokens: n,
             blocks,
-            hashes: if cacheable { plan.hashes } else { vec![] },
+            hashes,
             root,
             tail: if cacheable {
-                tokens[n_full * bs..].to_vec()
+                tokens[n_full * bs..slots].to_vec()
             } else {
                 vec![]
             },
             cacheable,
             own_from: full_hits,
             phase: Phase::Resident,
+            prompt: None, // made at `admit`, from `prompt_hashes` and the tokens
         };
         Ok(Admission {
             rid: rid.clone(),
@@ -300,19 +363,23 @@ impl State {
             device_hits: k,
             full_hits,
             partial: plan.partial.is_some(),
+            preempted: opts.preempted,
+            prompt_hashes,
             fill,
         })
     }
 
-    /// Publishes a reserved allocation of `tokens` (step 2 of the module header). Infallible.
-    pub(super) fn admit(&mut self, ctx: &Ctx, adm: Admission, tokens: &[u32]) -> SeqView {
+    /// Publishes a reserved allocation of `tokens` (step 3 of the module header). Infallible.
+    pub(super) fn admit(&mut self, ctx: &Ctx, adm: Admission, tokens: Vec<u32>) -> SeqView {
         let bs = ctx.config.block_size;
         let Admission {
             rid,
-            seq,
+            mut seq,
             device_hits,
             full_hits,
             partial,
+            preempted,
+            prompt_hashes,
             fill,
         } = adm;
         debug_assert!(!self.seqs.contains_key(&rid), "admitted twice: {rid}");
@@ -326,7 +393,7 @@ impl State {
         self.serve_waiters(ctx);
         if seq.cacheable {
             // Blocks after the device hits (onboarded, read back or computed) are new.
-            for i in device_hits..tokens.len() / bs {
+            for i in device_hits..seq.num_tokens / bs {
                 let parent = if i == 0 { seq.root } else { seq.hashes[i - 1] };
                 self.registry().register(
                     seq.blocks[i],
@@ -339,15 +406,24 @@ impl State {
         }
         self.events.end_op();
         let num_blocks = seq.blocks.len();
+        let num_prompt_blocks = blocks_for(seq.num_prompt_tokens, bs);
         let partial = usize::from(partial);
         let c = &mut self.counters;
         c.alloc_total_blocks += num_blocks as u64;
         c.alloc_new_blocks += (num_blocks - device_hits) as u64;
-        c.full_reused_blocks += full_hits as u64;
-        c.partial_reused_blocks += partial as u64;
-        c.missed_blocks += (num_blocks - full_hits - partial) as u64;
-        c.cache_tokens += seq.num_cached_tokens as u64;
-        c.input_tokens += (seq.num_tokens - seq.num_cached_tokens) as u64;
+        let (n, cached) = (seq.num_prompt_tokens as u64, seq.num_cached_tokens as u64);
+        if preempted {
+            c.preempted_requests += 1;
+            c.preempted_prompt_tokens += n;
+            c.preempted_cache_tokens += cached;
+        } else {
+            c.full_reused_blocks += full_hits as u64;
+            c.partial_reused_blocks += partial as u64;
+            c.missed_blocks += (num_prompt_blocks - full_hits - partial) as u64;
+            c.cache_tokens += cached;
+            c.input_tokens += n - cached;
+        }
+        seq.prompt = prompt_hashes.map(|hashes| Box::new(Prompt { tokens, hashes }));
         let view = SeqView::of(&rid, &seq);
         self.seqs.insert(rid, seq);
         view
@@ -383,7 +459,7 @@ impl State {
         tokens: Vec<u32>,
     ) -> Staged<SeqView> {
         if !adm.fill.has_memory_ops() {
-            return Staged::Done(self.admit(ctx, adm, &tokens));
+            return Staged::Done(self.admit(ctx, adm, tokens));
         }
         let fx = adm.fill.take_memory();
         let rid = adm.rid.clone();
@@ -416,7 +492,7 @@ impl State {
             self.fx.signal = true; // waiters may fit now
             return Err(e);
         }
-        Ok(self.admit(ctx, adm, &tokens))
+        Ok(self.admit(ctx, adm, tokens))
     }
 
     /// Checks that `rid` may be used for a new sequence.
@@ -435,13 +511,38 @@ impl State {
         blocks_for(n, ctx.config.block_size)
     }
 
-    /// Tokens a prompt would get from the cache now (see `plan_allocate`).
-    pub fn cached_prefix_len(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> usize {
+    /// What a prompt would get from the cache now, per tier (see `plan_allocate`).
+    pub fn prefix_match(&self, ctx: &Ctx, tokens: &[u32], root: BlockHash) -> PrefixMatch {
         if tokens.is_empty() {
-            return 0;
+            return PrefixMatch::default();
         }
+        let bs = ctx.config.block_size;
         let plan = self.plan_allocate(ctx, tokens, root);
-        (plan.hits.len() + plan.onboard.len() + plan.from_disk.len()) * ctx.config.block_size
-            + plan.partial.map_or(0, |p| p.1)
+        PrefixMatch {
+            device_tokens: plan.hits.len() * bs + plan.partial.map_or(0, |p| p.1),
+            host_tokens: plan.onboard.len() * bs,
+            disk_tokens: plan.from_disk.len() * bs,
+        }
+    }
+
+    /// Whether `allocate(tokens, opts)` would succeed now without waiting: nothing waits
+    /// ahead of it and the blocks it takes beyond its device hits are free (the test
+    /// `reserve_allocate` makes, with the partial copy it drops when short).
+    pub fn can_allocate_prompt(
+        &self,
+        ctx: &Ctx,
+        tokens: &[u32],
+        root: BlockHash,
+        opts: AllocOpts,
+    ) -> bool {
+        if tokens.is_empty() || self.waiters.num_pending() > 0 {
+            return false;
+        }
+        let bs = ctx.config.block_size;
+        let mut plan = self.plan_allocate(ctx, tokens, root);
+        plan.partial = None;
+        let num_blocks = blocks_for(opts.slots(tokens.len(), plan.cached_tokens(bs)), bs);
+        num_blocks <= self.pool.num_blocks()
+            && num_blocks - plan.hits.len() <= self.available_excluding(plan.hits.iter().copied())
     }
 }

@@ -75,6 +75,21 @@ impl State {
                     "{rid}: tail"
                 );
             }
+            if let Some(p) = &s.prompt {
+                let bs = ctx.config.block_size;
+                assert!(
+                    s.num_tokens < p.tokens.len() && p.tokens.len() == s.num_prompt_tokens,
+                    "{rid}: a pending prompt of {} tokens, {} with slots",
+                    p.tokens.len(),
+                    s.num_tokens
+                );
+                if s.cacheable {
+                    assert_eq!(p.hashes.len(), p.tokens.len() / bs, "{rid}: prompt hashes");
+                    assert_eq!(p.hashes[..s.hashes.len()], s.hashes[..], "{rid}: hashes");
+                    let full = s.num_tokens / bs * bs;
+                    assert_eq!(s.tail, p.tokens[full..s.num_tokens], "{rid}: prompt tail");
+                }
+            }
             for &b in &s.blocks {
                 owners[b.idx()] += 1;
             }

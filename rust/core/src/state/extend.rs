@@ -1,8 +1,18 @@
 //! Extension of a resident sequence: reserve, then apply.
 //!
 //! An extend by `m` tokens needs the blocks its new tokens spill into, plus one when the
-//! sequence's partial last block is shared (a fork): that block is copied first
-//! (copy-on-write), so the new tokens are never seen by the other owner. `reserve_extend`
+//! sequence's partial last block is shared (a fork) or indexed (a full block `truncate` made
+//! partial, while others held it): that block is copied first (copy-on-write), so the new
+//! tokens are never seen by the other owner, and an indexed block never holds K/V of other
+//! tokens than its hash names. Both conditions are stable while a ticket of the sequence is
+//! open: nothing can start sharing a tail that is not indexed, and an indexed block held by
+//! the sequence is never evicted.
+//!
+//! Chunked prefill: while the sequence's prompt still has tokens without slots, the only
+//! extend is `Append::Prompt(n)`, the next `n` of them (a chunk): its blocks are counted as
+//! prompt blocks (`alloc_*_blocks`), and those it completes are registered under the
+//! hashes computed at allocation. Generated tokens before that are `InvalidState`, a chunk
+//! past the prompt's end `InvalidArgument`. `reserve_extend`
 //! checks and takes those blocks; `apply_reserved` joins them to the sequence and registers
 //! every block the new ids complete; `take_extend` first gives back any reserved block a
 //! granted extend no longer needs (a write may have unshared the tail meanwhile). `extend_now` does both at once; a waiting extend
@@ -11,8 +21,8 @@
 //! Cost: O(new blocks + new tokens) (plus hashing of each completed block).
 
 use crate::error::{Error, Result};
-use crate::sequence::{Append, SeqView};
-use crate::types::{blocks_for, BlockId, RequestId};
+use crate::sequence::{Append, SeqView, Sequence};
+use crate::types::{blocks_for, BlockHash, BlockId, RequestId};
 use crate::waiters::{Outcome, WaitOp};
 
 use super::{short, Ctx, Registry, State};
@@ -33,7 +43,7 @@ impl State {
                 "request {rid} already has an extend waiting"
             )));
         }
-        let need = self.extend_need(ctx, &rid, append.len())?;
+        let need = self.extend_need(ctx, &rid, &append)?;
         let (new_blocks, cow) = need;
         let needed = new_blocks + usize::from(cow);
         let overtakes = needed > 0 && !self.waiters.extends.is_empty();
@@ -67,19 +77,53 @@ impl State {
         }
     }
 
-    /// Blocks an extend by `m` tokens takes: new blocks, and whether the shared partial tail
-    /// must be copied first (copy-on-write).
-    pub fn extend_need(&self, ctx: &Ctx, rid: &RequestId, m: usize) -> Result<(usize, bool)> {
+    /// Blocks an extend takes: new blocks, and whether the partial tail must be copied first
+    /// (copy-on-write). Refuses an append the sequence's prompt state does not allow (see the
+    /// module header).
+    pub fn extend_need(
+        &self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        append: &Append,
+    ) -> Result<(usize, bool)> {
         let bs = ctx.config.block_size;
         let s = self.resident(rid, "extend")?;
         let n = s.num_tokens;
+        let m = append.len();
+        match (append, &s.prompt) {
+            (Append::Prompt(_), None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "request {rid} has no prompt tokens left to reserve: a chunk of {m} \
+                     tokens goes past the end of its prompt"
+                )))
+            }
+            (Append::Prompt(_), Some(p)) if m > p.tokens.len() - n => {
+                return Err(Error::InvalidArgument(format!(
+                    "a chunk of {m} tokens goes past the end of request {rid}'s prompt \
+                     ({} of its {} tokens are left)",
+                    p.tokens.len() - n,
+                    p.tokens.len()
+                )))
+            }
+            (Append::Ids(_) | Append::Count(_), Some(p)) => {
+                return Err(Error::InvalidState(format!(
+                    "cannot append generated tokens to request {rid}: {} of its {} prompt \
+                     tokens have no slots yet (reserve them with num_new_tokens first)",
+                    p.tokens.len() - n,
+                    p.tokens.len()
+                )))
+            }
+            _ => {}
+        }
         let total = n.checked_add(m).ok_or_else(|| {
             Error::InvalidArgument(format!("extending request {rid} by {m} tokens overflows"))
         })?;
         let new_blocks = blocks_for(total, bs) - s.blocks.len();
-        let tail_shared =
-            n % bs != 0 && m > 0 && self.pool.ref_cnt(*s.blocks.last().expect("n > 0")) > 1;
-        Ok((new_blocks, tail_shared))
+        let tail_copied = n % bs != 0 && m > 0 && {
+            let last = *s.blocks.last().expect("n > 0");
+            self.pool.ref_cnt(last) > 1 || self.index.hash_of(last).is_some()
+        };
+        Ok((new_blocks, tail_copied))
     }
 
     /// Takes `n` blocks (blank first, then evicting). The caller checked availability.
@@ -111,15 +155,15 @@ impl State {
         &mut self,
         ctx: &Ctx,
         rid: &RequestId,
-        m: usize,
+        append: &Append,
     ) -> Result<Vec<BlockId>> {
-        let need = self.extend_need(ctx, rid, m)?;
+        let need = self.extend_need(ctx, rid, append)?;
         self.reserve_for(ctx, need)
     }
 
     /// Appends tokens to a resident sequence now, or fails with nothing changed.
     pub fn extend_now(&mut self, ctx: &Ctx, rid: &RequestId, append: &Append) -> Result<SeqView> {
-        let need = self.extend_need(ctx, rid, append.len())?;
+        let need = self.extend_need(ctx, rid, append)?;
         self.extend_with(ctx, rid, append, need)
     }
 
@@ -149,7 +193,7 @@ impl State {
         mut reserved: Vec<BlockId>,
         serve: impl FnOnce(&mut Self),
     ) -> Result<()> {
-        let need = match self.extend_need(ctx, rid, append.len()) {
+        let need = match self.extend_need(ctx, rid, append) {
             Ok((n, cow)) if n + usize::from(cow) <= reserved.len() => (n, cow),
             Ok((n, cow)) => {
                 let have = reserved.len();
@@ -196,35 +240,51 @@ impl State {
             .expect("checked")
             .blocks
             .extend(reserved);
-        self.counters.gen_alloc_blocks += new_blocks as u64;
+        if let Append::Prompt(_) = append {
+            self.counters.alloc_total_blocks += new_blocks as u64;
+            self.counters.alloc_new_blocks += new_blocks as u64;
+        } else {
+            self.counters.gen_alloc_blocks += new_blocks as u64;
+        }
         let s = self.seqs.get_mut(rid).expect("checked");
+        // Field by field, not `self.registry()`: `s` still borrows `self.seqs`.
+        let mut reg = Registry {
+            pool: &mut self.pool,
+            index: &mut self.index,
+            events: &mut self.events,
+        };
         match append {
             Append::Ids(ids) if s.cacheable => {
-                let mut rest = &ids[..];
-                while !rest.is_empty() {
-                    let take = (bs - s.tail.len()).min(rest.len());
-                    s.tail.extend_from_slice(&rest[..take]);
-                    rest = &rest[take..];
-                    if s.tail.len() == bs {
-                        let parent = s.last_hash();
-                        let h = ctx.hasher.block_hash(parent, &s.tail, &mut self.scratch);
-                        let b = s.blocks[s.hashes.len()];
-                        // Field by field, not `self.registry()`: `s` still borrows `self.seqs`.
-                        let mut reg = Registry {
-                            pool: &mut self.pool,
-                            index: &mut self.index,
-                            events: &mut self.events,
-                        };
-                        reg.register(b, h, parent, s.root, &s.tail);
-                        s.tail.clear();
-                        s.hashes.push(h);
-                    }
-                }
+                let mut hash = |parent: BlockHash, tail: &[u32]| {
+                    ctx.hasher.block_hash(parent, tail, &mut self.scratch)
+                };
+                fill_tail(&mut reg, bs, s, ids, &mut hash);
             }
             Append::Ids(_) => {}
             Append::Count(_) => {
                 s.cacheable = false;
                 s.tail.clear();
+            }
+            Append::Prompt(m) => {
+                let p = s.prompt.take().expect("checked by extend_need");
+                let (start, end) = (s.num_tokens, s.num_tokens + m);
+                if s.cacheable {
+                    // The hashes computed once at allocation (the next one completes first).
+                    let mut next = s.hashes.len();
+                    let mut hash = |parent: BlockHash, tail: &[u32]| {
+                        debug_assert_eq!(
+                            Some(&ctx.hasher.block_hash(parent, tail, &mut Vec::new())),
+                            p.hashes.get(next),
+                            "a chunk's block hash differs from the prompt's"
+                        );
+                        next += 1;
+                        p.hashes[next - 1]
+                    };
+                    fill_tail(&mut reg, bs, s, &p.tokens[start..end], &mut hash);
+                }
+                if end < p.tokens.len() {
+                    s.prompt = Some(p); // more chunks to come; else the prompt is done
+                }
             }
         }
         s.num_tokens += append.len();
@@ -245,7 +305,7 @@ impl State {
                 )));
             }
             self.check_no_open_ticket(rid, "extend")?;
-            let (new_blocks, cow) = self.extend_need(ctx, rid, append.len())?;
+            let (new_blocks, cow) = self.extend_need(ctx, rid, append)?;
             needed = needed
                 .checked_add(new_blocks + usize::from(cow))
                 .ok_or_else(|| {
@@ -311,5 +371,30 @@ impl State {
         }
         self.events.end_op();
         Ok(())
+    }
+}
+
+/// Appends `ids` to the tail of `s`, registering every block they complete; `hash` gives a
+/// completed block's hash from its parent's and its ids.
+fn fill_tail(
+    reg: &mut Registry<'_>,
+    bs: usize,
+    s: &mut Sequence,
+    ids: &[u32],
+    hash: &mut impl FnMut(BlockHash, &[u32]) -> BlockHash,
+) {
+    let mut rest = ids;
+    while !rest.is_empty() {
+        let take = (bs - s.tail.len()).min(rest.len());
+        s.tail.extend_from_slice(&rest[..take]);
+        rest = &rest[take..];
+        if s.tail.len() == bs {
+            let parent = s.last_hash();
+            let h = hash(parent, &s.tail);
+            let b = s.blocks[s.hashes.len()];
+            reg.register(b, h, parent, s.root, &s.tail);
+            s.tail.clear();
+            s.hashes.push(h);
+        }
     }
 }

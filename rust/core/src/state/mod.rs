@@ -15,8 +15,8 @@
 //! Submodules add to `State`, each owning one kind of change: `alloc` (a new sequence:
 //! plan, reserve, publish), `extend` (growing a sequence, copy-on-write), `effects` (what
 //! a call leaves the engine to do), `tickets`
-//! (waiters: serve, take, cancel), `tiers` (offload, onboard, disk, swaps), `checks` (the
-//! invariants below).
+//! (waiters: serve, take, cancel), `tiers` (offload, onboard, disk, swaps), `truncate`
+//! (shrinking a sequence), `checks` (the invariants below).
 //! Invariants (checked by `check_invariants`): every block's refcount equals the number of
 //! sequences and granted tickets holding it; an evictable block is referenced by none; every
 //! index entry names a block carrying that hash; a block reserved by a grant is in no index;
@@ -31,8 +31,9 @@ mod extend;
 mod report;
 mod tickets;
 mod tiers;
+mod truncate;
 
-pub use alloc::{Admission, Fill, Staged};
+pub use alloc::{Admission, Fill, PrefixMatch, Staged};
 pub use effects::Effects;
 pub use tiers::Swap;
 

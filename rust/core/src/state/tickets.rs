@@ -77,9 +77,14 @@ impl State {
                     .expect("queued tickets are pending")
                     .clone();
                 let result = match op {
-                    WaitOp::Allocate { rid, tokens, root } => {
+                    WaitOp::Allocate {
+                        rid,
+                        tokens,
+                        root,
+                        opts,
+                    } => {
                         let mut staged = self.staged.remove(&t).unwrap_or_default();
-                        let r = self.reserve_allocate(ctx, &rid, &tokens, root, &mut staged);
+                        let r = self.reserve_allocate(ctx, &rid, &tokens, root, opts, &mut staged);
                         if is_short(&r) && !staged.is_empty() {
                             self.staged.insert(t, staged); // still waiting: keep its reads
                         }
@@ -88,13 +93,14 @@ impl State {
                             tokens,
                         })
                     }
-                    WaitOp::Extend { rid, append } => self
-                        .reserve_extend(ctx, &rid, append.len())
-                        .map(|reserved| Grant::Extend {
-                            rid,
-                            append,
-                            reserved,
-                        }),
+                    WaitOp::Extend { rid, append } => {
+                        self.reserve_extend(ctx, &rid, &append)
+                            .map(|reserved| Grant::Extend {
+                                rid,
+                                append,
+                                reserved,
+                            })
+                    }
                 };
                 if is_short(&result) {
                     break;
