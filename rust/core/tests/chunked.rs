@@ -546,6 +546,25 @@ fn a_truncated_block_whose_tokens_no_tier_knows_stops_caching() {
     e.check_invariants();
 }
 
+#[test]
+fn truncate_of_a_sequence_whose_ids_are_unknown_or_uncached() {
+    for prefix in [true, false] {
+        let e = engine(8, prefix);
+        alloc(&e, "a", &toks(0..5)); // blocks 0, 1
+        e.extend(rid("a"), Append::Count(4), false).unwrap(); // 9 tokens, the last 4 unknown
+        let a = e.truncate(&rid("a"), 7).unwrap();
+        assert_eq!(
+            (ids(&a), a.num_tokens),
+            (vec![0, 1], 7),
+            "prefix cache {prefix}"
+        );
+        let a = extend(&e, "a", &[1, 2, 3]);
+        assert_eq!((ids(&a), a.num_tokens), (vec![0, 1, 3], 10));
+        assert_eq!(counters(&e).truncated_blocks, 1);
+        e.check_invariants();
+    }
+}
+
 // ----- preempted requests -------------------------------------------------------------------
 
 #[test]

@@ -40,8 +40,9 @@ impl State {
             )));
         }
         let (full, kept) = (num_tokens / bs, num_tokens % bs);
-        // The ids of the kept part of the new last block (None: unknown).
-        let tail: Option<Vec<u32>> = if kept == 0 {
+        // The ids of the kept part of the new last block (None: unknown). A sequence that
+        // is not cacheable keeps no ids.
+        let tail: Option<Vec<u32>> = if kept == 0 || !s.cacheable {
             Some(vec![])
         } else if let Some(p) = &s.prompt {
             Some(p.tokens[full * bs..num_tokens].to_vec())
