@@ -3,6 +3,10 @@
 trio, through an anyio portal), with calls that wait, cancellations at every point, swaps held
 in flight on the copy worker, gc, reset and disk faults.
 
+Prompts may be allocated in chunks (`num_new_tokens`, then `extend(num_new_tokens=...)`),
+resumed after preemption (`preempted=True`), and sequences truncated (speculative tokens
+rejected) and extended again.
+
 The oracle is the one a serving engine relies on: the K/V at position p of any sequence is a
 function of (salt, tokens 0..p). Every call that hands out a sequence is "computed" at once by
 writing that function's value at its new positions, so any wrong prefix hit, lost write,
@@ -76,10 +80,13 @@ def kv_arrays(digests: list[bytes], layer: int) -> tuple[np.ndarray, np.ndarray]
 @dataclass
 class Seq:
     salt: str | None
-    tokens: list[int]
+    tokens: list[int]  # the tokens with slots
     digests: list[bytes] = field(default_factory=list)
     tier: str = "device"
     moving: bool = False
+    num_prompt: int = 0
+    # The whole prompt while some of its tokens have no slots (chunked prefill), else None.
+    prompt: list[int] | None = None
 
     def grow(self, tokens: list[int]) -> None:
         prev = self.digests[-1] if self.digests else digest0(self.salt)
@@ -91,11 +98,12 @@ class Seq:
 
 @dataclass
 class Waiter:
-    kind: str  # "alloc", "extend", "swap_out", "swap_in"
+    kind: str  # "alloc", "extend", "chunk" (of the prompt), "swap_out", "swap_in"
     rid: str
     order: int
     tokens: list[int] = field(default_factory=list)
     salt: str | None = None
+    chunk: int | None = None  # an allocation's num_new_tokens
     state: str = "running"  # "ok", "error", "cancelled"
     error: BaseException | None = None
     scope: Any = None
@@ -156,20 +164,30 @@ class CacheMachine(RuleBasedStateMachine):
         for layer in range(LAYERS):
             self.cache.write_kv(rid, layer, start, *kv_arrays(s.digests[start:], layer))
 
-    def admitted(self, rid: str, salt: str | None, tokens: list[int], h: Any) -> None:
+    def admitted(
+        self, rid: str, salt: str | None, tokens: list[int], h: Any, chunk: int | None = None
+    ) -> None:
         """A new sequence was handed out: its cached prefix must hold its own K/V; the rest
-        is computed now."""
-        s = Seq(salt, [])
-        s.grow(tokens)
+        of the tokens it got slots for (all, or the cached ones plus one chunk) is computed
+        now."""
+        want = len(tokens) if chunk is None else min(len(tokens), h.num_cached_tokens + chunk)
+        assert (h.num_tokens, h.num_prompt_tokens) == (want, len(tokens)), (rid, chunk, h)
+        s = Seq(salt, [], num_prompt=len(tokens))
+        s.grow(tokens[: h.num_tokens])
+        if h.num_tokens < len(tokens):
+            s.prompt = list(tokens)
         self.seqs[rid] = s
         self.check_cached(rid, h)
         self.compute(rid, h, h.num_cached_tokens)
 
     def extended(self, rid: str, tokens: list[int], h: Any) -> None:
-        """A sequence grew by `tokens`: they are computed now."""
+        """A sequence grew by `tokens` (generated, or its prompt's next chunk): they are
+        computed now."""
         s = self.seqs[rid]
         start = len(s.tokens)
         s.grow(tokens)
+        if s.prompt is not None and len(s.tokens) == len(s.prompt):
+            s.prompt = None  # every prompt token has a slot
         self.compute(rid, h, start)
 
     def check_cached(self, rid: str, h: Any) -> None:
@@ -194,7 +212,8 @@ class CacheMachine(RuleBasedStateMachine):
         engine's waiting calls are exactly the model's running ones)."""
         for i in range(1000):
             await anyio.sleep(0)
-            if i >= 3 and len(self.running("alloc", "extend")) == self.cache.stats().num_waiting:
+            waiting = len(self.running("alloc", "extend", "chunk"))
+            if i >= 3 and waiting == self.cache.stats().num_waiting:
                 return
         raise AssertionError("a finished call never woke its waiter")
 
@@ -217,7 +236,12 @@ class CacheMachine(RuleBasedStateMachine):
             task_status.started()
             try:
                 if w.kind == "alloc":
-                    h = await self.cache.allocate(w.rid, w.tokens, salt=w.salt, timeout=timeout)
+                    h = await self.cache.allocate(
+                        w.rid, w.tokens, salt=w.salt, timeout=timeout, num_new_tokens=w.chunk
+                    )
+                elif w.kind == "chunk":
+                    n = len(w.tokens)
+                    h = await self.cache.extend(w.rid, num_new_tokens=n, timeout=timeout)
                 elif w.kind == "extend":
                     h = await self.cache.extend(w.rid, w.tokens, timeout=timeout)
                 elif w.kind == "swap_out":
@@ -248,8 +272,8 @@ class CacheMachine(RuleBasedStateMachine):
     def finish_ok(self, w: Waiter, h: Any) -> None:
         w.state = "ok"
         if w.kind == "alloc":
-            self.admitted(w.rid, w.salt, w.tokens, h)
-        elif w.kind == "extend":
+            self.admitted(w.rid, w.salt, w.tokens, h, w.chunk)
+        elif w.kind in ("extend", "chunk"):
             self.extended(w.rid, w.tokens, h)
         else:
             s = self.seqs[w.rid]
@@ -276,33 +300,48 @@ class CacheMachine(RuleBasedStateMachine):
         tokens=prompts,
         salt=st.sampled_from(SALTS),
         mode=st.sampled_from(["now", "wait", "wait", "timeout"]),
+        chunk=st.one_of(st.none(), st.none(), st.integers(1, 6)),
+        preempted=st.booleans(),
     )
-    def allocate(self, tokens: list[int], salt: str | None, mode: str) -> None:
+    def allocate(
+        self, tokens: list[int], salt: str | None, mode: str, chunk: int | None, preempted: bool
+    ) -> None:
         rid = self.new_rid()
         if mode != "now":
             timeout = 0.005 if mode == "timeout" else None
-            self.start(Waiter("alloc", rid, self.next_order(), tokens, salt), timeout)
+            self.start(Waiter("alloc", rid, self.next_order(), tokens, salt, chunk=chunk), timeout)
             return
         seen: dict[str, Any] = {}
 
         async def now() -> Any:
             # read on the loop's thread, right before the call: nothing runs in between
             seen["ahead"] = self.running("alloc", "extend")
-            seen["before"] = self.cache.stats().device
-            return await self.cache.allocate(rid, tokens, salt=salt, timeout=0)
+            seen["before"] = self.cache.stats()
+            return await self.cache.allocate(
+                rid, tokens, salt=salt, timeout=0, num_new_tokens=chunk, preempted=preempted
+            )
 
         try:
             h = self.run(now)
         except OutOfBlocksError:
-            assert self.cache.stats().device == seen["before"]
+            assert self.cache.stats().device == seen["before"].device
             return
         assert not seen["ahead"], "a new prompt overtook a waiting call"
-        self.admitted(rid, salt, tokens, h)
+        # A resumed request's lookup counts apart from the hit rates, and only there.
+        s, was = self.cache.stats(), seen["before"]
+        assert (
+            s.preempted_requests - was.preempted_requests,
+            s.prompt_tokens - was.prompt_tokens,
+        ) == ((1, 0) if preempted else (0, len(tokens)))
+        self.admitted(rid, salt, tokens, h, chunk)
 
     @rule(i=picks, tokens=st.lists(st.integers(0, 9), min_size=1, max_size=6), wait=st.booleans())
     def extend(self, i: int, tokens: list[int], wait: bool) -> None:
         rid = self.pick(i)
         if rid is None or self.seqs[rid].tier != "device":
+            return
+        if self.seqs[rid].prompt is not None:
+            self.refused_before_the_prompt(rid, tokens)
             return
         if wait:
             self.start(Waiter("extend", rid, self.next_order(), tokens))
@@ -315,8 +354,65 @@ class CacheMachine(RuleBasedStateMachine):
         rid = self.pick(i)
         if rid is None or self.seqs[rid].tier != "device":
             return
+        if self.seqs[rid].prompt is not None:
+            self.refused_before_the_prompt(rid, n)
+            return
         self.counter += 1
         self.extend_now(rid, n, [1_000_000 + self.counter * 16 + j for j in range(n)])
+
+    def refused_before_the_prompt(self, rid: str, arg: list[int] | int) -> None:
+        """Generated tokens while prompt tokens have no slots: refused, nothing changed."""
+        before = self.cache.stats()
+        with pytest.raises(InvalidStateError):
+            self.run(lambda: self.cache.extend(rid, arg, timeout=0))
+        assert self.cache.stats().device == before.device
+
+    @rule(i=picks, n=st.integers(1, 6), mode=st.sampled_from(["now", "wait", "past_end"]))
+    def chunk(self, i: int, n: int, mode: str) -> None:
+        """The next chunk of a prompt allocated in chunks (or refused past its end)."""
+        rid = self.pick(i)
+        if rid is None or self.seqs[rid].tier != "device":
+            return
+        s = self.seqs[rid]
+        left = [] if s.prompt is None else s.prompt[len(s.tokens) :]
+        if mode == "past_end" or not left:
+            before = self.cache.stats()
+            with pytest.raises(ValueError):
+                self.run(lambda: self.cache.extend(rid, num_new_tokens=len(left) + n, timeout=0))
+            assert self.cache.stats().device == before.device
+            return
+        tokens = left[:n]
+        if mode == "wait":
+            self.start(Waiter("chunk", rid, self.next_order(), tokens))
+            return
+
+        async def now() -> Any:
+            return await self.cache.extend(rid, num_new_tokens=len(tokens), timeout=0)
+
+        try:
+            h = self.run(now)
+        except OutOfBlocksError:
+            return
+        self.extended(rid, tokens, h)
+
+    @rule(i=picks, back=st.integers(0, 6))
+    def truncate(self, i: int, back: int) -> None:
+        """Drops the last `back` tokens (rejected speculative tokens); 0: one past the end,
+        refused."""
+        rid = self.pick(i)
+        if rid is None or self.seqs[rid].tier != "device":
+            return
+        s = self.seqs[rid]
+        if back == 0:
+            before = self.cache.stats()
+            with pytest.raises(ValueError):
+                self.run(self.cache.truncate, rid, len(s.tokens) + 1)
+            assert self.cache.stats().device == before.device
+            return
+        n = max(1, len(s.tokens) - back)
+        h = self.run(self.cache.truncate, rid, n)
+        del s.tokens[n:], s.digests[n:]
+        assert (h.num_tokens, len(h.block_ids)) == (n, -(-n // BS))
 
     def extend_now(self, rid: str, arg: list[int] | int, tokens: list[int]) -> None:
         """`extend(rid, arg)` that never waits; the model appends `tokens` if it succeeds."""
@@ -357,7 +453,10 @@ class CacheMachine(RuleBasedStateMachine):
         child = self.new_rid()
         self.run(self.cache.fork, rid, child)
         p = self.seqs[rid]
-        self.seqs[child] = Seq(p.salt, list(p.tokens), list(p.digests))
+        prompt = None if p.prompt is None else list(p.prompt)
+        self.seqs[child] = Seq(
+            p.salt, list(p.tokens), list(p.digests), num_prompt=p.num_prompt, prompt=prompt
+        )
 
     @rule(i=picks, layer=st.integers(0, LAYERS - 1), at=picks, n=st.integers(1, 9))
     def rewrite(self, i: int, layer: int, at: int, n: int) -> None:
@@ -384,6 +483,7 @@ class CacheMachine(RuleBasedStateMachine):
             lambda: self.cache.write_kv(rid, 0, 0, one, one),
             lambda: self.cache.read_kv(rid, 0, 0, 1),
             lambda: self.run(self.cache.extend, rid, [1]),
+            lambda: self.run(self.cache.truncate, rid, 1),
             lambda: self.run(self.cache.fork, rid, self.new_rid()),
         ):
             with pytest.raises(InvalidStateError):
@@ -425,7 +525,7 @@ class CacheMachine(RuleBasedStateMachine):
         """Blocks come back and a waiter is cancelled before it runs: a granted, untaken
         ticket is withdrawn."""
         rid = self.pick(i)
-        live = self.running("alloc", "extend")
+        live = self.running("alloc", "extend", "chunk")
         if rid is None or not live:
             return
         w = live[j % len(live)]
@@ -445,13 +545,13 @@ class CacheMachine(RuleBasedStateMachine):
         a prompt that would reuse what the grant filled, or a second extend of the waiter's
         request; then the waiter is cancelled."""
         rid = self.pick(i)
-        live = self.running("alloc", "extend")
+        live = self.running("alloc", "extend", "chunk")
         if rid is None or not live:
             return
         w = live[j % len(live)]
         if w.rid == rid:
             return
-        if w.kind == "extend":
+        if w.kind in ("extend", "chunk"):
             base = self.seqs[w.rid]
             salt, tokens = base.salt, [*base.tokens, *w.tokens, 0]
         else:
@@ -467,7 +567,7 @@ class CacheMachine(RuleBasedStateMachine):
                     pass
                 else:
                     self.admitted(new, salt, tokens, h)
-            elif w.kind == "extend":
+            elif w.kind in ("extend", "chunk"):
                 with pytest.raises(InvalidStateError):
                     await self.cache.extend(w.rid, [1], timeout=0)
             w.scope.cancel()
@@ -518,8 +618,9 @@ class CacheMachine(RuleBasedStateMachine):
             if s.moving:
                 continue
             assert h.tier == s.tier, (rid, h.tier, s.tier)
-            busy = any(w.rid == rid and w.kind == "extend" for w in self.running())
+            busy = any(w.rid == rid and w.kind in ("extend", "chunk") for w in self.running())
             assert h.num_tokens == len(s.tokens) or busy, (rid, h.num_tokens, len(s.tokens))
+            assert h.num_prompt_tokens == s.num_prompt, (rid, h.num_prompt_tokens, s.num_prompt)
             if s.tier == "device":
                 self.check_bytes(rid, len(s.tokens))
         assert len(self.cache) == len(self.seqs)
@@ -541,7 +642,7 @@ class CacheMachine(RuleBasedStateMachine):
         answering True while the engine still has a call waiting afterwards is a bug; the order
         check runs only when the engine's waiting calls are exactly the model's."""
         await self.settle()
-        pending = self.running("alloc", "extend")
+        pending = self.running("alloc", "extend", "chunk")
         if pending:
             free_to_admit = self.cache.can_allocate(1)
             assert not (free_to_admit and self.cache.stats().num_waiting > 0), (
@@ -550,7 +651,7 @@ class CacheMachine(RuleBasedStateMachine):
         if len(pending) != self.cache.stats().num_waiting:
             return  # a worker granted a waiter that has not run yet
         first_alloc = min((w.order for w in pending if w.kind == "alloc"), default=None)
-        first_extend = min((w.order for w in pending if w.kind == "extend"), default=None)
+        first_extend = min((w.order for w in pending if w.kind != "alloc"), default=None)
         for w in self.waiters:
             if w.kind == "alloc" and w.state == "ok":
                 for first in (first_alloc, first_extend):
