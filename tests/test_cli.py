@@ -86,6 +86,12 @@ def assert_consistent(figures: dict) -> None:
     assert figures["peak_used_blocks"] <= figures["device_blocks"] == device["total_blocks"]
     assert figures["swap_outs"] + figures["recomputes"] == figures["preemptions"]
     assert figures["swap_ins"] == figures["swap_outs"]
+    # A recompute resumes with preempted=True: counted apart, so the engine's prompt tokens
+    # are exactly the admitted prompts'.
+    assert stats["preempted_requests"] == figures["recomputes"]
+    assert stats["prompt_tokens"] == figures["prompt_tokens"]
+    assert figures["preempted_prompt_tokens"] == stats["preempted_prompt_tokens"]
+    assert figures["preempted_cache_tokens"] <= figures["preempted_prompt_tokens"]
     assert figures["offload_bytes"] == figures["offload_blocks"] * BYTES_PER_BLOCK
     assert figures["onboard_bytes"] == figures["onboard_blocks"] * BYTES_PER_BLOCK
     # Every admitted request allocates once and deallocates once; every token is one extend.
@@ -170,7 +176,8 @@ def test_default_run_prints_the_table() -> None:
     result = ferrumkv("replay", timeout=120)
     assert result.returncode == 0, result.stderr
     for row in ("requests", "prompt tokens", "generated tokens", "block hit rate",
-                "token hit rate", "peak usage", "preemptions", "offloaded", "onboarded",
+                "token hit rate", "peak usage", "preemptions", "recomputed prompts",
+                "offloaded", "onboarded",
                 "engine ops", "wall time"):  # fmt: skip
         assert row in result.stdout
     assert "infinite cache" in result.stdout

@@ -409,9 +409,14 @@ class _Replayer:
                     await self._engine(self._cache.swap_in(seq.request_id))
                 self.counters.swap_ins += 1
             else:
+                # preempted=True: the lookup of a resumed request stays out of the hit rates
+                # (they compare with the infinite-cache rate of first admissions).
                 await self._engine(
                     self._cache.allocate(
-                        seq.request_id, seq.tokens(), timeout=self._options.wait_timeout_s
+                        seq.request_id,
+                        seq.tokens(),
+                        timeout=self._options.wait_timeout_s,
+                        preempted=True,
                     )
                 )
                 self.counters.recomputes += 1
@@ -573,6 +578,8 @@ def summarize(result: ReplayResult, workload: Workload, infinite: InfiniteCacheH
         "swap_outs": counters.swap_outs,
         "swap_ins": counters.swap_ins,
         "recomputes": counters.recomputes,
+        "preempted_prompt_tokens": stats.preempted_prompt_tokens,
+        "preempted_cache_tokens": stats.preempted_cache_tokens,
         "offload_blocks": stats.offload_blocks,
         "offload_bytes": stats.offload_bytes,
         "onboard_blocks": stats.onboard_blocks,
@@ -612,6 +619,12 @@ def format_table(summary: dict) -> str:
             f"{s['preemptions']:,} ({s['swap_outs']:,} swapped out, "
             f"{s['swap_ins']:,} swapped in, {s['recomputes']:,} recomputed)",
         ),
+        (
+            "recomputed prompts",
+            f"{s['preempted_prompt_tokens']:,} tokens, "
+            f"{_ratio(s['preempted_cache_tokens'], s['preempted_prompt_tokens']):.1%} cached "
+            "(not in the hit rates)",
+        ),
         ("offloaded", f"{_bytes(s['offload_bytes'])} ({s['offload_blocks']:,} blocks)"),
         ("onboarded", f"{_bytes(s['onboard_bytes'])} ({s['onboard_blocks']:,} blocks)"),
         ("engine ops", f"{s['engine_ops']:,} ({s['engine_ops_per_s']:,.0f}/s)"),
@@ -621,6 +634,10 @@ def format_table(summary: dict) -> str:
     rule = "-" * (width + 2 + max(len(value) for _, value in rows))
     lines = [rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule]
     return "\n".join(lines)
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else 0.0
 
 
 def _bytes(count: float) -> str:
