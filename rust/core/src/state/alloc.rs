@@ -22,7 +22,10 @@
 //! published (hits and misses over all its blocks, `input_tokens` = uncached tokens), so a
 //! chunked prompt has the hit rate of the same prompt unchunked; a resumed request
 //! (`preempted`) is counted in `preempted_*` instead. `alloc_*_blocks` count blocks as they
-//! are taken: this chunk's here, later chunks' in `extend`.
+//! are taken: this chunk's here, later chunks' in `extend`. A waiting chunked allocation
+//! sizes its chunk when it is served, from the hits found then; until its waiter takes it the
+//! grant keeps the prompt's tokens and the admission its hashes, and `admit` makes them the
+//! sequence's `Prompt`, so a cancel has nothing else to give back.
 //!
 //! A waiting allocation is reserved when it is served, and filled and admitted when its
 //! waiter takes the ticket; a cancelled one, or one whose fill failed, gives its `Admission`
