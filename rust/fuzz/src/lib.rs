@@ -349,7 +349,8 @@ impl Harness {
         let n = self
             .e
             .lookup_prefix(tokens, model::salt(salt).as_ref())
-            .expect("lookup_prefix of an open engine");
+            .expect("lookup_prefix of an open engine")
+            .num_cached_tokens();
         if tokens.is_empty() || !self.s.prefix {
             assert_eq!(n, 0, "lookup_prefix of {tokens:?}");
         } else {
