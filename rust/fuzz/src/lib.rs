@@ -27,7 +27,9 @@
 //! - every call's result: an error must be the documented kind for that input and model state
 //!   (`UnknownRequest`, `DuplicateRequest`, `InvalidState`, `InvalidArgument`, `OutOfBlocks`
 //!   with the right `never_fits`, `CopyFailed` exactly when an injected fault hits that copy,
-//!   `Closed`), and a failed call changes no tier's gauges; a panic is always a failure;
+//!   `Closed`), and a failed call (but for a failed copy, which may have evicted cached blocks
+//!   to make room) leaves the device and host gauges, the sequences and the waiters as they
+//!   were; a panic is always a failure;
 //! - prefix hits: a new sequence's cached positions hold its own oracle K/V before it computes
 //!   anything, `num_cached_tokens` is at most `lookup_prefix` just before, and is 0 with the
 //!   prefix cache off;
@@ -43,7 +45,8 @@
 //! threads after each step (a paused copier holds its jobs before they start, so nothing runs
 //! behind the model's back), every wait is bounded, and a watchdog aborts the process if one run
 //! takes longer than `RUN_LIMIT` (a hang is a crash). The disk writers are two threads, so with
-//! an injected write fault which spilled block fails can vary between runs.
+//! an injected write fault which spilled block fails can vary between runs. `pause_copies`
+//! also holds inline copies, so while copies are paused the harness only swaps on the worker.
 //!
 //! Set `FERRUMKV_FUZZ_TRACE=1` to print each decoded operation and its result.
 
