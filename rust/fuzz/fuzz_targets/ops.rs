@@ -1,7 +1,8 @@
 //! The coverage-guided fuzz target over engine operation sequences (see `ferrumkv_fuzz`).
 //!
-//! Built with `--cfg fuzzing` and sanitizer-coverage flags (`scripts/fuzz.sh` on stable, or
-//! `cargo fuzz run ops --fuzz-dir rust/fuzz` on nightly) it is a libFuzzer binary. Built
+//! Built with `--cfg fuzzing` and sanitizer-coverage flags (`scripts/fuzz.sh`, or
+//! `cargo fuzz run ops --fuzz-dir rust/fuzz`, with `-s none` on stable) it is a libFuzzer
+//! binary. Built
 //! plainly it replays the files (or directories of files) given as arguments through
 //! `run_ops`, e.g. a crash libFuzzer found:
 //! `cargo run -p ferrumkv-fuzz --bin ops -- crash-…` (add `FERRUMKV_FUZZ_TRACE=1` to see
