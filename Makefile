@@ -42,8 +42,8 @@ fuzz-smoke:
 	scripts/fuzz.sh $(FUZZ_SMOKE_SECS)
 
 py-lint: venv
-	ruff check python tests benches
-	ruff format --check python tests benches
+	ruff check python tests benches examples
+	ruff format --check python tests benches examples
 
 py-test: build
 	$(PY) -m pytest
