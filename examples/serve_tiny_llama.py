@@ -279,8 +279,8 @@ class Server:
         kw: dict[str, Any] = {"timeout": 0}
         if HAS_PREEMPTED and r.preempted:
             kw["preempted"] = True
-        if HAS_CHUNKS and need > budget:
-            kw["num_new_tokens"] = budget
+        if HAS_CHUNKS and need > min(budget, self.chunk_tokens):
+            kw["num_new_tokens"] = min(budget, self.chunk_tokens)  # the first chunk
             self.report.num_chunked += 1
         elif need > budget and busy:
             return 0

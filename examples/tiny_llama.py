@@ -121,7 +121,8 @@ def batch_layout(
     table = cache.block_table(ids, pad=0)
     qsl = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(new, out=qsl[1:])
-    pos = np.concatenate([np.arange(n - k, n) for n, k in zip(seq_lens, new, strict=True)] or [[]])
+    spans = [np.arange(n - k, n) for n, k in zip(seq_lens, new, strict=True)]
+    pos = np.concatenate(spans) if spans else np.zeros(0, np.int64)
     row = np.repeat(np.arange(len(ids)), new)
     slots = table[row, pos // bs].astype(np.int64) * bs + pos % bs
     return BatchLayout(table, seq_lens, qsl, slots.astype(np.int64))
