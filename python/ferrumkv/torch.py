@@ -159,7 +159,8 @@ def paged_attention(
     query_start_loc, seqused_k=seq_lens, max_seqlen_q=..., max_seqlen_k=..., causal=True,
     block_table=block_table)` (vLLM's FlashAttention backend; the views of `layer_kv` are its
     `[num_blocks, block_size, num_kv_heads, head_dim]` caches, with `causal=True` aligning the
-    queries to the end of each sequence exactly as here), and FlashInfer's
+    queries to the end of each sequence exactly as here; upstream FlashAttention 2 wants a
+    block_size that is a multiple of 256, vLLM's build takes 16), and FlashInfer's
     `BatchPrefillWithPagedKVCacheWrapper` / `BatchDecodeWithPagedKVCacheWrapper` with
     `qo_indptr = query_start_loc`, `paged_kv_indptr` = the running sum of each row's
     `ceil(seq_lens / block_size)`, `paged_kv_indices` = those leading entries of each
