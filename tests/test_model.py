@@ -317,14 +317,20 @@ class CacheMachine(RuleBasedStateMachine):
             # read on the loop's thread, right before the call: nothing runs in between
             seen["ahead"] = self.running("alloc", "extend")
             seen["before"] = self.cache.stats()
-            return await self.cache.allocate(
-                rid, tokens, salt=salt, timeout=0, num_new_tokens=chunk, preempted=preempted
-            )
+            try:
+                return await self.cache.allocate(
+                    rid, tokens, salt=salt, timeout=0, num_new_tokens=chunk, preempted=preempted
+                )
+            except OutOfBlocksError:
+                # Read at once, on the loop's thread: a waiter timing out on this loop right
+                # after would serve others and change the tier legitimately.
+                seen["after"] = self.cache.stats()
+                raise
 
         try:
             h = self.run(now)
         except OutOfBlocksError:
-            assert self.cache.stats().device == seen["before"].device
+            assert seen["after"].device == seen["before"].device
             return
         assert not seen["ahead"], "a new prompt overtook a waiting call"
         # A resumed request's lookup counts apart from the hit rates, and only there.
@@ -360,12 +366,27 @@ class CacheMachine(RuleBasedStateMachine):
         self.counter += 1
         self.extend_now(rid, n, [1_000_000 + self.counter * 16 + j for j in range(n)])
 
+    def refused(self, call: Any, exc: type[Exception]) -> None:
+        """`call()` raises `exc` and leaves the device tier as it was. Both readings are taken
+        on the loop's thread around the call: a waiter timing out on the loop just after may
+        serve others and change the tier legitimately."""
+        seen: dict[str, Any] = {}
+
+        async def go() -> None:
+            seen["before"] = self.cache.stats()
+            try:
+                await call()
+            except exc:
+                seen["after"] = self.cache.stats()
+                raise
+
+        with pytest.raises(exc):
+            self.run(go)
+        assert seen["after"].device == seen["before"].device
+
     def refused_before_the_prompt(self, rid: str, arg: list[int] | int) -> None:
         """Generated tokens while prompt tokens have no slots: refused, nothing changed."""
-        before = self.cache.stats()
-        with pytest.raises(InvalidStateError):
-            self.run(lambda: self.cache.extend(rid, arg, timeout=0))
-        assert self.cache.stats().device == before.device
+        self.refused(lambda: self.cache.extend(rid, arg, timeout=0), InvalidStateError)
 
     @rule(i=picks, n=st.integers(1, 6), mode=st.sampled_from(["now", "wait", "past_end"]))
     def chunk(self, i: int, n: int, mode: str) -> None:
@@ -376,10 +397,8 @@ class CacheMachine(RuleBasedStateMachine):
         s = self.seqs[rid]
         left = [] if s.prompt is None else s.prompt[len(s.tokens) :]
         if mode == "past_end" or not left:
-            before = self.cache.stats()
-            with pytest.raises(ValueError):
-                self.run(lambda: self.cache.extend(rid, num_new_tokens=len(left) + n, timeout=0))
-            assert self.cache.stats().device == before.device
+            extend = lambda: self.cache.extend(rid, num_new_tokens=len(left) + n, timeout=0)  # noqa: E731
+            self.refused(extend, ValueError)
             return
         tokens = left[:n]
         if mode == "wait":
@@ -404,10 +423,7 @@ class CacheMachine(RuleBasedStateMachine):
             return
         s = self.seqs[rid]
         if back == 0:
-            before = self.cache.stats()
-            with pytest.raises(ValueError):
-                self.run(self.cache.truncate, rid, len(s.tokens) + 1)
-            assert self.cache.stats().device == before.device
+            self.refused(lambda: self.cache.truncate(rid, len(s.tokens) + 1), ValueError)
             return
         n = max(1, len(s.tokens) - back)
         h = self.run(self.cache.truncate, rid, n)
