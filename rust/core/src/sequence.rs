@@ -125,6 +125,35 @@ impl Append {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    pub fn as_ref(&self) -> AppendRef<'_> {
+        match self {
+            Append::Ids(v) => AppendRef::Ids(v),
+            Append::Count(n) => AppendRef::Count(*n),
+            Append::Prompt(n) => AppendRef::Prompt(*n),
+        }
+    }
+}
+
+/// A borrowed `Append` (a batch of one new id per sequence needs no vector each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendRef<'a> {
+    Ids(&'a [u32]),
+    Count(usize),
+    Prompt(usize),
+}
+
+impl AppendRef<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            AppendRef::Ids(v) => v.len(),
+            AppendRef::Count(n) | AppendRef::Prompt(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What a caller sees of a sequence: a copy, never a reference into the engine.

@@ -14,6 +14,11 @@ macro_rules! counters {
         impl Counters {
             pub const NAMES: &'static [&'static str] = &[$(stringify!($name)),*];
 
+            /// Every counter's value, in declaration order (the order of `NAMES`).
+            pub fn values(&self) -> [u64; Self::NAMES.len()] {
+                [$(self.$name),*]
+            }
+
             /// `(name, value)` for every counter, in declaration order.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name)),*]

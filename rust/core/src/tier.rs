@@ -134,6 +134,8 @@ pub struct DiskTier {
     pub pool: BlockPool,
     pub index: PrefixIndex,
     pub pending: Vec<bool>,
+    /// How many of `pending` are set (writes in flight), kept by `reserve` / `finish_write`.
+    num_pending: usize,
 }
 
 /// A spilled block on its way to the disk: written by a worker, then `finish_disk_write`.
@@ -162,7 +164,13 @@ impl DiskTier {
             pool,
             index,
             pending,
+            num_pending: 0,
         })
+    }
+
+    /// Disk writes in flight (O(1)).
+    pub fn num_pending(&self) -> usize {
+        self.num_pending
     }
 
     /// An indexed slot whose write has finished.
@@ -196,6 +204,7 @@ impl DiskTier {
         self.index.insert(slot, hash, parent, first, tokens);
         self.pool.set_cached(slot, true);
         self.pending[slot.idx()] = true;
+        self.num_pending += 1;
         events.stored(hash, (!first).then_some(parent), tokens, Tier::Disk);
         Some(slot)
     }
@@ -209,7 +218,13 @@ impl DiskTier {
         ok: bool,
         events: &mut EventQueue,
     ) {
+        debug_assert!(
+            self.pending[slot.idx()],
+            "slot {} had no write in flight",
+            slot.0
+        );
         self.pending[slot.idx()] = false;
+        self.num_pending -= 1;
         let indexed = self.index.hash_of(slot) == Some(hash);
         if !(ok && indexed) {
             if indexed {

@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use crate::error::Error;
 use crate::sequence::{AllocOpts, Append};
 use crate::state::Admission;
-use crate::types::{BlockHash, BlockId, RequestId};
+use crate::types::{BlockHash, BlockId, IdMap, RequestId};
 
 pub type Ticket = u64;
 
@@ -115,7 +115,7 @@ pub struct Waiters {
     pub allocates: VecDeque<Ticket>,
     tickets: HashMap<Ticket, TicketState>,
     /// The open (pending or granted) ticket of each request that has one.
-    open: HashMap<RequestId, Ticket>,
+    open: IdMap<Ticket>,
     /// Finished tickets not yet reported to the event loop.
     pub completed: Vec<Ticket>,
 }
@@ -226,6 +226,11 @@ impl Waiters {
     }
 
     /// The open (pending or granted, not yet taken) ticket of `rid`.
+    /// Whether any request has an open ticket (O(1)).
+    pub fn has_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
     pub fn open_ticket(&self, rid: &RequestId) -> Option<Ticket> {
         self.open.get(rid).copied()
     }

@@ -109,6 +109,9 @@ pub struct EngineCore {
     copies_paused: AtomicBool,
     /// Swaps smaller than this copy inline (`set_inline_copy_bytes`).
     inline_copy_bytes: AtomicUsize,
+    /// A pressure transition waits to be drained: set by `commit`, cleared by the drains,
+    /// both under the lock, so a reader without the lock sees a queued event at once.
+    pressure_pending: AtomicBool,
 }
 
 /// The message of a caught panic.
@@ -183,6 +186,7 @@ impl EngineCore {
             fills_paused: AtomicBool::new(false),
             copies_paused: AtomicBool::new(false),
             inline_copy_bytes: AtomicUsize::new(INLINE_COPY_BYTES),
+            pressure_pending: AtomicBool::new(false),
         }))
     }
 
@@ -243,6 +247,9 @@ impl EngineCore {
             st.serve_waiters(&self.ctx);
         }
         st.update_pressure();
+        if st.has_pressure_events() {
+            self.pressure_pending.store(true, Ordering::Release);
+        }
         let copied = self.run_copies(&mut st);
         let fx = st.take_effects();
         drop(st);

@@ -64,6 +64,11 @@ impl EngineCore {
         self.mutate(false, |st, ctx| st.extend_batch(ctx, items))
     }
 
+    /// A decode step: appends token `ids[i]` to `rids[i]`, all or nothing, as `extend_batch`.
+    pub fn extend_batch_ids(&self, rids: &[RequestId], ids: &[u32]) -> Result<()> {
+        self.mutate(false, |st, ctx| st.extend_batch_ids(ctx, rids, ids))
+    }
+
     /// Drops the tokens of `rid` past `num_tokens` and frees the blocks past the new end
     /// (see `state::truncate`).
     pub fn truncate(&self, rid: &RequestId, num_tokens: usize) -> Result<SeqView> {

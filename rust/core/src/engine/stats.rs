@@ -5,7 +5,9 @@ use crate::error::Result;
 use crate::events::KvEvent;
 use crate::pressure::{Level, PressureEvent};
 use crate::residency::EvictionEvent;
+use crate::state::Gauges;
 use crate::stats::Snapshot;
+use crate::sync::atomic::Ordering;
 use crate::waiters::Ticket;
 
 use super::EngineCore;
@@ -14,7 +16,27 @@ impl EngineCore {
     /// Finished tickets and pressure transitions since the last call; clears the eventfd.
     pub fn drain_notifications(&self) -> (Vec<Ticket>, Vec<PressureEvent>) {
         self.notifier.clear();
-        self.state.lock().drain_notifications()
+        let mut st = self.state.lock();
+        self.pressure_pending.store(false, Ordering::Release);
+        st.drain_notifications()
+    }
+
+    /// Pressure transitions since the last drain, for the caller to deliver now (the
+    /// finished tickets and the eventfd are left to the event loop).
+    pub fn drain_pressure(&self) -> Vec<PressureEvent> {
+        let mut st = self.state.lock();
+        self.pressure_pending.store(false, Ordering::Release);
+        st.drain_pressure()
+    }
+
+    /// Whether a pressure transition waits to be drained (no lock: one atomic load).
+    pub fn pressure_pending(&self) -> bool {
+        self.pressure_pending.load(Ordering::Acquire)
+    }
+
+    /// Device-tier blocks and waiting calls, in O(1) (no snapshot).
+    pub fn gauges(&self) -> Result<Gauges> {
+        Ok(self.lock()?.gauges())
     }
 
     pub fn set_subscribed(&self, on: bool) {

@@ -139,5 +139,15 @@ impl State {
             self.pool.num_used_blocks() + self.pool.num_free_blocks(),
             self.pool.num_blocks()
         );
+        if let Some(d) = &self.disk {
+            let in_flight = d.pending.iter().filter(|&&p| p).count();
+            assert_eq!(d.num_pending(), in_flight, "disk writes in flight");
+        }
+        let host_seqs = self.seqs.values().filter(|s| s.phase.tier() == Tier::Host);
+        assert_eq!(
+            self.num_host_seqs,
+            host_seqs.count(),
+            "swapped sequence count"
+        );
     }
 }

@@ -18,10 +18,12 @@
 //! granted extend no longer needs (a write may have unshared the tail meanwhile). `extend_now` does both at once; a waiting extend
 //! reserves when served and applies when its waiter takes the ticket, so a cancelled one
 //! gives back exactly its reservation and the sequence was never touched.
-//! Cost: O(new blocks + new tokens) (plus hashing of each completed block).
+//! Cost: O(new blocks + new tokens) (plus hashing of each completed block). A batch
+//! (`extend_batch`, `extend_batch_ids`: one decode step) looks each sequence up twice (check,
+//! apply) and sorts the batch's sequence addresses once to refuse a request given twice.
 
 use crate::error::{Error, Result};
-use crate::sequence::{Append, SeqView, Sequence};
+use crate::sequence::{Append, AppendRef, SeqView, Sequence};
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId};
 use crate::waiters::{Outcome, WaitOp};
 
@@ -86,18 +88,33 @@ impl State {
         rid: &RequestId,
         append: &Append,
     ) -> Result<(usize, bool)> {
+        self.need_ref(ctx, rid, append.as_ref())
+    }
+
+    /// `extend_need` of a borrowed append.
+    fn need_ref(&self, ctx: &Ctx, rid: &RequestId, append: AppendRef<'_>) -> Result<(usize, bool)> {
+        self.need_of(ctx, rid, self.resident(rid, "extend")?, append)
+    }
+
+    /// `extend_need` of the resident sequence `s` of `rid`.
+    fn need_of(
+        &self,
+        ctx: &Ctx,
+        rid: &RequestId,
+        s: &Sequence,
+        append: AppendRef<'_>,
+    ) -> Result<(usize, bool)> {
         let bs = ctx.config.block_size;
-        let s = self.resident(rid, "extend")?;
         let n = s.num_tokens;
         let m = append.len();
         match (append, &s.prompt) {
-            (Append::Prompt(_), None) => {
+            (AppendRef::Prompt(_), None) => {
                 return Err(Error::InvalidArgument(format!(
                     "request {rid} has no prompt tokens left to reserve: a chunk of {m} \
                      tokens goes past the end of its prompt"
                 )))
             }
-            (Append::Prompt(_), Some(p)) if m > p.tokens.len() - n => {
+            (AppendRef::Prompt(_), Some(p)) if m > p.tokens.len() - n => {
                 return Err(Error::InvalidArgument(format!(
                     "a chunk of {m} tokens goes past the end of request {rid}'s prompt \
                      ({} of its {} tokens are left)",
@@ -105,7 +122,7 @@ impl State {
                     p.tokens.len()
                 )))
             }
-            (Append::Ids(_) | Append::Count(_), Some(p)) => {
+            (AppendRef::Ids(_) | AppendRef::Count(_), Some(p)) => {
                 return Err(Error::InvalidState(format!(
                     "cannot append generated tokens to request {rid}: {} of its {} prompt \
                      tokens have no slots yet (reserve them with num_new_tokens first)",
@@ -128,6 +145,9 @@ impl State {
 
     /// Takes `n` blocks (blank first, then evicting). The caller checked availability.
     fn reserve_blocks(&mut self, ctx: &Ctx, n: usize) -> Vec<BlockId> {
+        if n == 0 {
+            return Vec::new(); // most items of a decode batch: no clock read
+        }
         let now = ctx.clock.now();
         (0..n).map(|_| self.alloc_block(ctx, now)).collect()
     }
@@ -176,7 +196,7 @@ impl State {
         need: (usize, bool),
     ) -> Result<SeqView> {
         let reserved = self.reserve_for(ctx, need)?;
-        self.apply_reserved(ctx, rid, append, reserved, need);
+        self.apply_reserved(ctx, rid, append.as_ref(), reserved, need);
         Ok(SeqView::of(rid, &self.seqs[rid]))
     }
 
@@ -210,7 +230,7 @@ impl State {
             self.release_reserved(spare);
             serve(self);
         }
-        self.apply_reserved(ctx, rid, append, reserved, need);
+        self.apply_reserved(ctx, rid, append.as_ref(), reserved, need);
         Ok(())
     }
 
@@ -220,7 +240,7 @@ impl State {
         &mut self,
         ctx: &Ctx,
         rid: &RequestId,
-        append: &Append,
+        append: AppendRef<'_>,
         mut reserved: Vec<BlockId>,
         (new_blocks, tail_shared): (usize, bool),
     ) {
@@ -235,37 +255,40 @@ impl State {
             self.counters.intra_device_copy_blocks += 1;
             self.counters.intra_device_copy_bytes += ctx.bytes_per_block() as u64;
         }
-        self.seqs
-            .get_mut(rid)
-            .expect("checked")
-            .blocks
-            .extend(reserved);
-        if let Append::Prompt(_) = append {
+        if let AppendRef::Prompt(_) = append {
             self.counters.alloc_total_blocks += new_blocks as u64;
             self.counters.alloc_new_blocks += new_blocks as u64;
         } else {
             self.counters.gen_alloc_blocks += new_blocks as u64;
         }
-        let s = self.seqs.get_mut(rid).expect("checked");
-        // Field by field, not `self.registry()`: `s` still borrows `self.seqs`.
+        // One lookup: the parts registering touches are borrowed apart from `seqs`.
+        let State {
+            seqs,
+            pool,
+            index,
+            events,
+            scratch,
+            ..
+        } = self;
+        let s = seqs.get_mut(rid).expect("checked");
+        s.blocks.extend(reserved);
         let mut reg = Registry {
-            pool: &mut self.pool,
-            index: &mut self.index,
-            events: &mut self.events,
+            pool,
+            index,
+            events: &mut *events,
         };
         match append {
-            Append::Ids(ids) if s.cacheable => {
-                let mut hash = |parent: BlockHash, tail: &[u32]| {
-                    ctx.hasher.block_hash(parent, tail, &mut self.scratch)
-                };
+            AppendRef::Ids(ids) if s.cacheable => {
+                let mut hash =
+                    |parent: BlockHash, tail: &[u32]| ctx.hasher.block_hash(parent, tail, scratch);
                 fill_tail(&mut reg, bs, s, ids, &mut hash);
             }
-            Append::Ids(_) => {}
-            Append::Count(_) => {
+            AppendRef::Ids(_) => {}
+            AppendRef::Count(_) => {
                 s.cacheable = false;
                 s.tail.clear();
             }
-            Append::Prompt(m) => {
+            AppendRef::Prompt(m) => {
                 let p = s.prompt.take().expect("checked by extend_need");
                 let (start, end) = (s.num_tokens, s.num_tokens + m);
                 if s.cacheable {
@@ -288,29 +311,87 @@ impl State {
             }
         }
         s.num_tokens += append.len();
-        self.events.end_op();
+        events.end_op();
     }
 
     /// Extends every sequence of `items` or none (see `Engine::extend_batch`): everything
     /// is checked before anything changes, so a failure leaves the state as it was.
     /// A batch that needs blocks while an extend waits fails (it would overtake it).
     pub fn extend_batch(&mut self, ctx: &Ctx, items: &[(RequestId, Append)]) -> Result<()> {
+        self.extend_each(ctx, items.len(), |i| (&items[i].0, items[i].1.as_ref()))
+    }
+
+    /// A decode step: appends token `ids[i]` to `rids[i]`, for every `i` or none (as
+    /// `extend_batch`, without a vector per sequence).
+    pub fn extend_batch_ids(&mut self, ctx: &Ctx, rids: &[RequestId], ids: &[u32]) -> Result<()> {
+        if rids.len() != ids.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} request ids but {} token ids",
+                rids.len(),
+                ids.len()
+            )));
+        }
+        self.extend_each(ctx, rids.len(), |i| {
+            (&rids[i], AppendRef::Ids(std::slice::from_ref(&ids[i])))
+        })
+    }
+
+    /// The batch extend of the `n` items `item(i)`. The check pass looks each sequence up
+    /// once; when no tail is shared (the usual decode step) the blocks of the whole batch are
+    /// taken at once, in item order, and each item is applied with one more lookup.
+    /// NOTE: an earlier item's copy-on-write may unshare a later item's tail (forks in one
+    /// batch), so a batch with a shared tail takes blocks item by item, each need
+    /// recomputed, as one extend after another would.
+    fn extend_each<'a>(
+        &mut self,
+        ctx: &Ctx,
+        n: usize,
+        item: impl Fn(usize) -> (&'a RequestId, AppendRef<'a>),
+    ) -> Result<()> {
         let blocked = !self.waiters.extends.is_empty();
-        let mut seen = std::collections::HashSet::with_capacity(items.len());
-        let mut needed = 0usize;
-        for (rid, append) in items {
-            if !seen.insert(rid) {
-                return Err(Error::InvalidArgument(format!(
-                    "request {rid} appears twice in one batch"
-                )));
-            }
-            self.check_no_open_ticket(rid, "extend")?;
-            let (new_blocks, cow) = self.extend_need(ctx, rid, append)?;
-            needed = needed
-                .checked_add(new_blocks + usize::from(cow))
-                .ok_or_else(|| {
-                    Error::InvalidArgument("the batch's block count overflows".into())
-                })?;
+        let tickets = self.waiters.has_open();
+        let mut new_blocks = Vec::with_capacity(n);
+        let mut seen: Vec<*const Sequence> = Vec::with_capacity(n);
+        let (mut needed, mut any_cow) = (0usize, false);
+        // The first item (in order) that repeats an earlier one: the cold path of a failure.
+        let first_repeat = |upto: usize| {
+            let mut ids = std::collections::HashSet::with_capacity(upto);
+            (0..upto).map(|i| item(i).0).find(|r| !ids.insert(*r))
+        };
+        let twice = |rid: &RequestId| {
+            Error::InvalidArgument(format!("request {rid} appears twice in one batch"))
+        };
+        for i in 0..n {
+            let (rid, append) = item(i);
+            let checked = (|| {
+                if tickets {
+                    self.check_no_open_ticket(rid, "extend")?;
+                }
+                let s = self.resident(rid, "extend")?;
+                let need = self.need_of(ctx, rid, s, append)?;
+                Ok((s as *const Sequence, need))
+            })();
+            // A failure reports the first bad item in order, a repeat being bad where it
+            // repeats (as one check per item in turn would).
+            let (s, (blocks, cow)) = match checked {
+                Ok(c) => c,
+                Err(e) => return Err(first_repeat(i + 1).map_or(e, twice)),
+            };
+            seen.push(s);
+            any_cow |= cow;
+            new_blocks.push(blocks);
+            needed = match needed.checked_add(blocks + usize::from(cow)) {
+                Some(k) => k,
+                None => {
+                    let e = Error::InvalidArgument("the batch's block count overflows".into());
+                    return Err(first_repeat(i + 1).map_or(e, twice));
+                }
+            };
+        }
+        // A sequence twice would be extended twice; compared by address (one per request).
+        seen.sort_unstable();
+        if seen.windows(2).any(|w| w[0] == w[1]) {
+            return Err(twice(first_repeat(n).expect("a repeated id")));
         }
         let available = if blocked && needed > 0 {
             0
@@ -320,10 +401,20 @@ impl State {
         if needed > available {
             return Err(short(needed, available));
         }
-        for (rid, append) in items {
-            let applied = self.extend_now(ctx, rid, append);
-            debug_assert!(applied.is_ok(), "checked above: {applied:?}");
-            applied?;
+        if any_cow {
+            for i in 0..n {
+                let (rid, append) = item(i);
+                let need = self.need_ref(ctx, rid, append)?;
+                let reserved = self.reserve_for(ctx, need)?;
+                self.apply_reserved(ctx, rid, append, reserved, need);
+            }
+            return Ok(());
+        }
+        let mut blocks = self.reserve_blocks(ctx, needed).into_iter();
+        for (i, &k) in new_blocks.iter().enumerate() {
+            let (rid, append) = item(i);
+            let reserved: Vec<BlockId> = blocks.by_ref().take(k).collect();
+            self.apply_reserved(ctx, rid, append, reserved, (k, false));
         }
         Ok(())
     }

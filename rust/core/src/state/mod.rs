@@ -20,7 +20,7 @@
 //! Invariants (checked by `check_invariants`): every block's refcount equals the number of
 //! sequences and granted tickets holding it; an evictable block is referenced by none; every
 //! index entry names a block carrying that hash; a block reserved by a grant is in no index;
-//! used + free == total.
+//! used + free == total; `num_host_seqs` counts the sequences whose blocks are in the host tier.
 
 use std::collections::HashMap;
 
@@ -51,7 +51,7 @@ use crate::stats::Counters;
 use crate::storage::Memory;
 use crate::tier::{DiskTier, HostTier};
 use crate::transfer::Runs;
-use crate::types::{BlockHash, BlockId, RequestId, Tier};
+use crate::types::{BlockHash, BlockId, IdMap, RequestId, Tier};
 use crate::waiters::Waiters;
 
 /// Immutable context of the state: config, geometry, memory, hashing, time.
@@ -153,6 +153,15 @@ impl Registry<'_> {
     }
 }
 
+/// What `State::gauges` reads: device-tier blocks and waiting calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gauges {
+    pub num_free_blocks: usize,
+    pub num_evictable_blocks: usize,
+    pub num_used_blocks: usize,
+    pub num_waiting: usize,
+}
+
 pub struct State {
     closed: bool,
     /// `close()` has begun: new calls fail while in-flight copies drain.
@@ -171,12 +180,15 @@ pub struct State {
     loading: std::collections::HashSet<crate::waiters::Ticket>,
     /// Admissions whose fill the engine runs outside the lock, by request (see `Staged`),
     /// with whether `deallocate` withdrew the request meanwhile.
-    filling: HashMap<RequestId, (Admission, Vec<u32>, bool)>,
+    filling: IdMap<(Admission, Vec<u32>, bool)>,
     /// Bytes of one block (in every tier).
     bytes_per_block: u64,
     /// Finished read-aheads, per waiting allocation.
     staged: HashMap<crate::waiters::Ticket, StagedReads>,
-    seqs: HashMap<RequestId, Sequence>,
+    seqs: IdMap<Sequence>,
+    /// Sequences of `seqs` whose blocks are in the host tier (`Swapped`, `SwappingIn`):
+    /// kept by `end_swap` and `free_sequence`, so the snapshot's `num_swapped` is O(1).
+    num_host_seqs: usize,
     waiters: Waiters,
     counters: Counters,
     iter_mark: Counters,
@@ -235,9 +247,10 @@ impl State {
             fx: Effects::default(),
             loading: Default::default(),
             staged: HashMap::new(),
-            filling: HashMap::new(),
+            filling: IdMap::default(),
             bytes_per_block: ctx.bytes_per_block() as u64,
-            seqs: HashMap::new(),
+            seqs: IdMap::default(),
+            num_host_seqs: 0,
             waiters: Waiters::default(),
             counters: Counters::default(),
             iter_mark: Counters::default(),
@@ -424,8 +437,12 @@ impl State {
 
     // ----- release ------------------------------------------------------------------------
 
-    /// Releases every block of a sequence, tail first.
+    /// Releases every block of a sequence, tail first (one leaving `seqs`, or an
+    /// admission's that never joined it).
     pub fn free_sequence(&mut self, s: Sequence) {
+        if s.phase.tier() == Tier::Host {
+            self.num_host_seqs -= 1;
+        }
         // A moving sequence is freed only by `close`, after its copy was drained, or when the
         // copy never ran: a swap whose ticket or worker job was refused because the engine
         // started closing stays moving. Then the blocks it took on the target tier go too.
@@ -579,5 +596,15 @@ impl State {
 
     pub fn level(&self) -> Level {
         self.pressure.level
+    }
+
+    /// The device tier's occupancy and the number of waiting calls, in O(1).
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            num_free_blocks: self.pool.num_free_blocks(),
+            num_evictable_blocks: self.pool.num_evictable_blocks(),
+            num_used_blocks: self.pool.num_used_blocks(),
+            num_waiting: self.waiters.num_pending(),
+        }
     }
 }

@@ -2,8 +2,8 @@
 //! loop, the event queues, and read-only views (block tables, a sequence's blocks).
 //!
 //! Everything here reads; the only writes are the drains of queues the caller consumes and
-//! the iteration mark of `iteration_stats`. Cost: a snapshot is O(sequences) (the swapped
-//! count); the rest is O(what is returned).
+//! the iteration mark of `iteration_stats`. Cost: a snapshot is O(1) (the swapped and
+//! in-flight disk write counts are kept as they change); the rest is O(what is returned).
 
 use crate::error::{Error, Result};
 use crate::events::KvEvent;
@@ -11,7 +11,7 @@ use crate::pressure::PressureEvent;
 use crate::residency::EvictionEvent;
 use crate::sequence::Phase;
 use crate::stats::{Counters, Snapshot, TierStats};
-use crate::types::{BlockId, RequestId, Tier};
+use crate::types::{BlockId, RequestId};
 use crate::waiters::Ticket;
 
 use super::{Ctx, State};
@@ -40,14 +40,10 @@ impl State {
             inflight_disk_ops: self
                 .disk
                 .as_ref()
-                .map_or(0, |d| d.pending.iter().filter(|&&p| p).count()),
+                .map_or(0, crate::tier::DiskTier::num_pending),
             block_size: ctx.config.block_size,
             num_sequences: self.seqs.len(),
-            num_swapped: self
-                .seqs
-                .values()
-                .filter(|s| s.phase.tier() != Tier::Device)
-                .count(),
+            num_swapped: self.num_host_seqs,
             num_waiting: self.waiters.num_pending(),
             pressure_level: self.level() as u8,
             callback_errors: self.callback_errors,
@@ -67,6 +63,16 @@ impl State {
         let delta = self.counters.since(&self.iter_mark);
         self.iter_mark = self.counters;
         self.snapshot(ctx, delta)
+    }
+
+    /// Pressure transitions since the last drain (the finished tickets stay queued).
+    pub fn drain_pressure(&mut self) -> Vec<PressureEvent> {
+        std::mem::take(&mut self.pressure_events)
+    }
+
+    /// Whether a pressure transition waits to be drained.
+    pub fn has_pressure_events(&self) -> bool {
+        !self.pressure_events.is_empty()
     }
 
     /// Finished tickets and pressure transitions since the last call.
@@ -97,9 +103,7 @@ impl State {
 
     /// Whether a disk write handed to the workers has not finished yet.
     pub fn disk_busy(&self) -> bool {
-        self.disk
-            .as_ref()
-            .is_some_and(|d| d.pending.iter().any(|&p| p))
+        self.disk.as_ref().is_some_and(|d| d.num_pending() > 0)
     }
 
     /// The disk tier's file, when there is one.
@@ -114,6 +118,12 @@ impl State {
 
     /// Row-major `[rids.len(), max_blocks]` block ids padded with `pad`, and the column count.
     pub fn block_table(&self, rids: &[RequestId], pad: i32) -> Result<(Vec<i32>, usize)> {
+        if self.pool.num_blocks() > i32::MAX as usize + 1 {
+            return Err(Error::InvalidArgument(format!(
+                "block ids up to {} do not fit int32",
+                self.pool.num_blocks() - 1
+            )));
+        }
         let rows = rids
             .iter()
             .map(|r| {

@@ -352,6 +352,7 @@ impl State {
             .seqs
             .get_mut(rid)
             .expect("a swapping sequence stays live");
+        let (before, after) = (s.phase.tier(), next.tier());
         let to = match (std::mem::replace(&mut s.phase, next), out) {
             (Phase::SwappingOut { to }, true) | (Phase::SwappingIn { to }, false) => to,
             (other, _) => unreachable!("request {rid} ends a swap it is not in ({other:?})"),
@@ -361,6 +362,11 @@ impl State {
         } else {
             to
         };
+        match (before, after) {
+            (Tier::Device, Tier::Host) => self.num_host_seqs += 1,
+            (Tier::Host, Tier::Device) => self.num_host_seqs -= 1,
+            _ => {}
+        }
         let n = give_back.len() as u64;
         // The blocks left behind are on the source tier, the ones taken on the target tier.
         let tier = if out == done {
