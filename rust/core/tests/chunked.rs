@@ -193,6 +193,90 @@ fn bad_chunks_and_early_generated_tokens_change_nothing() {
 }
 
 #[test]
+fn a_batch_takes_prompt_chunks_and_decode_ids_at_once_in_item_order() {
+    let e = engine(16, true);
+    let a = alloc_with(&e, "a", &toks(0..14), chunked(5)); // blocks 0, 1
+    let b = alloc(&e, "b", &toks(100..107)); // blocks 2, 3 (3 tokens in the tail)
+    assert_eq!((ids(&a), ids(&b)), (vec![0, 1], vec![2, 3]));
+    // Generated ids before the prompt is reserved: refused, by either batch entry point.
+    let err = changes_nothing(&e, "a", || {
+        e.extend_batch_ids(&[rid("b"), rid("a")], &[107, 5])
+    });
+    assert!(matches!(err, Error::InvalidState(_)), "{err:?}");
+    let err = changes_nothing(&e, "a", || {
+        e.extend_batch(&[(rid("a"), Append::Prompt(10))]) // 5 + 10 > 14
+    });
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+    // A failure names the first bad item in order: the repeat of "b" before the unknown "z".
+    let err = changes_nothing(&e, "b", || {
+        e.extend_batch(&[
+            (rid("b"), Append::Ids(vec![107])),
+            (rid("b"), Append::Ids(vec![107])),
+            (rid("z"), Append::Ids(vec![1])),
+        ])
+    });
+    assert!(
+        matches!(err, Error::InvalidArgument(ref m) if m.contains("twice")),
+        "{err:?}"
+    );
+    let err = changes_nothing(&e, "b", || {
+        e.extend_batch(&[
+            (rid("z"), Append::Ids(vec![1])),
+            (rid("b"), Append::Ids(vec![107])),
+            (rid("b"), Append::Ids(vec![107])),
+        ])
+    });
+    assert!(matches!(err, Error::UnknownRequest(_)), "{err:?}");
+    // One step: a's next chunk of 6 (a prompt block) and b's next id (no new block).
+    e.extend_batch(&[
+        (rid("a"), Append::Prompt(6)),
+        (rid("b"), Append::Ids(vec![107])),
+    ])
+    .unwrap();
+    let (a, b) = (
+        e.get(&rid("a")).unwrap().unwrap(),
+        e.get(&rid("b")).unwrap().unwrap(),
+    );
+    assert_eq!((ids(&a), a.num_tokens), (vec![0, 1, 4], 11));
+    assert_eq!((ids(&b), b.num_tokens), (vec![2, 3], 8));
+    let c = counters(&e);
+    assert_eq!(
+        (c.alloc_total_blocks, c.alloc_new_blocks, c.gen_alloc_blocks),
+        (5, 5, 0),
+        "a chunk's block counts as a prompt block"
+    );
+    assert_eq!(cached(&e, &toks(0..9)), 8, "a's block 1 is registered");
+    assert_eq!(cached(&e, &toks(100..109)), 8, "b's block 3 is registered");
+    e.check_invariants();
+    // The last chunk, then a decode step of one id each: b spills into a new block.
+    e.extend_batch(&[(rid("a"), Append::Prompt(3))]).unwrap();
+    e.extend_batch_ids(&[rid("a"), rid("b")], &[14, 108])
+        .unwrap();
+    let (a, b) = (
+        e.get(&rid("a")).unwrap().unwrap(),
+        e.get(&rid("b")).unwrap().unwrap(),
+    );
+    assert_eq!((ids(&a), a.num_tokens), (vec![0, 1, 4, 5], 15));
+    assert_eq!((ids(&b), b.num_tokens), (vec![2, 3, 6], 9));
+    let c = counters(&e);
+    assert_eq!(
+        (c.alloc_total_blocks, c.alloc_new_blocks, c.gen_alloc_blocks),
+        (6, 6, 1)
+    );
+    // The same prompt allocated whole and extended alike registers the same hashes.
+    let whole = engine(16, true);
+    alloc(&whole, "a", &toks(0..14));
+    extend(&whole, "a", &[14]);
+    let whole_a: Vec<u128> = stored(&whole).concat();
+    let here: Vec<u128> = stored(&e).concat();
+    assert!(
+        whole_a.iter().all(|h| here.contains(h)),
+        "{whole_a:?} in {here:?}"
+    );
+    e.check_invariants();
+}
+
+#[test]
 fn a_chunked_prompt_takes_every_prefix_hit_at_allocation() {
     let e = engine(16, true);
     alloc(&e, "a", &toks(0..13)); // blocks 0..=3, the first 3 registered
