@@ -1,4 +1,4 @@
-//! K/V data access: block tables, `write_kv` / `read_kv` byte copies and the layer views
+//! K/V data access: block tables, batch layouts, `write_kv` / `read_kv` byte copies and the layer views
 //! DLPack exports.
 //!
 //! `write_kv` first unshares the blocks it writes (copy-on-write, recorded as effects and run
@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::layout::LayerView;
-use crate::state::State;
+use crate::state::{BatchLayout, NewTokens, State};
 use crate::storage::Memory;
 use crate::types::RequestId;
 
@@ -16,6 +16,16 @@ impl EngineCore {
     /// Row-major `[rids.len(), max_blocks]` block ids padded with `pad`, and the column count.
     pub fn block_table(&self, rids: &[RequestId], pad: i32) -> Result<(Vec<i32>, usize)> {
         self.lock()?.block_table(rids, pad)
+    }
+
+    /// The attention metadata of one forward step (see `state::BatchLayout`).
+    pub fn batch_layout(
+        &self,
+        rids: &[RequestId],
+        new: NewTokens<'_>,
+        pad: i32,
+    ) -> Result<BatchLayout> {
+        self.lock()?.batch_layout(&self.ctx, rids, new, pad)
     }
 
     pub(super) fn kv_span(

@@ -16,7 +16,8 @@
 //! plan, reserve, publish), `extend` (growing a sequence, copy-on-write), `effects` (what
 //! a call leaves the engine to do), `tickets`
 //! (waiters: serve, take, cancel), `tiers` (offload, onboard, disk, swaps), `truncate`
-//! (shrinking a sequence), `checks` (the invariants below).
+//! (shrinking a sequence), `checks` (the invariants below); two only read: `report`
+//! (snapshots, queues, block tables) and `batch` (the attention metadata of one forward step).
 //! Invariants (checked by `check_invariants`): every block's refcount equals the number of
 //! sequences and granted tickets holding it; an evictable block is referenced by none; every
 //! index entry names a block carrying that hash; a block reserved by a grant is in no index;
@@ -25,6 +26,7 @@
 use std::collections::HashMap;
 
 mod alloc;
+mod batch;
 mod checks;
 mod effects;
 mod extend;
@@ -34,6 +36,7 @@ mod tiers;
 mod truncate;
 
 pub use alloc::{Admission, Fill, PrefixMatch, Staged};
+pub use batch::{BatchLayout, NewTokens};
 pub use effects::Effects;
 pub use tiers::Swap;
 
