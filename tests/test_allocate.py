@@ -138,9 +138,14 @@ def test_block_table_pads_and_is_int32() -> None:
     alloc(cache, "c", list(range(50, 55)))
     t = cache.block_table(["a", 5, "c"])
     assert t.dtype == np.int32 and t.shape == (3, 3)
+    # The default pad is block 0: a real block, safe to gather with (mask by length).
+    assert t.tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    t = cache.block_table(["a", 5, "c"], pad=-1)
     assert t.tolist() == [[0, 1, 2], [3, -1, -1], [4, 5, -1]]
-    t = cache.block_table(["c", "a"], pad=0)
+    t = cache.block_table(("c", "a"), pad=0)
     assert t.tolist() == [[4, 5, 0], [0, 1, 2]]
+    with pytest.raises(TypeError):
+        cache.block_table("a")  # a str is one id, not a sequence of them
     assert cache.block_table([5], pad=99).tolist() == [[3]]
     empty = cache.block_table([])
     assert empty.dtype == np.int32 and empty.shape == (0, 0)

@@ -348,3 +348,64 @@ def test_kv_copies_too_large_for_memory_are_memory_errors() -> None:
     assert "cannot allocate 209715200 bytes for the k buffer" in out[0], out[0]
     assert out[1].startswith("read_kv: MemoryError: out of memory: "), done.stdout
     assert "cannot allocate 209715200 bytes for the k_out buffer" in out[1], out[1]
+
+
+def torch_bits(a: np.ndarray, dtype: str, fp8: bool = False) -> torch.Tensor:
+    """A CPU tensor of the cache's dtype holding exactly the bits of `a`."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    t = torch.from_numpy(a)
+    return t.view(torch.float8_e4m3fn) if fp8 else t
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fp8"),
+    [
+        ("float16", False),
+        ("float32", False),
+        ("bfloat16", False),
+        ("uint8", False),
+        ("uint8", True),
+    ],
+)
+def test_write_kv_and_read_kv_take_cpu_tensors(dtype: str, fp8: bool) -> None:
+    cache = cache_for(dtype)
+    alloc(cache, "a", list(range(6)))
+    k, v = random_kv(np.random.default_rng(3), 6, dtype)
+    cache.write_kv("a", 1, 0, torch_bits(k, dtype, fp8), torch_bits(v, dtype, fp8))
+    rk, rv = cache.read_kv("a", 1, 0, 6)
+    assert same_bits(rk, k) and same_bits(rv, v)
+    # read into tensors the caller owns
+    out_k = torch_bits(np.zeros_like(k), dtype, fp8)
+    out_v = torch_bits(np.zeros_like(v), dtype, fp8)
+    got = cache.read_kv("a", 1, 2, 4, out=(out_k[2:], out_v[2:]))
+    assert got[0] is not None and got[0].data_ptr() == out_k[2:].data_ptr()
+    as_bits = DTYPES[dtype][1]
+    assert (out_k[2:].view(torch.uint8).numpy().view(as_bits) == k[2:].view(as_bits)).all()
+    assert (out_v[2:].view(torch.uint8).numpy().view(as_bits) == v[2:].view(as_bits)).all()
+    assert not out_k[:2].view(torch.uint8).numpy().any()  # nothing written outside `out`
+
+
+def test_tensor_checks() -> None:
+    cache = cache_for("float16")
+    alloc(cache, "a", list(range(6)))
+    good = torch.ones((6, HEADS, HEAD_DIM), dtype=torch.float16, requires_grad=True)
+    cache.write_kv("a", 0, 0, good, good)  # a tensor that requires grad is read, not traced
+    assert (cache.read_kv("a", 0, 0, 6)[0] == 1).all()
+    # a non-contiguous tensor is copied in order, as a numpy array is
+    t = torch.arange(6 * HEADS * HEAD_DIM, dtype=torch.float16).reshape(HEAD_DIM, HEADS, 6)
+    cache.write_kv("a", 0, 0, t.permute(2, 1, 0), t.permute(2, 1, 0))
+    assert (cache.read_kv("a", 0, 0, 6)[0] == t.permute(2, 1, 0).numpy()).all()
+    with pytest.raises(TypeError, match="dtype float16"):
+        cache.write_kv("a", 0, 0, good.float(), good.float())
+    with pytest.raises(ValueError, match="shape"):
+        cache.write_kv("a", 0, 0, good[:, :1], good[:, :1])
+    with pytest.raises(TypeError, match="numpy array or a CPU tensor"):
+        cache.write_kv("a", 0, 0, [1, 2], [1, 2])
+    out = torch.zeros((HEAD_DIM, HEADS, 6), dtype=torch.float16).permute(2, 1, 0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cache.read_kv("a", 0, 0, 6, out=(out, out))
+    if torch.cuda.is_available():
+        gpu = good.detach().cuda()
+        with pytest.raises(TypeError, match="CPU tensor"):
+            cache.write_kv("a", 0, 0, gpu, gpu)

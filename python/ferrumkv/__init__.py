@@ -8,7 +8,7 @@ async with ferrumkv.KvCache(cfg) as cache:
 
 from __future__ import annotations
 
-from ._core import EVICTION_POLICIES, CacheConfig, KvView, SequenceHandle, __version__
+from ._core import EVICTION_POLICIES, BatchLayout, CacheConfig, KvView, SequenceHandle, __version__
 from .cache import KvCache, Subscription
 from .errors import (
     CacheClosedError,
@@ -37,6 +37,7 @@ from .types import (
 __all__ = [
     "EVICTION_POLICIES",
     "AllBlocksCleared",
+    "BatchLayout",
     "BlockRemoved",
     "BlockStored",
     "CacheClosedError",

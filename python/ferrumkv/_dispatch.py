@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import logging
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -51,11 +52,11 @@ def _running_trio_token() -> Any:
 class Dispatcher:
     """Watches one engine's notify fd and wakes its waiters."""
 
-    def __init__(self, core: Any, on_pressure: Callable[[tuple[int, ...]], None]) -> None:
+    def __init__(self, core: Any, on_pressure: Callable[[list[tuple[int, ...]]], None]) -> None:
         self._core = core
         self._fd: int = core.notify_fd
         # A bound method (the cache's) is held weakly: the dispatcher must not keep it alive.
-        self._on_pressure: Callable[[], Callable[[tuple[int, ...]], None] | None] = (
+        self._on_pressure: Callable[[], Callable[[list[tuple[int, ...]]], None] | None] = (
             weakref.WeakMethod(on_pressure)
             if inspect.ismethod(on_pressure)
             else lambda: on_pressure
@@ -63,6 +64,8 @@ class Dispatcher:
         self._waiters: dict[int, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trio_token: Any = None
+        # The thread of the loop watching the fd (pressure is delivered there).
+        self._thread: int | None = None
         self._closed = False
 
     # ----- attaching to the running loop -----------------------------------------------
@@ -78,6 +81,7 @@ class Dispatcher:
                 self._detach_asyncio()
                 loop.add_reader(self._fd, _drain_asyncio, weakref.ref(self), loop, self._fd)
                 self._loop = loop
+                self._thread = threading.get_ident()
             return
         token = _running_trio_token()
         if token is None:
@@ -86,9 +90,18 @@ class Dispatcher:
             import trio
 
             self._trio_token = token
+            self._thread = threading.get_ident()
             trio.lowlevel.spawn_system_task(
                 _trio_watch, weakref.ref(self), self._core, self._fd, token
             )
+
+    def on_loop_thread(self) -> bool:
+        """Whether the caller runs on the thread of the loop watching the fd, or no loop
+        watches it (then the caller's thread is the only one to deliver on)."""
+        loop = self._loop
+        if (loop is None or loop.is_closed()) and self._trio_token is None:
+            return True
+        return self._thread == threading.get_ident()
 
     def _detach_asyncio(self) -> None:
         loop, self._loop = self._loop, None
@@ -118,9 +131,8 @@ class Dispatcher:
                     w.set_result(None)
             else:
                 w.set()
-        if on_pressure is not None:
-            for ev in pressure:
-                on_pressure(ev)
+        if on_pressure is not None and pressure:
+            on_pressure(pressure)
 
     # ----- waiting ---------------------------------------------------------------------
 

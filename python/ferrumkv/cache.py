@@ -6,6 +6,13 @@ ticket; the coroutine parks on a future (asyncio) or Event (trio) until the engi
 signals the ticket through its eventfd (see `_dispatch`), then takes the result. A waiter
 that is cancelled or times out withdraws its ticket, and the engine gives back anything
 it had already granted, so no block is ever lost to an abandoned wait.
+
+Pressure: a call that changed the level delivers the transition itself before it returns
+(`_pressure_now`: one atomic load when nothing is pending), on the loop's thread and after
+the engine lock is released; transitions that engine threads cause (a swap's copy ending)
+arrive through the eventfd. Each subscriber sees every transition in level order: a plain
+callback runs inline, an `async def` one is queued on that subscriber's own runner task,
+so a slow subscriber delays only itself.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ log = logging.getLogger("ferrumkv")
 
 CacheConfig = _core.CacheConfig
 SequenceHandle = _core.SequenceHandle
+BatchLayout = _core.BatchLayout
 RequestId = str | int
 PressureCallback = Callable[[PressureEvent], Awaitable[None] | None]
 
@@ -49,11 +57,14 @@ _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8
 class Subscription:
     """A registered pressure callback; `cancel()` removes it (idempotent)."""
 
-    __slots__ = ("_cache", "callback")
+    __slots__ = ("_cache", "_queue", "_running", "callback")
 
     def __init__(self, cache: KvCache, callback: PressureCallback) -> None:
         self._cache: KvCache | None = cache
         self.callback = callback
+        # Awaitables the callback returned, run one after another by this subscriber's task.
+        self._queue: collections.deque[Awaitable[None]] = collections.deque()
+        self._running = False
 
     def cancel(self) -> None:
         cache, self._cache = self._cache, None
@@ -80,8 +91,9 @@ class KvCache:
         self._subs: list[Subscription] = []
         self._dispatcher = Dispatcher(self._core, self._fire_pressure)
         self._async_tasks: set[Any] = set()
-        self._async_queue: collections.deque[Awaitable[None]] = collections.deque()
-        self._async_runner_active = False
+        # Pressure transitions drained but not yet delivered to every subscriber.
+        self._pressure: collections.deque[tuple[int, ...]] = collections.deque()
+        self._delivering = False
         self._closed = False
         dtype = _NUMPY_DTYPES.get(config.dtype, np.uint16)  # bfloat16: raw uint16 bits
         self._np_dtype = np.dtype(dtype)
@@ -137,11 +149,17 @@ class KvCache:
             await self._dispatcher.wait(ticket, timeout)
         except TimeoutError:
             self._core.cancel_ticket(ticket)
+            self._pressure_now()
             raise OutOfBlocksError(f"no blocks became free within {timeout} s") from None
         except BaseException:
             self._core.cancel_ticket(ticket)
+            self._pressure_now()
             raise
-        return self._core.take_ticket(ticket)
+        try:
+            return self._core.take_ticket(ticket)
+        finally:
+            if self._subs:
+                self._pressure_now()
 
     @staticmethod
     def _check_timeout(timeout: float | None) -> None:
@@ -173,6 +191,8 @@ class KvCache:
         if timeout is not None:
             self._check_timeout(timeout)
         r = self._core.allocate(request_id, tokens, salt, timeout != 0, num_new_tokens, preempted)
+        if self._subs:
+            self._pressure_now()
         return await self._settle(r, timeout)
 
     def try_allocate(
@@ -185,7 +205,10 @@ class KvCache:
         preempted: bool = False,
     ) -> SequenceHandle | None:
         """Like `allocate`, synchronous and never waiting: None when blocks are short."""
-        return self._core.try_allocate(request_id, tokens, salt, num_new_tokens, preempted)
+        h = self._core.try_allocate(request_id, tokens, salt, num_new_tokens, preempted)
+        if self._subs:
+            self._pressure_now()
+        return h
 
     async def extend(
         self,
@@ -203,6 +226,8 @@ class KvCache:
         if timeout is not None:
             self._check_timeout(timeout)
         r = self._core.extend(request_id, tokens, timeout != 0, num_new_tokens)
+        if self._subs:
+            self._pressure_now()
         return await self._settle(r, timeout)
 
     def try_extend(
@@ -214,27 +239,41 @@ class KvCache:
     ) -> SequenceHandle | None:
         """Like `extend`, synchronous and never waiting: None when blocks are short."""
         try:
-            return self._core.extend(request_id, tokens, False, num_new_tokens)
+            h = self._core.extend(request_id, tokens, False, num_new_tokens)
         except OutOfBlocksError:
             return None
+        if self._subs:
+            self._pressure_now()
+        return h
 
     async def truncate(self, request_id: RequestId, num_tokens: int) -> SequenceHandle:
         """Drops the tokens past `num_tokens` (1 <= num_tokens <= the sequence's
         `num_tokens`): rejected speculative tokens, or a rollback. Blocks past the new end
         are freed; a block that was full and is now partial is never written in place while
         the prefix cache names its old tokens (the next append copies it if it is shared)."""
-        return self._core.truncate(request_id, num_tokens)
+        h = self._core.truncate(request_id, num_tokens)
+        if self._subs:
+            self._pressure_now()
+        return h
 
     async def extend_batch(
         self,
         request_ids: Sequence[RequestId],
-        tokens: Sequence[Sequence[int] | np.ndarray | int] | np.ndarray,
+        tokens: Sequence[int | Sequence[int] | np.ndarray] | np.ndarray | Any = None,
+        *,
+        counts: Sequence[int] | np.ndarray | None = None,
     ) -> None:
-        """One decode step in one engine call, all or nothing (never waits): `tokens` has one
-        entry per request (ids or an int count), or is a 1-D array of one new token each.
-        Raises OutOfBlocksError, with nothing changed, when blocks are short. Read the new
-        block ids with `block_table(request_ids)`."""
-        self._core.extend_batch(request_ids, tokens)
+        """One decode step in one engine call, all or nothing (never waits).
+
+        `tokens`: a flat sequence of ints, a 1-D integer array or a CPU tensor holds ONE new
+        token id per request; an entry that is a list (or array) of ids appends them all.
+        `counts=` (instead of `tokens`): per request, a number of tokens whose ids are
+        unknown (those blocks are never cached). Raises OutOfBlocksError, with nothing
+        changed, when blocks are short. Then `batch_layout(request_ids, n)` gives the
+        kernels' metadata for the step."""
+        self._core.extend_batch(request_ids, tokens, counts=counts)
+        if self._subs:
+            self._pressure_now()
 
     def lookup_prefix(
         self, tokens: Sequence[int] | np.ndarray, *, salt: str | bytes | int | None = None
@@ -245,27 +284,41 @@ class KvCache:
     async def deallocate(self, request_id: RequestId) -> None:
         """Releases the sequence: full hashed blocks stay cached (evictable)."""
         self._core.deallocate(request_id)
+        if self._subs:
+            self._pressure_now()
 
     async def fork(self, parent_id: RequestId, child_id: RequestId) -> SequenceHandle:
         """The child shares every block of the parent, copy-on-write."""
-        return self._core.fork(parent_id, child_id)
+        h = self._core.fork(parent_id, child_id)
+        if self._subs:
+            self._pressure_now()
+        return h
 
     async def swap_out(self, request_id: RequestId) -> SequenceHandle:
         """Moves the sequence's blocks to the host tier, byte for byte, and frees its device
         blocks. Raises OutOfBlocksError (the sequence stays resident and intact) when the
         host tier is short, InvalidStateError when it is already swapped out."""
-        return await self._settle(self._core.swap_out(request_id), None)
+        r = self._core.swap_out(request_id)
+        if self._subs:
+            self._pressure_now()
+        return await self._settle(r, None)
 
     async def swap_in(self, request_id: RequestId) -> SequenceHandle:
         """Moves a swapped-out sequence back to the device tier (block ids may change).
         Raises OutOfBlocksError (nothing changed) when device blocks are short: swap in when
         pressure allows, as a scheduler resumes preempted requests."""
-        return await self._settle(self._core.swap_in(request_id), None)
+        r = self._core.swap_in(request_id)
+        if self._subs:
+            self._pressure_now()
+        return await self._settle(r, None)
 
     async def gc(self, *, target_free_ratio: float | None = None) -> GcStats:
         """Evicts LRU cached blocks until the blank share of the device tier reaches the
         target (default: low_watermark)."""
-        return GcStats(**self._core.gc(target_free_ratio))
+        g = GcStats(**self._core.gc(target_free_ratio))
+        if self._subs:
+            self._pressure_now()
+        return g
 
     def can_allocate(
         self,
@@ -294,6 +347,28 @@ class KvCache:
         is live."""
         return self._core.reset_prefix_cache()
 
+    # ----- gauges (O(1), no snapshot) ------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Device blocks no live sequence owns (evictable ones included)."""
+        return self._core.num_free_blocks
+
+    @property
+    def num_evictable_blocks(self) -> int:
+        """Free device blocks that still hold cached prefixes."""
+        return self._core.num_evictable_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Device blocks owned by live sequences (used + free == num_blocks)."""
+        return self._core.num_used_blocks
+
+    @property
+    def num_waiting(self) -> int:
+        """Calls waiting for blocks."""
+        return self._core.num_waiting
+
     # ----- pressure ------------------------------------------------------------------------
 
     @property
@@ -319,55 +394,85 @@ class KvCache:
         if not self._subs and not self._closed:
             self._core.set_subscribed(False)
 
-    def _fire_pressure(self, raw: tuple[int, ...]) -> None:
-        level, previous, free, evictable, total, needed = raw
-        event = PressureEvent(
-            PressureLevel(level), PressureLevel(previous), free, evictable, total, needed
-        )
-        for sub in list(self._subs):
-            if not sub.active:
-                continue
-            try:
-                result = sub.callback(event)
-                if inspect.isawaitable(result):
-                    self._spawn(result)
-            except Exception:
-                log.exception("ferrumkv pressure callback %r raised", sub.callback)
-                self._core.record_callback_error()
+    def _pressure_now(self) -> None:
+        """Delivers the transitions a call just made before it returns to its caller (on
+        the loop's thread; from another thread they wait for the loop, through the eventfd)."""
+        if self._core.pressure_pending and self._dispatcher.on_loop_thread():
+            self._fire_pressure(self._core.drain_pressure())
 
-    def _spawn(self, awaitable: Awaitable[None]) -> None:
-        """Queues an async callback's coroutine; one runner awaits them in order, so async
-        callbacks see level changes in the order they happened (trio would otherwise start
-        spawned tasks in random order)."""
-        self._async_queue.append(awaitable)
-        if self._async_runner_active:
+    def _fire_pressure(self, raws: list[tuple[int, ...]]) -> None:
+        """Delivers transitions, oldest first, each to every subscriber before the next.
+        NOTE: a callback's own calls (a CRITICAL handler that frees blocks) queue their
+        transitions here and return; this loop delivers them after the current one reached
+        every subscriber, so every subscriber sees the levels in the order they happened."""
+        self._pressure.extend(raws)
+        if self._delivering:
             return
-        self._async_runner_active = True
+        self._delivering = True
+        try:
+            while self._pressure:
+                level, previous, free, evictable, total, needed = self._pressure.popleft()
+                event = PressureEvent(
+                    _LEVELS[level], _LEVELS[previous], free, evictable, total, needed
+                )
+                for sub in list(self._subs):
+                    if sub.active:
+                        self._call_subscriber(sub, event)
+        finally:
+            self._delivering = False
+
+    def _call_subscriber(self, sub: Subscription, event: PressureEvent) -> None:
+        try:
+            result = sub.callback(event)
+        except Exception:
+            log.exception("ferrumkv pressure callback %r raised", sub.callback)
+            self._core.record_callback_error()
+            return
+        if result is not None and inspect.isawaitable(result):
+            sub._queue.append(result)
+            if not sub._running:
+                self._start_runner(sub)
+
+    def _start_runner(self, sub: Subscription) -> None:
+        """Starts the task that awaits `sub`'s queued callbacks one after another (asyncio
+        or trio, whichever runs this thread)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         if loop is not None:
-            task = loop.create_task(self._run_async_callbacks())
+            sub._running = True
+            task = loop.create_task(self._run_callbacks(sub))
             self._async_tasks.add(task)
             task.add_done_callback(self._async_tasks.discard)
-        else:
-            import trio
+            return
+        trio = sys.modules.get("trio")
+        if trio is not None and _in_async_context():
+            sub._running = True
+            trio.lowlevel.spawn_system_task(self._run_callbacks, sub)
+            return
+        # No event loop runs on this thread, so nothing can await the callback.
+        while sub._queue:
+            _close_awaitable(sub._queue.popleft())
+        log.error("ferrumkv async pressure callback %r needs a running event loop", sub.callback)
+        self._core.record_callback_error()
 
-            trio.lowlevel.spawn_system_task(self._run_async_callbacks)
-
-    async def _run_async_callbacks(self) -> None:
+    async def _run_callbacks(self, sub: Subscription) -> None:
         try:
-            while self._async_queue:
-                awaitable = self._async_queue.popleft()
+            while sub._queue:
+                awaitable = sub._queue.popleft()
                 try:
                     await awaitable
                 except Exception:
-                    log.exception("ferrumkv async pressure callback raised")
+                    log.exception("ferrumkv async pressure callback %r raised", sub.callback)
                     if not self._closed:
                         self._core.record_callback_error()
+        except BaseException:  # the loop is shutting down: nothing will await the rest
+            while sub._queue:
+                _close_awaitable(sub._queue.popleft())
+            raise
         finally:
-            self._async_runner_active = False
+            sub._running = False
 
     # ----- stats and events ----------------------------------------------------------------
 
@@ -388,51 +493,128 @@ class KvCache:
 
     # ----- data ----------------------------------------------------------------------------
 
-    def block_table(self, request_ids: Sequence[RequestId], pad: int = -1) -> np.ndarray:
-        """int32 `[len(request_ids), max_blocks]` block ids, padded with `pad`."""
-        raw, rows, cols = self._core.block_table(list(request_ids), int(pad))
+    def block_table(self, request_ids: Sequence[RequestId], pad: int = 0) -> np.ndarray:
+        """int32 `[len(request_ids), max_blocks]` block ids, padded with `pad`. The default
+        pad 0 is a real block, so a kernel may gather with the table as it is: mask the
+        padded entries by the sequence lengths (`pad=-1` marks them instead)."""
+        raw, rows, cols = self._core.block_table(request_ids, int(pad))
         return np.frombuffer(raw, dtype=np.int32).reshape(rows, cols)
+
+    def batch_layout(
+        self,
+        request_ids: Sequence[RequestId],
+        num_new_tokens: int | Sequence[int] | np.ndarray,
+        *,
+        pad: int = 0,
+    ) -> BatchLayout:
+        """The metadata paged-attention kernels take for one forward step over
+        `request_ids`, whose last `num_new_tokens` tokens (an int, or one per request) are
+        computed now: `block_table` int32 `[B, max_blocks]` (padded with `pad`: 0, a real
+        block, masked by `seq_lens`), `seq_lens` int32 `[B]`, `query_start_loc` int32
+        `[B + 1]` and `slot_mapping` int64 (`block_id * block_size + offset` per new
+        token, in batch order), as numpy arrays; `.to_torch(device)` gives tensors. An
+        unknown request raises UnknownRequestError, a swapped one InvalidStateError, a bad
+        count ValueError; nothing changes either way."""
+        return self._core.batch_layout(request_ids, num_new_tokens, pad)
 
     def kv_view(self, layer: int) -> Any:
         """Zero-copy DLPack view `[num_blocks, 2, block_size, heads, head_dim]` of a layer."""
         _check_index("layer", layer)
         return self._core.kv_view(layer)
 
-    def _kv_array(self, name: str, a: Any, n: int | None) -> np.ndarray:
+    def _kv_array(self, name: str, a: Any, n: int | None, *, contiguous: bool = True) -> np.ndarray:
+        """`a` (an array or a CPU tensor) as a numpy array of the cache's dtype and shape
+        `[n, heads, head_dim]`, viewed without a copy; `contiguous`: copied into C order if
+        it is not."""
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{name} must be a numpy array, not {type(a).__name__}")
+            a = self._from_tensor(name, a)
         if a.dtype != self._np_dtype:
             raise TypeError(f"{name} must have dtype {self._np_dtype} (the cache's), not {a.dtype}")
         if a.ndim != 3 or a.shape[1:] != self._kv_shape or (n is not None and a.shape[0] != n):
             want = f"[{'n' if n is None else n}, {self._kv_shape[0]}, {self._kv_shape[1]}]"
             raise ValueError(f"{name} must have shape {want}, got {list(a.shape)}")
-        return np.ascontiguousarray(a)
+        return np.ascontiguousarray(a) if contiguous else a
+
+    def _from_tensor(self, name: str, t: Any) -> np.ndarray:
+        """A numpy view (no copy) of a CPU tensor of the cache's dtype: torch, or anything
+        else that exports DLPack. bfloat16 and fp8 tensors, which numpy has no type for,
+        are read as their raw bits (the cache stores them so)."""
+        if not hasattr(t, "__dlpack__"):
+            raise TypeError(f"{name} must be a numpy array or a CPU tensor, not {type(t).__name__}")
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(t, torch.Tensor):
+            if t.device.type != "cpu":
+                raise TypeError(
+                    f"{name} must be a CPU tensor, not one on {t.device} (write_kv and read_kv "
+                    "copy on the host; use kv_view for device memory)"
+                )
+            have = str(t.dtype).removeprefix("torch.")
+            want = self.config.dtype
+            if have != want and not (want == "uint8" and have.startswith("float8")):
+                raise TypeError(f"{name} must have dtype {want} (the cache's), not {have}")
+            t = t.detach()
+            if have == "bfloat16":
+                t = t.view(torch.int16)
+            elif have.startswith("float8"):
+                t = t.view(torch.uint8)
+            return np.from_dlpack(t).view(self._np_dtype)
+        return np.from_dlpack(t)
 
     def write_kv(self, request_id: RequestId, layer: int, start: int, k: Any, v: Any) -> None:
-        """Copies K and V (`[n, num_kv_heads, head_dim]` of the cache's dtype) into token
-        positions `start .. start+n` of one layer of the sequence."""
+        """Copies K and V (`[n, num_kv_heads, head_dim]` of the cache's dtype: numpy arrays
+        or CPU tensors) into token positions `start .. start+n` of one layer."""
         k = self._kv_array("k", k, None)
         v = self._kv_array("v", v, k.shape[0])
         _check_index("layer", layer)
         _check_index("start", start)
         self._core.write_kv(request_id, layer, start, k.view(np.uint8), v.view(np.uint8))
+        if self._subs:
+            self._pressure_now()  # a copy-on-write takes blocks
 
     def read_kv(
-        self, request_id: RequestId, layer: int, start: int, n: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Copies K and V of token positions `start .. start+n` of one layer out."""
+        self,
+        request_id: RequestId,
+        layer: int,
+        start: int,
+        n: int,
+        *,
+        out: tuple[Any, Any] | None = None,
+    ) -> tuple[Any, Any]:
+        """Copies K and V of token positions `start .. start+n` of one layer out: into new
+        numpy arrays, or into `out=(k, v)` (C-contiguous numpy arrays or CPU tensors
+        `[n, num_kv_heads, head_dim]` of the cache's dtype), which it returns."""
         _check_index("layer", layer)
         _check_index("start", start)
         _check_index("n", n)
-        k = np.empty((n, *self._kv_shape), dtype=self._np_dtype)
-        v = np.empty_like(k)
+        if out is None:
+            k = np.empty((n, *self._kv_shape), dtype=self._np_dtype)
+            v = np.empty_like(k)
+            result: tuple[Any, Any] = (k, v)
+        else:
+            k_out, v_out = out
+            k = self._kv_array("k", k_out, n, contiguous=False)
+            v = self._kv_array("v", v_out, n, contiguous=False)
+            for name, a in (("k", k), ("v", v)):
+                if not (a.flags.c_contiguous and a.flags.writeable):
+                    raise ValueError(f"out {name} must be C-contiguous and writable")
+            result = (k_out, v_out)
         self._core.read_kv(request_id, layer, start, k.view(np.uint8), v.view(np.uint8), k.nbytes)
-        return k, v
+        return result
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{len(self)} sequences"
         c = self.config
         return f"KvCache(device={c.device!r}, num_blocks={c.num_blocks}, {state})"
+
+
+_LEVELS = tuple(PressureLevel)  # by value: LOW, HIGH, CRITICAL
+
+
+def _close_awaitable(awaitable: Awaitable[None]) -> None:
+    """Closes an awaitable that will never be awaited (no 'never awaited' warning)."""
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()
 
 
 def _check_index(name: str, v: object) -> None:

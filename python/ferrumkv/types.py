@@ -2,6 +2,11 @@
 
 Derived figures (`usage`, `reused_blocks`, hit rates, `prompt_tokens`) are properties
 computed from the stored counters, never stored themselves, so they cannot disagree.
+
+NOTE: the stats types (`TierStats`, `CacheStats`, `IterationStats`) keep their fields in the
+instance `__dict__` (no `__slots__`) so `_from_core` can fill an instance with one C-level
+`dict.update` of the engine's snapshot instead of 43 frozen `__setattr__` calls: `stats()`
+costs a few microseconds. The engine's keys are exactly the fields (tested).
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ class PressureEvent(_ToDict):
     needed_blocks: int
 
 
-@dataclass(frozen=True, slots=True)
+_new = object.__new__
+
+
+@dataclass(frozen=True)
 class TierStats(_ToDict):
     """Blocks of one tier: used (owned by a live sequence) + free == total; evictable
     blocks are free blocks that still hold cached data."""
@@ -70,8 +78,14 @@ class TierStats(_ToDict):
     total_bytes: int
     used_bytes: int
 
+    @classmethod
+    def _from_core(cls, raw: dict[str, Any]) -> TierStats:
+        t = _new(cls)
+        t.__dict__.update(raw)
+        return t
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True)
 class _Counters(_ToDict):
     """Counters shared by `CacheStats` (totals since start) and `IterationStats` (deltas)."""
 
@@ -156,7 +170,10 @@ def _counters(raw: dict[str, Any]) -> dict[str, int]:
     return {name: raw[name] for name in COUNTER_FIELDS}
 
 
-@dataclass(frozen=True, slots=True)
+_LEVELS = tuple(PressureLevel)  # by value
+
+
+@dataclass(frozen=True)
 class CacheStats(_Counters):
     """Gauges now and every counter as a cumulative total since start."""
 
@@ -182,24 +199,18 @@ class CacheStats(_Counters):
 
     @classmethod
     def _from_core(cls, raw: dict[str, Any]) -> CacheStats:
-        return cls(
-            device=TierStats(**raw["device"]),
-            host=TierStats(**raw["host"]),
-            disk=TierStats(**raw["disk"]),
-            total_tokens=raw["total_tokens"],
-            used_tokens=raw["used_tokens"],
-            free_tokens=raw["free_tokens"],
-            num_sequences=raw["num_sequences"],
-            num_swapped=raw["num_swapped"],
-            num_waiting=raw["num_waiting"],
-            inflight_disk_ops=raw["inflight_disk_ops"],
-            pressure_level=PressureLevel(raw["pressure_level"]),
-            callback_errors=raw["callback_errors"],
-            **_counters(raw),
-        )
+        """Takes over `raw` (the engine's snapshot, whose keys are the fields)."""
+        tier = TierStats._from_core
+        raw["device"] = tier(raw["device"])
+        raw["host"] = tier(raw["host"])
+        raw["disk"] = tier(raw["disk"])
+        raw["pressure_level"] = _LEVELS[raw["pressure_level"]]
+        s = _new(cls)
+        s.__dict__.update(raw)
+        return s
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class IterationStats(_Counters):
     """Counters since the previous `iteration_stats()` call, plus gauges now."""
 
@@ -214,16 +225,17 @@ class IterationStats(_Counters):
     @classmethod
     def _from_core(cls, raw: dict[str, Any]) -> IterationStats:
         dev, host = raw["device"], raw["host"]
-        return cls(
-            primary_max_num_blocks=dev["total_blocks"],
-            primary_free_num_blocks=dev["free_blocks"],
-            primary_used_num_blocks=dev["used_blocks"],
-            secondary_max_num_blocks=host["total_blocks"],
-            secondary_free_num_blocks=host["free_blocks"],
-            secondary_used_num_blocks=host["used_blocks"],
-            inflight_disk_ops=raw["inflight_disk_ops"],
-            **_counters(raw),
-        )
+        s = _new(cls)
+        d = s.__dict__
+        d.update(_counters(raw))
+        d["primary_max_num_blocks"] = dev["total_blocks"]
+        d["primary_free_num_blocks"] = dev["free_blocks"]
+        d["primary_used_num_blocks"] = dev["used_blocks"]
+        d["secondary_max_num_blocks"] = host["total_blocks"]
+        d["secondary_free_num_blocks"] = host["free_blocks"]
+        d["secondary_used_num_blocks"] = host["used_blocks"]
+        d["inflight_disk_ops"] = raw["inflight_disk_ops"]
+        return s
 
 
 @dataclass(frozen=True, slots=True, repr=False)

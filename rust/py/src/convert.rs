@@ -1,10 +1,12 @@
 //! Argument conversion: request ids, token ids, salts, byte buffers.
 //!
-//! Token ids arrive as a list / tuple of ints or a 1-D integer array (anything with the
-//! buffer protocol: numpy, array.array, torch CPU tensors via numpy). Each id must be an
-//! integer in `0..=u32::MAX`; a float array is a `TypeError`, a negative or too large id a
-//! `ValueError`. Lists are read item by item without building Python objects; arrays are
-//! read in place through the buffer protocol.
+//! Token ids arrive as a list / tuple of ints or a 1-D integer array: anything with the
+//! buffer protocol (numpy, array.array) is read in place; anything else that exports DLPack
+//! (a torch CPU tensor) is read through `numpy.from_dlpack`, without a copy. Each id must be
+//! an integer in `0..=u32::MAX`; a float array is a `TypeError`, a negative or too large id a
+//! `ValueError`; a tensor on a GPU is a `TypeError` (move it to the CPU first: the copy
+//! would synchronize with the device). Lists are read item by item without building Python
+//! objects. Counts (`sizes`) follow the same rules with `0..=i64::MAX`.
 //!
 //! K/V bytes are staged in buffers of our own (never a Rust slice over the caller's buffer,
 //! which may be a view of the cache's own memory): allocated fallibly, so a copy too large
@@ -16,6 +18,7 @@ use ferrumkv_core::types::RequestId;
 use pyo3::buffer::{Element, PyBuffer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString, PyTuple};
 
 pub fn request_id(obj: &Bound<'_, PyAny>) -> PyResult<RequestId> {
@@ -65,6 +68,22 @@ pub fn count(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<usiz
             "{what} must be >= 1, got {n}"
         ))),
     }
+}
+
+/// Request ids from a list or tuple (read in place) or any other iterable but a str.
+pub fn request_ids(obj: &Bound<'_, PyAny>) -> PyResult<Vec<RequestId>> {
+    if let Ok(list) = obj.cast::<PyList>() {
+        return list.iter().map(|r| request_id(&r)).collect();
+    }
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        return t.iter().map(|r| request_id(&r)).collect();
+    }
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
+        return Err(PyTypeError::new_err(
+            "request_ids must be a sequence of request ids, not a single str",
+        ));
+    }
+    obj.try_iter()?.map(|r| request_id(&r?)).collect()
 }
 
 pub fn request_id_to_py<'py>(py: Python<'py>, rid: &RequestId) -> PyResult<Bound<'py, PyAny>> {
@@ -138,11 +157,18 @@ macro_rules! token_int {
 }
 token_int!(i64, i32, u32, u64, i16, u16, u8, i8);
 
-fn from_buffer<T: TokenInt>(obj: &Bound<'_, PyAny>) -> Option<PyResult<Vec<u32>>> {
+/// The values of a 1-D integer buffer `obj` of element type `T`, each checked to lie in
+/// `0..=max` (`what` names them in errors), or None if `obj` is no buffer of `T`.
+fn from_buffer<T: TokenInt, O>(
+    obj: &Bound<'_, PyAny>,
+    max: i128,
+    what: &str,
+    out: fn(i128) -> O,
+) -> Option<PyResult<Vec<O>>> {
     let buf = PyBuffer::<T>::get(obj).ok()?;
     if buf.dimensions() != 1 {
         return Some(Err(PyValueError::new_err(format!(
-            "token ids must be a 1-D array, got {} dimensions",
+            "{what}: expected a 1-D array, got {} dimensions",
             buf.dimensions()
         ))));
     }
@@ -154,20 +180,54 @@ fn from_buffer<T: TokenInt>(obj: &Bound<'_, PyAny>) -> Option<PyResult<Vec<u32>>
         },
     };
     // Two passes (check, then convert) keep both loops branch-free and vectorized.
-    if let Some(i) = vals
-        .iter()
-        .position(|&v| !(0..=i128::from(u32::MAX)).contains(&v.to_i128()))
-    {
+    if let Some(i) = vals.iter().position(|&v| !(0..=max).contains(&v.to_i128())) {
         return Some(Err(PyValueError::new_err(format!(
-            "token id {} at {i} is outside 0..={}",
+            "{what}: {} at {i} is outside 0..={max}",
             vals[i].to_i128(),
-            u32::MAX
         ))));
     }
-    Some(Ok(vals.iter().map(|&v| v.to_i128() as u32).collect()))
+    Some(Ok(vals.iter().map(|&v| out(v.to_i128())).collect()))
 }
 
-/// Token ids from a list, tuple or 1-D integer buffer.
+/// The integers of a 1-D buffer of any integer type (see `from_buffer`), or None.
+fn ints_of_buffer<O>(
+    obj: &Bound<'_, PyAny>,
+    max: i128,
+    what: &str,
+    out: fn(i128) -> O,
+) -> Option<PyResult<Vec<O>>> {
+    from_buffer::<i64, O>(obj, max, what, out)
+        .or_else(|| from_buffer::<i32, O>(obj, max, what, out))
+        .or_else(|| from_buffer::<u32, O>(obj, max, what, out))
+        .or_else(|| from_buffer::<u64, O>(obj, max, what, out))
+        .or_else(|| from_buffer::<i16, O>(obj, max, what, out))
+        .or_else(|| from_buffer::<u16, O>(obj, max, what, out))
+        .or_else(|| from_buffer::<u8, O>(obj, max, what, out))
+        .or_else(|| from_buffer::<i8, O>(obj, max, what, out))
+}
+
+/// A numpy view of an object that exports DLPack but no buffer (a torch tensor), or None.
+/// A tensor numpy cannot read in place (on a GPU) is a `TypeError`.
+fn via_dlpack<'py>(obj: &Bound<'py, PyAny>, what: &str) -> Option<PyResult<Bound<'py, PyAny>>> {
+    static FROM_DLPACK: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    // SAFETY: `obj` is a live object; the call only reads its type's buffer slot.
+    let has_buffer = unsafe { pyo3::ffi::PyObject_CheckBuffer(obj.as_ptr()) } != 0;
+    if has_buffer || !obj.hasattr("__dlpack__").unwrap_or(false) {
+        return None; // a buffer of another element type is diagnosed by the caller
+    }
+    let py = obj.py();
+    let view = FROM_DLPACK
+        .import(py, "numpy", "from_dlpack")
+        .and_then(|f| f.call1((obj,)));
+    Some(view.map_err(|e| {
+        PyTypeError::new_err(format!(
+            "{what} must be on the CPU ({} cannot be read in place: {e}); move it with .cpu()",
+            describe(obj)
+        ))
+    }))
+}
+
+/// Token ids from a list, tuple, 1-D integer buffer or DLPack tensor.
 pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     if let Ok(list) = obj.cast::<PyList>() {
         return list
@@ -187,24 +247,59 @@ pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
             "tokens must be a list of ints or a 1-D integer array",
         ));
     }
-    type Attempt = fn(&Bound<'_, PyAny>) -> Option<PyResult<Vec<u32>>>;
-    let attempts: [Attempt; 8] = [
-        from_buffer::<i64>,
-        from_buffer::<i32>,
-        from_buffer::<u32>,
-        from_buffer::<u64>,
-        from_buffer::<i16>,
-        from_buffer::<u16>,
-        from_buffer::<u8>,
-        from_buffer::<i8>,
-    ];
-    for f in attempts {
-        if let Some(r) = f(obj) {
+    if let Some(r) = ints_of_buffer(obj, i128::from(u32::MAX), "token ids", |v| v as u32) {
+        return r;
+    }
+    if let Some(view) = via_dlpack(obj, "tokens") {
+        let view = view?;
+        if let Some(r) = ints_of_buffer(&view, i128::from(u32::MAX), "token ids", |v| v as u32) {
             return r;
         }
     }
     Err(PyTypeError::new_err(format!(
         "tokens must be a list of ints or a 1-D integer array, not {}",
+        describe(obj)
+    )))
+}
+
+/// Non-negative counts (`what` names them) from a list, tuple, 1-D integer buffer or DLPack
+/// tensor.
+pub fn sizes(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<usize>> {
+    let item = |(i, x): (usize, Bound<'_, PyAny>)| -> PyResult<usize> {
+        if !x.is_instance_of::<PyBool>() {
+            if let Ok(v) = x.extract::<i64>() {
+                return usize::try_from(v).map_err(|_| {
+                    PyValueError::new_err(format!("{what} must be >= 0, got {v} at {i}"))
+                });
+            }
+        }
+        if x.is_instance_of::<PyInt>() && !x.is_instance_of::<PyBool>() {
+            return Err(PyValueError::new_err(format!("{what} at {i} is too large")));
+        }
+        Err(PyTypeError::new_err(format!(
+            "{what} must be integers; item {i} is {}",
+            x.get_type().name()?
+        )))
+    };
+    if let Ok(list) = obj.cast::<PyList>() {
+        return list.iter().enumerate().map(item).collect();
+    }
+    if let Ok(t) = obj.cast::<PyTuple>() {
+        return t.iter().enumerate().map(item).collect();
+    }
+    let max = i128::from(i64::MAX);
+    if !obj.is_instance_of::<PyString>() && !obj.is_instance_of::<PyBytes>() {
+        if let Some(r) = ints_of_buffer(obj, max, what, |v| v as usize) {
+            return r;
+        }
+        if let Some(view) = via_dlpack(obj, what) {
+            if let Some(r) = ints_of_buffer(&view?, max, what, |v| v as usize) {
+                return r;
+            }
+        }
+    }
+    Err(PyTypeError::new_err(format!(
+        "{what} must be an int, a list of ints or a 1-D integer array, not {}",
         describe(obj)
     )))
 }

@@ -10,12 +10,15 @@ use std::sync::Arc;
 use ferrumkv_core::clock::Clock;
 use ferrumkv_core::events::KvEvent;
 use ferrumkv_core::sequence::{AllocOpts, Append, SeqView};
-use ferrumkv_core::stats::{Snapshot, TierStats};
+use ferrumkv_core::state::NewTokens;
+use ferrumkv_core::stats::{Counters, Snapshot, TierStats};
 use ferrumkv_core::{Engine, Error, Outcome};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyDict, PyInt, PyList, PyTuple};
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyByteArray, PyDict, PyInt, PyList, PyString, PyTuple};
 
+use crate::batch::PyBatchLayout;
 use crate::config::PyCacheConfig;
 use crate::convert;
 use crate::errors::IntoPy;
@@ -38,33 +41,83 @@ fn outcome(py: Python<'_>, o: Outcome) -> PyResult<Py<PyAny>> {
     }
 }
 
+/// The snapshot's keys as Python strings, made once: the tier fields, the gauges, then the
+/// counters in `Counters::NAMES` order (`snapshot_dict` sets them in this order).
+fn keys(py: Python<'_>) -> &'static [Py<PyString>] {
+    static KEYS: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
+    KEYS.get_or_init(py, || {
+        TIER_KEYS
+            .iter()
+            .chain(&GAUGE_KEYS)
+            .chain(Counters::NAMES)
+            .map(|k| PyString::intern(py, k).unbind())
+            .collect()
+    })
+}
+
+const TIER_KEYS: [&str; 6] = [
+    "total_blocks",
+    "free_blocks",
+    "used_blocks",
+    "evictable_blocks",
+    "total_bytes",
+    "used_bytes",
+];
+
+const GAUGE_KEYS: [&str; 12] = [
+    "device",
+    "host",
+    "disk",
+    "total_tokens",
+    "used_tokens",
+    "free_tokens",
+    "num_sequences",
+    "num_swapped",
+    "num_waiting",
+    "inflight_disk_ops",
+    "pressure_level",
+    "callback_errors",
+];
+
 fn tier_dict<'py>(py: Python<'py>, t: &TierStats) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("total_blocks", t.total_blocks)?;
-    d.set_item("free_blocks", t.free_blocks)?;
-    d.set_item("used_blocks", t.used_blocks)?;
-    d.set_item("evictable_blocks", t.evictable_blocks)?;
-    d.set_item("total_bytes", t.total_bytes)?;
-    d.set_item("used_bytes", t.used_bytes)?;
+    let vals = [
+        t.total_blocks,
+        t.free_blocks,
+        t.used_blocks,
+        t.evictable_blocks,
+        t.total_bytes,
+        t.used_bytes,
+    ];
+    for (k, v) in keys(py).iter().zip(vals) {
+        d.set_item(k.bind(py), v)?;
+    }
     Ok(d)
 }
 
 fn snapshot_dict<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    d.set_item("device", tier_dict(py, &s.device)?)?;
-    d.set_item("host", tier_dict(py, &s.host)?)?;
-    d.set_item("disk", tier_dict(py, &s.disk)?)?;
-    d.set_item("total_tokens", s.total_tokens())?;
-    d.set_item("used_tokens", s.used_tokens())?;
-    d.set_item("free_tokens", s.free_tokens())?;
-    d.set_item("num_sequences", s.num_sequences)?;
-    d.set_item("num_swapped", s.num_swapped)?;
-    d.set_item("num_waiting", s.num_waiting)?;
-    d.set_item("inflight_disk_ops", s.inflight_disk_ops)?;
-    d.set_item("pressure_level", s.pressure_level)?;
-    d.set_item("callback_errors", s.callback_errors)?;
-    for (name, v) in s.counters.fields() {
-        d.set_item(name, v)?;
+    let keys = &keys(py)[TIER_KEYS.len()..];
+    let tiers = [&s.device, &s.host, &s.disk];
+    for (k, t) in keys.iter().zip(tiers) {
+        d.set_item(k.bind(py), tier_dict(py, t)?)?;
+    }
+    let gauges = [
+        s.total_tokens() as u64,
+        s.used_tokens() as u64,
+        s.free_tokens() as u64,
+        s.num_sequences as u64,
+        s.num_swapped as u64,
+        s.num_waiting as u64,
+        s.inflight_disk_ops as u64,
+        u64::from(s.pressure_level),
+        s.callback_errors,
+    ];
+    for (k, v) in keys[3..].iter().zip(gauges) {
+        d.set_item(k.bind(py), v)?;
+    }
+    for (k, v) in keys[GAUGE_KEYS.len()..].iter().zip(s.counters.values()) {
+        d.set_item(k.bind(py), v)?;
     }
     Ok(d)
 }
@@ -123,6 +176,71 @@ fn alloc_opts(num_new_tokens: Option<&Bound<'_, PyAny>>, preempted: bool) -> PyR
     Ok(AllocOpts {
         num_new_tokens: convert::count(num_new_tokens, "num_new_tokens")?,
         preempted,
+    })
+}
+
+/// What `extend_batch` was given as `tokens`.
+enum BatchTokens {
+    /// One id per request (a flat list of ints, a 1-D array or tensor).
+    One(Vec<u32>),
+    /// An entry per request (a list holding lists or arrays).
+    Each(Vec<Append>),
+}
+
+/// An int-like batch entry (an int or a numpy integer scalar, never a bool): one token id.
+fn one_id(item: &Bound<'_, PyAny>, i: usize) -> Option<PyResult<u32>> {
+    if item.is_instance_of::<PyBool>() || item.is_instance_of::<PyList>() {
+        return None;
+    }
+    if item.is_instance_of::<PyInt>() {
+        return Some(match item.extract::<i64>() {
+            Ok(v) => u32::try_from(v).map_err(|_| {
+                PyValueError::new_err(format!("token id {v} at {i} is outside 0..={}", u32::MAX))
+            }),
+            Err(_) => Err(PyValueError::new_err(format!(
+                "token id at {i} is too large (max {})",
+                u32::MAX
+            ))),
+        });
+    }
+    // A numpy integer scalar: an index, but no buffer of one dimension.
+    if item.hasattr("__index__").unwrap_or(false) && !item.hasattr("__len__").unwrap_or(false) {
+        return Some(item.extract::<i64>().and_then(|v| {
+            u32::try_from(v).map_err(|_| {
+                PyValueError::new_err(format!("token id {v} at {i} is outside 0..={}", u32::MAX))
+            })
+        }));
+    }
+    None
+}
+
+fn batch_tokens(tokens: &Bound<'_, PyAny>) -> PyResult<BatchTokens> {
+    let Ok(list) = tokens.cast::<PyList>() else {
+        return Ok(BatchTokens::One(convert::tokens(tokens)?));
+    };
+    let mut ids = Vec::with_capacity(list.len());
+    let mut each: Option<Vec<Append>> = None;
+    for (i, item) in list.iter().enumerate() {
+        let one = one_id(&item, i).transpose()?;
+        match (&mut each, one) {
+            (None, Some(id)) => ids.push(id),
+            (Some(v), Some(id)) => v.push(Append::Ids(vec![id])),
+            (_, None) => {
+                let more = convert::tokens(&item)?;
+                if more.is_empty() {
+                    return Err(PyValueError::new_err(format!(
+                        "the token list at {i} is empty"
+                    )));
+                }
+                let v = each
+                    .get_or_insert_with(|| ids.drain(..).map(|id| Append::Ids(vec![id])).collect());
+                v.push(Append::Ids(more));
+            }
+        }
+    }
+    Ok(match each {
+        Some(v) => BatchTokens::Each(v),
+        None => BatchTokens::One(ids),
     })
 }
 
@@ -286,36 +404,85 @@ impl PyEngine {
         handle(py, self.engine.truncate(&rid, n as usize).py_err()?)
     }
 
-    /// One decode step, all or nothing: `tokens` is a list with one entry per request (ids
-    /// or an int count), or a 1-D int array of one new token per request.
+    /// One decode step, all or nothing. `tokens`: a flat list / 1-D array / tensor of one new
+    /// token id per request, or a list with one entry per request (an int: one id; a list
+    /// or array: ids appended). `counts`: instead of `tokens`, one count per request of
+    /// tokens whose ids are unknown.
+    #[pyo3(signature = (request_ids, tokens=None, *, counts=None))]
     fn extend_batch(
         &self,
         request_ids: &Bound<'_, PyAny>,
-        tokens: &Bound<'_, PyAny>,
+        tokens: Option<&Bound<'_, PyAny>>,
+        counts: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let rids = request_ids
-            .try_iter()?
-            .map(|r| convert::request_id(&r?))
-            .collect::<PyResult<Vec<_>>>()?;
-        let appends: Vec<Append> = if let Ok(list) = tokens.cast::<PyList>() {
-            list.iter()
-                .map(|t| append_of(&t))
-                .collect::<PyResult<_>>()?
-        } else {
-            convert::tokens(tokens)?
-                .into_iter()
-                .map(|t| Append::Ids(vec![t]))
-                .collect()
+        let rids = convert::request_ids(request_ids)?;
+        let entries = |n: usize| {
+            if n == rids.len() {
+                Ok(())
+            } else {
+                Err(PyValueError::new_err(format!(
+                    "{} request ids but {n} token entries",
+                    rids.len()
+                )))
+            }
         };
-        if appends.len() != rids.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} request ids but {} token entries",
-                rids.len(),
-                appends.len()
-            )));
-        }
+        let tokens = tokens.filter(|t| !t.is_none());
+        let counts = counts.filter(|c| !c.is_none());
+        let appends: Vec<Append> = match (tokens, counts) {
+            (Some(_), Some(_)) => {
+                return Err(PyTypeError::new_err("pass tokens or counts=, not both"))
+            }
+            (None, None) => return Err(PyTypeError::new_err("pass tokens or counts=")),
+            (None, Some(c)) => {
+                let counts = convert::sizes(c, "counts")?;
+                entries(counts.len())?;
+                if let Some(i) = counts.iter().position(|&n| n == 0) {
+                    return Err(PyValueError::new_err(format!(
+                        "counts must be >= 1, got 0 at {i}"
+                    )));
+                }
+                counts.into_iter().map(Append::Count).collect()
+            }
+            (Some(t), None) => match batch_tokens(t)? {
+                BatchTokens::One(ids) => {
+                    entries(ids.len())?;
+                    return self.engine.extend_batch_ids(&rids, &ids).py_err();
+                }
+                BatchTokens::Each(appends) => {
+                    entries(appends.len())?;
+                    appends
+                }
+            },
+        };
         let items: Vec<_> = rids.into_iter().zip(appends).collect();
         self.engine.extend_batch(&items).py_err()
+    }
+
+    /// The attention metadata of one forward step over `request_ids`, whose last
+    /// `num_new_tokens` (an int, or one per request) tokens are computed now.
+    #[pyo3(signature = (request_ids, num_new_tokens, pad=0))]
+    fn batch_layout(
+        &self,
+        py: Python<'_>,
+        request_ids: &Bound<'_, PyAny>,
+        num_new_tokens: &Bound<'_, PyAny>,
+        pad: i32,
+    ) -> PyResult<PyBatchLayout> {
+        let rids = convert::request_ids(request_ids)?;
+        let per: Vec<usize>;
+        let new = if num_new_tokens.is_instance_of::<PyInt>()
+            && !num_new_tokens.is_instance_of::<PyBool>()
+        {
+            let n: i64 = num_new_tokens.extract()?;
+            NewTokens::Each(usize::try_from(n).map_err(|_| {
+                PyValueError::new_err(format!("num_new_tokens must be >= 0, got {n}"))
+            })?)
+        } else {
+            per = convert::sizes(num_new_tokens, "num_new_tokens")?;
+            NewTokens::PerRequest(&per)
+        };
+        let layout = self.engine.batch_layout(&rids, new, pad).py_err()?;
+        PyBatchLayout::new(py, &layout)
     }
 
     /// What the prefix cache would serve of `tokens` now, per tier, without allocating:
@@ -395,6 +562,52 @@ impl PyEngine {
             })
             .collect();
         (tickets, events)
+    }
+
+    /// Pressure events since the last drain, as `drain_notifications` gives them, for the
+    /// caller to deliver at once (tickets stay queued for the event loop).
+    #[allow(clippy::type_complexity)]
+    fn drain_pressure(&self) -> Vec<(u8, u8, usize, usize, usize, usize)> {
+        self.engine
+            .drain_pressure()
+            .into_iter()
+            .map(|e| {
+                (
+                    e.level as u8,
+                    e.previous as u8,
+                    e.free_blocks,
+                    e.evictable_blocks,
+                    e.total_blocks,
+                    e.needed_blocks,
+                )
+            })
+            .collect()
+    }
+
+    /// Whether a pressure event waits to be drained (one atomic load, no lock).
+    #[getter]
+    fn pressure_pending(&self) -> bool {
+        self.engine.pressure_pending()
+    }
+
+    #[getter]
+    fn num_free_blocks(&self) -> PyResult<usize> {
+        Ok(self.engine.gauges().py_err()?.num_free_blocks)
+    }
+
+    #[getter]
+    fn num_evictable_blocks(&self) -> PyResult<usize> {
+        Ok(self.engine.gauges().py_err()?.num_evictable_blocks)
+    }
+
+    #[getter]
+    fn num_used_blocks(&self) -> PyResult<usize> {
+        Ok(self.engine.gauges().py_err()?.num_used_blocks)
+    }
+
+    #[getter]
+    fn num_waiting(&self) -> PyResult<usize> {
+        Ok(self.engine.gauges().py_err()?.num_waiting)
     }
 
     fn set_subscribed(&self, on: bool) {
@@ -490,13 +703,15 @@ impl PyEngine {
         request_ids: &Bound<'py, PyAny>,
         pad: i32,
     ) -> PyResult<(Bound<'py, PyByteArray>, usize, usize)> {
-        let rids = request_ids
-            .try_iter()?
-            .map(|r| convert::request_id(&r?))
-            .collect::<PyResult<Vec<_>>>()?;
+        let rids = convert::request_ids(request_ids)?;
         let (ids, cols) = self.engine.block_table(&rids, pad).py_err()?;
-        let bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        Ok((PyByteArray::new(py, &bytes), rids.len(), cols))
+        let bytes = PyByteArray::new_with(py, ids.len() * 4, |dst| {
+            for (d, v) in dst.chunks_exact_mut(4).zip(&ids) {
+                d.copy_from_slice(&v.to_ne_bytes());
+            }
+            Ok(())
+        })?;
+        Ok((bytes, rids.len(), cols))
     }
 
     /// `k`, `v`: C-contiguous uint8 views of `[n, heads, head_dim]` arrays of the cache dtype.

@@ -1,6 +1,7 @@
 //! PyO3 glue of ferrumkv: argument conversion, error mapping, DLPack. No engine logic here;
 //! the engine is `ferrumkv-core`. Python imports this as `ferrumkv._core`.
 
+mod batch;
 mod config;
 mod convert;
 mod dlpack;
@@ -14,6 +15,7 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<config::PyCacheConfig>()?;
+    m.add_class::<batch::PyBatchLayout>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<handle::PySequenceHandle>()?;
     m.add_class::<view::PyKvView>()?;
