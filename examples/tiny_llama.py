@@ -16,7 +16,6 @@ from a seeded `LlamaConfig` (nothing is downloaded).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,56 +82,17 @@ def cache_config(model: Any, *, device: str = "cpu", **kw: Any) -> ferrumkv.Cach
 # ----- the batch layout ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BatchLayout:
-    """What paged attention takes for one step (API.md, `KvCache.batch_layout`)."""
-
-    block_table: Any  # int32 [B, max_blocks]
-    seq_lens: Any  # int32 [B]
-    query_start_loc: Any  # int32 [B + 1]
-    slot_mapping: Any  # int64 [num_tokens]: block_id * block_size + offset, batch order
-
-    def to_torch(self, device: str | torch.device) -> BatchLayout:
-        return BatchLayout(
-            *(
-                torch.as_tensor(a, device=device)
-                for a in (self.block_table, self.seq_lens, self.query_start_loc, self.slot_mapping)
-            )
-        )
+# The engine's layout (numpy arrays; `.to_torch(device)` gives tensors), re-exported.
+BatchLayout = ferrumkv.BatchLayout
 
 
 def batch_layout(
     cache: ferrumkv.KvCache, request_ids: Sequence[Any], num_new_tokens: int | Sequence[int]
 ) -> BatchLayout:
-    """The layout of one step in which each sequence computes its last `num_new_tokens`.
-
-    TEMPORARY stand-in for `KvCache.batch_layout` (API.md, "Additions (second round)"), which
-    is being added in parallel: computed here from `cache.block_table` and the handles'
-    `num_tokens`, with the same names, shapes and dtypes. Once the engine has it, this body
-    becomes `return cache.batch_layout(request_ids, num_new_tokens)`
-    (tests/test_real_model.py checks the two agree as soon as it exists).
-    """
-    ids = list(request_ids)
-    bs = cache.config.block_size
-    new = np.broadcast_to(np.asarray(num_new_tokens, dtype=np.int64), (len(ids),))
-    seq_lens = np.array([_handle(cache, r).num_tokens for r in ids], dtype=np.int32)
-    if np.any(new < 1) or np.any(new > seq_lens):
-        raise ValueError(f"num_new_tokens must be 1..num_tokens, got {new} for {seq_lens}")
-    table = cache.block_table(ids, pad=0)
-    qsl = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(new, out=qsl[1:])
-    spans = [np.arange(n - k, n) for n, k in zip(seq_lens, new, strict=True)]
-    pos = np.concatenate(spans) if spans else np.zeros(0, np.int64)
-    row = np.repeat(np.arange(len(ids)), new)
-    slots = table[row, pos // bs].astype(np.int64) * bs + pos % bs
-    return BatchLayout(table, seq_lens, qsl, slots.astype(np.int64))
-
-
-def _handle(cache: ferrumkv.KvCache, request_id: Any) -> ferrumkv.SequenceHandle:
-    h = cache.get(request_id)
-    if h is None:
-        raise ferrumkv.UnknownRequestError(request_id)
-    return h
+    """The layout of one step in which each sequence computes its last `num_new_tokens`:
+    `KvCache.batch_layout` (API.md), in one engine call. tests/test_real_model.py checks it
+    against a layout built from `block_table` and the handles' `num_tokens`."""
+    return cache.batch_layout(list(request_ids), num_new_tokens)
 
 
 # ----- the model ---------------------------------------------------------------------------------

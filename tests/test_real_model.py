@@ -9,8 +9,8 @@ copy-on-write, a swap, an offload / onboard or a recompute that served one wrong
 the logits by far more than that (they are O(1)); the error the paged path itself adds (the
 attention over gathered blocks instead of one matrix) measures about 2e-6.
 
-Chunked prefill, `truncate` and `batch_layout` belong to the second-round API (API.md), added
-in parallel: their tests are skipped until the engine has them, then run as they are.
+Chunked prefill, `truncate` and `batch_layout` (the second-round API, API.md) are tested
+here on the model too; the model's layout is the engine's `batch_layout`.
 
 Cost: one model per device, a few dozen steps of 2 layers per test: each test takes under a
 second on 2 cores; the file takes 20 to 30 s, most of it importing transformers (here and in
@@ -420,10 +420,34 @@ def test_speculative_step_with_truncate(model: Any, device: str) -> None:
     run(main())
 
 
-@pytest.mark.skipif(not hasattr(ferrumkv.KvCache, "batch_layout"), reason="no batch_layout yet")
-def test_stand_in_layout_matches_batch_layout(model: Any, device: str) -> None:
-    """tiny_llama.batch_layout (the temporary stand-in) computes what the engine's
-    `batch_layout` returns, on a batch of a prefill, a prefix hit and decode steps."""
+def _reference_layout(
+    cache: ferrumkv.KvCache, request_ids: list[Any], num_new_tokens: list[int]
+) -> dict[str, np.ndarray]:
+    """The layout of one step built in numpy from `block_table` and the handles'
+    `num_tokens` (what tiny_llama used before the engine had `batch_layout`)."""
+    bs = cache.config.block_size
+    new = np.asarray(num_new_tokens, dtype=np.int64)
+    seq_lens = np.array([cache.get(r).num_tokens for r in request_ids], dtype=np.int32)
+    table = cache.block_table(request_ids, pad=0)
+    qsl = np.zeros(len(request_ids) + 1, dtype=np.int32)
+    np.cumsum(new, out=qsl[1:])
+    pos = np.concatenate([np.arange(n - k, n) for n, k in zip(seq_lens, new, strict=True)])
+    row = np.repeat(np.arange(len(request_ids)), new)
+    slots = table[row, pos // bs].astype(np.int64) * bs + pos % bs
+    return {
+        "block_table": table,
+        "seq_lens": seq_lens,
+        "query_start_loc": qsl,
+        "slot_mapping": slots,
+    }
+
+
+def test_model_layout_is_the_engines_and_matches_one_built_from_block_tables(
+    model: Any, device: str
+) -> None:
+    """tiny_llama.batch_layout is the engine's `batch_layout`, and equals (dtypes included)
+    a layout built from `block_table` and the handles, on a batch of a prefill, a prefix hit
+    and decode steps; `.to_torch` carries the same values."""
 
     async def main() -> None:
         with new_cache(model, device, num_blocks=32) as cache:
@@ -434,10 +458,16 @@ def test_stand_in_layout_matches_batch_layout(model: Any, device: str) -> None:
             await d.admit("b", [*prompt(80, 9)[:8], 5, 6])
             await d.admit("c", prompt(81, 3))
             ids, new = ["a", "b", "c"], [1, 2, 3]
-            ours, theirs = tiny_llama.batch_layout(cache, ids, new), cache.batch_layout(ids, new)
-            for name in ("block_table", "seq_lens", "query_start_loc", "slot_mapping"):
-                a, b = getattr(ours, name), getattr(theirs, name)
+            ours = tiny_llama.batch_layout(cache, ids, new)
+            assert isinstance(ours, ferrumkv.BatchLayout)
+            want = _reference_layout(cache, ids, new)
+            assert want["block_table"].shape[1] > 1 and len(want["slot_mapping"]) == 6
+            on = ours.to_torch(device)
+            for name, b in want.items():
+                a = getattr(ours, name)
                 assert a.dtype == b.dtype and np.array_equal(a, b), name
+                t = getattr(on, name)
+                assert t.device.type == device and np.array_equal(t.cpu().numpy(), b), name
 
     run(main())
 
