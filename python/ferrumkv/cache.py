@@ -376,8 +376,11 @@ class KvCache:
         return PressureLevel(self._core.pressure_level())
 
     def on_pressure(self, callback: PressureCallback) -> Subscription:
-        """Calls `callback(event)` (plain or async) on each change of pressure level, on the
-        event loop's thread. A callback that raises is logged and counted."""
+        """Calls `callback(event)` on each change of pressure level, on the event loop's
+        thread and never under an engine lock: a plain callback before the call that changed
+        the level returns; an `async def` one scheduled at once on this subscription's own
+        task (its invocations run one after another, in level order). A callback that
+        raises is logged and counted (`callback_errors`)."""
         self._check_open()
         if not callable(callback):
             raise TypeError("callback must be callable")

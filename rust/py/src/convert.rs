@@ -22,6 +22,12 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyBytes, PyInt, PyList, PyString, PyTuple};
 
 pub fn request_id(obj: &Bound<'_, PyAny>) -> PyResult<RequestId> {
+    // Fast path: an exact int (one type pointer compare; bool is a subclass, never exact).
+    if obj.is_exact_instance_of::<PyInt>() {
+        if let Ok(v) = obj.extract::<i64>() {
+            return Ok(RequestId::Int(v));
+        }
+    }
     if let Ok(s) = obj.cast::<PyString>() {
         return Ok(RequestId::Str(s.to_str()?.into()));
     }

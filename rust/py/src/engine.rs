@@ -473,7 +473,9 @@ impl PyEngine {
         let new = if num_new_tokens.is_instance_of::<PyInt>()
             && !num_new_tokens.is_instance_of::<PyBool>()
         {
-            let n: i64 = num_new_tokens.extract()?;
+            let n: i64 = num_new_tokens
+                .extract()
+                .map_err(|_| PyValueError::new_err("num_new_tokens is too large"))?;
             NewTokens::Each(usize::try_from(n).map_err(|_| {
                 PyValueError::new_err(format!("num_new_tokens must be >= 0, got {n}"))
             })?)

@@ -80,7 +80,10 @@ impl State {
         }
         let bs = ctx.config.block_size;
         if ctx.config.num_blocks > i32::MAX as usize + 1 {
-            return Err(too_big("a block id up to", ctx.config.num_blocks - 1));
+            return Err(Error::InvalidArgument(format!(
+                "block ids up to {} do not fit int32",
+                ctx.config.num_blocks - 1
+            )));
         }
         let mut seqs: Vec<&Sequence> = Vec::with_capacity(rids.len());
         let (mut cols, mut total, mut max_q, mut max_len) = (0usize, 0usize, 0usize, 0usize);
