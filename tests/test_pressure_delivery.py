@@ -49,6 +49,20 @@ async def test_plain_callbacks_have_run_when_each_call_returns() -> None:
     assert tasks == [anyio.get_current_task().id] * 4
 
 
+async def test_chunks_and_truncate_deliver_before_they_return() -> None:
+    cache = new_cache(num_blocks=10)
+    got: list[PressureEvent] = []
+    cache.on_pressure(got.append)
+    await cache.allocate("big", toks(1000, 28))  # 7 of 10 blocks: LOW
+    await cache.allocate("c", toks(0, 12), num_new_tokens=4)  # its first chunk: 2 free, HIGH
+    assert got == [PressureEvent(HIGH, LOW, 2, 0, 10, 0)]
+    await cache.extend("c", num_new_tokens=8)  # the rest of its prompt: 0 free, CRITICAL
+    assert got[1:] == [PressureEvent(CRITICAL, HIGH, 0, 0, 10, 0)]
+    h = await cache.truncate("c", 4)  # its two full blocks past the end stay cached: HIGH
+    assert h.num_tokens == 4
+    assert got[2:] == [PressureEvent(HIGH, CRITICAL, 2, 2, 10, 0)]
+
+
 async def test_a_call_that_waits_reports_critical_before_it_suspends() -> None:
     cache = new_cache(num_blocks=10)
     got: list[tuple[PressureEvent, int]] = []
