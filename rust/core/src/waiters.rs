@@ -225,12 +225,12 @@ impl Waiters {
             .sum()
     }
 
-    /// The open (pending or granted, not yet taken) ticket of `rid`.
     /// Whether any request has an open ticket (O(1)).
     pub fn has_open(&self) -> bool {
         !self.open.is_empty()
     }
 
+    /// The open (pending or granted, not yet taken) ticket of `rid`.
     pub fn open_ticket(&self, rid: &RequestId) -> Option<Ticket> {
         self.open.get(rid).copied()
     }
