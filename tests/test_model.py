@@ -314,9 +314,12 @@ class CacheMachine(RuleBasedStateMachine):
         seen: dict[str, Any] = {}
 
         async def now() -> Any:
-            # read on the loop's thread, right before the call: nothing runs in between
-            seen["ahead"] = self.running("alloc", "extend")
+            # read on the loop's thread, right before the call: nothing on the loop runs in
+            # between. A model waiter still "running" that the engine no longer counts was
+            # granted by a worker thread and is not woken yet: it is not ahead any more.
             seen["before"] = self.cache.stats()
+            pending = seen["before"].num_waiting > 0
+            seen["ahead"] = self.running("alloc", "extend") if pending else []
             try:
                 return await self.cache.allocate(
                     rid, tokens, salt=salt, timeout=0, num_new_tokens=chunk, preempted=preempted
