@@ -147,6 +147,7 @@ def test_to_torch_gives_the_same_values() -> None:
         (["p"], 11, ValueError),
         (["p", "d"], [1, 7], ValueError),
         (["p"], -1, ValueError),
+        (["p"], 2**70, ValueError),
         (["p", "d"], [1, -1], ValueError),
         (["p", "d"], [1], ValueError),
         (["p", "d"], [1, 1, 1], ValueError),
@@ -268,3 +269,28 @@ def test_bad_extend_batches_change_nothing(args: Any, kwargs: Any, error: type) 
     assert_stats_unchanged(cache, before)
     assert [cache.get(r).num_tokens for r in "ab"] == [3, 3]
     check_invariants(cache)
+
+
+def test_a_request_id_list_may_change_between_calls() -> None:
+    # The extension reuses the last batch's converted ids while the list holds the very same
+    # objects; any change of an item (or the length) converts again.
+    cache = mixed()
+    ids: list[Any] = ["p", "d"]
+    assert cache.batch_layout(ids, 1).seq_lens.tolist() == [10, 6]
+    assert cache.batch_layout(ids, 1).seq_lens.tolist() == [10, 6]
+    ids[0] = "c"
+    assert cache.batch_layout(ids, 1).seq_lens.tolist() == [11, 6]
+    ids.append("p")
+    assert cache.batch_layout(ids, 1).seq_lens.tolist() == [11, 6, 10]
+    drive(cache.extend_batch(ids, [1, 2, 3]))
+    assert cache.batch_layout(ids, 1).seq_lens.tolist() == [12, 7, 11]
+    ids.pop()
+    assert cache.block_table(ids).tolist() == [[2, 3, 5], [0, 1, 0]]
+
+    class Rid(str):
+        pass
+
+    assert cache.batch_layout([Rid("p")], 1).seq_lens.tolist() == [11]
+    with pytest.raises(UnknownRequestError):
+        cache.batch_layout(["p", "zz"], 1)
+    assert cache.batch_layout(["p"], 1).seq_lens.tolist() == [11]

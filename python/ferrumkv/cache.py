@@ -480,7 +480,9 @@ class KvCache:
     # ----- stats and events ----------------------------------------------------------------
 
     def stats(self) -> CacheStats:
-        return CacheStats._from_core(self._core.stats())
+        """A snapshot of every gauge and counter (a few microseconds; the O(1) gauges
+        `num_free_blocks` etc. are cheaper still)."""
+        return self._core.stats_object()
 
     def iteration_stats(self) -> IterationStats:
         return IterationStats._from_core(self._core.iteration_stats())

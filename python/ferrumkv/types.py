@@ -4,9 +4,10 @@ Derived figures (`usage`, `reused_blocks`, hit rates, `prompt_tokens`) are prope
 computed from the stored counters, never stored themselves, so they cannot disagree.
 
 NOTE: the stats types (`TierStats`, `CacheStats`, `IterationStats`) keep their fields in the
-instance `__dict__` (no `__slots__`) so `_from_core` can fill an instance with one C-level
-`dict.update` of the engine's snapshot instead of 43 frozen `__setattr__` calls: `stats()`
-costs a few microseconds. The engine's keys are exactly the fields (tested).
+instance `__dict__` (no `__slots__`), so an instance can be filled without running the frozen
+`__init__` (43 `object.__setattr__` calls): the extension fills a `CacheStats`' dict directly
+(`rust/py/src/stats.rs`), `IterationStats._from_core` with one `dict.update`; `stats()` costs
+a few microseconds. The engine's keys are exactly the fields (tested).
 """
 
 from __future__ import annotations
@@ -63,9 +64,6 @@ class PressureEvent(_ToDict):
     needed_blocks: int
 
 
-_new = object.__new__
-
-
 @dataclass(frozen=True)
 class TierStats(_ToDict):
     """Blocks of one tier: used (owned by a live sequence) + free == total; evictable
@@ -77,12 +75,6 @@ class TierStats(_ToDict):
     evictable_blocks: int
     total_bytes: int
     used_bytes: int
-
-    @classmethod
-    def _from_core(cls, raw: dict[str, Any]) -> TierStats:
-        t = _new(cls)
-        t.__dict__.update(raw)
-        return t
 
 
 @dataclass(frozen=True)
@@ -170,9 +162,6 @@ def _counters(raw: dict[str, Any]) -> dict[str, int]:
     return {name: raw[name] for name in COUNTER_FIELDS}
 
 
-_LEVELS = tuple(PressureLevel)  # by value
-
-
 @dataclass(frozen=True)
 class CacheStats(_Counters):
     """Gauges now and every counter as a cumulative total since start."""
@@ -197,18 +186,6 @@ class CacheStats(_Counters):
         """Share of device token capacity owned by live sequences (0..1)."""
         return _ratio(self.used_tokens, self.total_tokens)
 
-    @classmethod
-    def _from_core(cls, raw: dict[str, Any]) -> CacheStats:
-        """Takes over `raw` (the engine's snapshot, whose keys are the fields)."""
-        tier = TierStats._from_core
-        raw["device"] = tier(raw["device"])
-        raw["host"] = tier(raw["host"])
-        raw["disk"] = tier(raw["disk"])
-        raw["pressure_level"] = _LEVELS[raw["pressure_level"]]
-        s = _new(cls)
-        s.__dict__.update(raw)
-        return s
-
 
 @dataclass(frozen=True)
 class IterationStats(_Counters):
@@ -225,7 +202,7 @@ class IterationStats(_Counters):
     @classmethod
     def _from_core(cls, raw: dict[str, Any]) -> IterationStats:
         dev, host = raw["device"], raw["host"]
-        s = _new(cls)
+        s = object.__new__(cls)
         d = s.__dict__
         d.update(_counters(raw))
         d["primary_max_num_blocks"] = dev["total_blocks"]

@@ -11,23 +11,24 @@ use ferrumkv_core::clock::Clock;
 use ferrumkv_core::events::KvEvent;
 use ferrumkv_core::sequence::{AllocOpts, Append, SeqView};
 use ferrumkv_core::state::NewTokens;
-use ferrumkv_core::stats::{Counters, Snapshot, TierStats};
 use ferrumkv_core::{Engine, Error, Outcome};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyByteArray, PyDict, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyByteArray, PyDict, PyInt, PyList, PyTuple};
 
 use crate::batch::PyBatchLayout;
 use crate::config::PyCacheConfig;
 use crate::convert;
 use crate::errors::IntoPy;
 use crate::handle::PySequenceHandle;
+use crate::stats;
 use crate::view::PyKvView;
 
 #[pyclass(frozen, name = "Engine", module = "ferrumkv._core")]
 pub struct PyEngine {
     engine: Arc<Engine>,
+    /// The last batch's request ids (`extend_batch`, `batch_layout`, `block_table`).
+    ids: convert::IdCache,
 }
 
 fn handle(py: Python<'_>, view: SeqView) -> PyResult<Py<PyAny>> {
@@ -39,87 +40,6 @@ fn outcome(py: Python<'_>, o: Outcome) -> PyResult<Py<PyAny>> {
         Outcome::Ready(v) => handle(py, v),
         Outcome::Waiting(t) => Ok(t.into_pyobject(py)?.into_any().unbind()),
     }
-}
-
-/// The snapshot's keys as Python strings, made once: the tier fields, the gauges, then the
-/// counters in `Counters::NAMES` order (`snapshot_dict` sets them in this order).
-fn keys(py: Python<'_>) -> &'static [Py<PyString>] {
-    static KEYS: PyOnceLock<Vec<Py<PyString>>> = PyOnceLock::new();
-    KEYS.get_or_init(py, || {
-        TIER_KEYS
-            .iter()
-            .chain(&GAUGE_KEYS)
-            .chain(Counters::NAMES)
-            .map(|k| PyString::intern(py, k).unbind())
-            .collect()
-    })
-}
-
-const TIER_KEYS: [&str; 6] = [
-    "total_blocks",
-    "free_blocks",
-    "used_blocks",
-    "evictable_blocks",
-    "total_bytes",
-    "used_bytes",
-];
-
-const GAUGE_KEYS: [&str; 12] = [
-    "device",
-    "host",
-    "disk",
-    "total_tokens",
-    "used_tokens",
-    "free_tokens",
-    "num_sequences",
-    "num_swapped",
-    "num_waiting",
-    "inflight_disk_ops",
-    "pressure_level",
-    "callback_errors",
-];
-
-fn tier_dict<'py>(py: Python<'py>, t: &TierStats) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    let vals = [
-        t.total_blocks,
-        t.free_blocks,
-        t.used_blocks,
-        t.evictable_blocks,
-        t.total_bytes,
-        t.used_bytes,
-    ];
-    for (k, v) in keys(py).iter().zip(vals) {
-        d.set_item(k.bind(py), v)?;
-    }
-    Ok(d)
-}
-
-fn snapshot_dict<'py>(py: Python<'py>, s: &Snapshot) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    let keys = &keys(py)[TIER_KEYS.len()..];
-    let tiers = [&s.device, &s.host, &s.disk];
-    for (k, t) in keys.iter().zip(tiers) {
-        d.set_item(k.bind(py), tier_dict(py, t)?)?;
-    }
-    let gauges = [
-        s.total_tokens() as u64,
-        s.used_tokens() as u64,
-        s.free_tokens() as u64,
-        s.num_sequences as u64,
-        s.num_swapped as u64,
-        s.num_waiting as u64,
-        s.inflight_disk_ops as u64,
-        u64::from(s.pressure_level),
-        s.callback_errors,
-    ];
-    for (k, v) in keys[3..].iter().zip(gauges) {
-        d.set_item(k.bind(py), v)?;
-    }
-    for (k, v) in keys[GAUGE_KEYS.len()..].iter().zip(s.counters.values()) {
-        d.set_item(k.bind(py), v)?;
-    }
-    Ok(d)
 }
 
 fn event_tuple<'py>(py: Python<'py>, e: KvEvent) -> PyResult<Bound<'py, PyTuple>> {
@@ -275,6 +195,7 @@ impl PyEngine {
         let engine = Engine::new(config.get().config.clone()).py_err()?;
         Ok(PyEngine {
             engine: Arc::new(engine),
+            ids: convert::IdCache::default(),
         })
     }
 
@@ -285,6 +206,7 @@ impl PyEngine {
             Engine::with_clock(config.get().config.clone(), Clock::manual(now_s)).py_err()?;
         Ok(PyEngine {
             engine: Arc::new(engine),
+            ids: convert::IdCache::default(),
         })
     }
 
@@ -415,7 +337,7 @@ impl PyEngine {
         tokens: Option<&Bound<'_, PyAny>>,
         counts: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let rids = convert::request_ids(request_ids)?;
+        let rids = self.ids.get(request_ids)?;
         let entries = |n: usize| {
             if n == rids.len() {
                 Ok(())
@@ -454,7 +376,7 @@ impl PyEngine {
                 }
             },
         };
-        let items: Vec<_> = rids.into_iter().zip(appends).collect();
+        let items: Vec<_> = rids.iter().cloned().zip(appends).collect();
         self.engine.extend_batch(&items).py_err()
     }
 
@@ -468,7 +390,7 @@ impl PyEngine {
         num_new_tokens: &Bound<'_, PyAny>,
         pad: i32,
     ) -> PyResult<PyBatchLayout> {
-        let rids = convert::request_ids(request_ids)?;
+        let rids = self.ids.get(request_ids)?;
         let per: Vec<usize>;
         let new = if num_new_tokens.is_instance_of::<PyInt>()
             && !num_new_tokens.is_instance_of::<PyBool>()
@@ -705,7 +627,7 @@ impl PyEngine {
         request_ids: &Bound<'py, PyAny>,
         pad: i32,
     ) -> PyResult<(Bound<'py, PyByteArray>, usize, usize)> {
-        let rids = convert::request_ids(request_ids)?;
+        let rids = self.ids.get(request_ids)?;
         let (ids, cols) = self.engine.block_table(&rids, pad).py_err()?;
         let bytes = PyByteArray::new_with(py, ids.len() * 4, |dst| {
             for (d, v) in dst.chunks_exact_mut(4).zip(&ids) {
@@ -763,12 +685,18 @@ impl PyEngine {
         PyKvView::new(memory, view, self.engine.config().dtype)
     }
 
+    /// The snapshot as a dict (its keys are `CacheStats`' fields, tiers as dicts).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        snapshot_dict(py, &self.engine.stats().py_err()?)
+        stats::snapshot_dict(py, &self.engine.stats().py_err()?)
+    }
+
+    /// The snapshot as a finished `ferrumkv.CacheStats`.
+    fn stats_object<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        stats::snapshot_object(py, &self.engine.stats().py_err()?)
     }
 
     fn iteration_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        snapshot_dict(py, &self.engine.iteration_stats().py_err()?)
+        stats::snapshot_dict(py, &self.engine.iteration_stats().py_err()?)
     }
 
     fn drain_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {

@@ -8,6 +8,7 @@ mod dlpack;
 mod engine;
 mod errors;
 mod handle;
+mod stats;
 mod view;
 
 use pyo3::prelude::*;
