@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from . import CacheConfig, KvCache
+from . import CacheConfig, CacheStats, KvCache, PressureLevel, TierStats
+from .types import COUNTER_FIELDS
 
 BLOCK = 16
 
@@ -174,40 +175,191 @@ async def _alloc_dealloc(rounds: int) -> list[tuple[str, float, float, str]]:
     return rows
 
 
+class PyDecodeBaseline:
+    """Baseline: vLLM-style Python bookkeeping of a decode step: the deque free list of
+    `PyFreeList` (one block list per request), then the attention metadata built with
+    numpy from those lists (a row copy per request, vectorized slot arithmetic)."""
+
+    def __init__(self, mgr: PyFreeList) -> None:
+        self.mgr = mgr
+
+    def step(self, rids: list[Any], tokens: list[int]) -> tuple[np.ndarray, ...]:
+        mgr = self.mgr
+        for r, t in zip(rids, tokens, strict=True):
+            mgr.extend(r, t)
+        tables = [mgr.tables[r] for r in rids]
+        n = len(rids)
+        seq_lens = np.fromiter((mgr.lens[r] for r in rids), dtype=np.int32, count=n)
+        block_table = np.zeros((n, max(map(len, tables))), dtype=np.int32)
+        for i, row in enumerate(tables):
+            block_table[i, : len(row)] = row
+        return _numpy_layout(block_table, seq_lens)
+
+
+def _numpy_layout(block_table: np.ndarray, seq_lens: np.ndarray) -> tuple[np.ndarray, ...]:
+    """query_start_loc and slot_mapping of a decode step (one new token each), in numpy."""
+    n = len(seq_lens)
+    query_start_loc = np.arange(n + 1, dtype=np.int32)
+    pos = seq_lens.astype(np.int64) - 1
+    slot_mapping = block_table[np.arange(n), pos // BLOCK].astype(np.int64) * BLOCK + pos % BLOCK
+    return block_table, seq_lens, query_start_loc, slot_mapping
+
+
+DECODE_SEQS, DECODE_PROMPT, DECODE_STEPS = 256, 1024, 64
+
+
 async def _decode_step(rounds: int) -> list[tuple[str, float, float, str]]:
-    nseq, steps = 256, 64
-    # Room for every token the rounds append (blocks are never freed in between).
-    max_tokens = 17 + (rounds + 1) * steps + max(3, rounds // 4) * (steps // 8)
-    num_blocks = nseq * (-(-max_tokens // BLOCK) + 1)
+    """256 sequences of 1,024 prompt tokens decode 64 steps per round; every round starts
+    from the same lengths (the sequences are freed and allocated again, untimed), so each
+    step sees 256 sequences of 1,024 to 1,088 tokens (64 to 68 blocks)."""
+    nseq, steps = DECODE_SEQS, DECODE_STEPS
+    blocks_each = -(-(DECODE_PROMPT + steps) // BLOCK) + 1
+    num_blocks = 2 * nseq * blocks_each  # the cached prompts of the last round, and ours
+    rids = list(range(nseq))
+    str_rids = [f"cmpl-{r:08d}" for r in rids]  # vLLM-style string ids: dearer to convert
+    prompts = [np.arange(DECODE_PROMPT, dtype=np.int64) + 10_000 * r for r in rids]
+    next_tokens = np.arange(nseq, dtype=np.int64)
+    token_list = next_tokens.tolist()
+    times: dict[str, list[float]] = collections.defaultdict(list)
+
+    def timed(name: str, ops: int, t0: int) -> None:
+        times[name].append((time.perf_counter_ns() - t0) / ops / 1e3)
+
     with KvCache(_cfg(num_blocks, prefix=True)) as cache:
         base = PyFreeList(num_blocks)
-        rids = list(range(nseq))
-        for r in rids:
-            await cache.allocate(r, np.arange(100 + r, 117 + r, dtype=np.int64))
-            base.allocate(r, list(range(17)))
-        next_tokens = np.arange(nseq, dtype=np.int64)
+        naive = PyDecodeBaseline(base)
 
-        async def batch_round() -> None:
+        async def reset(ids: list[Any] = rids) -> None:
+            for r in [*rids, *str_rids]:
+                if r in cache:
+                    await cache.deallocate(r)
+                if r in base.tables:
+                    base.deallocate(r)
+            for r, p in zip(ids, prompts, strict=True):
+                await cache.allocate(r, p)
+                base.allocate(r, p)
+
+        async def layouts(ids: list[Any], name: str) -> None:
+            await reset(ids)
+            t0 = time.perf_counter_ns()
+            for _ in range(steps):
+                await cache.extend_batch(ids, next_tokens)
+                cache.batch_layout(ids, 1)
+            timed(name, steps, t0)
+            await reset(ids)
+            lens = np.full(nseq, DECODE_PROMPT, dtype=np.int32)
+            t0 = time.perf_counter_ns()
+            for _ in range(steps):
+                await cache.extend_batch(ids, next_tokens)
+                lens += 1
+                _numpy_layout(cache.block_table(ids), lens.copy())
+            timed(name + ", block_table + numpy", steps, t0)
+
+        for _ in range(rounds):
+            await reset()
+            t0 = time.perf_counter_ns()
             for _ in range(steps):
                 await cache.extend_batch(rids, next_tokens)
-
-        async def one_by_one_round() -> None:
-            for _ in range(steps // 8):
-                for r in rids:
-                    await cache.extend(r, [7])
-
-        def base_round() -> None:
+            timed("extend_batch", steps, t0)
+            await reset()
+            t0 = time.perf_counter_ns()
             for _ in range(steps):
                 for r in rids:
                     base.extend(r, 7)
-
-        batch = await _amedian_us(batch_round, steps, rounds)
-        b = _median_us(base_round, steps, rounds)
-        each = await _amedian_us(one_by_one_round, steps // 8, max(3, rounds // 4))
+            timed("py extend", steps, t0)
+            await layouts(rids, "int ids")
+            await layouts(str_rids, "str ids")
+            await reset()
+            t0 = time.perf_counter_ns()
+            for _ in range(steps):
+                naive.step(rids, token_list)
+            timed("python bookkeeping + numpy", steps, t0)
+        await reset()
+        t0 = time.perf_counter_ns()
+        for _ in range(steps // 8):
+            for r in rids:
+                await cache.extend(r, [7])
+        each = (time.perf_counter_ns() - t0) / (steps // 8) / 1e3
+        # A check that the layouts agree (the baseline's is built from the engine's table).
+        ours = cache.batch_layout(rids, 1)
+        theirs = _numpy_layout(cache.block_table(rids), ours.seq_lens.copy())
+        for a, b in zip(
+            (ours.block_table, ours.seq_lens, ours.query_start_loc, ours.slot_mapping),
+            theirs,
+            strict=True,
+        ):
+            if not np.array_equal(a, b):
+                raise RuntimeError("batch_layout and the numpy baseline disagree")
+    med = {k: statistics.median(v) for k, v in times.items()}
     return [
-        ("decode step: 256 seqs +1 token, extend_batch", batch, b, "us/step"),
-        ("decode step: 256 awaited extend() calls", each, b, "us/step"),
+        (
+            "decode step: 256 seqs +1 token, extend_batch",
+            med["extend_batch"],
+            med["py extend"],
+            "us/step",
+        ),
+        ("decode step: 256 awaited extend() calls", each, med["py extend"], "us/step"),
+        (
+            "decode step + layout: extend_batch + batch_layout (vs block_table + numpy)",
+            med["int ids"],
+            med["int ids, block_table + numpy"],
+            "us/step",
+        ),
+        (
+            "  same, vs Python block lists + numpy layout (vLLM-style)",
+            med["int ids"],
+            med["python bookkeeping + numpy"],
+            "us/step",
+        ),
+        (
+            "  same, str request ids (vs block_table + numpy)",
+            med["str ids"],
+            med["str ids, block_table + numpy"],
+            "us/step",
+        ),
     ]
+
+
+def _stats(rounds: int) -> list[tuple[str, float, float, str]]:
+    """stats() beside the same snapshot built through the dataclass constructors (what it
+    cost before), and the O(1) gauge beside reading it from a snapshot."""
+    ops = 2000
+    with KvCache(_cfg(4096, prefix=True)) as cache:
+        for r in range(64):
+            cache.try_allocate(r, np.arange(100, dtype=np.int64) + 1000 * r)
+
+        def by_fields() -> CacheStats:
+            raw = cache._core.stats()
+            tiers = {k: TierStats(**raw[k]) for k in ("device", "host", "disk")}
+            counters = {k: raw[k] for k in COUNTER_FIELDS}
+            gauges = {k: raw[k] for k in raw if k not in counters and k not in tiers}
+            gauges["pressure_level"] = PressureLevel(gauges["pressure_level"])
+            return CacheStats(**tiers, **gauges, **counters)
+
+        if by_fields() != cache.stats():
+            raise RuntimeError("stats() and the field-by-field snapshot disagree")
+
+        def many(f: Callable[[], Any]) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(ops):
+                    f()
+
+            return run
+
+        return [
+            (
+                "stats() (vs its dataclasses built field by field)",
+                _median_us(many(cache.stats), ops, rounds),
+                _median_us(many(by_fields), ops, rounds),
+                "us",
+            ),
+            (
+                "num_free_blocks gauge (vs stats().device.free_blocks)",
+                _median_us(many(lambda: cache.num_free_blocks), ops, rounds),
+                _median_us(many(lambda: cache.stats().device.free_blocks), ops, rounds),
+                "us",
+            ),
+        ]
 
 
 async def _prefix(rounds: int) -> list[tuple[str, float, float, str]]:
@@ -516,8 +668,16 @@ GROUPS: list[tuple[str, tuple[str, ...], Callable[[int], Any]]] = [
         (
             "decode step: 256 seqs +1 token, extend_batch",
             "decode step: 256 awaited extend() calls",
+            "decode step + layout",
+            "vs Python block lists",
+            "str request ids",
         ),
         _decode_step,
+    ),
+    (
+        "stats",
+        ("stats()", "num_free_blocks gauge"),
+        _stats,
     ),
     (
         "prefix",

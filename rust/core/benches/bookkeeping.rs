@@ -1,18 +1,24 @@
 //! Engine bookkeeping without Python: `cargo bench -p ferrumkv-core --bench bookkeeping`.
 //!
 //! Medians over rounds of allocate + deallocate of 512-token requests (block_size 16), with
-//! the prefix cache off and on (half the requests share a 256-token prefix), so the cost of
-//! the engine itself can be told apart from the Python edge.
+//! the prefix cache off and on (half the requests share a 256-token prefix), and of a decode
+//! step of 256 sequences of 1,024 to 1,088 tokens (`extend_batch_ids` + `batch_layout`), so
+//! the cost of the engine itself can be told apart from the Python edge.
 
 use std::time::Instant;
 
 use ferrumkv_core::clock::Clock;
 use ferrumkv_core::config::{CacheConfig, ConfigInput};
+use ferrumkv_core::state::NewTokens;
 use ferrumkv_core::types::RequestId;
 use ferrumkv_core::Engine;
 
 fn engine(prefix: bool) -> Engine {
-    let mut c = ConfigInput::small(4096);
+    engine_of(prefix, 4096)
+}
+
+fn engine_of(prefix: bool, num_blocks: i64) -> Engine {
+    let mut c = ConfigInput::small(num_blocks);
     c.num_layers = 1;
     c.num_kv_heads = 1;
     c.head_dim = 8;
@@ -90,4 +96,47 @@ fn main() {
         31,
     );
     println!("hash + lookup of a 32k-token prompt (miss): {us:.1} us");
+    decode_step();
+}
+
+/// 256 sequences of 1,024 prompt tokens, 64 decode steps a round; each round starts from
+/// the same lengths (the sequences are freed and allocated again, untimed).
+fn decode_step() {
+    const SEQS: usize = 256;
+    const STEPS: usize = 64;
+    let e = engine_of(true, 2 * SEQS as i64 * 70);
+    let rids: Vec<RequestId> = (0..SEQS as i64).map(RequestId::Int).collect();
+    let ids: Vec<u32> = (0..SEQS as u32).collect();
+    let reset = || {
+        for (i, r) in rids.iter().enumerate() {
+            let _ = e.deallocate(r);
+            let prompt: Vec<u32> = (0..1024).map(|t| t + 10_000 * i as u32).collect();
+            e.allocate(r.clone(), prompt, None, false).unwrap();
+        }
+    };
+    let (mut extend, mut both) = (vec![], vec![]);
+    for _ in 0..15 {
+        reset();
+        let t0 = Instant::now();
+        for _ in 0..STEPS {
+            e.extend_batch_ids(&rids, &ids).unwrap();
+        }
+        extend.push(t0.elapsed().as_secs_f64() * 1e6 / STEPS as f64);
+        reset();
+        let t0 = Instant::now();
+        for _ in 0..STEPS {
+            e.extend_batch_ids(&rids, &ids).unwrap();
+            std::hint::black_box(e.batch_layout(&rids, NewTokens::Each(1), 0).unwrap());
+        }
+        both.push(t0.elapsed().as_secs_f64() * 1e6 / STEPS as f64);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "decode step, 256 sequences: extend_batch_ids {:.1} us, + batch_layout {:.1} us",
+        median(extend),
+        median(both)
+    );
 }
