@@ -110,6 +110,19 @@ fn a_failed_fill_fails_only_its_call_and_gives_everything_back() {
     e.check_invariants();
 }
 
+/// Waits until an allocation on another thread has staged its fill (its blocks are taken
+/// from the 4 free ones) while `pause_fills` holds it.
+fn held_until_staged(e: &ferrumkv_core::Engine) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while e.stats().unwrap().device.free_blocks == 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fill never started"
+        );
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn a_fill_runs_without_the_lock_and_its_request_stays_invisible_until_published() {
     let (e, a, kv) = a_on_the_host(4);
@@ -125,14 +138,7 @@ fn a_fill_runs_without_the_lock_and_its_request_stays_invisible_until_published(
         )
     };
     // Wait until b's fill is staged (its blocks are taken), then call in while it is held.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while e.stats().unwrap().device.free_blocks == 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the fill never started"
-        );
-        std::thread::yield_now();
-    }
+    held_until_staged(&e);
     e.check_invariants(); // the staged admission owns its blocks and pins
     assert!(
         !e.contains(&rid("b")).unwrap(),
@@ -203,14 +209,7 @@ fn a_deallocate_during_a_fill_withdraws_the_allocation() {
         let (e, a) = (e.clone(), a.clone());
         std::thread::spawn(move || e.allocate(rid("b"), a, None, false))
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while e.stats().unwrap().device.free_blocks == 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the fill never started"
-        );
-        std::thread::yield_now();
-    }
+    held_until_staged(&e);
     e.deallocate(&rid("b")).unwrap();
     e.pause_fills(false);
     let r = bg.join().unwrap();

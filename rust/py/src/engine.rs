@@ -468,23 +468,11 @@ impl PyEngine {
         self.engine.cancel_ticket(ticket);
     }
 
-    /// `(finished tickets, pressure events as (level, previous, free, evictable, total, needed))`.
+    /// `(finished tickets, pressure events as `pressure_tuple`s)`.
     #[allow(clippy::type_complexity)]
     fn drain_notifications(&self) -> (Vec<u64>, Vec<(u8, u8, usize, usize, usize, usize)>) {
         let (tickets, events) = self.engine.drain_notifications();
-        let events = events
-            .into_iter()
-            .map(|e| {
-                (
-                    e.level as u8,
-                    e.previous as u8,
-                    e.free_blocks,
-                    e.evictable_blocks,
-                    e.total_blocks,
-                    e.needed_blocks,
-                )
-            })
-            .collect();
+        let events = events.into_iter().map(pressure_tuple).collect();
         (tickets, events)
     }
 
@@ -495,16 +483,7 @@ impl PyEngine {
         self.engine
             .drain_pressure()
             .into_iter()
-            .map(|e| {
-                (
-                    e.level as u8,
-                    e.previous as u8,
-                    e.free_blocks,
-                    e.evictable_blocks,
-                    e.total_blocks,
-                    e.needed_blocks,
-                )
-            })
+            .map(pressure_tuple)
             .collect()
     }
 
@@ -776,4 +755,18 @@ impl PyEngine {
     fn check_invariants(&self) {
         self.engine.check_invariants();
     }
+}
+
+/// A pressure event as Python reads it: `(level, previous, free, evictable, total, needed)`.
+fn pressure_tuple(
+    e: ferrumkv_core::pressure::PressureEvent,
+) -> (u8, u8, usize, usize, usize, usize) {
+    (
+        e.level as u8,
+        e.previous as u8,
+        e.free_blocks,
+        e.evictable_blocks,
+        e.total_blocks,
+        e.needed_blocks,
+    )
 }

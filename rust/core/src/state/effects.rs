@@ -164,18 +164,14 @@ impl Effects {
         self.push_copy(src, dst, s, d, len, false);
     }
 
-    /// `copy` for an offload: it runs with this call's effects, under the lock, even when
-    /// recorded inside an admission (its host block is indexed at once, so a later step of
-    /// the same call may evict or spill it again: recording order must hold).
-    pub(crate) fn offload_copy(
-        &mut self,
-        src: &Memory,
-        dst: &Memory,
-        s: usize,
-        d: usize,
-        len: usize,
-    ) {
-        self.push_copy(src, dst, s, d, len, true);
+    /// Records every run of `runs` as `copy` does. `offload`: the copies run with this call's
+    /// effects, under the lock, even when recorded inside an admission (the host block an
+    /// offload fills is indexed at once, so a later step of the same call may evict or spill
+    /// it again: recording order must hold).
+    pub(crate) fn copy_runs(&mut self, src: &Memory, dst: &Memory, runs: &Runs, offload: bool) {
+        for &(s, d, n) in &runs.runs {
+            self.push_copy(src, dst, s, d, n, offload);
+        }
     }
 
     fn push_copy(
@@ -308,7 +304,9 @@ mod tests {
         fx.copy(&a, &a, 0, 8, 4); // before the mark: stays
         let m = fx.mark();
         fx.spill(&a, 16, 4, BlockId(1), 2);
-        fx.offload_copy(&a, &a, 40, 48, 4);
+        let mut offload = Runs::default();
+        offload.push(40, 48, 4);
+        fx.copy_runs(&a, &a, &offload, true);
         fx.write(&a, vec![(32, 2)], vec![1, 2]);
         fx.after(After::PartialCopied { src: BlockId(5) });
         let fill = fx.split_fill(m);

@@ -27,7 +27,7 @@ pub struct Swap {
 
 impl State {
     /// Records copying cached device block `b` into a host block indexed under the same hash
-    /// (an offload: it runs under the lock, see `Effects::offload_copy`).
+    /// (an offload: it runs under the lock, see `Effects::copy_runs`).
     pub(super) fn offload(&mut self, ctx: &Ctx, b: BlockId) -> bool {
         let (Some(hash), Some(parent)) = (self.index.hash_of(b), self.index.parent_of(b)) else {
             return false;
@@ -45,9 +45,7 @@ impl State {
         let host = self.host.as_mut().expect("checked above");
         let mut runs = Runs::default();
         ctx.to_host(b, host.offset(hb), &mut runs);
-        for &(s, d, n) in &runs.runs {
-            self.fx.offload_copy(&ctx.memory, &host.slab, s, d, n);
-        }
+        self.fx.copy_runs(&ctx.memory, &host.slab, &runs, true);
         // Indexed at once: the copy runs, in order, before the lock is released.
         let tokens = self.index.tokens_of(b).to_vec();
         let first = self.index.is_first(b);
@@ -232,9 +230,7 @@ impl State {
         for (&hb, &db) in from.iter().zip(to) {
             ctx.from_host(host.offset(hb), db, &mut runs);
         }
-        for &(s, d, n) in &runs.runs {
-            self.fx.copy(&host.slab, &ctx.memory, s, d, n);
-        }
+        self.fx.copy_runs(&host.slab, &ctx.memory, &runs, false);
     }
 
     // ----- swap -------------------------------------------------------------------------
