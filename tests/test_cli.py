@@ -96,7 +96,10 @@ def assert_consistent(figures: dict) -> None:
     assert figures["onboard_bytes"] == figures["onboard_blocks"] * BYTES_PER_BLOCK
     # Every admitted request allocates once and deallocates once; every token is one extend.
     admitted = figures["requests"] - figures["requests_rejected"]
-    assert figures["engine_ops"] >= 2 * admitted + figures["generated_tokens"]
+    # Every admitted request allocates once and deallocates once; every token and every
+    # later prefill chunk is one extend.
+    steps = figures["generated_tokens"] + figures["prefill_chunks"]
+    assert figures["engine_ops"] >= 2 * admitted + steps
     assert figures["engine_ops_per_s"] == pytest.approx(
         figures["engine_ops"] / figures["wall_s"], rel=1e-6
     )
@@ -120,6 +123,87 @@ def test_trace_slice(tmp_path: Path) -> None:
     infinite = infinite_cache_hits(workload, block_size=16)
     assert figures["infinite_block_hit_rate"] == pytest.approx(infinite.block_hit_rate)
     assert figures["infinite_token_hit_rate"] == pytest.approx(infinite.token_hit_rate)
+
+
+def test_chunked_prefill_reserves_each_prompt_chunk_by_chunk(tmp_path: Path) -> None:
+    """Without prefix caching and with room for everything, a prompt of p tokens takes
+    ceil(p / chunk) steps: the allocation reserves the first chunk, extends the rest."""
+    chunk = 100
+    tiny = ["--num-layers", "1", "--num-kv-heads", "1", "--head-dim", "8"]
+    args = ["--trace", str(TRACE), "--limit", "20", *tiny, "--num-blocks", "30000"]
+    figures = replay_json(tmp_path, *args, "--no-prefix-cache", "--chunk-size", str(chunk))
+    assert_consistent(figures)
+    workload = load_trace(TRACE, vocab_size=DEFAULT_VOCAB_SIZE, limit=20)
+    assert figures["preemptions"] == 0
+    assert figures["prefill_chunks"] == sum(
+        -(-r.prompt_len // chunk) - 1 for r in workload.requests
+    )
+    assert figures["prompt_tokens"] == sum(r.prompt_len for r in workload.requests)
+    assert figures["generated_tokens"] == sum(r.output_len for r in workload.requests)
+
+
+def test_chunked_prefill_keeps_the_hit_rate_of_whole_prompts(tmp_path: Path) -> None:
+    """One request at a time, the whole prompt is looked up once at allocation: chunking
+    changes neither the hits nor the infinite-cache figure."""
+    tiny = ["--num-layers", "1", "--num-kv-heads", "1", "--head-dim", "8"]
+    args = ["--trace", str(TRACE), *tiny, "--num-blocks", "6000"]
+    whole = replay_json(tmp_path, *args, "--max-concurrency", "1")
+    chunked = replay_json(tmp_path, *args, "--max-concurrency", "1", "--chunk-size", "64")
+    assert_consistent(chunked)
+    assert whole["block_hit_rate"] > 0 and whole["prefill_chunks"] == 0
+    assert chunked["prefill_chunks"] > 0
+    for key in ("block_hit_rate", "token_hit_rate", "infinite_block_hit_rate"):
+        assert chunked[key] == whole[key], key
+    assert chunked["stats"]["reused_blocks"] == whole["stats"]["reused_blocks"]
+
+
+def test_chunked_prefill_under_pressure_recomputes_chunk_by_chunk(tmp_path: Path) -> None:
+    figures = replay_json(
+        tmp_path,
+        "--requests", "60", "--seed", "5", *SMALL_MODEL, "--num-blocks", "256",
+        "--chunk-size", "64",
+    )  # fmt: skip
+    assert_consistent(figures)
+    assert figures["requests_done"] == 60
+    assert figures["preemptions"] > 0 and figures["recomputes"] == figures["preemptions"]
+    assert figures["prefill_chunks"] > 0
+
+
+def test_the_infinite_cache_counts_only_admitted_requests(tmp_path: Path) -> None:
+    """A prompt the device can never hold is rejected before any lookup: the infinite-cache
+    figure leaves it out too, so it stays comparable with (and above) the measured rate."""
+    trace = write_trace(
+        tmp_path,
+        [
+            line(input_length=1024, hash_ids=(0, 1)),
+            line(input_length=8192, hash_ids=tuple(range(16)), ts=1),  # 512 blocks
+            line(input_length=1024, hash_ids=(0, 1), ts=2),
+        ],
+    )
+    figures = replay_json(
+        tmp_path, "--trace", str(trace), *SMALL_MODEL, "--num-blocks", "100",
+        "--max-concurrency", "1",
+    )  # fmt: skip
+    assert (figures["requests_done"], figures["requests_rejected"]) == (2, 1)
+    # The second 1,024-token prompt hits 63 of its 64 blocks in full and copies 15 tokens of
+    # the last one (one token is computed); the infinite cache counts the same.
+    stats = figures["stats"]
+    assert (stats["full_reused_blocks"], stats["partial_reused_blocks"]) == (63, 1)
+    assert figures["infinite_block_hit_rate"] == figures["block_hit_rate"] == 64 / 128
+    assert figures["infinite_token_hit_rate"] == figures["token_hit_rate"] == 1023 / 2048
+
+
+def test_a_cache_that_never_evicts_gets_the_infinite_cache_rate(tmp_path: Path) -> None:
+    """One request at a time and room for every block: the measured rates are the infinite
+    cache's exactly, partial hits included."""
+    tiny = ["--num-layers", "1", "--num-kv-heads", "1", "--head-dim", "8"]
+    figures = replay_json(
+        tmp_path, "--requests", "100", *tiny, "--num-blocks", "200000", "--max-concurrency", "1"
+    )
+    assert figures["stats"]["evicted_blocks"] == 0 and figures["block_hit_rate"] > 0.5
+    assert figures["stats"]["partial_reused_blocks"] > 0
+    assert figures["block_hit_rate"] == figures["infinite_block_hit_rate"]
+    assert figures["token_hit_rate"] == figures["infinite_token_hit_rate"]
 
 
 def test_synthetic_run_under_pressure_recomputes(tmp_path: Path) -> None:

@@ -233,13 +233,15 @@ def test_infinite_cache_hits_on_a_handmade_trace(tmp_path: Path) -> None:
         ],
     )
     hits = infinite_cache_hits(load(path), block_size=256)
-    # Lookups are ceil(len / 256) blocks: 4 + 6 + 4 + 3 + 1. Hits: request 2 matches the
-    # 4 blocks of ids [1, 2]; request 3 repeats request 1 but keeps its last block to
-    # compute (3); [9, 2] shares id 2 but not its prefix (0); 100 tokens hold no full block.
-    assert (hits.lookup_blocks, hits.hit_blocks) == (18, 7)
-    assert (hits.prompt_tokens, hits.hit_tokens) == (4048, 7 * 256)
-    assert hits.block_hit_rate == pytest.approx(7 / 18)
-    assert hits.token_hit_rate == pytest.approx(1792 / 4048)
+    # Lookups are ceil(len / 256) blocks: 4 + 6 + 4 + 3 + 1. Full hits: request 2 matches
+    # the 4 blocks of ids [1, 2]; request 3 repeats request 1 but keeps its last block to
+    # compute (3 full, then a partial copy of that block's first 255 tokens); [9, 2] shares
+    # id 2 but not its prefix (0); 100 tokens hold no full block, but their first 99 are the
+    # start of request 1's first block (a partial hit).
+    assert (hits.lookup_blocks, hits.hit_blocks, hits.partial_blocks) == (18, 9, 2)
+    assert (hits.prompt_tokens, hits.hit_tokens) == (4048, 7 * 256 + 255 + 99)
+    assert hits.block_hit_rate == pytest.approx(9 / 18)
+    assert hits.token_hit_rate == pytest.approx(2146 / 4048)
 
 
 def test_infinite_cache_counts_generated_blocks() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import sys
 from collections.abc import Callable, Sequence
@@ -213,6 +214,13 @@ def _add_serving_arguments(group: argparse._ArgumentGroup) -> None:
         help="most requests in service at once (default: %(default)s)",
     )
     group.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        metavar="TOKENS",
+        help="chunked prefill: reserve at most this many uncached prompt tokens per step, "
+        "interleaved with the other sequences' decode steps (default: whole prompts)",
+    )
+    group.add_argument(
         "--speedup",
         type=positive_float,
         metavar="X",
@@ -293,14 +301,16 @@ def run_replay(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     options = ReplayOptions(
         max_concurrency=args.max_concurrency,
+        chunk_size=args.chunk_size,
         speedup=args.speedup,
         wait_timeout_s=args.wait_timeout,
         progress=args.progress or sys.stderr.isatty(),
         sample_interval_s=PLOT_SAMPLE_INTERVAL_S if args.plot is not None else None,
     )
-    infinite = infinite_cache_hits(workload, config.block_size)
     try:
         result = asyncio.run(replay(cache, config, workload, options))
+        admitted = dataclasses.replace(workload, requests=result.admitted)
+        infinite = infinite_cache_hits(admitted, config.block_size)
         summary = summarize(result, workload, infinite)
         print(format_table(summary))
         if args.json is not None:

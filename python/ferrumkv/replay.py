@@ -2,7 +2,10 @@
 
 Every request is an asyncio task: it waits for its arrival (and for the previous turn of its
 chat), takes one of ``max_concurrency`` slots, allocates its prompt, decodes one token per
-step (yielding to the other tasks between steps) and deallocates.
+step (yielding to the other tasks between steps) and deallocates. With ``chunk_size`` the
+prompt is prefilled in chunks, as vLLM v1 and SGLang do: the allocation looks the whole prompt
+up and reserves the cached tokens plus one chunk, and each later step reserves the next chunk
+(``extend(num_new_tokens=)``), interleaved with the other sequences' decode steps.
 
 Scheduling follows vLLM's first-come-first-served policy:
 
@@ -11,7 +14,9 @@ Scheduling follows vLLM's first-come-first-served policy:
 * On CRITICAL pressure (reported through ``on_pressure``) a controller task preempts the
   newest running sequences, never the oldest one, until the level drops. Preemption is a
   ``swap_out`` when the cache has a host tier, otherwise ``deallocate`` followed later by
-  recomputation (re-allocating the tokens so far, which the prefix cache mostly serves).
+  recomputation: re-allocating the tokens so far with ``preempted=True`` (the prefix cache
+  mostly serves them, and the lookup stays out of the hit rates), chunk by chunk again when
+  ``chunk_size`` is set.
 * A sequence whose extend cannot get a block within ``wait_timeout_s`` preempts itself,
   unless it is the oldest running one, which keeps waiting: everything newer yields to it.
 * Preempted sequences resume oldest first once the device tier would stay at LOW pressure
@@ -61,10 +66,12 @@ class ReplayOptions:
     ``speedup``: arrival times are divided by it; ``None`` ignores them (as fast as
     possible). ``wait_timeout_s``: how long one engine call may wait for blocks before the
     scheduler reconsiders. ``sample_interval_s``: period of the time series kept for plots,
-    ``None`` for none.
+    ``None`` for none. ``chunk_size``: prefill prompts this many uncached tokens per step
+    (``None``: the whole prompt at admission).
     """
 
     max_concurrency: int
+    chunk_size: int | None = None
     speedup: float | None = None
     wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
     progress: bool = False
@@ -79,6 +86,7 @@ class Counters:
     rejected: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    prefill_chunks: int = 0
     preemptions: int = 0
     swap_outs: int = 0
     swap_ins: int = 0
@@ -102,12 +110,15 @@ class Sample:
 
 @dataclass(frozen=True)
 class ReplayResult:
-    """Everything a replay measured: loop counters, final engine stats, wall time, samples."""
+    """Everything a replay measured: loop counters, final engine stats, wall time, samples,
+    and the requests whose prompts the engine looked up (admitted), in admission order: the
+    infinite-cache figure is computed on exactly these, so it compares with the hit rates."""
 
     counters: Counters
     stats: CacheStats
     wall_s: float
     samples: tuple[Sample, ...]
+    admitted: tuple[Request, ...]
 
 
 @dataclass(eq=False)
@@ -117,13 +128,15 @@ class _Sequence:
     ``order`` is the admission rank (larger: newer). ``busy``: inside an engine call that
     may wait, so not preemptible. ``preempted``: off the device (``swapped`` to the host
     tier, or dropped for recompute) until ``resumed`` is set. ``dropped``: rejected while
-    preempted.
+    preempted. ``reserved``: how many of the tokens so far have slots (fewer than
+    ``num_tokens`` while a chunked prefill or a recompute is under way).
     """
 
     request: Request
     order: int
     prompt: np.ndarray
     output: np.ndarray
+    reserved: int
     generated: int = 0
     busy: bool = False
     preempted: bool = False
@@ -138,6 +151,11 @@ class _Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt) + self.generated
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether some of the tokens so far still have no slots (the next step is a chunk)."""
+        return self.reserved < self.num_tokens
 
     def tokens(self) -> np.ndarray:
         """Prompt plus the tokens generated so far (what a recompute re-allocates)."""
@@ -204,7 +222,7 @@ class _Replayer:
         self.samples: list[Sample] = []
         self._running: dict[str, _Sequence] = {}
         self._preempted: list[_Sequence] = []
-        self._admitted = 0
+        self.admitted: list[Request] = []
         self._finished = {request.request_id: asyncio.Event() for request in workload.requests}
         self._slots = asyncio.Semaphore(options.max_concurrency)
         self._admission = asyncio.Lock()
@@ -263,9 +281,12 @@ class _Replayer:
             while True:
                 await self._wait_for_room(len(prompt))
                 try:
-                    await self._engine(
+                    handle = await self._engine(
                         self._cache.allocate(
-                            request.request_id, prompt, timeout=self._timeout_for(len(prompt))
+                            request.request_id,
+                            prompt,
+                            timeout=self._timeout_for(len(prompt)),
+                            num_new_tokens=self._options.chunk_size,
                         )
                     )
                     break
@@ -273,8 +294,9 @@ class _Replayer:
                     if self._never_fits(len(prompt)) or self._hopeless(own_blocks=0):
                         self.counters.rejected += 1
                         return None
-        self._admitted += 1
-        seq = _Sequence(request, self._admitted, prompt, request.output_tokens(vocab))
+        self.admitted.append(request)
+        output = request.output_tokens(vocab)
+        seq = _Sequence(request, len(self.admitted), prompt, output, reserved=handle.num_tokens)
         self._running[seq.request_id] = seq
         self.counters.prompt_tokens += len(prompt)
         self._note_usage()
@@ -291,12 +313,13 @@ class _Replayer:
             await self._changed.wait()
 
     async def _decode(self, seq: _Sequence) -> bool:
-        """Generate the output one token per step; False when the sequence was rejected.
+        """Prefill the rest of the prompt one chunk per step, then generate the output one
+        token per step; False when the sequence was rejected.
 
         Each step first yields to the other tasks, so steps interleave and the last one is
         directly followed by the deallocation (a finished sequence is never preempted).
         """
-        while seq.generated < len(seq.output):
+        while seq.prefilling or seq.generated < len(seq.output):
             await asyncio.sleep(0)
             if not await self._step(seq):
                 return False
@@ -319,20 +342,36 @@ class _Replayer:
                 await self._preempt(seq)
 
     async def _try_extend(self, seq: _Sequence) -> bool:
-        """One extend by the next token; False when no block came within the wait timeout."""
-        token = [int(seq.output[seq.generated])]
+        """One step: the next prefill chunk, or else the next token; False when no block came
+        within the wait timeout."""
+        prefill = seq.prefilling
         seq.busy = True
         try:
-            timeout = self._timeout_for(seq.num_tokens + 1)
-            await self._engine(self._cache.extend(seq.request_id, token, timeout=timeout))
+            if prefill:
+                chunk = min(
+                    self._options.chunk_size or seq.num_tokens, seq.num_tokens - seq.reserved
+                )
+                call = self._cache.extend(
+                    seq.request_id, num_new_tokens=chunk, timeout=self._timeout_for(seq.num_tokens)
+                )
+            else:
+                token = [int(seq.output[seq.generated])]
+                timeout = self._timeout_for(seq.num_tokens + 1)
+                call = self._cache.extend(seq.request_id, token, timeout=timeout)
+            handle = await self._engine(call)
         except OutOfBlocksError:
             self._notify()
             return False
         finally:
             seq.busy = False
-        seq.generated += 1
-        self.counters.generated_tokens += 1
-        if (seq.num_tokens - 1) % self._block_size == 0:
+        blocks_before = math.ceil(seq.reserved / self._block_size)
+        if prefill:
+            self.counters.prefill_chunks += 1
+        else:
+            seq.generated += 1
+            self.counters.generated_tokens += 1
+        seq.reserved = handle.num_tokens
+        if math.ceil(seq.reserved / self._block_size) > blocks_before:
             self._note_usage()
         return True
 
@@ -411,14 +450,16 @@ class _Replayer:
             else:
                 # preempted=True: the lookup of a resumed request stays out of the hit rates
                 # (they compare with the infinite-cache rate of first admissions).
-                await self._engine(
+                handle = await self._engine(
                     self._cache.allocate(
                         seq.request_id,
                         seq.tokens(),
                         timeout=self._options.wait_timeout_s,
+                        num_new_tokens=self._options.chunk_size,
                         preempted=True,
                     )
                 )
+                seq.reserved = handle.num_tokens
                 self.counters.recomputes += 1
         except (OutOfBlocksError, TimeoutError):
             return False
@@ -550,7 +591,13 @@ async def replay(
     async with cache:
         replayer = _Replayer(cache, config, workload, options)
         wall_s = await replayer.run()
-        return ReplayResult(replayer.counters, cache.stats(), wall_s, tuple(replayer.samples))
+        return ReplayResult(
+            replayer.counters,
+            cache.stats(),
+            wall_s,
+            tuple(replayer.samples),
+            tuple(replayer.admitted),
+        )
 
 
 # ---------------------------------------------------------------------- reporting
@@ -566,6 +613,7 @@ def summarize(result: ReplayResult, workload: Workload, infinite: InfiniteCacheH
         "requests_rejected": counters.rejected,
         "prompt_tokens": counters.prompt_tokens,
         "generated_tokens": counters.generated_tokens,
+        "prefill_chunks": counters.prefill_chunks,
         "block_hit_rate": stats.cache_hit_rate,
         "infinite_block_hit_rate": infinite.block_hit_rate,
         "token_hit_rate": stats.token_hit_rate,
@@ -599,7 +647,7 @@ def format_table(summary: dict) -> str:
             "requests",
             f"{s['requests']} ({s['requests_done']} done, {s['requests_rejected']} rejected)",
         ),
-        ("prompt tokens", f"{s['prompt_tokens']:,}"),
+        ("prompt tokens", f"{s['prompt_tokens']:,} ({s['prefill_chunks']:,} later prefill chunks)"),
         ("generated tokens", f"{s['generated_tokens']:,}"),
         (
             "block hit rate",

@@ -337,14 +337,18 @@ class InfiniteCacheHits:
     """Prefix-cache hits the workload would get if no cached block were ever evicted.
 
     Lookups are the blocks every prompt occupies (``ceil(prompt_len / block_size)``); hits are
-    whole blocks whose chained hash an earlier request registered, at most
-    ``(prompt_len - 1) // block_size`` per request since one token is always computed.
+    counted as the engine counts them: whole blocks whose chained hash an earlier request
+    registered, at most ``(prompt_len - 1) // block_size`` per request since one token is
+    always computed, then at most one partial hit, the block after them, served by copying the
+    leading tokens it shares with a block some earlier request registered under the same
+    prefix (``partial_blocks`` of ``hit_blocks``; its shared tokens count in ``hit_tokens``).
     """
 
     lookup_blocks: int
     hit_blocks: int
     prompt_tokens: int
     hit_tokens: int
+    partial_blocks: int = 0
 
     @property
     def block_hit_rate(self) -> float:
@@ -360,22 +364,74 @@ def infinite_cache_hits(workload: Workload, block_size: int) -> InfiniteCacheHit
 
     A request registers every full block of its prompt plus its generated tokens (what the
     engine caches as they fill). Blocks are named by chained hashes, so a block only matches
-    when its whole prefix matches.
+    when its whole prefix matches. Cost: one sort of all registered hashes, plus a Python
+    loop over the few registered blocks that share a partial window's prefix.
     """
     weights = _content_weights(block_size)
+    tokens: list[np.ndarray] = []
     registered: list[np.ndarray] = []
     lookup_counts: list[int] = []
-    lookup_blocks = 0
-    prompt_tokens = 0
     for request in workload.requests:
-        tokens = segments_tokens((*request.prompt, request.output), workload.vocab_size)
-        chain = _chained_hashes(tokens, block_size, weights)
-        registered.append(chain)
+        tokens.append(segments_tokens((*request.prompt, request.output), workload.vocab_size))
+        registered.append(_chained_hashes(tokens[-1], block_size, weights))
         lookup_counts.append((request.prompt_len - 1) // block_size)
-        lookup_blocks += math.ceil(request.prompt_len / block_size)
-        prompt_tokens += request.prompt_len
-    hit_blocks = _count_seen_before(registered, lookup_counts)
-    return InfiniteCacheHits(lookup_blocks, hit_blocks, prompt_tokens, hit_blocks * block_size)
+    prompt_lens = [request.prompt_len for request in workload.requests]
+    full_hits = _count_seen_before(registered, lookup_counts)
+    partial = _partial_hits(tokens, registered, prompt_lens, full_hits, block_size)
+    hit_blocks = int(full_hits.sum()) + int(np.count_nonzero(partial))
+    return InfiniteCacheHits(
+        lookup_blocks=sum(math.ceil(n / block_size) for n in prompt_lens),
+        hit_blocks=hit_blocks,
+        prompt_tokens=sum(prompt_lens),
+        hit_tokens=int(full_hits.sum()) * block_size + int(partial.sum()),
+        partial_blocks=int(np.count_nonzero(partial)),
+    )
+
+
+_ROOT = np.uint64(0)
+"""The parent of every first block (a chained hash of 0 is as unlikely as any collision)."""
+
+
+def _partial_hits(
+    tokens: list[np.ndarray],
+    registered: list[np.ndarray],
+    prompt_lens: list[int],
+    full_hits: np.ndarray,
+    block_size: int,
+) -> np.ndarray:
+    """Tokens each request serves by a partial copy: after its ``k`` full hits, the window
+    ``tokens[k*bs : min(n - 1, (k + 1)*bs)]`` against the blocks earlier requests registered
+    under the same parent (its block ``k - 1``), longest shared leading run (the engine's
+    ``best_partial``)."""
+    # The sibling key of a block: its parent's chained hash and its first token.
+    windows: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
+    rows = zip(tokens, registered, prompt_lens, full_hits.tolist(), strict=True)
+    for r, (toks, chain, n, k) in enumerate(rows):
+        window = toks[k * block_size : min(n - 1, (k + 1) * block_size)]
+        if len(window):
+            parent = int(chain[k - 1]) if k else int(_ROOT)
+            windows.setdefault((parent, int(window[0])), []).append((r, window))
+    best = np.zeros(len(tokens), dtype=np.int64)
+    if not windows:
+        return best
+    wanted = np.array([parent for parent, _ in windows], dtype=np.uint64)
+    # Every registered block's parent (the hash before it in its own chain), flat.
+    lengths = np.array([len(chain) for chain in registered], dtype=np.int64)
+    if not lengths.sum():
+        return best
+    parents = np.concatenate([np.concatenate([[_ROOT], c[:-1]]) for c in registered if len(c)])
+    owners = np.repeat(np.arange(len(registered)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    for i in np.flatnonzero(np.isin(parents, wanted)):
+        q = int(owners[i])
+        j = int(i - starts[q])
+        block = tokens[q][j * block_size : (j + 1) * block_size]
+        for r, window in windows.get((int(parents[i]), int(block[0])), ()):
+            if q < r:
+                shared = block[: len(window)] == window
+                run = len(window) if shared.all() else int(np.argmin(shared))
+                best[r] = max(best[r], run)
+    return best
 
 
 @lru_cache(maxsize=8)
@@ -413,16 +469,16 @@ def _powers(base: np.uint64, count: int) -> np.ndarray:
         return np.cumprod(powers, dtype=np.uint64)
 
 
-def _count_seen_before(registered: list[np.ndarray], lookup_counts: list[int]) -> int:
-    """Count hits: the first ``lookup_counts[r]`` hashes of ``registered[r]`` that some
-    earlier request ``q < r`` registered too."""
+def _count_seen_before(registered: list[np.ndarray], lookup_counts: list[int]) -> np.ndarray:
+    """Hits per request: the first ``lookup_counts[r]`` hashes of ``registered[r]`` that
+    some earlier request ``q < r`` registered too (a prefix run, the hashes being chained)."""
     lengths = np.array([len(chain) for chain in registered], dtype=np.int64)
     if not lengths.sum():
-        return 0
+        return np.zeros(len(registered), dtype=np.int64)
     hashes = np.concatenate(registered)
     owner = np.repeat(np.arange(len(registered)), lengths)
     position = np.arange(len(hashes)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     is_lookup = position < np.repeat(np.array(lookup_counts, dtype=np.int64), lengths)
     _, first, group = np.unique(hashes, return_index=True, return_inverse=True)
     seen_before = owner[first][group] < owner
-    return int(np.count_nonzero(seen_before & is_lookup))
+    return np.bincount(owner[seen_before & is_lookup], minlength=len(registered))
