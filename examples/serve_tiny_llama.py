@@ -10,8 +10,8 @@ cache's block table), the way vLLM's scheduler does:
 1. **Swap-in**: requests preempted by swap come back, oldest first, when the device tier has
    room for them and a block of growth for each running request.
 2. **Running requests**, oldest first: a decode step appends its last sampled token (`extend`);
-   a request whose prompt is still being prefilled in chunks reserves its next chunk; with
-   `truncate` in the engine, every third request makes speculative steps (prompt-lookup
+   a request whose prompt is still being prefilled in chunks reserves its next chunk; every
+   third request makes speculative steps (prompt-lookup
    drafts, verified in the same forward, the rejected ones truncated away). When blocks are
    short the newest request not yet scheduled this step is preempted, by swap to the host
    tier and by recompute (deallocate; re-admitted later with its prompt and generated tokens,
@@ -19,7 +19,7 @@ cache's block table), the way vLLM's scheduler does:
 3. **Admission**, first come first served within a token budget: `allocate` reuses the longest
    cached prefix (full blocks shared, a partly matching block copied, blocks offloaded to the
    host tier onboarded back), so only the uncached tail is computed; a long prompt is split in
-   chunks when the engine has chunked prefill.
+   chunks (`num_new_tokens`).
 4. **One forward** of every scheduled token, prefill and decode together; greedy sampling; a
    request with `n=2` forks after its first token (the child takes the second-best token).
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import sys
 import time
 from collections.abc import Callable
@@ -55,10 +54,6 @@ import ferrumkv
 from tiny_llama import PagedLlama, build_model, cache_config, reference_logits
 
 ATOL = 1e-4
-_ALLOCATE_KW = set(inspect.signature(ferrumkv.KvCache.allocate).parameters)
-HAS_CHUNKS = "num_new_tokens" in _ALLOCATE_KW  # chunked prefill (API.md, second round)
-HAS_PREEMPTED = "preempted" in _ALLOCATE_KW
-HAS_TRUNCATE = hasattr(ferrumkv.KvCache, "truncate")
 
 
 @dataclass(eq=False)
@@ -227,7 +222,7 @@ class Server:
                     await self.cache.extend(r.rid, num_new_tokens=n, timeout=0)
                     self.report.num_chunked += 1
                     return n
-                r.drafts = self._drafts(r, budget) if r.speculative and HAS_TRUNCATE else []
+                r.drafts = self._drafts(r, budget) if r.speculative else []
                 await self.cache.extend(r.rid, [r.tokens[-1], *r.drafts], timeout=0)
                 r.tokens += r.drafts
                 return 1 + len(r.drafts)
@@ -271,21 +266,18 @@ class Server:
     async def _admit(self, r: Request, budget: int, allocated: bool, busy: bool) -> int:
         """Allocates r's prompt (or, resumed, its prompt and generated tokens); returns how
         many tokens it computes this step (0: not admitted now)."""
-        match = self.cache.lookup_prefix(r.tokens)
-        cached = match if isinstance(match, int) else match.num_cached_tokens
+        cached = self.cache.lookup_prefix(r.tokens).num_cached_tokens
         if allocated and cached % self.bs:
             return 0  # a partial copy must not read a block this step has yet to compute
         need = len(r.tokens) - cached
-        kw: dict[str, Any] = {"timeout": 0}
-        if HAS_PREEMPTED and r.preempted:
-            kw["preempted"] = True
-        if HAS_CHUNKS and need > min(budget, self.chunk_tokens):
-            kw["num_new_tokens"] = min(budget, self.chunk_tokens)  # the first chunk
+        chunk = None
+        if need > min(budget, self.chunk_tokens):
+            chunk = min(budget, self.chunk_tokens)  # the first chunk
             self.report.num_chunked += 1
-        elif need > budget and busy:
-            return 0
         try:
-            h = await self.cache.allocate(r.rid, r.tokens, **kw)
+            h = await self.cache.allocate(
+                r.rid, r.tokens, timeout=0, num_new_tokens=chunk, preempted=r.preempted
+            )
         except ferrumkv.OutOfBlocksError:
             return 0
         r.state, r.preempted = "running", False

@@ -116,7 +116,8 @@ def test_arrays_are_the_callers_own() -> None:
 
 
 def test_to_torch_gives_the_same_values() -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     cache = mixed()
     layout = cache.batch_layout(["p", "d", "c"], [10, 1, 3])
     for t in (layout.to_torch(), layout.to_torch("cpu")):
@@ -213,7 +214,8 @@ def test_extend_batch_token_forms(tokens: Any) -> None:
 
 
 def test_extend_batch_torch_tokens() -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     cache = new_cache(num_blocks=16)
     alloc(cache, "a", torch.tensor([1, 2, 3]))
     alloc(cache, "b", [5, 6, 7])

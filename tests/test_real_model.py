@@ -20,7 +20,6 @@ the subprocess that runs the example script).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import subprocess
 import sys
@@ -46,13 +45,6 @@ ATOL = 1e-4
 BS = 4  # block_size of every cache here
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-ALLOCATE_KW = set(inspect.signature(ferrumkv.KvCache.allocate).parameters)
-HAS_CHUNKS = "num_new_tokens" in ALLOCATE_KW
-HAS_TRUNCATE = hasattr(ferrumkv.KvCache, "truncate")
-needs_chunks = pytest.mark.skipif(
-    not HAS_CHUNKS, reason="chunked prefill (allocate/extend num_new_tokens) not in the engine yet"
-)
-needs_truncate = pytest.mark.skipif(not HAS_TRUNCATE, reason="KvCache.truncate not there yet")
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -306,8 +298,7 @@ def test_preemption_by_recompute_mid_generation(model: Any, device: str) -> None
             await d.decode(["b"], 2)
             tokens = d.seqs["a"].tokens  # 10 prompt + 4 generated; 13 had K/V
             assert len(tokens) == 14
-            kw = {"preempted": True} if "preempted" in ALLOCATE_KW else {}
-            h = await d.admit("a", tokens, **kw)
+            h = await d.admit("a", tokens, preempted=True)
             assert h.num_cached_tokens == 12  # the 3 full blocks
             d.step(["a"])
             assert d.seqs["a"].computed == 14
@@ -351,7 +342,6 @@ def test_host_tier_offload_and_onboard(model: Any, device: str) -> None:
 # ----- 5. chunked prefill and speculative decoding (second-round API) ----------------------
 
 
-@needs_chunks
 def test_chunked_prefill_mixed_with_decode(model: Any, device: str) -> None:
     """a's 13-token prompt runs in chunks of 5, 5 and 3, each in one forward with b's decode
     steps; its first token comes from the last chunk."""
@@ -378,7 +368,6 @@ def test_chunked_prefill_mixed_with_decode(model: Any, device: str) -> None:
     run(main())
 
 
-@needs_truncate
 def test_speculative_step_with_truncate(model: Any, device: str) -> None:
     """Speculative decoding: three draft tokens (the true next one, then two wrong ones) are
     verified in one forward; the rejected two are truncated away and decoding goes on, with
@@ -488,10 +477,7 @@ def test_serving_loop_runs_every_feature_and_matches_transformers(model: Any, de
     assert s.full_reused_blocks > 0 and s.partial_reused_blocks > 0
     assert s.offload_blocks > 0 and s.onboard_blocks > 0
     assert s.swap_out_count == s.swap_in_count == r.num_swapped
-    if HAS_CHUNKS:
-        assert r.num_chunked >= 1
-    if HAS_TRUNCATE:
-        assert r.num_spec_steps >= 1
+    assert r.num_chunked >= 1 and r.num_spec_steps >= 1
 
 
 @pytest.mark.slow
