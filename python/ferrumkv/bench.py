@@ -732,9 +732,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="run only the cases whose name (or group: "
         + ", ".join(g for g, _, _ in GROUPS)
-        + ") contains NAME, case-insensitive",
+        + ") contains NAME, case-insensitive; 'policy' prints the eviction policies' hit "
+        "rates beside Belady's and the infinite cache's instead (ferrumkv.hitrate)",
     )
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.only == "policy":  # hit rates, not timings: a table of its own
+        from .hitrate import main as policy_main
+
+        return policy_main(rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
     rows = asyncio.run(run_suite(args.rounds, args.only))

@@ -434,6 +434,12 @@ def _partial_hits(
     return best
 
 
+def prompt_block_hashes(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """The chained uint64 hash of each full block of ``tokens`` (this module's hash, not the
+    engine's: equal exactly when the block and every block before it are equal)."""
+    return _chained_hashes(tokens, block_size, _content_weights(block_size))
+
+
 @lru_cache(maxsize=8)
 def _content_weights(block_size: int) -> np.ndarray:
     """Fixed random odd multipliers that hash one block's token ids into a uint64."""

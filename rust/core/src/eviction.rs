@@ -1,31 +1,81 @@
 //! Eviction policies: which free cached block a tier gives up first.
 //!
 //! A policy maps a free cached block to one of `classes()` eviction classes when its last
-//! owner releases it; the pool keeps one intrusive FIFO queue per class and evicts the head of
-//! the lowest non-empty class (O(classes) = O(1) per eviction, O(1) per release and hit).
+//! owner releases it; the pool keeps one intrusive FIFO queue per class (`pool`) and a ghost
+//! of recently evicted hashes (`ghost`). All three are O(1) per release, hit and eviction
+//! (S3-FIFO amortized: a block moves at most `MAX_FREQ` times per hit).
 //! - `Lru` (one class): the least recently released block first, exactly vLLM's order; a
-//!   sequence releases its blocks tail first, so leaves go before their parents.
-//! - `Lfu` (frequency-aware, five classes): class `min(hits, 4)`, where `hits` counts the
-//!   prefix hits the block served since it was cached; within a class, least recently
-//!   released first. Leaves still go first: a hit on a block is a hit on every ancestor, so a
-//!   parent is never in a lower class than its child, and a sequence releases a child before
-//!   its parent.
+//!   sequence releases its blocks tail first, so leaves go before their parents. No ghost.
+//! - `Lfu` (frequency-aware, five classes): class `min(hits, 4)`, the lowest class first,
+//!   least recently released first within it. `hits` counts the prefix hits the block
+//!   served while cached, plus, when the same hash is cached again after an eviction, the
+//!   count it had then and one for the lookup that missed it (the ghost remembers
+//!   `LFU_GHOST_PER_BLOCK` evicted hashes per block of the tier): a conversation's history
+//!   that keeps coming back climbs even when it was evicted between turns. Leaves still go
+//!   first within a class: a hit on a block is a hit on every ancestor, and a sequence
+//!   releases a child before its parent.
+//! - `S3Fifo` (adaptive; Yang et al., SOSP 2023): a small FIFO (`S3_SMALL_PERCENT` of the
+//!   free cached blocks) takes blocks cached for the first time, the main FIFO those that
+//!   were hit while in the small one or whose hash the ghost remembers (evicted from the
+//!   small FIFO not long ago: one ghost entry per block). A hit adds to the block's
+//!   frequency (at most `MAX_FREQ`). Eviction takes the small FIFO's head while it holds
+//!   more than its share: into the main FIFO if it was hit, else out (remembered by the
+//!   ghost); otherwise the main FIFO's head, which goes round once more per hit it had.
+//!   One-time prompts pass through the small FIFO quickly while reused prefixes settle in
+//!   the main one, and the ghost sends a prompt that comes back straight there: it adapts
+//!   between recency and frequency without a tuned split. A parent can go before its child
+//!   (a child hit more recently); the orphaned child is then never hit and goes in turn.
+//! - `Lecar` (adaptive; Vietri et al., HotStorage 2018): two experts, LRU (the least recently
+//!   released block) and `Lfu`'s rule, and a weight for each. Each eviction follows one
+//!   expert, drawn by weight (a seeded generator: runs repeat exactly), and the ghost notes
+//!   which one chose it. When a hash the ghost remembers is cached again, the expert that
+//!   evicted it pays: its weight is multiplied by `exp(-LECAR_LEARNING_RATE * d^age)`
+//!   (`age`: evictions since; `d = 0.005^(1 / num_blocks)`, so recent regrets weigh most)
+//!   and the weights are normalized. Traffic where recency wins (short reuse distances) drives
+//!   it to LRU, traffic where frequency wins to `Lfu`. Each evictable block is in its class
+//!   queue and in a release-order queue; the ghost holds `LECAR_GHOST_PER_BLOCK` entries per
+//!   block. Leaves first as under either expert.
 //!
 //! Every policy evicts only free blocks (no sequence or pin holds them).
 
 use crate::error::{Error, Result};
 
 /// The names `CacheConfig(eviction_policy=...)` accepts, in the order of `EvictionPolicy`.
-pub const POLICY_NAMES: [&str; 2] = ["lru", "lfu"];
+pub const POLICY_NAMES: [&str; 4] = ["lru", "lfu", "s3fifo", "lecar"];
 
 /// Hits beyond this count no more (the top class of `Lfu`).
 pub const MAX_HITS: u8 = 4;
+
+/// S3-FIFO's frequency cap (2 bits).
+pub const MAX_FREQ: u8 = 3;
+
+/// The small FIFO's share of the free cached blocks under `S3Fifo`.
+pub const S3_SMALL_PERCENT: usize = 10;
+
+/// Ghost entries per block of the tier under `Lfu`.
+pub const LFU_GHOST_PER_BLOCK: usize = 4;
+
+/// Ghost entries per block of the tier under `Lecar` (one history per expert).
+pub const LECAR_GHOST_PER_BLOCK: usize = 2;
+
+/// How much one regret moves `Lecar`'s weights (LeCaR's lambda).
+pub const LECAR_LEARNING_RATE: f64 = 0.45;
+
+/// `Lecar`'s experts.
+pub const LRU_EXPERT: u8 = 0;
+pub const LFU_EXPERT: u8 = 1;
+
+/// `S3Fifo`'s queues (eviction classes).
+pub const SMALL: usize = 0;
+pub const MAIN: usize = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EvictionPolicy {
     #[default]
     Lru,
     Lfu,
+    S3Fifo,
+    Lecar,
 }
 
 impl EvictionPolicy {
@@ -33,6 +83,8 @@ impl EvictionPolicy {
         match s {
             "lru" => Ok(EvictionPolicy::Lru),
             "lfu" => Ok(EvictionPolicy::Lfu),
+            "s3fifo" => Ok(EvictionPolicy::S3Fifo),
+            "lecar" => Ok(EvictionPolicy::Lecar),
             _ => Err(Error::config(
                 "eviction_policy",
                 format!("{s:?} is not one of {}", POLICY_NAMES.join(", ")),
@@ -41,25 +93,33 @@ impl EvictionPolicy {
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            EvictionPolicy::Lru => "lru",
-            EvictionPolicy::Lfu => "lfu",
-        }
+        POLICY_NAMES[self as usize]
     }
 
     /// Number of eviction classes (queues) the policy uses.
     pub fn classes(self) -> usize {
         match self {
             EvictionPolicy::Lru => 1,
-            EvictionPolicy::Lfu => MAX_HITS as usize + 1,
+            EvictionPolicy::Lfu | EvictionPolicy::Lecar => MAX_HITS as usize + 1,
+            EvictionPolicy::S3Fifo => 2,
         }
     }
 
-    /// The class a released free cached block joins (lower classes are evicted first).
-    pub fn class(self, hits: u8) -> usize {
+    /// Ghost entries for a tier of `num_blocks` blocks.
+    pub fn ghost_capacity(self, num_blocks: usize) -> usize {
         match self {
             EvictionPolicy::Lru => 0,
-            EvictionPolicy::Lfu => hits.min(MAX_HITS) as usize,
+            EvictionPolicy::Lfu => num_blocks.saturating_mul(LFU_GHOST_PER_BLOCK),
+            EvictionPolicy::S3Fifo => num_blocks,
+            EvictionPolicy::Lecar => num_blocks.saturating_mul(LECAR_GHOST_PER_BLOCK),
+        }
+    }
+
+    /// The most a block's hit count reaches.
+    pub fn max_hits(self) -> u8 {
+        match self {
+            EvictionPolicy::S3Fifo => MAX_FREQ,
+            _ => MAX_HITS,
         }
     }
 }
@@ -73,6 +133,7 @@ mod tests {
         for n in POLICY_NAMES {
             assert_eq!(EvictionPolicy::parse(n).unwrap().name(), n);
         }
+        assert_eq!(POLICY_NAMES.len(), EvictionPolicy::Lecar as usize + 1);
         let e = EvictionPolicy::parse("mru").unwrap_err();
         assert!(e.to_string().contains("eviction_policy"), "{e}");
     }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod eviction;
 pub mod fallible;
+pub mod ghost;
 pub mod layout;
 pub mod notify;
 pub mod pool;

@@ -8,8 +8,11 @@
 //!   cached, hashed block). The evictable blocks are split into the eviction policy's
 //!   classes (`eviction`), one FIFO queue each, least recently released at the head; `lru`
 //!   has one class, so its order is exactly vLLM's.
-//! - Allocation takes blank blocks first (FIFO), then evicts the head of the lowest
-//!   non-empty class; the caller drops the evicted block's hash from the prefix index.
+//! - Allocation takes blank blocks first (FIFO), then evicts the policy's victim (`Lru`,
+//!   `Lfu`: the head of the lowest non-empty class; `S3Fifo`: see `eviction`); the caller
+//!   drops the evicted block's hash from the prefix index. The pool keeps each cached
+//!   block's hash fingerprint, so the policy's ghost remembers what it evicted and a block
+//!   cached again under a remembered hash starts with its history.
 //!
 //! Every operation is O(1): queue links are arrays indexed by block id, so removing a block
 //! that is hit from the middle of the evictable queue costs two writes.
@@ -18,9 +21,12 @@
 //! class its hit count gives.
 
 use crate::error::Result;
-use crate::eviction::EvictionPolicy;
+use crate::eviction::{
+    EvictionPolicy, LECAR_LEARNING_RATE, LFU_EXPERT, LRU_EXPERT, MAIN, S3_SMALL_PERCENT, SMALL,
+};
 use crate::fallible::vec_of;
-use crate::types::BlockId;
+use crate::ghost::{fingerprint, Ghost, Remembered};
+use crate::types::{BlockHash, BlockId};
 
 const NIL: u32 = u32::MAX;
 
@@ -95,8 +101,8 @@ impl Queues {
         })
     }
 
-    /// The evictable block evicted next: the head of the lowest non-empty class.
-    fn pop_victim(&mut self) -> Option<u32> {
+    /// The head of the lowest non-empty evictable class.
+    fn pop_lowest(&mut self) -> Option<u32> {
         let q = (EVICTABLE as usize..self.head.len()).find(|&q| self.head[q] != NIL)?;
         self.pop_front(q as u8)
     }
@@ -138,10 +144,23 @@ pub struct BlockPool {
     ref_cnt: Vec<u32>,
     /// Whether the block holds a registered (hashed) cached block.
     cached: Vec<bool>,
-    /// Prefix hits served by the block since it was cached (saturating at `MAX_HITS`).
+    /// Prefix hits served by the block since it was cached, plus what its ghost entry
+    /// carried (saturating at the policy's `max_hits`; S3-FIFO's frequency).
     hits: Vec<u8>,
+    /// Fingerprint of a cached block's hash (what the ghost remembers at its eviction).
+    fp: Vec<u64>,
+    /// `S3Fifo`: the queue (`SMALL` / `MAIN`) the block joins when released.
+    home: Vec<u8>,
     policy: EvictionPolicy,
     queues: Queues,
+    ghost: Ghost,
+    /// `Lecar`: the evictable blocks in release order (empty under other policies), the
+    /// experts' weights, evictions so far, the regret discount and the draw's generator.
+    order: Queues,
+    weights: [f64; 2],
+    evictions: u32,
+    discount: f64,
+    rng: u64,
 }
 
 impl BlockPool {
@@ -163,6 +182,11 @@ impl BlockPool {
         let ref_cnt = vec_of(num_blocks, 0, "the block pool's reference counts")?;
         let cached = vec_of(num_blocks, false, "the block pool's cached marks")?;
         let hits = vec_of(num_blocks, 0u8, "the block pool's hit counts")?;
+        let fp = vec_of(num_blocks, 0u64, "the block pool's hash fingerprints")?;
+        let home = vec_of(num_blocks, SMALL as u8, "the block pool's queue homes")?;
+        let ghost = Ghost::try_new(policy.ghost_capacity(num_blocks))?;
+        let lecar = policy == EvictionPolicy::Lecar;
+        let order = Queues::try_new(if lecar { num_blocks } else { 0 }, 1)?;
         for b in 0..num_blocks as u32 {
             queues.push_back(BLANK, b);
         }
@@ -170,9 +194,146 @@ impl BlockPool {
             ref_cnt,
             cached,
             hits,
+            fp,
+            home,
             policy,
             queues,
+            ghost,
+            order,
+            weights: [0.5, 0.5],
+            evictions: 0,
+            discount: 0.005f64.powf(1.0 / num_blocks.max(1) as f64),
+            rng: 0x9E37_79B9_7F4A_7C15,
         })
+    }
+
+    /// Queues a free cached block (its class queue, and the release order under `Lecar`).
+    fn enqueue_evictable(&mut self, b: u32) {
+        let class = self.class_of(b);
+        self.queues.push_back(EVICTABLE + class as u8, b);
+        if self.policy == EvictionPolicy::Lecar {
+            self.order.push_back(EVICTABLE, b);
+        }
+    }
+
+    /// Takes a free block out of its queue(s).
+    fn unqueue(&mut self, b: u32) {
+        let evictable = self.queues.is_evictable(b);
+        self.queues.remove(b);
+        if evictable && self.policy == EvictionPolicy::Lecar {
+            self.order.remove(b);
+        }
+    }
+
+    /// A uniform draw in [0, 1) (splitmix64: deterministic, so runs repeat).
+    fn draw(&mut self) -> f64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as f64 / (u64::MAX as f64 + 1.0)
+    }
+
+    /// `Lecar`'s victim: the expert drawn by weight picks it; the ghost notes who.
+    fn pop_lecar(&mut self) -> Option<u32> {
+        if self.queues.num_evictable() == 0 {
+            return None;
+        }
+        let expert = if self.draw() < self.weights[LRU_EXPERT as usize] {
+            LRU_EXPERT
+        } else {
+            LFU_EXPERT
+        };
+        let b = if expert == LRU_EXPERT {
+            self.order.head[EVICTABLE as usize]
+        } else {
+            let q = (EVICTABLE as usize..self.queues.head.len())
+                .find(|&q| self.queues.head[q] != NIL)?;
+            self.queues.head[q]
+        };
+        self.unqueue(b);
+        self.evictions = self.evictions.wrapping_add(1);
+        let noted = Remembered {
+            hits: self.hits[b as usize],
+            expert,
+            at: self.evictions,
+        };
+        self.ghost.insert(self.fp[b as usize], noted);
+        Some(b)
+    }
+
+    /// `Lecar`: the expert that evicted a block now cached again pays for it.
+    fn regret(&mut self, noted: Remembered) {
+        let age = self.evictions.wrapping_sub(noted.at);
+        let loss = self.discount.powf(age as f64);
+        self.weights[noted.expert as usize] *= (-LECAR_LEARNING_RATE * loss).exp();
+        let total = self.weights[0] + self.weights[1];
+        self.weights = [self.weights[0] / total, self.weights[1] / total];
+    }
+
+    /// `Lecar`'s weight of the LRU expert (the LFU expert's is 1 minus it).
+    pub fn lru_weight(&self) -> f64 {
+        self.weights[LRU_EXPERT as usize]
+    }
+
+    /// The class a free cached block joins when released.
+    fn class_of(&self, b: u32) -> usize {
+        let b = b as usize;
+        match self.policy {
+            EvictionPolicy::Lru => 0,
+            EvictionPolicy::Lfu | EvictionPolicy::Lecar => self.hits[b] as usize,
+            EvictionPolicy::S3Fifo => self.home[b] as usize,
+        }
+    }
+
+    /// Takes the policy's victim out of its queue and lets the ghost remember it.
+    fn pop_victim(&mut self) -> Option<u32> {
+        match self.policy {
+            EvictionPolicy::Lru => self.queues.pop_lowest(),
+            EvictionPolicy::Lfu => {
+                let b = self.queues.pop_lowest()?;
+                let noted = Remembered {
+                    hits: self.hits[b as usize],
+                    ..Default::default()
+                };
+                self.ghost.insert(self.fp[b as usize], noted);
+                Some(b)
+            }
+            EvictionPolicy::S3Fifo => self.pop_s3fifo(),
+            EvictionPolicy::Lecar => self.pop_lecar(),
+        }
+    }
+
+    /// S3-FIFO's eviction (`eviction`): a hit block in the small FIFO moves to the main
+    /// one, a hit block at the main FIFO's head goes round again with one hit less.
+    /// Terminates: each round trip spends a hit.
+    fn pop_s3fifo(&mut self) -> Option<u32> {
+        let (small, main) = (EVICTABLE + SMALL as u8, EVICTABLE + MAIN as u8);
+        loop {
+            let (s, m) = (
+                self.queues.len[small as usize],
+                self.queues.len[main as usize],
+            );
+            if s > 0 && (m == 0 || s * 100 > S3_SMALL_PERCENT * (s + m)) {
+                let b = self.queues.pop_front(small)?;
+                if self.hits[b as usize] > 0 {
+                    self.hits[b as usize] = 0;
+                    self.home[b as usize] = MAIN as u8;
+                    self.queues.push_back(main, b);
+                    continue;
+                }
+                self.ghost
+                    .insert(self.fp[b as usize], Remembered::default());
+                return Some(b);
+            }
+            let b = self.queues.pop_front(main)?;
+            if self.hits[b as usize] > 0 {
+                self.hits[b as usize] -= 1;
+                self.queues.push_back(main, b);
+                continue;
+            }
+            return Some(b);
+        }
     }
 
     pub fn policy(&self) -> EvictionPolicy {
@@ -223,7 +384,7 @@ impl BlockPool {
     /// released), gives it one owner and marks it uncached; the caller must drop its hash
     /// from the prefix index.
     pub fn evict_lru(&mut self) -> Option<BlockId> {
-        let b = self.queues.pop_victim()?;
+        let b = self.pop_victim()?;
         self.ref_cnt[b as usize] = 1;
         self.cached[b as usize] = false;
         self.hits[b as usize] = 0;
@@ -232,7 +393,7 @@ impl BlockPool {
 
     /// Evicts the block `evict_lru` would into the blank queue (for `gc`).
     pub fn evict_lru_to_blank(&mut self) -> Option<BlockId> {
-        let b = self.queues.pop_victim()?;
+        let b = self.pop_victim()?;
         self.cached[b as usize] = false;
         self.hits[b as usize] = 0;
         self.queues.push_back(BLANK, b);
@@ -243,7 +404,7 @@ impl BlockPool {
     pub fn acquire(&mut self, b: BlockId) {
         if self.ref_cnt[b.idx()] == 0 {
             assert!(self.is_evictable(b), "acquire of a blank block");
-            self.queues.remove(b.0);
+            self.unqueue(b.0);
         }
         self.ref_cnt[b.idx()] += 1;
     }
@@ -252,7 +413,7 @@ impl BlockPool {
     pub fn acquire_hit(&mut self, b: BlockId) {
         self.acquire(b);
         let h = &mut self.hits[b.idx()];
-        *h = h.saturating_add(1).min(crate::eviction::MAX_HITS);
+        *h = h.saturating_add(1).min(self.policy.max_hits());
     }
 
     /// Prefix hits the block served since it was cached (saturating).
@@ -269,8 +430,7 @@ impl BlockPool {
             return Released::Shared;
         }
         if self.cached[b.idx()] {
-            let class = self.policy.class(self.hits[b.idx()]);
-            self.queues.push_back(EVICTABLE + class as u8, b.0);
+            self.enqueue_evictable(b.0);
             Released::Evictable
         } else {
             self.queues.push_back(BLANK, b.0);
@@ -278,18 +438,52 @@ impl BlockPool {
         }
     }
 
-    /// Marks an owned block as holding a registered cached block.
-    pub fn set_cached(&mut self, b: BlockId, cached: bool) {
-        let at = self.queues.at[b.idx()];
-        assert!(at == NONE, "set_cached on a free block");
-        self.cached[b.idx()] = cached;
+    /// Marks an owned block as holding the registered cached block `hash`. A hash the
+    /// policy's ghost remembers brings its history back (`Lfu`: its hits plus one for the
+    /// miss; `S3Fifo`: the main FIFO).
+    pub fn register(&mut self, b: BlockId, hash: BlockHash) {
+        assert!(self.queues.at[b.idx()] == NONE, "register of a free block");
+        let fp = fingerprint(hash);
+        let remembered = self.ghost.take(fp);
+        let i = b.idx();
+        self.cached[i] = true;
+        self.fp[i] = fp;
+        self.hits[i] = match (self.policy, remembered) {
+            (EvictionPolicy::Lfu | EvictionPolicy::Lecar, Some(r)) => {
+                r.hits.saturating_add(1).min(self.policy.max_hits())
+            }
+            _ => 0,
+        };
+        if let (EvictionPolicy::Lecar, Some(r)) = (self.policy, remembered) {
+            self.regret(r);
+        }
+        self.home[i] = if remembered.is_some() { MAIN } else { SMALL } as u8;
+    }
+
+    /// Drops the cached mark of an owned block (its hash left the index).
+    pub fn unregister(&mut self, b: BlockId) {
+        assert!(
+            self.queues.at[b.idx()] == NONE,
+            "unregister of a free block"
+        );
+        self.cached[b.idx()] = false;
         self.hits[b.idx()] = 0;
+    }
+
+    /// Forgets what the policy remembers of evicted blocks (a prefix-cache reset).
+    pub fn forget_evicted(&mut self) {
+        self.ghost.clear();
+    }
+
+    /// Entries the policy's ghost holds (evicted hashes it remembers).
+    pub fn num_ghosts(&self) -> usize {
+        self.ghost.len()
     }
 
     /// Drops the cached mark of an evictable block, moving it to the blank queue.
     pub fn uncache_free(&mut self, b: BlockId) {
         assert!(self.is_evictable(b));
-        self.queues.remove(b.0);
+        self.unqueue(b.0);
         self.cached[b.idx()] = false;
         self.hits[b.idx()] = 0;
         self.queues.push_back(BLANK, b.0);
@@ -323,12 +517,24 @@ impl BlockPool {
                 assert!(!self.cached[b], "blank block {b} is cached");
             } else {
                 assert!(self.cached[b], "evictable block {b} is not cached");
-                let class = self.policy.class(self.hits[b]);
+                let class = self.class_of(b as u32);
                 assert_eq!(at - EVICTABLE, class as u8, "block {b}: eviction class");
             }
             counted[at as usize] += 1;
         }
         assert_eq!(counted, self.queues.len, "queue lengths");
+        if self.policy == EvictionPolicy::Lecar {
+            let n = self.order.iter(EVICTABLE).count();
+            assert_eq!(
+                n,
+                self.num_evictable_blocks(),
+                "release order holds the evictable"
+            );
+            assert!(self
+                .order
+                .iter(EVICTABLE)
+                .all(|b| self.queues.is_evictable(b)));
+        }
         for q in 0..self.queues.len.len() as u8 {
             assert_eq!(self.queues.iter(q).count(), self.queues.len[q as usize]);
         }
@@ -346,7 +552,7 @@ mod tests {
         assert_eq!(got, [0, 1, 2, 3]);
         assert!(p.take_blank().is_none());
         for b in [3, 1] {
-            p.set_cached(BlockId(b), true);
+            p.register(BlockId(b), b as u128);
         }
         // release order: 3 (cached), 2, 1 (cached), 0
         assert_eq!(p.release(BlockId(3)), Released::Evictable);
@@ -369,7 +575,7 @@ mod tests {
         let mut p = BlockPool::new(3);
         for _ in 0..3 {
             let b = p.take_blank().unwrap();
-            p.set_cached(b, true);
+            p.register(b, b.0 as u128);
         }
         for b in [0, 1, 2] {
             p.release(BlockId(b));
@@ -391,7 +597,7 @@ mod tests {
         let mut p = BlockPool::with_policy(4, EvictionPolicy::Lfu).unwrap();
         for _ in 0..4 {
             let b = p.take_blank().unwrap();
-            p.set_cached(b, true);
+            p.register(b, b.0 as u128);
         }
         // Hits: block 0 twice, block 1 once, 2 and 3 none (6 hits on 3 saturate at 4: later).
         for b in [0, 0, 1] {
@@ -420,12 +626,158 @@ mod tests {
         p.check_invariants();
     }
 
+    /// A pool of `n` cached blocks (hash = id), released in id order.
+    fn cached_pool(n: u32, policy: EvictionPolicy) -> BlockPool {
+        let mut p = BlockPool::with_policy(n as usize, policy).unwrap();
+        for _ in 0..n {
+            let b = p.take_blank().unwrap();
+            p.register(b, b.0 as u128);
+        }
+        for b in 0..n {
+            p.release(BlockId(b));
+        }
+        p
+    }
+
+    fn evict_all(p: &mut BlockPool) -> Vec<u32> {
+        std::iter::from_fn(|| p.evict_lru_to_blank().map(|b| b.0)).collect()
+    }
+
+    #[test]
+    fn lfu_remembers_the_hits_of_an_evicted_hash() {
+        let mut p = cached_pool(3, EvictionPolicy::Lfu);
+        p.acquire_hit(BlockId(0));
+        p.release(BlockId(0)); // class 1; 1 and 2 in class 0
+        assert_eq!(p.evict_lru(), Some(BlockId(1)));
+        assert_eq!(p.num_ghosts(), 1);
+        assert_eq!(p.evict_lru(), Some(BlockId(2)));
+        assert_eq!(p.evict_lru(), Some(BlockId(0)));
+        assert_eq!(p.num_ghosts(), 3);
+        // Block 0's hash comes back (a miss: one more) with its hit: class 2. Hash 1 comes
+        // back with class 1, and a new hash starts at 0.
+        for (b, hash) in [(0, 0u128), (1, 1), (2, 7)] {
+            p.register(BlockId(b), hash);
+        }
+        assert_eq!(
+            (p.hits(BlockId(0)), p.hits(BlockId(1)), p.hits(BlockId(2))),
+            (2, 1, 0)
+        );
+        assert_eq!(p.num_ghosts(), 1); // only hash 2 still remembered
+        for b in [0, 1, 2] {
+            p.release(BlockId(b));
+        }
+        assert_eq!(evict_all(&mut p), [2, 1, 0]);
+        p.forget_evicted();
+        assert_eq!(p.num_ghosts(), 0);
+        p.check_invariants();
+    }
+
+    #[test]
+    fn s3fifo_passes_one_time_blocks_through_the_small_fifo() {
+        // 20 blocks: all in the small FIFO. Blocks 0 and 1 are hit once.
+        let mut p = cached_pool(20, EvictionPolicy::S3Fifo);
+        for b in [0, 1] {
+            p.acquire_hit(BlockId(b));
+            p.release(BlockId(b)); // back to the small FIFO's tail
+        }
+        p.check_invariants();
+        // The small FIFO is over its share: its head 2 (not hit) goes, remembered.
+        assert_eq!(p.evict_lru(), Some(BlockId(2)));
+        assert_eq!(p.num_ghosts(), 1);
+        // Evicting the rest: 3..19 go first (0 and 1 move to the main FIFO on the way).
+        let order = evict_all(&mut p);
+        assert_eq!(order[..17], (3..20).collect::<Vec<_>>()[..]);
+        assert_eq!(order[17..], [0, 1]);
+        p.check_invariants();
+    }
+
+    #[test]
+    fn s3fifo_sends_a_remembered_hash_to_the_main_fifo() {
+        let mut p = cached_pool(10, EvictionPolicy::S3Fifo);
+        assert_eq!(p.evict_lru(), Some(BlockId(0))); // remembered
+        p.register(BlockId(0), 0); // hash 0 again: main FIFO
+        p.release(BlockId(0));
+        assert_eq!(p.num_ghosts(), 0);
+        p.check_invariants();
+        // The small FIFO (1..9) goes first; block 0 goes last though released last.
+        let mut order = evict_all(&mut p);
+        assert_eq!(order.pop(), Some(0));
+        assert_eq!(order, (1..10).collect::<Vec<_>>());
+        // Main-FIFO blocks that were hit go round once per hit.
+        let mut p = cached_pool(4, EvictionPolicy::S3Fifo);
+        for b in 0..4 {
+            let blk = p.evict_lru().unwrap();
+            assert_eq!(blk.0, b);
+            p.register(blk, b as u128); // all four remembered: main FIFO
+        }
+        for b in 0..4 {
+            p.release(BlockId(b));
+        }
+        p.acquire_hit(BlockId(0));
+        p.release(BlockId(0)); // main: 1 2 3 0 (0 hit once)
+        p.acquire_hit(BlockId(1));
+        p.acquire_hit(BlockId(1));
+        p.release(BlockId(1));
+        p.release(BlockId(1)); // main: 2 3 0 1 (1 hit twice)
+        assert_eq!(evict_all(&mut p), [2, 3, 0, 1]);
+        p.check_invariants();
+    }
+
+    #[test]
+    fn lecar_makes_the_expert_that_was_wrong_pay() {
+        // Block 0 was hit (LFU keeps it) but released first (LRU evicts it); block 1 the
+        // other way round: the two experts disagree.
+        let run = || {
+            let mut p = BlockPool::with_policy(2, EvictionPolicy::Lecar).unwrap();
+            for _ in 0..2 {
+                let b = p.take_blank().unwrap();
+                p.register(b, b.0 as u128);
+            }
+            p.acquire_hit(BlockId(0));
+            p.release(BlockId(0));
+            p.release(BlockId(0));
+            p.release(BlockId(1));
+            p.check_invariants();
+            let victim = p.evict_lru().unwrap();
+            p.check_invariants();
+            assert_eq!(p.lru_weight(), 0.5);
+            p.register(victim, victim.0 as u128); // the evicted hash was needed after all
+            (victim, p.lru_weight())
+        };
+        let (victim, w) = run();
+        if victim == BlockId(0) {
+            assert!(w < 0.5, "LRU chose block 0 and pays: {w}");
+        } else {
+            assert!(w > 0.5, "LFU chose block 1 and pays: {w}");
+        }
+        // The draw is seeded: the same operations give the same choices.
+        assert_eq!(run(), (victim, w));
+    }
+
+    #[test]
+    fn lecar_follows_a_decided_expert() {
+        // Once the weights favour LRU, evictions follow release order, hits or not.
+        let mut p = cached_pool(8, EvictionPolicy::Lecar);
+        p.weights = [1.0, 0.0];
+        p.acquire_hit(BlockId(0));
+        p.release(BlockId(0)); // LFU would keep 0 longest; LRU evicts it last (released last)
+        assert_eq!(evict_all(&mut p), [1, 2, 3, 4, 5, 6, 7, 0]);
+        let mut p = cached_pool(8, EvictionPolicy::Lecar);
+        p.weights = [0.0, 1.0];
+        p.acquire_hit(BlockId(7));
+        p.release(BlockId(7));
+        p.acquire_hit(BlockId(3));
+        p.release(BlockId(3));
+        assert_eq!(evict_all(&mut p), [0, 1, 2, 4, 5, 6, 7, 3]);
+        p.check_invariants();
+    }
+
     #[test]
     fn lru_ignores_hits() {
         let mut p = BlockPool::new(2);
         for _ in 0..2 {
             let b = p.take_blank().unwrap();
-            p.set_cached(b, true);
+            p.register(b, b.0 as u128);
         }
         p.acquire_hit(BlockId(0));
         p.release(BlockId(1));

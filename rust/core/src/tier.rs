@@ -111,7 +111,7 @@ impl HostTier {
     ) -> bool {
         let stored = self.index.insert(b, hash, parent, first, tokens);
         if stored {
-            self.pool.set_cached(b, true);
+            self.pool.register(b, hash);
         }
         self.pool.release(b);
         stored
@@ -120,6 +120,7 @@ impl HostTier {
     /// Drops every cached host block (reset); owned blocks are untouched.
     pub fn clear_cached(&mut self) {
         while self.pool.evict_lru_to_blank().is_some() {}
+        self.pool.forget_evicted();
         self.index.clear();
     }
 }
@@ -202,7 +203,7 @@ impl DiskTier {
             }
         };
         self.index.insert(slot, hash, parent, first, tokens);
-        self.pool.set_cached(slot, true);
+        self.pool.register(slot, hash);
         self.pending[slot.idx()] = true;
         self.num_pending += 1;
         events.stored(hash, (!first).then_some(parent), tokens, Tier::Disk);
@@ -231,7 +232,7 @@ impl DiskTier {
                 self.index.remove(slot);
                 events.removed(hash, Tier::Disk);
             }
-            self.pool.set_cached(slot, false);
+            self.pool.unregister(slot);
         }
         self.pool.release(slot);
     }
@@ -248,6 +249,7 @@ impl DiskTier {
 
     pub fn clear_cached(&mut self) {
         while self.pool.evict_lru_to_blank().is_some() {}
+        self.pool.forget_evicted();
         // Pending slots stay owned by their writes; `finish_write` sees them unindexed.
         self.index.clear();
     }

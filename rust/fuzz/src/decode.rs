@@ -41,6 +41,8 @@ pub struct Setup {
     pub events: bool,
     /// Swaps start on the copy worker (`set_inline_copy_bytes(0)`) instead of inline.
     pub worker_swaps: bool,
+    /// The eviction policy of every tier (`eviction::POLICY_NAMES`).
+    pub eviction_policy: &'static str,
 }
 
 impl Setup {
@@ -69,6 +71,8 @@ impl Setup {
             heads: int(u, 1, 2),
             head_dim: [1, 2, 4][int(u, 0, 2)],
             dtype: ["float16", "uint8", "float32"][int(u, 0, 2)],
+            eviction_policy: ferrumkv_core::eviction::POLICY_NAMES
+                [int(u, 0, ferrumkv_core::eviction::POLICY_NAMES.len() - 1)],
         }
     }
 

@@ -7,7 +7,7 @@
 //!   1, 2 or 4 dims, uint8 / float16 / float32, block-major or layer-major layout, the prefix
 //!   cache on or off (xxh3 or sha256), a host tier of 0..=8 blocks, a disk tier of 0..=8 slots
 //!   (a file in a fresh temporary directory; only with a host tier), swaps copied inline or on
-//!   the copy worker;
+//!   the copy worker, any eviction policy;
 //! - up to `MAX_OPS` operations over 6 request ids (3 integer, 3 string) and 3 salts (none, a
 //!   string, an integer): `allocate` and `extend` (ids or a bare count) with and without
 //!   waiting, `extend_batch`, `deallocate`, `fork`, `swap_out` / `swap_in`, `take_ticket` /
@@ -185,6 +185,7 @@ impl Setup {
             c.disk_path = Some(dir.join("kv.bin").to_string_lossy().into_owned());
         }
         c.enable_kv_events = self.events;
+        c.eviction_policy = self.eviction_policy.into();
         c.residency_sample_rate = 1.0;
         let config = CacheConfig::validate(&c).expect("the decoded config is valid");
         let e = Engine::with_clock(config, Clock::manual(0.0)).expect("the engine starts");

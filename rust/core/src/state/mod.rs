@@ -148,7 +148,7 @@ impl Registry<'_> {
     ) {
         let first = parent == root;
         if self.index.insert(b, hash, parent, first, tokens) {
-            self.pool.set_cached(b, true);
+            self.pool.register(b, hash);
             // The first block of a chain has no parent block (the root is a salt, not a block).
             self.events
                 .stored(hash, (!first).then_some(parent), tokens, Tier::Device);
@@ -538,6 +538,7 @@ impl State {
         while let Some(b) = self.pool.evict_lru_to_blank() {
             self.residency.forget(b);
         }
+        self.pool.forget_evicted();
         self.index.clear();
         if let Some(host) = self.host.as_mut() {
             host.clear_cached();

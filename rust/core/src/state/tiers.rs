@@ -211,7 +211,7 @@ impl State {
         let mut staged = StagedReads::default();
         for (hash, slot, result) in results {
             if disk.index.hash_of(slot).is_none() {
-                disk.pool.set_cached(slot, false); // dropped from the index meanwhile (reset)
+                disk.pool.unregister(slot); // dropped from the index meanwhile (reset)
             }
             disk.pool.release(slot);
             staged.insert(hash, result);

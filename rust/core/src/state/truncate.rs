@@ -73,7 +73,7 @@ impl State {
         self.release_reserved(freed);
         if kept > 0 && self.pool.ref_cnt(last) == 1 {
             if let Some(h) = self.index.remove(last) {
-                self.pool.set_cached(last, false);
+                self.pool.unregister(last);
                 self.events.removed(h, Tier::Device);
             }
         }
