@@ -231,6 +231,20 @@ def test_largest_token_id_is_accepted() -> None:
     assert len(cache) == 3
 
 
+def test_list_items_that_are_not_exact_ints_take_the_slow_path() -> None:
+    """Exact ints are read straight from the list; int subclasses and numpy scalars are
+    converted one by one, to the same tokens."""
+
+    class TokenId(int):
+        pass
+
+    cache = new_cache()
+    alloc(cache, "a", [1, 2, 3, 4, 5])
+    h = alloc(cache, "b", [TokenId(1), np.int64(2), np.uint32(3), 4, TokenId(5)])
+    assert h.num_cached_tokens == 4  # the same block of tokens as "a"
+    assert cache.lookup_prefix([1, 2, 3, 4, np.int32(9)]).num_cached_tokens == 4
+
+
 def test_request_ids_str_and_int_are_distinct() -> None:
     cache = new_cache()
     alloc(cache, "1", [1])

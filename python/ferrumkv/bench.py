@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -652,6 +653,54 @@ async def _disk(rounds: int) -> list[tuple[str, float, float, str]]:
 
 Row = tuple[str, float, float, str]
 
+TRACE = Path(__file__).resolve().parents[2] / "benches" / "data" / "mooncake_synthetic_trace.jsonl"
+"""The trace `_trace_replay` replays (in a checkout; the case is skipped without it)."""
+
+
+def _trace_replay(rounds: int) -> list[Row]:
+    """The Mooncake synthetic trace, prompts only, one request at a time on 60k blocks
+    (allocate, deallocate), in ns per prompt block: numpy token arrays beside the same
+    prompts as Python int lists (the difference is the list conversion)."""
+    if not TRACE.exists():
+        return []
+    from .workload import DEFAULT_VOCAB_SIZE, load_trace
+
+    workload = load_trace(TRACE, vocab_size=DEFAULT_VOCAB_SIZE)
+    arrays = [r.prompt_tokens(workload.vocab_size) for r in workload.requests]
+    lists = [a.tolist() for a in arrays]
+    blocks = sum(-(-len(a) // BLOCK) for a in arrays)
+    tokens = sum(len(a) for a in arrays)
+
+    def replay(prompts: list[Any]) -> float:
+        cache = KvCache(_cfg(60_000, prefix=True))
+        core = cache._core  # the synchronous engine calls, as `try_allocate` makes them
+        t0 = time.perf_counter_ns()
+        for i, p in enumerate(prompts):
+            core.try_allocate(i, p, None, None, False)
+            core.deallocate(i)
+        ns = time.perf_counter_ns() - t0
+        cache.close()
+        return ns
+
+    r = max(3, rounds // 7)
+    numpy_ns = statistics.median(replay(arrays) for _ in range(r))
+    list_ns = statistics.median(replay(lists) for _ in range(r))
+    return [
+        (
+            f"synthetic trace replay, 60k blocks ({blocks:,} prompt blocks), numpy vs lists",
+            numpy_ns / blocks,
+            list_ns / blocks,
+            "ns/block",
+        ),
+        (
+            "  int-list conversion (lists minus numpy)",
+            (list_ns - numpy_ns) / tokens,
+            (list_ns - numpy_ns) / tokens,
+            "ns/token",
+        ),
+    ]
+
+
 # (group, the fixed part of each case name, runner): `--only` picks groups by these names.
 GROUPS: list[tuple[str, tuple[str, ...], Callable[[int], Any]]] = [
     (
@@ -691,6 +740,7 @@ GROUPS: list[tuple[str, tuple[str, ...], Callable[[int], Any]]] = [
     ("copy", ("write_kv 1024 KiB",), _copy_bandwidth),
     ("swap", ("swap out+in", "seqs of <=16 blocks in turn"), _swap),
     ("disk", ("disk write", "disk read"), _disk),
+    ("replay", ("synthetic trace replay", "int-list conversion"), _trace_replay),
 ]
 
 

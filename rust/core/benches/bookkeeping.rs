@@ -4,11 +4,18 @@
 //! the prefix cache off and on (half the requests share a 256-token prefix), and of a decode
 //! step of 256 sequences of 1,024 to 1,088 tokens (`extend_batch_ids` + `batch_layout`), so
 //! the cost of the engine itself can be told apart from the Python edge.
+//!
+//! Then the engine-only replay of the Mooncake synthetic trace (`benches/data`, prompts only,
+//! one request at a time, 60k blocks): nanoseconds per prompt block for hash + lookup +
+//! allocate + register + release + evict, beside the floor measured in the same run (hashing
+//! the same tokens alone); and the setup of a 1M-block engine with the bytes of bookkeeping
+//! per cached block once 1M blocks are cached (resident memory, the untouched slab excluded).
 
 use std::time::Instant;
 
 use ferrumkv_core::clock::Clock;
-use ferrumkv_core::config::{CacheConfig, ConfigInput};
+use ferrumkv_core::config::{CacheConfig, ConfigInput, HashAlgo};
+use ferrumkv_core::prefix::Hasher;
 use ferrumkv_core::state::NewTokens;
 use ferrumkv_core::types::RequestId;
 use ferrumkv_core::Engine;
@@ -65,6 +72,12 @@ fn median_us(mut round: impl FnMut(), ops: usize, rounds: usize) -> f64 {
 }
 
 fn main() {
+    // `FERRUMKV_BENCH_ONLY=trace` (or `million`) runs that case alone (for a profiler).
+    match std::env::var("FERRUMKV_BENCH_ONLY").as_deref() {
+        Ok("trace") => return trace_replay(),
+        Ok("million") => return million_blocks(),
+        _ => {}
+    }
     let ps = prompts();
     for prefix in [false, true] {
         let e = engine(prefix);
@@ -97,6 +110,115 @@ fn main() {
     );
     println!("hash + lookup of a 32k-token prompt (miss): {us:.1} us");
     decode_step();
+    trace_replay();
+    million_blocks();
+}
+
+/// The trace's prompts as tokens: each 512-token hash id becomes 512 tokens drawn from the id
+/// (equal ids, equal tokens; the last id of a prompt is cut to its `input_length`).
+fn trace_prompts() -> Vec<Vec<u32>> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../benches/data/mooncake_synthetic_trace.jsonl"
+    );
+    let text = std::fs::read_to_string(path).expect("benches/data has the synthetic trace");
+    let number_after = |line: &str, key: &str| -> usize {
+        let at = line.find(key).expect("a trace field") + key.len();
+        let digits: String = line[at..]
+            .chars()
+            .skip_while(|c| !c.is_ascii_digit())
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().expect("a number")
+    };
+    text.lines()
+        .map(|line| {
+            let n = number_after(line, "\"input_length\"");
+            let ids = &line[line.find("\"hash_ids\"").unwrap()..];
+            let ids = &ids[ids.find('[').unwrap() + 1..ids.find(']').unwrap()];
+            let mut tokens: Vec<u32> = ids
+                .split(',')
+                .filter_map(|x| x.trim().parse::<u64>().ok())
+                .flat_map(|id| {
+                    (0..512u64).map(move |j| {
+                        let mut z = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ j;
+                        z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                        ((z >> 32) % 128_256) as u32
+                    })
+                })
+                .collect();
+            tokens.truncate(n);
+            tokens
+        })
+        .collect()
+}
+
+fn trace_replay() {
+    let prompts = trace_prompts();
+    let blocks: usize = prompts.iter().map(|p| p.len().div_ceil(16)).sum();
+    let hasher = Hasher::new(HashAlgo::Xxh3_128);
+    let (mut replay, mut floor) = (vec![], vec![]);
+    for _ in 0..5 {
+        let e = engine_of(true, 60_000);
+        let t0 = Instant::now();
+        for (i, p) in prompts.iter().enumerate() {
+            let rid = RequestId::Int(i as i64);
+            e.allocate(rid.clone(), p.clone(), None, false).unwrap();
+            e.deallocate(&rid).unwrap();
+        }
+        replay.push(t0.elapsed().as_secs_f64() * 1e9 / blocks as f64);
+        let t0 = Instant::now();
+        for p in &prompts {
+            std::hint::black_box(hasher.chain(0, p, 16));
+        }
+        floor.push(t0.elapsed().as_secs_f64() * 1e9 / blocks as f64);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "synthetic trace replay ({} prompts, {blocks} blocks, 60k device blocks): {:.0} ns/block; \
+         hashing the same tokens alone: {:.0} ns/block",
+        prompts.len(),
+        median(replay),
+        median(floor)
+    );
+}
+
+/// Resident memory of this process in bytes (Linux).
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn million_blocks() {
+    const N: usize = 1 << 20;
+    let before = rss_bytes();
+    let t0 = Instant::now();
+    let e = engine_of(true, N as i64);
+    let setup_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let after_setup = rss_bytes();
+    // Cache every block: 32,768 prompts of 512 distinct tokens (32 blocks each).
+    for i in 0..(N / 32) as u32 {
+        let p: Vec<u32> = (0..512).map(|t| i * 512 + t).collect();
+        let rid = RequestId::Int(i64::from(i));
+        e.allocate(rid.clone(), p, None, false).unwrap();
+        e.deallocate(&rid).unwrap();
+    }
+    let cached = rss_bytes();
+    println!(
+        "1M blocks: setup {setup_ms:.1} ms, {:.0} bytes/block after setup, {:.0} bytes/block \
+         with every block cached (slab pages untouched, not resident)",
+        (after_setup - before) as f64 / N as f64,
+        (cached - before) as f64 / N as f64
+    );
+    drop(e);
 }
 
 /// 256 sequences of 1,024 prompt tokens, 64 decode steps a round; each round starts from

@@ -287,14 +287,47 @@ fn via_dlpack<'py>(obj: &Bound<'py, PyAny>, what: &str) -> Option<PyResult<Bound
     }))
 }
 
+/// Token ids of a list: exact `int` items in range are read straight from the list (a
+/// borrowed item, one `PyLong_AsLongLong`: a few ns a token); any other item goes through
+/// `token_of`, which converts it or says what is wrong with it.
+fn list_tokens(list: &Bound<'_, PyList>) -> PyResult<Vec<u32>> {
+    use pyo3::ffi;
+    let n = list.len();
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        // SAFETY: `list` is a live list and we hold the GIL. `PyList_GetItem` checks the
+        // index (a list shrunk by an item's `__index__` on the slow path gives NULL and an
+        // IndexError) and returns a borrowed reference, used only before any Python code can
+        // run again; an exact int's `PyLong_AsLongLong` runs none.
+        let fast = unsafe {
+            let item = ffi::PyList_GetItem(list.as_ptr(), i as ffi::Py_ssize_t);
+            if item.is_null() {
+                return Err(PyErr::fetch(list.py()));
+            }
+            if ffi::PyLong_CheckExact(item) != 0 {
+                let v = ffi::PyLong_AsLongLong(item);
+                if v == -1 && !ffi::PyErr_Occurred().is_null() {
+                    ffi::PyErr_Clear(); // too large: the slow path says so
+                    None
+                } else {
+                    u32::try_from(v).ok()
+                }
+            } else {
+                None
+            }
+        };
+        match fast {
+            Some(t) => out.push(t),
+            None => out.push(token_of(&list.get_item(i)?, i)?),
+        }
+    }
+    Ok(out)
+}
+
 /// Token ids from a list, tuple, 1-D integer buffer or DLPack tensor.
 pub fn tokens(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     if let Ok(list) = obj.cast::<PyList>() {
-        return list
-            .iter()
-            .enumerate()
-            .map(|(i, x)| token_of(&x, i))
-            .collect();
+        return list_tokens(list);
     }
     if let Ok(t) = obj.cast::<PyTuple>() {
         return t.iter().enumerate().map(|(i, x)| token_of(&x, i)).collect();
