@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::eviction::{
     EvictionPolicy, LECAR_LEARNING_RATE, LFU_EXPERT, LRU_EXPERT, MAIN, S3_SMALL_PERCENT, SMALL,
 };
-use crate::fallible::vec_of;
+use crate::fallible::{vec_of, zeroed};
 use crate::ghost::{fingerprint, Ghost, Remembered};
 use crate::types::{BlockHash, BlockId};
 
@@ -179,11 +179,12 @@ impl BlockPool {
     /// `try_new` evicting by `policy`.
     pub fn with_policy(num_blocks: usize, policy: EvictionPolicy) -> Result<Self> {
         let mut queues = Queues::try_new(num_blocks, policy.classes())?;
-        let ref_cnt = vec_of(num_blocks, 0, "the block pool's reference counts")?;
-        let cached = vec_of(num_blocks, false, "the block pool's cached marks")?;
-        let hits = vec_of(num_blocks, 0u8, "the block pool's hit counts")?;
-        let fp = vec_of(num_blocks, 0u64, "the block pool's hash fingerprints")?;
-        let home = vec_of(num_blocks, SMALL as u8, "the block pool's queue homes")?;
+        let ref_cnt = zeroed(num_blocks, "the block pool's reference counts")?;
+        let cached = zeroed(num_blocks, "the block pool's cached marks")?;
+        let hits = zeroed(num_blocks, "the block pool's hit counts")?;
+        let fp = zeroed(num_blocks, "the block pool's hash fingerprints")?;
+        let home = zeroed(num_blocks, "the block pool's queue homes")?; // SMALL
+        const { assert!(SMALL == 0, "a zeroed home is SMALL") };
         let ghost = Ghost::try_new(policy.ghost_capacity(num_blocks))?;
         let lecar = policy == EvictionPolicy::Lecar;
         let order = Queues::try_new(if lecar { num_blocks } else { 0 }, 1)?;
