@@ -25,6 +25,7 @@ pub mod prefix;
 pub mod pressure;
 pub mod residency;
 pub mod sequence;
+pub mod slots;
 pub mod state;
 pub mod stats;
 pub mod storage;

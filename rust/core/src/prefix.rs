@@ -10,18 +10,16 @@
 //! (TensorRT-LLM's partial matching: the child whose first k tokens equal the request's next
 //! k tokens; k >= 1 needs the first token to match, so no other sibling can win).
 //! Each cached block also keeps its token ids, hash and parent hash, in arrays by block id.
-//! Both maps are keyed by 64 bits (`ghost::fingerprint` of the hash; of the parent hash mixed
-//! with the token), so a bucket is 16 bytes instead of 32 and 48: half the cache lines an
-//! eviction and a registration touch. Every answer is checked against the full 128-bit
+//! Both maps are `slots::SlotTable`s keyed by 64 bits (`ghost::fingerprint` of the hash; of
+//! the parent hash mixed with the token): 8-byte slots holding a tag and a block id, sized
+//! once for every block of the tier, so an eviction and a registration touch few cache lines
+//! and nothing is allocated per block. Every answer is checked against the full 128-bit
 //! hashes in the arrays: a fingerprint shared by two hashes makes the later one stay
 //! unindexed (a miss), and a sibling list shared by two keys is filtered, so a collision
 //! costs a hit, never serves another prefix's block.
 //! Invariants: `by_hash[fp(h)] == b` iff block `b` is indexed with hash `h`, and then `b` is
 //! in the sibling list of (parent, its first token); a hash is held by at most one block
 //! (later duplicates stay unindexed).
-
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher as StdHasher};
 
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::xxh3_128;
@@ -30,6 +28,7 @@ use crate::config::HashAlgo;
 use crate::error::Result;
 use crate::fallible::{out_of_memory, vec_of, zeroed};
 use crate::ghost::fingerprint;
+use crate::slots::SlotTable;
 use crate::types::{BlockHash, BlockId};
 
 /// Hashes blocks of token ids under one algorithm.
@@ -109,35 +108,6 @@ impl Hasher {
     }
 }
 
-/// Block hashes are already uniform 128-bit digests: hashing them again (SipHash) only
-/// costs time, so the index maps fold the key into 64 bits and mix it with one multiply.
-#[derive(Default, Clone, Copy)]
-pub struct PassThrough(u64);
-
-impl StdHasher for PassThrough {
-    fn finish(&self) -> u64 {
-        // One multiply spreads keys that are not digests (sibling keys: a first token id
-        // under the root) over the high bits hashbrown probes with.
-        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 ^= v as u64;
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 ^= v;
-    }
-}
-
-/// Maps keyed by 64 bits that are already mixed.
-type Keyed64 = HashMap<u64, u32, BuildHasherDefault<PassThrough>>;
-
 /// (parent hash, first token id) of a cached block.
 type SiblingKey = (BlockHash, u32);
 
@@ -159,10 +129,10 @@ const INDEXED_FIRST: u8 = 2;
 pub struct PrefixIndex {
     block_size: usize,
     /// Fingerprint of a hash -> the block holding it.
-    by_hash: Keyed64,
+    by_hash: SlotTable,
     /// Head of the sibling list of each (parent hash, first token) key: partial matching
     /// only ever looks at cached children that share the request's next token.
-    siblings: Keyed64,
+    siblings: SlotTable,
     /// Intrusive doubly-linked sibling lists (`NIL`-terminated), indexed by block id.
     next_sib: Vec<u32>,
     prev_sib: Vec<u32>,
@@ -190,8 +160,8 @@ impl PrefixIndex {
             .ok_or_else(|| out_of_memory(TOKENS, num_blocks, 4 * block_size))?;
         Ok(PrefixIndex {
             block_size,
-            by_hash: Keyed64::default(),
-            siblings: Keyed64::default(),
+            by_hash: SlotTable::try_new(num_blocks, "the prefix index's hash table")?,
+            siblings: SlotTable::try_new(num_blocks, "the prefix index's sibling table")?,
             next_sib: vec_of(num_blocks, NIL, "the prefix index's sibling links")?,
             prev_sib: vec_of(num_blocks, NIL, "the prefix index's sibling links")?,
             state: zeroed(num_blocks, "the prefix index's entries")?,
@@ -210,8 +180,18 @@ impl PrefixIndex {
     }
 
     pub fn get(&self, h: BlockHash) -> Option<BlockId> {
-        let b = *self.by_hash.get(&fingerprint(h))?;
+        let b = self.by_hash.get(fingerprint(h), |b| self.fp_of(b))?;
         (self.hash[b as usize] == h).then_some(BlockId(b))
+    }
+
+    /// The `by_hash` key of an indexed block.
+    fn fp_of(&self, b: u32) -> u64 {
+        fingerprint(self.hash[b as usize])
+    }
+
+    /// The `siblings` key of an indexed block.
+    fn sib_key_of(&self, b: u32) -> u64 {
+        sibling_key((self.parent[b as usize], self.tokens_of(BlockId(b))[0]))
     }
 
     fn indexed(&self, b: BlockId) -> bool {
@@ -251,14 +231,13 @@ impl PrefixIndex {
     ) -> bool {
         debug_assert_eq!(tokens.len(), self.block_size);
         debug_assert!(!self.indexed(b), "block {} indexed twice", b.0);
-        // Occupied: the same hash (a duplicate), or another sharing its fingerprint; either
-        // way this block stays unindexed.
-        match self.by_hash.entry(fingerprint(hash)) {
-            std::collections::hash_map::Entry::Occupied(_) => return false,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(b.0);
-            }
+        // Taken: the same hash (a duplicate), or another sharing its fingerprint; either way
+        // this block stays unindexed.
+        let fp = fingerprint(hash);
+        if self.by_hash.get(fp, |x| self.fp_of(x)).is_some() {
+            return false;
         }
+        self.by_hash.insert(fp, b.0);
         let i = b.idx();
         self.state[i] = if first { INDEXED_FIRST } else { INDEXED };
         self.hash[i] = hash;
@@ -271,15 +250,25 @@ impl PrefixIndex {
     /// Drops `b` from the index; returns its hash.
     pub fn remove(&mut self, b: BlockId) -> Option<BlockHash> {
         let hash = self.hash_of(b)?;
-        self.state[b.idx()] = UNINDEXED;
-        self.by_hash.remove(&fingerprint(hash));
+        self.by_hash.remove(fingerprint(hash), b.0);
         let key = (self.parent[b.idx()], self.tokens_of(b)[0]);
         self.unlink(b, key);
+        self.state[b.idx()] = UNINDEXED;
         Some(hash)
     }
 
     fn link(&mut self, b: BlockId, key: SiblingKey) {
-        let head = self.siblings.insert(sibling_key(key), b.0).unwrap_or(NIL);
+        let k = sibling_key(key);
+        let head = match self.siblings.get(k, |x| self.sib_key_of(x)) {
+            Some(head) => {
+                self.siblings.replace(k, head, b.0);
+                head
+            }
+            None => {
+                self.siblings.insert(k, b.0);
+                NIL
+            }
+        };
         self.next_sib[b.idx()] = head;
         self.prev_sib[b.idx()] = NIL;
         if head != NIL {
@@ -291,9 +280,9 @@ impl PrefixIndex {
         let (p, n) = (self.prev_sib[b.idx()], self.next_sib[b.idx()]);
         if p == NIL {
             if n == NIL {
-                self.siblings.remove(&sibling_key(key));
+                self.siblings.remove(sibling_key(key), b.0);
             } else {
-                self.siblings.insert(sibling_key(key), n);
+                self.siblings.replace(sibling_key(key), b.0, n);
             }
         } else {
             self.next_sib[p as usize] = n;
@@ -306,7 +295,10 @@ impl PrefixIndex {
     /// Every block in the sibling list of `key`'s 64-bit key (another key's blocks too, if
     /// two keys share it).
     fn listed(&self, key: u64) -> impl Iterator<Item = BlockId> + '_ {
-        let mut cur = self.siblings.get(&key).copied().unwrap_or(NIL);
+        let mut cur = self
+            .siblings
+            .get(key, |x| self.sib_key_of(x))
+            .unwrap_or(NIL);
         std::iter::from_fn(move || {
             (cur != NIL).then(|| {
                 let b = cur;
@@ -356,15 +348,16 @@ impl PrefixIndex {
     pub fn iter(&self) -> impl Iterator<Item = (BlockHash, BlockId)> + '_ {
         self.by_hash
             .values()
-            .map(|&b| (self.hash[b as usize], BlockId(b)))
+            .map(|b| (self.hash[b as usize], BlockId(b)))
     }
 
     /// Panics if the index disagrees with itself.
     pub fn check_invariants(&self) {
-        for (&fp, &b) in &self.by_hash {
+        self.by_hash.check_invariants(|x| self.fp_of(x));
+        self.siblings.check_invariants(|x| self.sib_key_of(x));
+        for b in self.by_hash.values() {
             let b = BlockId(b);
-            let h = self.hash_of(b).expect("a mapped block is indexed");
-            assert_eq!(fingerprint(h), fp, "block {} carries another hash", b.0);
+            assert!(self.indexed(b), "mapped block {} is not indexed", b.0);
             let key = (self.parent[b.idx()], self.tokens_of(b)[0]);
             assert!(
                 self.siblings_of(key).any(|x| x == b),
@@ -374,7 +367,8 @@ impl PrefixIndex {
         }
         let n = self.state.iter().filter(|&&s| s != UNINDEXED).count();
         assert_eq!(n, self.by_hash.len());
-        let listed: usize = self.siblings.keys().map(|&k| self.listed(k).count()).sum();
+        let heads: Vec<u64> = self.siblings.values().map(|x| self.sib_key_of(x)).collect();
+        let listed: usize = heads.iter().map(|&k| self.listed(k).count()).sum();
         assert_eq!(listed, n);
     }
 }
