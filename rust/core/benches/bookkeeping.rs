@@ -72,10 +72,23 @@ fn median_us(mut round: impl FnMut(), ops: usize, rounds: usize) -> f64 {
 }
 
 fn main() {
-    // `FERRUMKV_BENCH_ONLY=trace` (or `million`) runs that case alone (for a profiler).
+    // `FERRUMKV_BENCH_ONLY=trace` (or `million`, `alloc`) runs that case alone (for a
+    // profiler).
     match std::env::var("FERRUMKV_BENCH_ONLY").as_deref() {
         Ok("trace") => return trace_replay(),
         Ok("million") => return million_blocks(),
+        Ok("alloc") => {
+            let ps = prompts();
+            let e = engine(true);
+            for _ in 0..200 {
+                for (i, p) in ps.iter().enumerate() {
+                    let rid = RequestId::Int(i as i64);
+                    e.allocate(rid.clone(), p.clone(), None, false).unwrap();
+                    e.deallocate(&rid).unwrap();
+                }
+            }
+            return;
+        }
         _ => {}
     }
     let ps = prompts();

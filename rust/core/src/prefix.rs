@@ -233,11 +233,13 @@ impl PrefixIndex {
         debug_assert!(!self.indexed(b), "block {} indexed twice", b.0);
         // Taken: the same hash (a duplicate), or another sharing its fingerprint; either way
         // this block stays unindexed.
-        let fp = fingerprint(hash);
-        if self.by_hash.get(fp, |x| self.fp_of(x)).is_some() {
+        let hashes = &self.hash;
+        let taken = self
+            .by_hash
+            .insert_new(fingerprint(hash), b.0, |x| fingerprint(hashes[x as usize]));
+        if taken.is_some() {
             return false;
         }
-        self.by_hash.insert(fp, b.0);
         let i = b.idx();
         self.state[i] = if first { INDEXED_FIRST } else { INDEXED };
         self.hash[i] = hash;
@@ -258,17 +260,12 @@ impl PrefixIndex {
     }
 
     fn link(&mut self, b: BlockId, key: SiblingKey) {
-        let k = sibling_key(key);
-        let head = match self.siblings.get(k, |x| self.sib_key_of(x)) {
-            Some(head) => {
-                self.siblings.replace(k, head, b.0);
-                head
-            }
-            None => {
-                self.siblings.insert(k, b.0);
-                NIL
-            }
-        };
+        let (parent, tokens, bs) = (&self.parent, &self.tokens, self.block_size);
+        let key_of = |x: u32| sibling_key((parent[x as usize], tokens[x as usize * bs]));
+        let head = self
+            .siblings
+            .upsert(sibling_key(key), b.0, key_of)
+            .unwrap_or(NIL);
         self.next_sib[b.idx()] = head;
         self.prev_sib[b.idx()] = NIL;
         if head != NIL {

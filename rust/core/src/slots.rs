@@ -1,15 +1,17 @@
 //! A fixed-capacity open-addressing table from 64-bit keys to block ids (the prefix index's
 //! maps).
 //!
-//! Design: linear probing over `2^k >= 2 * max_entries` slots of 8 bytes, a 32-bit tag of the
+//! Design: linear probing over `2^k >= 4 * max_entries` slots of 8 bytes, a 32-bit tag of the
 //! key's mixed hash and the block id; the key itself is not stored, the caller derives it from
-//! a block id (`key_of`) where the tag matched. So the table is 16 bytes per block at most,
-//! never grows or allocates after construction, and a probe stays in one or two cache lines at
-//! a load of at most one half. Removal shifts the entries after the removed one back (no
-//! tombstones), so probe lengths never degrade under churn.
+//! a block id (`key_of`) where the tag matched. So the table is 32 bytes per block at most,
+//! never grows or allocates after construction, and at a load of at most one quarter a probe
+//! stays in one cache line. Removal shifts the entries after the removed one back (no
+//! tombstones), so probe lengths never degrade under churn. (At half load, 16 bytes per
+//! block, the shifts made a 512-token allocate + deallocate 30% slower: BENCHMARKS.md.)
 //! Invariants: an entry sits at or after its home slot (`tag & mask`) with no empty slot
 //! between them; at most `max_entries` entries.
-//! Cost: O(1) expected per operation (about 1.5 probes for a hit, 2.5 for a miss at half load).
+//! Cost: O(1) expected per operation (about 1.2 probes for a hit, 1.4 for a miss at a quarter
+//! load).
 
 use crate::error::Result;
 use crate::fallible::{zeroed, Zeroable};
@@ -47,10 +49,11 @@ fn tag_of(key: u64) -> u32 {
 }
 
 impl SlotTable {
-    /// A table for up to `max_entries` entries; `Error::OutOfMemory` naming `what` when its
+    /// A table for up to `max_entries` entries (a quarter of its slots, at most half
+    /// filled even if an owner miscounts); `Error::OutOfMemory` naming `what` when its
     /// slots do not fit in memory.
     pub fn try_new(max_entries: usize, what: &str) -> Result<Self> {
-        let cap = max_entries.saturating_mul(2).max(2).next_power_of_two();
+        let cap = max_entries.saturating_mul(4).max(2).next_power_of_two();
         Ok(SlotTable {
             slots: zeroed(cap, what)?,
             mask: cap - 1,
@@ -110,6 +113,53 @@ impl SlotTable {
             stored: value + 1,
         };
         self.len += 1;
+    }
+
+    /// Stores `value` under `key` unless a value is stored under it already: then returns
+    /// that value and stores nothing (one probe sequence for both). Panics when full.
+    pub fn insert_new(&mut self, key: u64, value: u32, key_of: impl Fn(u32) -> u64) -> Option<u32> {
+        self.put(key, value, key_of, false)
+    }
+
+    /// Stores `value` under `key`, in place of the value stored under it if any, which it
+    /// returns (one probe sequence). Panics when full.
+    pub fn upsert(&mut self, key: u64, value: u32, key_of: impl Fn(u32) -> u64) -> Option<u32> {
+        self.put(key, value, key_of, true)
+    }
+
+    fn put(
+        &mut self,
+        key: u64,
+        value: u32,
+        key_of: impl Fn(u32) -> u64,
+        replace: bool,
+    ) -> Option<u32> {
+        assert!(value < u32::MAX, "value {value} out of range");
+        let tag = tag_of(key);
+        let mut i = tag as usize & self.mask;
+        loop {
+            let s = self.slots[i];
+            if s.stored == EMPTY {
+                break;
+            }
+            if s.tag == tag && key_of(s.value()) == key {
+                if replace {
+                    self.slots[i].stored = value + 1;
+                }
+                return Some(s.value());
+            }
+            i = (i + 1) & self.mask;
+        }
+        assert!(
+            2 * (self.len + 1) <= self.slots.len(),
+            "slot table over capacity"
+        );
+        self.slots[i] = Slot {
+            tag,
+            stored: value + 1,
+        };
+        self.len += 1;
+        None
     }
 
     /// Where `value`, stored under `key`, sits.
@@ -230,6 +280,20 @@ mod tests {
             want.sort_unstable();
             assert_eq!(got, want, "key {k}");
         }
+        // insert_new refuses a key that has a value; upsert replaces it.
+        let key_of_mod = |v: u32| u64::from(v % 1000 % 97);
+        let mut u = SlotTable::try_new(8, "test").unwrap();
+        assert_eq!(u.insert_new(5, 5, key_of_mod), None);
+        assert_eq!(
+            u.insert_new(5, 102, key_of_mod),
+            Some(5),
+            "102 % 97 == 5: taken"
+        );
+        assert_eq!(u.upsert(5, 1005, key_of_mod), Some(5));
+        assert_eq!(u.get(5, key_of_mod), Some(1005));
+        assert_eq!(u.upsert(6, 6, key_of_mod), None);
+        assert_eq!(u.len(), 2);
+        u.check_invariants(key_of_mod);
         let first = *model.keys().next().unwrap();
         t.replace(key_of(first), first, 1000 + first);
         assert!(t
