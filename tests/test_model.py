@@ -318,12 +318,19 @@ class CacheMachine(RuleBasedStateMachine):
             # between. A model waiter still "running" that the engine no longer counts was
             # granted by a worker thread and is not woken yet: it is not ahead any more.
             seen["before"] = self.cache.stats()
+            waiting = self.running("alloc")
             pending = seen["before"].num_waiting > 0
             seen["ahead"] = self.running("alloc", "extend") if pending else []
             try:
-                return await self.cache.allocate(
+                h = await self.cache.allocate(
                     rid, tokens, salt=salt, timeout=0, num_new_tokens=chunk, preempted=preempted
                 )
+                # Read at once, on the loop's thread, with the waiting allocations (never
+                # `preempted` here) that took their grants while this call ran (its fill may
+                # suspend it): they count in the same readings.
+                seen["after"] = self.cache.stats()
+                seen["taken"] = sum(len(w.tokens) for w in waiting if w.state == "ok")
+                return h
             except OutOfBlocksError:
                 # Read at once, on the loop's thread: a waiter timing out on this loop right
                 # after would serve others and change the tier legitimately.
@@ -337,11 +344,11 @@ class CacheMachine(RuleBasedStateMachine):
             return
         assert not seen["ahead"], "a new prompt overtook a waiting call"
         # A resumed request's lookup counts apart from the hit rates, and only there.
-        s, was = self.cache.stats(), seen["before"]
+        taken, s, was = seen["taken"], seen["after"], seen["before"]
         assert (
             s.preempted_requests - was.preempted_requests,
             s.prompt_tokens - was.prompt_tokens,
-        ) == ((1, 0) if preempted else (0, len(tokens)))
+        ) == ((1, taken) if preempted else (0, len(tokens) + taken))
         self.admitted(rid, salt, tokens, h, chunk)
 
     @rule(i=picks, tokens=st.lists(st.integers(0, 9), min_size=1, max_size=6), wait=st.booleans())
