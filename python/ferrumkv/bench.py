@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import CacheConfig, CacheStats, KvCache, PressureLevel, TierStats
+from .hitrate import bookkeeping_config
 from .types import COUNTER_FIELDS
 
 BLOCK = 16
@@ -33,15 +34,7 @@ BLOCK = 16
 
 def _cfg(num_blocks: int, prefix: bool) -> CacheConfig:
     # A tiny model shape: these cases time bookkeeping, not memory.
-    return CacheConfig(
-        num_layers=1,
-        num_kv_heads=1,
-        head_dim=8,
-        block_size=BLOCK,
-        num_blocks=num_blocks,
-        enable_prefix_cache=prefix,
-        enable_kv_events=False,
-    )
+    return bookkeeping_config(num_blocks, BLOCK, enable_prefix_cache=prefix)
 
 
 def _median_us(run_round: Callable[[], None], ops: int, rounds: int) -> float:

@@ -28,6 +28,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,18 +74,24 @@ def engine_hit_rate(
     return asyncio.run(_engine_hit_rate(prompts, block_size, num_blocks, policy))
 
 
-async def _engine_hit_rate(
-    prompts: list[Prompt], block_size: int, num_blocks: int, policy: str
-) -> HitRate:
-    config = CacheConfig(
+def bookkeeping_config(num_blocks: int, block_size: int = 16, **kw: Any) -> CacheConfig:
+    """A cache of a tiny model shape with KV events off: what measures bookkeeping (and hit
+    rates), not memory."""
+    return CacheConfig(
         num_layers=1,
         num_kv_heads=1,
         head_dim=8,
         block_size=block_size,
         num_blocks=num_blocks,
-        eviction_policy=policy,
         enable_kv_events=False,
+        **kw,
     )
+
+
+async def _engine_hit_rate(
+    prompts: list[Prompt], block_size: int, num_blocks: int, policy: str
+) -> HitRate:
+    config = bookkeeping_config(num_blocks, block_size, eviction_policy=policy)
     lookups = 0
     async with KvCache(config) as cache:
         for i, prompt in enumerate(prompts):
