@@ -150,6 +150,8 @@ impl PyCacheConfig {
     fn hash_algo(&self) -> &'static str {
         self.config.hash_algo.name()
     }
+    /// Which free cached block every tier gives up first: one of `EVICTION_POLICIES`
+    /// ("lru", "lfu", "s3fifo", "lecar"; README, "Eviction policies").
     #[getter]
     fn eviction_policy(&self) -> &'static str {
         self.config.eviction_policy.name()
