@@ -2,29 +2,25 @@
 //!
 //! A policy maps a free cached block to one of `classes()` eviction classes when its last
 //! owner releases it; the pool keeps one intrusive FIFO queue per class (`pool`) and a ghost
-//! of recently evicted hashes (`ghost`). All three are O(1) per release, hit and eviction
-//! (S3-FIFO amortized: a block moves at most `MAX_FREQ` times per hit).
+//! of recently evicted hashes (`ghost`). All are O(1) per release, hit and eviction.
+//!
+//! Leaves first, under every policy (API.md): a block goes only after every cached block
+//! that extends it (in the same tier). Under `Lru` because a sequence releases its tail first
+//! and a hit on a child is a hit on its parent. Under `Lfu` (and `Lecar`'s LFU expert) also
+//! because a block's count never exceeds its parent's: a hit on a child is a hit on every
+//! ancestor, and a count brought back from the ghost is capped at the parent's when the block
+//! is registered (the parent block is cached then: the registering sequence holds it). S3-FIFO
+//! was measured and withdrawn: its FIFO order evicts a parent before a child that entered the
+//! main queue later (BENCHMARKS.md, "Eviction policies").
 //! - `Lru` (one class): the least recently released block first, exactly vLLM's order; a
 //!   sequence releases its blocks tail first, so leaves go before their parents. No ghost.
 //! - `Lfu` (frequency-aware, five classes): class `min(hits, 4)`, the lowest class first,
 //!   least recently released first within it. `hits` counts the prefix hits the block
 //!   served while cached, plus, when the same hash is cached again after an eviction, the
 //!   count it had then and one for the lookup that missed it (the ghost remembers
-//!   `LFU_GHOST_PER_BLOCK` evicted hashes per block of the tier): a conversation's history
-//!   that keeps coming back climbs even when it was evicted between turns. Leaves still go
-//!   first within a class: a hit on a block is a hit on every ancestor, and a sequence
-//!   releases a child before its parent.
-//! - `S3Fifo` (adaptive; Yang et al., SOSP 2023): a small FIFO (`S3_SMALL_PERCENT` of the
-//!   free cached blocks) takes blocks cached for the first time, the main FIFO those that
-//!   were hit while in the small one or whose hash the ghost remembers (evicted from the
-//!   small FIFO not long ago: one ghost entry per block). A hit adds to the block's
-//!   frequency (at most `MAX_FREQ`). Eviction takes the small FIFO's head while it holds
-//!   more than its share: into the main FIFO if it was hit, else out (remembered by the
-//!   ghost); otherwise the main FIFO's head, which goes round once more per hit it had.
-//!   One-time prompts pass through the small FIFO quickly while reused prefixes settle in
-//!   the main one, and the ghost sends a prompt that comes back straight there: it adapts
-//!   between recency and frequency without a tuned split. A parent can go before its child
-//!   (a child hit more recently); the orphaned child is then never hit and goes in turn.
+//!   `LFU_GHOST_PER_BLOCK` evicted hashes per block of the tier, and never above the
+//!   parent's count): a conversation's history that keeps coming back climbs even when it
+//!   was evicted between turns.
 //! - `Lecar` (adaptive; Vietri et al., HotStorage 2018): two experts, LRU (the least recently
 //!   released block) and `Lfu`'s rule, and a weight for each. Each eviction follows one
 //!   expert, drawn by weight (a seeded generator: runs repeat exactly), and the ghost notes
@@ -41,16 +37,10 @@
 use crate::error::{Error, Result};
 
 /// The names `CacheConfig(eviction_policy=...)` accepts, in the order of `EvictionPolicy`.
-pub const POLICY_NAMES: [&str; 4] = ["lru", "lfu", "s3fifo", "lecar"];
+pub const POLICY_NAMES: [&str; 3] = ["lru", "lfu", "lecar"];
 
 /// Hits beyond this count no more (the top class of `Lfu`).
 pub const MAX_HITS: u8 = 4;
-
-/// S3-FIFO's frequency cap (2 bits).
-pub const MAX_FREQ: u8 = 3;
-
-/// The small FIFO's share of the free cached blocks under `S3Fifo`.
-pub const S3_SMALL_PERCENT: usize = 10;
 
 /// Ghost entries per block of the tier under `Lfu`.
 pub const LFU_GHOST_PER_BLOCK: usize = 4;
@@ -65,16 +55,11 @@ pub const LECAR_LEARNING_RATE: f64 = 0.45;
 pub const LRU_EXPERT: u8 = 0;
 pub const LFU_EXPERT: u8 = 1;
 
-/// `S3Fifo`'s queues (eviction classes).
-pub const SMALL: usize = 0;
-pub const MAIN: usize = 1;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EvictionPolicy {
     #[default]
     Lru,
     Lfu,
-    S3Fifo,
     Lecar,
 }
 
@@ -83,7 +68,6 @@ impl EvictionPolicy {
         match s {
             "lru" => Ok(EvictionPolicy::Lru),
             "lfu" => Ok(EvictionPolicy::Lfu),
-            "s3fifo" => Ok(EvictionPolicy::S3Fifo),
             "lecar" => Ok(EvictionPolicy::Lecar),
             _ => Err(Error::config(
                 "eviction_policy",
@@ -101,7 +85,6 @@ impl EvictionPolicy {
         match self {
             EvictionPolicy::Lru => 1,
             EvictionPolicy::Lfu | EvictionPolicy::Lecar => MAX_HITS as usize + 1,
-            EvictionPolicy::S3Fifo => 2,
         }
     }
 
@@ -110,17 +93,13 @@ impl EvictionPolicy {
         match self {
             EvictionPolicy::Lru => 0,
             EvictionPolicy::Lfu => num_blocks.saturating_mul(LFU_GHOST_PER_BLOCK),
-            EvictionPolicy::S3Fifo => num_blocks,
             EvictionPolicy::Lecar => num_blocks.saturating_mul(LECAR_GHOST_PER_BLOCK),
         }
     }
 
     /// The most a block's hit count reaches.
     pub fn max_hits(self) -> u8 {
-        match self {
-            EvictionPolicy::S3Fifo => MAX_FREQ,
-            _ => MAX_HITS,
-        }
+        MAX_HITS
     }
 }
 

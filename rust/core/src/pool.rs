@@ -9,7 +9,7 @@
 //!   classes (`eviction`), one FIFO queue each, least recently released at the head; `lru`
 //!   has one class, so its order is exactly vLLM's.
 //! - Allocation takes blank blocks first (FIFO), then evicts the policy's victim (`Lru`,
-//!   `Lfu`: the head of the lowest non-empty class; `S3Fifo`: see `eviction`); the caller
+//!   `Lfu`: the head of the lowest non-empty class; `Lecar`: see `eviction`); the caller
 //!   drops the evicted block's hash from the prefix index. The pool keeps each cached
 //!   block's hash fingerprint, so the policy's ghost remembers what it evicted and a block
 //!   cached again under a remembered hash starts with its history.
@@ -21,9 +21,7 @@
 //! class its hit count gives.
 
 use crate::error::Result;
-use crate::eviction::{
-    EvictionPolicy, LECAR_LEARNING_RATE, LFU_EXPERT, LRU_EXPERT, MAIN, S3_SMALL_PERCENT, SMALL,
-};
+use crate::eviction::{EvictionPolicy, LECAR_LEARNING_RATE, LFU_EXPERT, LRU_EXPERT};
 use crate::fallible::{vec_of, zeroed};
 use crate::ghost::{fingerprint, Ghost, Remembered};
 use crate::types::{BlockHash, BlockId};
@@ -145,12 +143,10 @@ pub struct BlockPool {
     /// Whether the block holds a registered (hashed) cached block.
     cached: Vec<bool>,
     /// Prefix hits served by the block since it was cached, plus what its ghost entry
-    /// carried (saturating at the policy's `max_hits`; S3-FIFO's frequency).
+    /// carried (saturating at `MAX_HITS`).
     hits: Vec<u8>,
     /// Fingerprint of a cached block's hash (what the ghost remembers at its eviction).
     fp: Vec<u64>,
-    /// `S3Fifo`: the queue (`SMALL` / `MAIN`) the block joins when released.
-    home: Vec<u8>,
     policy: EvictionPolicy,
     queues: Queues,
     ghost: Ghost,
@@ -183,8 +179,6 @@ impl BlockPool {
         let cached = zeroed(num_blocks, "the block pool's cached marks")?;
         let hits = zeroed(num_blocks, "the block pool's hit counts")?;
         let fp = zeroed(num_blocks, "the block pool's hash fingerprints")?;
-        let home = zeroed(num_blocks, "the block pool's queue homes")?; // SMALL
-        const { assert!(SMALL == 0, "a zeroed home is SMALL") };
         let ghost = Ghost::try_new(policy.ghost_capacity(num_blocks))?;
         let lecar = policy == EvictionPolicy::Lecar;
         let order = Queues::try_new(if lecar { num_blocks } else { 0 }, 1)?;
@@ -196,7 +190,6 @@ impl BlockPool {
             cached,
             hits,
             fp,
-            home,
             policy,
             queues,
             ghost,
@@ -283,7 +276,6 @@ impl BlockPool {
         match self.policy {
             EvictionPolicy::Lru => 0,
             EvictionPolicy::Lfu | EvictionPolicy::Lecar => self.hits[b] as usize,
-            EvictionPolicy::S3Fifo => self.home[b] as usize,
         }
     }
 
@@ -300,40 +292,7 @@ impl BlockPool {
                 self.ghost.insert(self.fp[b as usize], noted);
                 Some(b)
             }
-            EvictionPolicy::S3Fifo => self.pop_s3fifo(),
             EvictionPolicy::Lecar => self.pop_lecar(),
-        }
-    }
-
-    /// S3-FIFO's eviction (`eviction`): a hit block in the small FIFO moves to the main
-    /// one, a hit block at the main FIFO's head goes round again with one hit less.
-    /// Terminates: each round trip spends a hit.
-    fn pop_s3fifo(&mut self) -> Option<u32> {
-        let (small, main) = (EVICTABLE + SMALL as u8, EVICTABLE + MAIN as u8);
-        loop {
-            let (s, m) = (
-                self.queues.len[small as usize],
-                self.queues.len[main as usize],
-            );
-            if s > 0 && (m == 0 || s * 100 > S3_SMALL_PERCENT * (s + m)) {
-                let b = self.queues.pop_front(small)?;
-                if self.hits[b as usize] > 0 {
-                    self.hits[b as usize] = 0;
-                    self.home[b as usize] = MAIN as u8;
-                    self.queues.push_back(main, b);
-                    continue;
-                }
-                self.ghost
-                    .insert(self.fp[b as usize], Remembered::default());
-                return Some(b);
-            }
-            let b = self.queues.pop_front(main)?;
-            if self.hits[b as usize] > 0 {
-                self.hits[b as usize] -= 1;
-                self.queues.push_back(main, b);
-                continue;
-            }
-            return Some(b);
         }
     }
 
@@ -439,26 +398,29 @@ impl BlockPool {
         }
     }
 
-    /// Marks an owned block as holding the registered cached block `hash`. A hash the
-    /// policy's ghost remembers brings its history back (`Lfu`: its hits plus one for the
-    /// miss; `S3Fifo`: the main FIFO).
-    pub fn register(&mut self, b: BlockId, hash: BlockHash) {
+    /// Marks an owned block as holding the registered cached block `hash`, whose parent
+    /// block in this tier is `parent` (None for a chain's first block, or a parent not in
+    /// this tier). A hash the policy's ghost remembers brings its history back (`Lfu`,
+    /// `Lecar`: its hits plus one for the miss, at most the parent's: leaves first).
+    pub fn register(&mut self, b: BlockId, hash: BlockHash, parent: Option<BlockId>) {
         assert!(self.queues.at[b.idx()] == NONE, "register of a free block");
         let fp = fingerprint(hash);
         let remembered = self.ghost.take(fp);
         let i = b.idx();
         self.cached[i] = true;
         self.fp[i] = fp;
+        let cap = parent.map_or(self.policy.max_hits(), |p| self.hits[p.idx()]);
         self.hits[i] = match (self.policy, remembered) {
-            (EvictionPolicy::Lfu | EvictionPolicy::Lecar, Some(r)) => {
-                r.hits.saturating_add(1).min(self.policy.max_hits())
-            }
+            (EvictionPolicy::Lfu | EvictionPolicy::Lecar, Some(r)) => r
+                .hits
+                .saturating_add(1)
+                .min(self.policy.max_hits())
+                .min(cap),
             _ => 0,
         };
         if let (EvictionPolicy::Lecar, Some(r)) = (self.policy, remembered) {
             self.regret(r);
         }
-        self.home[i] = if remembered.is_some() { MAIN } else { SMALL } as u8;
     }
 
     /// Drops the cached mark of an owned block (its hash left the index).
@@ -553,7 +515,7 @@ mod tests {
         assert_eq!(got, [0, 1, 2, 3]);
         assert!(p.take_blank().is_none());
         for b in [3, 1] {
-            p.register(BlockId(b), b as u128);
+            p.register(BlockId(b), b as u128, None);
         }
         // release order: 3 (cached), 2, 1 (cached), 0
         assert_eq!(p.release(BlockId(3)), Released::Evictable);
@@ -576,7 +538,7 @@ mod tests {
         let mut p = BlockPool::new(3);
         for _ in 0..3 {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128);
+            p.register(b, b.0 as u128, None);
         }
         for b in [0, 1, 2] {
             p.release(BlockId(b));
@@ -598,7 +560,7 @@ mod tests {
         let mut p = BlockPool::with_policy(4, EvictionPolicy::Lfu).unwrap();
         for _ in 0..4 {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128);
+            p.register(b, b.0 as u128, None);
         }
         // Hits: block 0 twice, block 1 once, 2 and 3 none (6 hits on 3 saturate at 4: later).
         for b in [0, 0, 1] {
@@ -632,7 +594,7 @@ mod tests {
         let mut p = BlockPool::with_policy(n as usize, policy).unwrap();
         for _ in 0..n {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128);
+            p.register(b, b.0 as u128, None);
         }
         for b in 0..n {
             p.release(BlockId(b));
@@ -657,7 +619,7 @@ mod tests {
         // Block 0's hash comes back (a miss: one more) with its hit: class 2. Hash 1 comes
         // back with class 1, and a new hash starts at 0.
         for (b, hash) in [(0, 0u128), (1, 1), (2, 7)] {
-            p.register(BlockId(b), hash);
+            p.register(BlockId(b), hash, None);
         }
         assert_eq!(
             (p.hits(BlockId(0)), p.hits(BlockId(1)), p.hits(BlockId(2))),
@@ -674,53 +636,26 @@ mod tests {
     }
 
     #[test]
-    fn s3fifo_passes_one_time_blocks_through_the_small_fifo() {
-        // 20 blocks: all in the small FIFO. Blocks 0 and 1 are hit once.
-        let mut p = cached_pool(20, EvictionPolicy::S3Fifo);
-        for b in [0, 1] {
-            p.acquire_hit(BlockId(b));
-            p.release(BlockId(b)); // back to the small FIFO's tail
-        }
-        p.check_invariants();
-        // The small FIFO is over its share: its head 2 (not hit) goes, remembered.
-        assert_eq!(p.evict_lru(), Some(BlockId(2)));
-        assert_eq!(p.num_ghosts(), 1);
-        // Evicting the rest: 3..19 go first (0 and 1 move to the main FIFO on the way).
-        let order = evict_all(&mut p);
-        assert_eq!(order[..17], (3..20).collect::<Vec<_>>()[..]);
-        assert_eq!(order[17..], [0, 1]);
-        p.check_invariants();
-    }
-
-    #[test]
-    fn s3fifo_sends_a_remembered_hash_to_the_main_fifo() {
-        let mut p = cached_pool(10, EvictionPolicy::S3Fifo);
-        assert_eq!(p.evict_lru(), Some(BlockId(0))); // remembered
-        p.register(BlockId(0), 0); // hash 0 again: main FIFO
-        p.release(BlockId(0));
-        assert_eq!(p.num_ghosts(), 0);
-        p.check_invariants();
-        // The small FIFO (1..9) goes first; block 0 goes last though released last.
-        let mut order = evict_all(&mut p);
-        assert_eq!(order.pop(), Some(0));
-        assert_eq!(order, (1..10).collect::<Vec<_>>());
-        // Main-FIFO blocks that were hit go round once per hit.
-        let mut p = cached_pool(4, EvictionPolicy::S3Fifo);
-        for b in 0..4 {
-            let blk = p.evict_lru().unwrap();
-            assert_eq!(blk.0, b);
-            p.register(blk, b as u128); // all four remembered: main FIFO
-        }
-        for b in 0..4 {
-            p.release(BlockId(b));
+    fn a_count_from_the_ghost_never_exceeds_the_parents() {
+        // Block 1 (hash 1) was evicted after 3 hits; it comes back under a parent hit once:
+        // capped at the parent's count, so the parent is never evicted before it.
+        let mut p = cached_pool(3, EvictionPolicy::Lfu);
+        for _ in 0..3 {
+            p.acquire_hit(BlockId(1));
+            p.release(BlockId(1));
         }
         p.acquire_hit(BlockId(0));
-        p.release(BlockId(0)); // main: 1 2 3 0 (0 hit once)
-        p.acquire_hit(BlockId(1));
-        p.acquire_hit(BlockId(1));
-        p.release(BlockId(1));
-        p.release(BlockId(1)); // main: 2 3 0 1 (1 hit twice)
-        assert_eq!(evict_all(&mut p), [2, 3, 0, 1]);
+        p.release(BlockId(0));
+        let order = evict_all(&mut p); // 2 (class 0), 0 (class 1), 1 (class 3)
+        assert_eq!(order, [2, 0, 1]);
+        let parent = p.take_blank().unwrap();
+        p.register(parent, 0, None); // hash 0 back: 1 hit + 1 for the miss = 2
+        let child = p.take_blank().unwrap();
+        p.register(child, 1, Some(parent)); // 3 + 1, capped at the parent's 2
+        assert_eq!((p.hits(parent), p.hits(child)), (2, 2));
+        p.release(child);
+        p.release(parent);
+        assert_eq!(evict_all(&mut p), [child.0, parent.0]);
         p.check_invariants();
     }
 
@@ -732,7 +667,7 @@ mod tests {
             let mut p = BlockPool::with_policy(2, EvictionPolicy::Lecar).unwrap();
             for _ in 0..2 {
                 let b = p.take_blank().unwrap();
-                p.register(b, b.0 as u128);
+                p.register(b, b.0 as u128, None);
             }
             p.acquire_hit(BlockId(0));
             p.release(BlockId(0));
@@ -742,7 +677,7 @@ mod tests {
             let victim = p.evict_lru().unwrap();
             p.check_invariants();
             assert_eq!(p.lru_weight(), 0.5);
-            p.register(victim, victim.0 as u128); // the evicted hash was needed after all
+            p.register(victim, victim.0 as u128, None); // the evicted hash was needed after all
             (victim, p.lru_weight())
         };
         let (victim, w) = run();
@@ -778,7 +713,7 @@ mod tests {
         let mut p = BlockPool::new(2);
         for _ in 0..2 {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128);
+            p.register(b, b.0 as u128, None);
         }
         p.acquire_hit(BlockId(0));
         p.release(BlockId(1));

@@ -111,7 +111,8 @@ impl HostTier {
     ) -> bool {
         let stored = self.index.insert(b, hash, parent, first, tokens);
         if stored {
-            self.pool.register(b, hash);
+            let parent_block = (!first).then(|| self.index.get(parent)).flatten();
+            self.pool.register(b, hash, parent_block);
         }
         self.pool.release(b);
         stored
@@ -203,7 +204,8 @@ impl DiskTier {
             }
         };
         self.index.insert(slot, hash, parent, first, tokens);
-        self.pool.register(slot, hash);
+        let parent_block = (!first).then(|| self.index.get(parent)).flatten();
+        self.pool.register(slot, hash, parent_block);
         self.pending[slot.idx()] = true;
         self.num_pending += 1;
         events.stored(hash, (!first).then_some(parent), tokens, Tier::Disk);

@@ -148,7 +148,8 @@ impl Registry<'_> {
     ) {
         let first = parent == root;
         if self.index.insert(b, hash, parent, first, tokens) {
-            self.pool.register(b, hash);
+            let parent_block = (!first).then(|| self.index.get(parent)).flatten();
+            self.pool.register(b, hash, parent_block);
             // The first block of a chain has no parent block (the root is a salt, not a block).
             self.events
                 .stored(hash, (!first).then_some(parent), tokens, Tier::Device);
