@@ -86,6 +86,9 @@ impl Ghost {
 
     /// What was remembered for fingerprint `fp`, forgetting it.
     pub fn take(&mut self, fp: u64) -> Option<Remembered> {
+        if self.map.is_empty() {
+            return None; // `Lru`'s ghost, always: no hashing on its registrations
+        }
         self.map.remove(&fp).map(|(_, v)| v)
     }
 

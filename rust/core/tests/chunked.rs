@@ -8,8 +8,7 @@ use common::*;
 use ferrumkv_core::events::KvEvent;
 use ferrumkv_core::sequence::{AllocOpts, Append, SeqView};
 use ferrumkv_core::stats::Counters;
-use ferrumkv_core::waiters::Ticket;
-use ferrumkv_core::{Engine, Error, Outcome};
+use ferrumkv_core::{Engine, Error};
 
 fn toks(range: std::ops::Range<u32>) -> Vec<u32> {
     range.collect()
@@ -30,29 +29,15 @@ fn preempted() -> AllocOpts {
 }
 
 fn alloc_with(e: &Engine, id: &str, tokens: &[u32], opts: AllocOpts) -> SeqView {
-    match e
-        .allocate_with(rid(id), tokens.to_vec(), None, opts, false)
-        .unwrap()
-    {
-        Outcome::Ready(v) => v,
-        Outcome::Waiting(t) => panic!("unexpected wait (ticket {t})"),
-    }
+    ready(
+        e.allocate_with(rid(id), tokens.to_vec(), None, opts, false)
+            .unwrap(),
+    )
 }
 
 /// The next `n` prompt tokens of `id`, now.
 fn chunk(e: &Engine, id: &str, n: usize) -> Result<SeqView, Error> {
-    e.extend(rid(id), Append::Prompt(n), false)
-        .map(|o| match o {
-            Outcome::Ready(v) => v,
-            Outcome::Waiting(t) => panic!("unexpected wait (ticket {t})"),
-        })
-}
-
-fn waits(o: Outcome) -> Ticket {
-    match o {
-        Outcome::Waiting(t) => t,
-        Outcome::Ready(v) => panic!("expected a wait, got {v:?}"),
-    }
+    e.extend(rid(id), Append::Prompt(n), false).map(ready)
 }
 
 fn counters(e: &Engine) -> Counters {

@@ -5,6 +5,7 @@ use ferrumkv_core::clock::Clock;
 use ferrumkv_core::config::{CacheConfig, ConfigInput};
 use ferrumkv_core::sequence::{Append, SeqView};
 use ferrumkv_core::types::RequestId;
+use ferrumkv_core::waiters::Ticket;
 use ferrumkv_core::{Engine, Outcome};
 
 /// block_size 4, 2 layers, 2 heads, head_dim 4, float16.
@@ -25,21 +26,31 @@ pub fn rid(s: &str) -> RequestId {
     RequestId::from(s)
 }
 
-pub fn alloc(e: &Engine, id: &str, tokens: &[u32]) -> SeqView {
-    match e.allocate(rid(id), tokens.to_vec(), None, false).unwrap() {
+/// The sequence of a call that must not wait.
+pub fn ready(o: Outcome) -> SeqView {
+    match o {
         Outcome::Ready(v) => v,
         Outcome::Waiting(t) => panic!("unexpected wait (ticket {t})"),
     }
 }
 
-pub fn extend(e: &Engine, id: &str, tokens: &[u32]) -> SeqView {
-    match e
-        .extend(rid(id), Append::Ids(tokens.to_vec()), false)
-        .unwrap()
-    {
-        Outcome::Ready(v) => v,
-        Outcome::Waiting(t) => panic!("unexpected wait (ticket {t})"),
+/// The ticket of a call that must wait.
+pub fn waits(o: Outcome) -> Ticket {
+    match o {
+        Outcome::Waiting(t) => t,
+        Outcome::Ready(v) => panic!("expected a wait, got {v:?}"),
     }
+}
+
+pub fn alloc(e: &Engine, id: &str, tokens: &[u32]) -> SeqView {
+    ready(e.allocate(rid(id), tokens.to_vec(), None, false).unwrap())
+}
+
+pub fn extend(e: &Engine, id: &str, tokens: &[u32]) -> SeqView {
+    ready(
+        e.extend(rid(id), Append::Ids(tokens.to_vec()), false)
+            .unwrap(),
+    )
 }
 
 pub fn ids(v: &SeqView) -> Vec<u32> {

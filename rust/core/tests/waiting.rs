@@ -12,13 +12,6 @@ use ferrumkv_core::sequence::Append;
 use ferrumkv_core::waiters::Ticket;
 use ferrumkv_core::{Engine, Error, Outcome};
 
-fn waits(o: Outcome) -> Ticket {
-    match o {
-        Outcome::Waiting(t) => t,
-        Outcome::Ready(v) => panic!("expected a wait, got {v:?}"),
-    }
-}
-
 fn alloc_wait(e: &Engine, id: &str, tokens: &[u32]) -> Ticket {
     waits(e.allocate(rid(id), tokens.to_vec(), None, true).unwrap())
 }
