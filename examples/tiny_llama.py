@@ -109,6 +109,10 @@ class PagedLlama:
         self.num_kv_heads = c.num_key_value_heads
         self.head_dim = c.hidden_size // c.num_attention_heads
         self.device = next(model.parameters()).device
+        if self.device.type == "cuda":
+            # The engine's copies (swap, offload, onboard, copy-on-write) are ordered against
+            # the stream these kernels run on: no synchronize between steps.
+            cache.set_compute_stream(torch.cuda.current_stream(self.device))
         self.num_forwards = 0
 
     @torch.no_grad()
@@ -147,9 +151,6 @@ class PagedLlama:
             x = x + attn.o_proj(o.reshape(1, t, self.num_heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.model.lm_head(lm.norm(x))[0]
-        if dev.type == "cuda":
-            # The engine's next copies (swap, offload, copy-on-write) must see these writes.
-            torch.cuda.synchronize(dev)
         self.num_forwards += 1
         return list(torch.split(logits, counts))
 

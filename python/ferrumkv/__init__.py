@@ -13,6 +13,7 @@ from .cache import KvCache, Subscription
 from .errors import (
     CacheClosedError,
     CopyError,
+    CudaError,
     CudaUnavailableError,
     DuplicateRequestError,
     FerrumKVError,
@@ -44,6 +45,7 @@ __all__ = [
     "CacheConfig",
     "CacheStats",
     "CopyError",
+    "CudaError",
     "CudaUnavailableError",
     "DuplicateRequestError",
     "EvictionEvent",

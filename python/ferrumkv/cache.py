@@ -522,6 +522,47 @@ class KvCache:
         count ValueError; nothing changes either way."""
         return self._core.batch_layout(request_ids, num_new_tokens, pad)
 
+    def set_compute_stream(self, stream: Any) -> None:
+        """Order the cache's GPU block copies against your kernels on `stream`: a
+        `torch.cuda.Stream` (its device must be the cache's), a raw `CUstream` handle as an
+        int, or None for the legacy default stream (torch's default, the initial setting).
+
+        Every copy the cache makes (swap, offload, onboard, copy-on-write, partial reuse)
+        first waits, on the GPU, for the work enqueued on this stream so far, and work you
+        enqueue on it afterwards waits for the copy: no CPU thread waits for either. Set it
+        once to the stream your attention kernels run on, or before each step if that
+        changes. The stream must stay alive while it is set (torch's streams live as long as
+        the process); set None before destroying one you created with `ExternalStream`. On
+        `device="cpu"` only None is accepted (there are no streams)."""
+        self._check_open()
+        if stream is None:
+            handle = 0
+        elif isinstance(stream, int) and not isinstance(stream, bool):
+            if stream < 0:
+                raise ValueError(f"stream must be a CUstream handle >= 0, got {stream}")
+            handle = stream
+        elif hasattr(stream, "cuda_stream"):
+            device = getattr(stream, "device", None)
+            index = getattr(device, "index", None)
+            if getattr(device, "type", "cuda") != "cuda" or (
+                index is not None and f"cuda:{index}" != self.config.device
+            ):
+                raise ValueError(
+                    f"stream is on {device}, but the cache's device is {self.config.device}"
+                )
+            handle = int(stream.cuda_stream)
+        else:
+            raise TypeError(
+                "stream must be a torch.cuda.Stream, a CUstream handle (int) or None, "
+                f"not {type(stream).__name__}"
+            )
+        self._core.set_compute_stream(handle)
+
+    @property
+    def compute_stream(self) -> int:
+        """The `CUstream` handle copies are ordered against (0: the legacy default)."""
+        return self._core.compute_stream
+
     def kv_view(self, layer: int) -> Any:
         """Zero-copy DLPack view `[num_blocks, 2, block_size, heads, head_dim]` of a layer."""
         _check_index("layer", layer)

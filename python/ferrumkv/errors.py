@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CacheClosedError",
     "CopyError",
+    "CudaError",
     "CudaUnavailableError",
     "DuplicateRequestError",
     "FerrumKVError",
@@ -49,3 +50,8 @@ class CudaUnavailableError(FerrumKVError):
 class CopyError(FerrumKVError):
     """A block copy failed (a device fault, or a failure on the copy worker). The call that
     asked for it was undone: a swap leaves the sequence where it was."""
+
+
+class CudaError(CopyError):
+    """The GPU failed after the cache was built (a failed copy, a lost context). The cache
+    stops serving: the call that saw it and every later call raise this; close the cache."""

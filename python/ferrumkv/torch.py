@@ -23,12 +23,13 @@ last `query_start_loc[i + 1] - query_start_loc[i]` tokens, rows `query_start_loc
 `q` / `k` / `v`.
 
 Ordering on a GPU. The engine's own copies (swap, offload, onboard, copy-on-write, a partial
-prefix copy) run on its streams and do not wait for yours: finish the kernels that wrote a
-step's K/V (`torch.cuda.synchronize()`, or an event the next engine call runs after) before
-engine calls that copy blocks, which is any of `allocate`, `extend`, `fork`, `swap_out`,
-`swap_in`, `deallocate` and `gc`. The other way round, `layer_kv` makes torch's current stream
-wait for the engine's pending copies, so take the views again after such calls (it is cheap:
-no data moves).
+prefix copy) run on its copy stream, ordered against one compute stream of yours: call
+`cache.set_compute_stream(torch.cuda.current_stream())` once (the default is the legacy
+default stream, torch's default). Each copy then waits, on the GPU, for the kernels enqueued
+there before the engine call that asked for it, and kernels enqueued after that call wait for
+the copy; nobody synchronizes. Kernels on another stream are not ordered: `layer_kv` makes
+torch's current stream wait for the engine's pending copies, so take the views again after
+engine calls when you run on several streams (it is cheap: no data moves).
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ pub enum Error {
     Closed,
     #[error("CUDA is unavailable: {0}")]
     CudaUnavailable(String),
+    /// The GPU failed after the engine was built (a failed copy, a lost context); the
+    /// engine stops serving (Python `CudaError`, a `CopyError`).
+    #[error("CUDA error: {0}")]
+    Cuda(String),
     /// A block copy failed (a device fault, or a failure on the copy worker); the call that
     /// asked for it was undone (Python `CopyError`).
     #[error("block copy failed: {0}")]
@@ -50,6 +54,19 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// What every call gets after this copy failure stopped the engine (`CopyFailed` or
+    /// `Cuda`, as the failure was).
+    pub(crate) fn again(&self) -> Error {
+        let why = |m: &str| {
+            format!("an earlier block copy failed ({m}): the cache no longer serves; close it")
+        };
+        match self {
+            Error::Cuda(m) => Error::Cuda(why(m)),
+            Error::CopyFailed(m) => Error::CopyFailed(why(m)),
+            other => Error::CopyFailed(why(&other.to_string())),
+        }
+    }
+
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidConfig {
             field,

@@ -659,6 +659,15 @@ impl PyEngine {
         convert::fill(v_out, &v, "v_out")
     }
 
+    fn set_compute_stream(&self, stream: u64) -> PyResult<()> {
+        self.engine.set_compute_stream(stream).py_err()
+    }
+
+    #[getter]
+    fn compute_stream(&self) -> u64 {
+        self.engine.compute_stream()
+    }
+
     fn kv_view(&self, layer: usize) -> PyResult<PyKvView> {
         let (memory, view) = self.engine.layer_view(layer).py_err()?;
         PyKvView::new(memory, view, self.engine.config().dtype)

@@ -15,6 +15,7 @@ pyo3::import_exception!(ferrumkv.errors, InvalidStateError);
 pyo3::import_exception!(ferrumkv.errors, CacheClosedError);
 pyo3::import_exception!(ferrumkv.errors, CudaUnavailableError);
 pyo3::import_exception!(ferrumkv.errors, CopyError);
+pyo3::import_exception!(ferrumkv.errors, CudaError);
 
 /// Maps an engine error to its Python exception (exhaustive: a new variant must be mapped).
 pub fn to_py(e: Error) -> PyErr {
@@ -28,6 +29,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Closed => CacheClosedError::new_err(msg),
         Error::CudaUnavailable(_) => CudaUnavailableError::new_err(msg),
         Error::CopyFailed(_) => CopyError::new_err(msg),
+        Error::Cuda(_) => CudaError::new_err(msg),
         Error::Io(_) => PyOSError::new_err(msg),
         Error::OutOfMemory(_) => PyMemoryError::new_err(msg),
     }

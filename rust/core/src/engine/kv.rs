@@ -141,6 +141,33 @@ impl EngineCore {
     }
 
     /// The device tier's memory and one layer's view of it (for DLPack).
+    /// Orders the engine's GPU copies against the consumer's kernels on `stream`, a
+    /// `CUstream` handle (0: the legacy default stream; see `storage::order` and
+    /// `CudaDevice::set_compute_stream` for the handle's contract). A `cpu` engine has no
+    /// streams: only 0 is accepted there.
+    pub fn set_compute_stream(&self, stream: u64) -> Result<()> {
+        drop(self.lock()?);
+        match self.ctx.memory.cuda_device() {
+            Some(dev) => {
+                dev.set_compute_stream(stream);
+                Ok(())
+            }
+            None if stream == 0 => Ok(()),
+            None => Err(Error::InvalidArgument(format!(
+                "device=\"cpu\" has no CUDA streams: cannot order copies against stream \
+                 {stream:#x}"
+            ))),
+        }
+    }
+
+    /// The compute stream's handle (0 on a `cpu` engine).
+    pub fn compute_stream(&self) -> u64 {
+        self.ctx
+            .memory
+            .cuda_device()
+            .map_or(0, |d| d.compute_stream())
+    }
+
     pub fn layer_view(&self, layer: usize) -> Result<(Memory, LayerView)> {
         drop(self.lock()?);
         if layer >= self.ctx.config.num_layers {

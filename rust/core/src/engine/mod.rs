@@ -136,7 +136,7 @@ fn guarded<T>(inject: bool, copy: impl FnOnce() -> Result<T>) -> Result<T> {
     });
     match std::panic::catch_unwind(run) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(Error::CopyFailed(m))) => Err(Error::CopyFailed(m)),
+        Ok(Err(e @ (Error::CopyFailed(_) | Error::Cuda(_)))) => Err(e),
         Ok(Err(e)) => Err(Error::CopyFailed(e.to_string())),
         Err(panic) => Err(Error::CopyFailed(panic_message(&*panic))),
     }
@@ -287,6 +287,14 @@ impl EngineCore {
     /// Runs the memory operations recorded so far, in order, under the lock held (`commit`,
     /// and a call that touches bytes after them). A failure stops the engine (see `commit`).
     fn run_copies(&self, st: &mut State) -> Result<()> {
+        // A GPU copy enqueued by an earlier call that failed since (they run asynchronously).
+        if let Some(dev) = self.ctx.memory.cuda_device() {
+            if let Err(e) = dev.poll() {
+                st.fail_device(&e);
+                st.signal();
+                return Err(e);
+            }
+        }
         let fx = st.effects_mut();
         if fx.is_settled() {
             return Ok(());
@@ -324,5 +332,28 @@ impl EngineCore {
     /// Panics if any bookkeeping invariant is broken (tests).
     pub fn check_invariants(&self) {
         self.state.lock().check_invariants(&self.ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gpu_fault_stays_a_gpu_fault() {
+        // `guarded` keeps `Cuda` (a device fault after construction) and `CopyFailed`, and
+        // turns any other failure of a copy into `CopyFailed`.
+        let cuda = guarded(false, || -> Result<()> { Err(Error::Cuda("lost".into())) });
+        assert_eq!(cuda, Err(Error::Cuda("lost".into())));
+        let io = guarded(false, || -> Result<()> { Err(Error::Io("disk".into())) });
+        assert_eq!(io, Err(Error::CopyFailed("disk".into())));
+        let panic = guarded(true, || Ok(()));
+        assert_eq!(panic, Err(Error::CopyFailed("injected copy fault".into())));
+        // What every later call gets once the engine stopped: the same kind of error.
+        assert!(matches!(Error::Cuda("lost".into()).again(), Error::Cuda(m) if m.contains("lost")));
+        assert!(matches!(
+            Error::CopyFailed("x".into()).again(),
+            Error::CopyFailed(m) if m.contains("no longer serves")
+        ));
     }
 }

@@ -113,7 +113,9 @@ impl EngineCore {
             .copy_faults
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
-        guarded(inject, || copy_runs(src, dst, runs))
+        // A swap waits for its copy (off the lock, on the worker or a thread without the
+        // GIL): its end is recorded, timed and settled only once the bytes are in place.
+        guarded(inject, || copy_runs(src, dst, runs)?.wait())
     }
 
     /// Makes the next `n` swap copies fail as if the copy panicked (tests).

@@ -249,7 +249,8 @@ impl Effects {
         let writes = &mut self.disk_writes;
         for op in self.mem.drain(..) {
             match op {
-                MemOp::Copy { src, dst, runs, .. } => copy_runs(&src, &dst, &runs)?,
+                // Not waited for: on a GPU the stream orders it (`storage::order`).
+                MemOp::Copy { src, dst, runs, .. } => drop(copy_runs(&src, &dst, &runs)?),
                 MemOp::Write { dst, at, bytes } => {
                     let mut from = 0;
                     for (off, len) in at {

@@ -171,7 +171,7 @@ pub struct State {
     /// `close()` has begun: new calls fail while in-flight copies drain.
     closing: bool,
     /// A block copy failed: why. Every later call fails (see `fail_device`).
-    broken: Option<String>,
+    broken: Option<Error>,
     pool: BlockPool,
     index: PrefixIndex,
     /// The host tier, when `host_blocks > 0`.
@@ -337,9 +337,7 @@ impl State {
             return Err(Error::Closed);
         }
         match &self.broken {
-            Some(why) => Err(Error::CopyFailed(format!(
-                "an earlier block copy failed ({why}): the cache no longer serves; close it"
-            ))),
+            Some(e) => Err(e.again()),
             None => Ok(()),
         }
     }
@@ -348,15 +346,15 @@ impl State {
     /// published, so nothing is served from now on. Every open ticket fails with
     /// `CopyFailed` and gives back what it holds; later calls fail in `check_open`.
     pub fn fail_device(&mut self, e: &Error) {
-        let why = match e {
-            Error::CopyFailed(m) => m.clone(),
-            other => other.to_string(),
+        let e = match e {
+            Error::CopyFailed(_) | Error::Cuda(_) => e.clone(),
+            other => Error::CopyFailed(other.to_string()),
         };
         for t in self.waiters.open_tickets() {
             self.withdraw(t);
-            self.waiters.fail(t, Error::CopyFailed(why.clone()));
+            self.waiters.fail(t, e.clone());
         }
-        self.broken = Some(why);
+        self.broken = Some(e);
     }
 
     fn seq(&self, rid: &RequestId) -> Result<&Sequence> {

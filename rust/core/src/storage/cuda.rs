@@ -3,19 +3,19 @@
 //! Design:
 //! - [`CudaDevice`] is opened once per engine. It retains the device's **primary** context
 //!   through cudarc (the context torch uses, so DLPack views and torch kernels share one
-//!   address space) and creates two non-blocking streams: `offload` for device-to-host
-//!   copies and `onboard` for host-to-device and device-to-device copies, so evictions never
-//!   queue behind prefetches and vice versa.
+//!   address space) and creates one non-blocking **copy stream** for every block copy of the
+//!   engine, so copies run in the order the engine issues them (a stream is FIFO). The
+//!   consumer's **compute stream** (a `CUstream` handle, `set_compute_stream`; by default
+//!   the legacy default stream, torch's default) is where its kernels read and write K/V.
 //! - [`DeviceSlab`] is one `cuMemAlloc` allocation holding a tier's blocks, zeroed at
 //!   creation. [`PinnedSlab`] is one `cuMemHostAlloc(PORTABLE)` allocation: page-locked, so
 //!   async copies run at full bus speed, and cached (not write-combined like cudarc's
 //!   `alloc_pinned`), so the CPU reads it at full speed too.
 //! - A copy ([`CudaDevice::copy_d2h`], [`CudaDevice::copy_h2d`], [`CudaDevice::copy_d2d`])
-//!   enqueues one async memcpy per byte run between a start and an end event and returns a
-//!   [`CopyBatch`]; the engine waits for it with [`CopyBatch::wait`] (today every copy is
-//!   waited for at once by the thread that made it: the swap worker for swaps, the calling
-//!   thread for the small copies of offload, onboard and copy-on-write; `is_done` is a
-//!   non-blocking check used by tests).
+//!   enqueues one async memcpy per byte run through the protocol of `storage::order`: the
+//!   copy stream first waits on an event of the compute stream, and the compute stream then
+//!   waits on the batch's end event. It returns a [`CopyBatch`] at once; nobody has to wait
+//!   for it to order the bytes (swaps wait, off the lock, to time and settle themselves).
 //!
 //! Ownership: every slab, stream and event holds an `Arc` of the cudarc context, so the
 //! context outlives all of them; the slabs are raw memory like `HostSlab` (no Rust reference
@@ -26,42 +26,51 @@
 //! - A slab's memory is valid from `new` until `Drop`. `Drop` synchronizes the context
 //!   before freeing, so no copy or consumer kernel already enqueued can touch freed memory.
 //! - Every run of a copy is bounds-checked against both slabs before anything is enqueued;
-//!   a rejected batch enqueues nothing. If the driver fails midway, the stream is
+//!   a rejected batch enqueues nothing. If the driver fails midway, the copy stream is
 //!   synchronized before the error returns, so no copy of a failed batch is left running.
-//! - A block whose memory is a source or destination of a batch is reused (freed to the
-//!   pool, overwritten, read by the CPU, exported) only after that batch's end event has
-//!   completed: the engine returns from `wait` first. This module does
-//!   not track it per block; it gives the engine the events to do so.
-//! - External consumers (torch) that read device memory on their own stream call
-//!   [`CudaDevice::make_stream_wait`] first, so they never read a block whose onboard copy is
-//!   still running.
-//! - `write_sync` / `read_sync` use the synchronous driver copies (legacy default stream):
-//!   they return once the bytes have arrived and do not order themselves after the copy
-//!   streams; the engine only calls them on blocks no pending batch touches.
+//! - A block a copy reads or writes may be handed out again as soon as the copy is enqueued:
+//!   a kernel that reuses it runs after the copy (the compute stream waits on its end
+//!   event), a later copy runs after it (FIFO), and the CPU touches tier memory only after
+//!   `host_access` waited for both streams (`write_sync`, `read_sync`, and
+//!   `Memory::read` / `Memory::write` of pinned memory).
+//! - External consumers that read device memory on a stream of their own (a DLPack
+//!   consumer's `stream`) call [`CudaDevice::make_stream_wait`] first.
+//! - An asynchronous copy that failed shows in the latest batch's end event:
+//!   [`CudaDevice::poll`] reports it (the engine polls at every commit and stops serving).
 //!
 //! Errors: without a driver, with an ordinal out of range or when the driver fails, every
 //! constructor returns `Error::CudaUnavailable` with the reason and never panics (libcuda is
 //! loaded lazily by cudarc, which panics on a missing library or symbol, so `open` runs under
 //! `catch_unwind`). A slab the driver cannot allocate for lack of memory is
-//! `Error::OutOfMemory` instead. Driver failures of later calls are reported as
-//! `Error::CudaUnavailable` too, naming the call; bad runs or offsets are
+//! `Error::OutOfMemory` instead. Driver failures after construction (a failed copy, a lost
+//! context) are `Error::Cuda`, naming the call; bad runs or offsets are
 //! `Error::InvalidArgument`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 
+use super::order::{self, Streams};
 use super::raw::RawBytes;
 use crate::error::{Error, Result};
 
 /// One `(src_off, dst_off, len)` byte run of a copy.
 pub type Run = (usize, usize, usize);
 
+/// A driver call that failed after construction: a device fault (`Error::Cuda`).
 fn driver_err(what: &str, e: DriverError) -> Error {
+    Error::Cuda(format!("{what} failed: {e}"))
+}
+
+/// A driver call that failed while opening the device: no usable GPU.
+fn open_err(what: &str, e: DriverError) -> Error {
     Error::CudaUnavailable(format!("{what} failed: {e}"))
 }
 
@@ -85,16 +94,64 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// The engine's handle on one GPU: the primary context and the two copy streams.
+/// The engine's handle on one GPU: the primary context, the copy stream and the consumer's
+/// compute stream.
 #[derive(Debug)]
 pub struct CudaDevice {
     ctx: Arc<CudaContext>,
     ordinal: u32,
     name: String,
-    /// Device-to-host copies (evictions to the pinned tier).
-    offload: Arc<CudaStream>,
-    /// Host-to-device and device-to-device copies (prefetches, swaps in, block moves).
-    onboard: Arc<CudaStream>,
+    /// Every block copy of the engine, in issue order.
+    copy: Arc<CudaStream>,
+    /// The consumer's compute stream, a `CUstream` handle (0: the legacy default stream).
+    compute: AtomicU64,
+    /// The end event of the latest copy batch (polled for asynchronous failures).
+    last: Mutex<Option<Arc<CudaEvent>>>,
+}
+
+/// The protocol's primitives on this device (see `storage::order`), for one call.
+struct Fences<'a> {
+    dev: &'a CudaDevice,
+    /// The compute stream, borrowed.
+    compute: Arc<CudaStream>,
+}
+
+/// Fence events sleep in the driver when the CPU waits on them (`host_access`).
+const FENCE: Option<sys::CUevent_flags> = Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
+
+impl Streams for Fences<'_> {
+    type Event = CudaEvent;
+
+    fn record_compute(&self) -> Result<CudaEvent> {
+        self.compute
+            .record_event(FENCE)
+            .map_err(|e| driver_err("recording an event on the compute stream", e))
+    }
+
+    fn record_copy(&self) -> Result<CudaEvent> {
+        self.dev
+            .copy
+            .record_event(FENCE)
+            .map_err(|e| driver_err("recording an event on the copy stream", e))
+    }
+
+    fn copy_waits(&self, e: &CudaEvent) -> Result<()> {
+        self.dev
+            .copy
+            .wait(e)
+            .map_err(|e| driver_err("cuStreamWaitEvent (copy stream)", e))
+    }
+
+    fn compute_waits(&self, e: &CudaEvent) -> Result<()> {
+        self.compute
+            .wait(e)
+            .map_err(|e| driver_err("cuStreamWaitEvent (compute stream)", e))
+    }
+
+    fn cpu_waits(&self, e: &CudaEvent) -> Result<()> {
+        e.synchronize()
+            .map_err(|e| driver_err("cuEventSynchronize", e))
+    }
 }
 
 impl CudaDevice {
@@ -124,7 +181,7 @@ impl CudaDevice {
             ))
         })?;
         let count = result::device::get_count()
-            .map_err(|e| driver_err(&format!("cuda:{ordinal}: cuDeviceGetCount"), e))?;
+            .map_err(|e| open_err(&format!("cuda:{ordinal}: cuDeviceGetCount"), e))?;
         let count = u32::try_from(count).unwrap_or(0);
         if ordinal >= count {
             return Err(Error::CudaUnavailable(format!(
@@ -132,23 +189,72 @@ impl CudaDevice {
                  device(s)"
             )));
         }
-        let ctx = CudaContext::new(ordinal as usize).map_err(|e| {
-            driver_err(&format!("cuda:{ordinal}: retaining the primary context"), e)
-        })?;
+        let ctx = CudaContext::new(ordinal as usize)
+            .map_err(|e| open_err(&format!("cuda:{ordinal}: retaining the primary context"), e))?;
         let name = ctx.name().unwrap_or_else(|_| format!("cuda:{ordinal}"));
-        let offload = ctx
+        let copy = ctx
             .new_stream()
-            .map_err(|e| driver_err(&format!("cuda:{ordinal}: creating the offload stream"), e))?;
-        let onboard = ctx
-            .new_stream()
-            .map_err(|e| driver_err(&format!("cuda:{ordinal}: creating the onboard stream"), e))?;
+            .map_err(|e| open_err(&format!("cuda:{ordinal}: creating the copy stream"), e))?;
         Ok(CudaDevice {
             ctx,
             ordinal,
             name,
-            offload,
-            onboard,
+            copy,
+            compute: AtomicU64::new(0),
+            last: Mutex::new(None),
         })
+    }
+
+    /// Orders every later copy against the consumer's kernels on `stream` (a `CUstream`
+    /// handle; 0 or 1: the legacy default stream, 2: the per-thread default stream).
+    ///
+    /// The handle cannot be checked (querying a bad one is itself undefined): it must be a
+    /// stream of this device's primary context that stays alive while it is set (torch's
+    /// pooled streams live as long as the process). Set 0 before destroying it.
+    pub fn set_compute_stream(&self, stream: u64) {
+        self.compute.store(stream, Ordering::SeqCst);
+    }
+
+    /// The compute stream's handle (see `set_compute_stream`).
+    pub fn compute_stream(&self) -> u64 {
+        self.compute.load(Ordering::SeqCst)
+    }
+
+    fn fences(&self) -> Fences<'_> {
+        let handle = self.compute_stream();
+        // SAFETY: the handle is the consumer's compute stream (`set_compute_stream`): by its
+        // contract a live stream of this device's primary context, or one of the special
+        // handles 0, 1, 2, alive while set. The wrapper is borrowed: dropping it at the end
+        // of the call does not destroy the stream.
+        let compute = unsafe {
+            self.ctx
+                .wrap_borrowed_stream(handle as usize as sys::CUstream)
+        };
+        Fences { dev: self, compute }
+    }
+
+    /// Returns once every kernel on the compute stream and every copy enqueued so far has
+    /// finished: the CPU may then read or write any block (`storage::order`, step 4).
+    pub fn host_access(&self) -> Result<()> {
+        self.bind()?;
+        order::host_access(&self.fences())
+    }
+
+    /// An asynchronous failure of the copies enqueued so far (`Error::Cuda`), if the driver
+    /// reports one; `Ok` while they run or once they succeeded. Never blocks.
+    pub fn poll(&self) -> Result<()> {
+        let mut last = self.last.lock();
+        let Some(end) = last.as_ref() else {
+            return Ok(());
+        };
+        match end.try_is_complete() {
+            Ok(true) => {
+                *last = None;
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(driver_err("an asynchronous block copy", e)),
+        }
     }
 
     /// The device name, e.g. "NVIDIA H100 80GB HBM3".
@@ -178,14 +284,13 @@ impl CudaDevice {
     }
 
     /// Enqueues `cuMemcpyDtoHAsync` for each `(src_off, dst_off, len)` run from `src` to
-    /// `dst` on the offload stream, between a start and an end event.
+    /// `dst` on the copy stream, ordered against the compute stream.
     pub fn copy_d2h(&self, src: &DeviceSlab, dst: &PinnedSlab, runs: &[Run]) -> Result<CopyBatch> {
         self.check_slab(src)?;
         check_runs(src.len, dst.len(), runs, false)?;
         let (s, d) = (src.ptr, dst.as_ptr());
         self.enqueue(
             Direction::DeviceToHost,
-            &self.offload,
             runs,
             "cuMemcpyDtoHAsync",
             |stream, (so, doff, n)| {
@@ -193,8 +298,8 @@ impl CudaDevice {
                 // which stay valid until their `Drop`, and `Drop` synchronizes the context
                 // before freeing, so the copy never outlives the memory. The DMA writes into
                 // pinned memory that Rust reaches only through `RawBytes` raw copies (never
-                // a reference), and the engine makes none on these blocks before the batch's
-                // end event completes (module invariants); `d.add(doff)` stays in bounds.
+                // a reference), and those run only after `host_access` waited for the copy
+                // stream (module invariants); `d.add(doff)` stays in bounds.
                 unsafe {
                     sys::cuMemcpyDtoHAsync_v2(d.add(doff).cast(), s + so as u64, n, stream).result()
                 }
@@ -203,14 +308,13 @@ impl CudaDevice {
     }
 
     /// Enqueues `cuMemcpyHtoDAsync` for each `(src_off, dst_off, len)` run from `src` to
-    /// `dst` on the onboard stream, between a start and an end event.
+    /// `dst` on the copy stream, ordered against the compute stream.
     pub fn copy_h2d(&self, src: &PinnedSlab, dst: &DeviceSlab, runs: &[Run]) -> Result<CopyBatch> {
         self.check_slab(dst)?;
         check_runs(src.len(), dst.len, runs, false)?;
         let (s, d) = (src.as_ptr(), dst.ptr);
         self.enqueue(
             Direction::HostToDevice,
-            &self.onboard,
             runs,
             "cuMemcpyHtoDAsync",
             |stream, (so, doff, n)| {
@@ -225,14 +329,14 @@ impl CudaDevice {
     }
 
     /// Enqueues `cuMemcpyDtoDAsync` for each `(src_off, dst_off, len)` run inside `slab` on
-    /// the onboard stream. A run's source and destination must not overlap.
+    /// the copy stream, ordered against the compute stream. A run's source and destination
+    /// must not overlap.
     pub fn copy_d2d(&self, slab: &DeviceSlab, runs: &[Run]) -> Result<CopyBatch> {
         self.check_slab(slab)?;
         check_runs(slab.len, slab.len, runs, true)?;
         let base = slab.ptr;
         self.enqueue(
             Direction::DeviceToDevice,
-            &self.onboard,
             runs,
             "cuMemcpyDtoDAsync",
             |stream, (so, doff, n)| {
@@ -246,48 +350,47 @@ impl CudaDevice {
         )
     }
 
-    /// Records the start event, enqueues every non-empty run with `op`, records the end
-    /// event. On a failure after the first copy, synchronizes the stream before returning.
+    /// Enqueues every non-empty run with `op` on the copy stream between the fences of
+    /// `storage::order` and a start event (for timing). On a failure after the first copy,
+    /// synchronizes the copy stream before returning.
     fn enqueue(
         &self,
         direction: Direction,
-        stream: &Arc<CudaStream>,
         runs: &[Run],
         what: &str,
         op: impl Fn(sys::CUstream, Run) -> std::result::Result<(), DriverError>,
     ) -> Result<CopyBatch> {
         self.bind()?;
-        let start = stream
-            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| driver_err("recording a copy start event", e))?;
-        let mut bytes = 0usize;
-        let enqueued = (|| {
+        let fences = self.fences();
+        let enqueued = order::copy_batch(&fences, || {
+            let start = self
+                .copy
+                .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_err("recording a copy start event", e))?;
+            let mut bytes = 0usize;
             for &(so, doff, n) in runs {
                 if n == 0 {
                     continue;
                 }
-                op(stream.cu_stream(), (so, doff, n)).map_err(|e| driver_err(what, e))?;
+                op(self.copy.cu_stream(), (so, doff, n)).map_err(|e| driver_err(what, e))?;
                 bytes += n;
             }
-            // Blocking sync: `wait` sleeps in the driver instead of spinning a worker core.
-            let end = self
-                .ctx
-                .new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
-                .map_err(|e| driver_err("creating a copy end event", e))?;
-            end.record(stream)
-                .map_err(|e| driver_err("recording a copy end event", e))?;
-            Ok(end)
-        })();
+            Ok((start, bytes))
+        });
         match enqueued {
-            Ok(end) => Ok(CopyBatch {
-                start,
-                end,
-                direction,
-                bytes,
-            }),
+            Ok(((start, bytes), end)) => {
+                let end = Arc::new(end);
+                *self.last.lock() = Some(end.clone());
+                Ok(CopyBatch {
+                    start,
+                    end,
+                    direction,
+                    bytes,
+                })
+            }
             Err(e) => {
                 // Leave no copy of a failed batch running: the caller reuses its blocks.
-                let _ = stream.synchronize();
+                let _ = self.copy.synchronize();
                 Err(e)
             }
         }
@@ -295,8 +398,9 @@ impl CudaDevice {
 
     /// Makes an external stream (a `CUstream` handle given as `u64` by a DLPack consumer
     /// such as torch; 0, 1 = legacy default and 2 = per-thread default are valid) wait on
-    /// every copy enqueued so far on both copy streams (`cuStreamWaitEvent`), so a consumer
-    /// never reads a block whose onboard copy is still running. Does not block the CPU.
+    /// every copy enqueued so far (`cuStreamWaitEvent`), so a consumer on a stream other
+    /// than the compute stream never reads a block whose copy is still running. Does not
+    /// block the CPU.
     pub fn make_stream_wait(&self, stream: u64) -> Result<()> {
         self.bind()?;
         // SAFETY: the handle is whatever the DLPack consumer passed as `stream`; a raw
@@ -310,26 +414,25 @@ impl CudaDevice {
             self.ctx
                 .wrap_borrowed_stream(stream as usize as sys::CUstream)
         };
-        for s in [&self.offload, &self.onboard] {
-            let ev = s
-                .record_event(None)
-                .map_err(|e| driver_err("recording a stream-wait event", e))?;
-            // The wait captures the event's state now; destroying `ev` afterwards is allowed.
-            foreign
-                .wait(&ev)
-                .map_err(|e| driver_err("cuStreamWaitEvent", e))?;
-        }
-        Ok(())
+        let ev = self
+            .copy
+            .record_event(None)
+            .map_err(|e| driver_err("recording a stream-wait event", e))?;
+        // The wait captures the event's state now; destroying `ev` afterwards is allowed.
+        foreign
+            .wait(&ev)
+            .map_err(|e| driver_err("cuStreamWaitEvent", e))
     }
 
-    /// Copies host bytes into device memory synchronously (for `write_kv`).
+    /// Copies host bytes into device memory synchronously (for `write_kv`), after every
+    /// kernel and copy enqueued so far (`host_access`).
     pub fn write_sync(&self, dst: &DeviceSlab, off: usize, src: &[u8]) -> Result<()> {
         self.check_slab(dst)?;
         check_range(dst.len, off, src.len(), "write")?;
         if src.is_empty() {
             return Ok(());
         }
-        self.bind()?;
+        self.host_access()?;
         // SAFETY: the destination range is in bounds of the live slab; `src` is a valid
         // slice for the whole (synchronous) call.
         unsafe {
@@ -338,14 +441,15 @@ impl CudaDevice {
         .map_err(|e| driver_err("cuMemcpyHtoD", e))
     }
 
-    /// Copies device bytes out synchronously (for `read_kv`).
+    /// Copies device bytes out synchronously (for `read_kv`), after every kernel and copy
+    /// enqueued so far (`host_access`).
     pub fn read_sync(&self, src: &DeviceSlab, off: usize, dst: &mut [u8]) -> Result<()> {
         self.check_slab(src)?;
         check_range(src.len, off, dst.len(), "read")?;
         if dst.is_empty() {
             return Ok(());
         }
-        self.bind()?;
+        self.host_access()?;
         // SAFETY: the source range is in bounds of the live slab; `dst` is a valid, exclusive
         // slice for the whole (synchronous) call.
         unsafe {
@@ -417,7 +521,7 @@ impl DeviceSlab {
         if let Err(e) = unsafe { result::memset_d8_sync(ptr, 0, size) } {
             // SAFETY: allocated above with `cuMemAlloc`, freed once, never handed out.
             let _ = unsafe { result::free_sync(ptr) };
-            return Err(driver_err("zeroing a device slab (cuMemsetD8)", e));
+            return Err(open_err("zeroing a device slab (cuMemsetD8)", e));
         }
         Ok(DeviceSlab {
             ptr,
@@ -519,12 +623,13 @@ pub enum Direction {
     DeviceToDevice,
 }
 
-/// A batch of byte runs copied asynchronously on one stream, bracketed by a start and an end
-/// event (both with timing). Dropping the batch does not cancel or wait for its copies.
+/// A batch of byte runs copied asynchronously on the copy stream, bracketed by a start and
+/// an end event (both with timing). Dropping the batch does not cancel or wait for its
+/// copies: they are ordered already (see the module header).
 #[derive(Debug)]
 pub struct CopyBatch {
     start: CudaEvent,
-    end: CudaEvent,
+    end: Arc<CudaEvent>,
     direction: Direction,
     bytes: usize,
 }

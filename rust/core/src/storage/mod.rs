@@ -2,20 +2,24 @@
 //! and pinned slabs, and the disk tier's block file.
 //!
 //! `Memory` is the one type the engine copies through, so bookkeeping never cares where a
-//! tier lives. Copies between CUDA and pinned memory are DMA copies on the device's
-//! offload / onboard streams; the engine waits for their events before the blocks are
-//! reused (`copy_runs` returns only once the bytes are in place).
+//! tier lives. Copies between host slabs are done when `copy_runs` returns. Copies that
+//! touch CUDA or pinned memory are DMA copies on the device's copy stream, ordered against
+//! the consumer's compute stream (`order`): `copy_runs` returns once they are enqueued, with
+//! the batch to wait for where a caller wants to (swaps, to time and settle themselves).
+//! Every CPU access to CUDA or pinned memory (`read`, `write`, host-side copies) first waits
+//! for the GPU (`CudaDevice::host_access`), so the CPU never sees bytes a copy still moves.
 
 pub mod cuda;
 pub mod disk;
 pub mod host;
+pub mod order;
 pub mod raw;
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::transfer::Runs;
-use cuda::{CudaDevice, DeviceSlab, PinnedSlab};
+use cuda::{CopyBatch, CudaDevice, DeviceSlab, PinnedSlab};
 use host::HostSlab;
 
 /// Where one tier's bytes live.
@@ -78,24 +82,56 @@ impl Memory {
         }
     }
 
-    /// Copies `src` into the memory at `off` (synchronously on a GPU).
+    /// The GPU this memory belongs to (device memory, or pinned memory beside it).
+    pub fn cuda_device(&self) -> Option<&Arc<CudaDevice>> {
+        match self {
+            Memory::Host(_) => None,
+            Memory::Pinned(dev, _) | Memory::Cuda(dev, _) => Some(dev),
+        }
+    }
+
+    /// Copies `src` into the memory at `off`; on a GPU or in pinned memory, after every
+    /// kernel and copy enqueued so far, and synchronously.
     pub fn write(&self, off: usize, src: &[u8]) -> Result<()> {
         match self {
             Memory::Host(s) => s.write(off, src),
-            Memory::Pinned(_, s) => s.write(off, src),
+            Memory::Pinned(dev, s) => {
+                dev.host_access()?;
+                s.write(off, src)
+            }
             Memory::Cuda(dev, s) => dev.write_sync(s, off, src)?,
         }
         Ok(())
     }
 
-    /// Copies bytes at `off` out into `dst` (synchronously on a GPU).
+    /// Copies bytes at `off` out into `dst`; on a GPU or in pinned memory, after every
+    /// kernel and copy enqueued so far.
     pub fn read(&self, off: usize, dst: &mut [u8]) -> Result<()> {
         match self {
             Memory::Host(s) => s.read(off, dst),
-            Memory::Pinned(_, s) => s.read(off, dst),
+            Memory::Pinned(dev, s) => {
+                dev.host_access()?;
+                s.read(off, dst)
+            }
             Memory::Cuda(dev, s) => dev.read_sync(s, off, dst)?,
         }
         Ok(())
+    }
+}
+
+/// What `copy_runs` leaves running: nothing (host copies, done), or a batch of DMA copies
+/// already ordered against the compute stream.
+#[must_use = "a copy on the GPU may still run: wait for it or let the stream order it"]
+#[derive(Debug, Default)]
+pub struct Copied(Option<CopyBatch>);
+
+impl Copied {
+    /// Blocks until the copies are done (never under the engine lock or the GIL).
+    pub fn wait(self) -> Result<()> {
+        match self.0 {
+            Some(batch) => batch.wait(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -106,17 +142,18 @@ fn check(mem: &Memory, off: usize, n: usize) {
     );
 }
 
-/// Copies every run of `runs` from `src` into `dst` (the same memory for in-tier copies)
-/// and returns once the bytes are in place.
-pub fn copy_runs(src: &Memory, dst: &Memory, runs: &Runs) -> Result<()> {
+/// Copies every run of `runs` from `src` into `dst` (the same memory for in-tier copies):
+/// done on return between host slabs, enqueued in stream order on a GPU (see the module
+/// header).
+pub fn copy_runs(src: &Memory, dst: &Memory, runs: &Runs) -> Result<Copied> {
     if runs.runs.is_empty() {
-        return Ok(());
+        return Ok(Copied(None));
     }
-    match (src, dst) {
-        (Memory::Cuda(dev, s), Memory::Pinned(_, d)) => dev.copy_d2h(s, d, &runs.runs)?.wait(),
-        (Memory::Pinned(_, s), Memory::Cuda(dev, d)) => dev.copy_h2d(s, d, &runs.runs)?.wait(),
+    let batch = match (src, dst) {
+        (Memory::Cuda(dev, s), Memory::Pinned(_, d)) => dev.copy_d2h(s, d, &runs.runs)?,
+        (Memory::Pinned(_, s), Memory::Cuda(dev, d)) => dev.copy_h2d(s, d, &runs.runs)?,
         (Memory::Cuda(dev, s), Memory::Cuda(_, d)) if Arc::ptr_eq(s, d) => {
-            dev.copy_d2d(s, &runs.runs)?.wait()
+            dev.copy_d2d(s, &runs.runs)?
         }
         (Memory::Cuda(..), _) | (_, Memory::Cuda(..)) => {
             // Plain host memory cannot be a DMA target: stage through synchronous copies.
@@ -126,7 +163,7 @@ pub fn copy_runs(src: &Memory, dst: &Memory, runs: &Runs) -> Result<()> {
                 src.read(s, &mut buf)?;
                 dst.write(d, &buf)?;
             }
-            Ok(())
+            return Ok(Copied(None));
         }
         _ => {
             let (Some(sp), Some(dp)) = (src.host_ptr(), dst.host_ptr()) else {
@@ -134,6 +171,9 @@ pub fn copy_runs(src: &Memory, dst: &Memory, runs: &Runs) -> Result<()> {
                     "copy between unsupported memories".into(),
                 ));
             };
+            for dev in [src.cuda_device(), dst.cuda_device()].into_iter().flatten() {
+                dev.host_access()?;
+            }
             for &(s, d, n) in &runs.runs {
                 check(src, s, n);
                 check(dst, d, n);
@@ -143,9 +183,10 @@ pub fn copy_runs(src: &Memory, dst: &Memory, runs: &Runs) -> Result<()> {
                 // A consumer writing these blocks meanwhile can only tear the copied bytes.
                 unsafe { std::ptr::copy(sp.add(s), dp.add(d), n) };
             }
-            Ok(())
+            return Ok(Copied(None));
         }
-    }
+    };
+    Ok(Copied(Some(batch)))
 }
 
 #[cfg(test)]
@@ -159,12 +200,12 @@ mod tests {
         a.write(0, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
         let mut r = Runs::default();
         r.push(0, 16, 8);
-        copy_runs(&a, &b, &r).unwrap();
-        copy_runs(&b, &b, &r).unwrap(); // within: 0..8 (zeros) -> 16..24
+        copy_runs(&a, &b, &r).unwrap().wait().unwrap();
+        copy_runs(&b, &b, &r).unwrap().wait().unwrap(); // within: 0..8 (zeros) -> 16..24
         let mut out = [9u8; 8];
         b.read(16, &mut out).unwrap();
         assert_eq!(out, [0; 8]);
-        copy_runs(&a, &a, &r).unwrap();
+        copy_runs(&a, &a, &r).unwrap().wait().unwrap();
         a.read(16, &mut out).unwrap();
         assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
     }
