@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use ferrumkv_core::clock::Clock;
+use ferrumkv_core::config::Device;
 use ferrumkv_core::events::KvEvent;
 use ferrumkv_core::sequence::{AllocOpts, Append, SeqView};
 use ferrumkv_core::state::NewTokens;
@@ -167,16 +168,24 @@ fn batch_tokens(tokens: &Bound<'_, PyAny>) -> PyResult<BatchTokens> {
 /// Copies above this size release the GIL while they run.
 const DETACH_BYTES: usize = 1 << 20;
 
-/// Runs an engine call that copies `bytes` bytes, without the GIL when the copy is large.
-fn detach_if_large<T: Send>(py: Python<'_>, bytes: usize, f: impl FnOnce() -> T + Send) -> T {
-    if bytes >= DETACH_BYTES {
-        py.detach(f)
-    } else {
-        f()
-    }
-}
-
 impl PyEngine {
+    /// Runs an engine call that copies `bytes` bytes between Python and the cache without
+    /// the GIL when the copy is large, or when the cache is on a GPU: the CPU then waits
+    /// for the kernels and copies enqueued before (`storage::order`), for as long as those
+    /// take, and other Python threads keep running meanwhile.
+    fn detach_if_large<T: Send>(
+        &self,
+        py: Python<'_>,
+        bytes: usize,
+        f: impl FnOnce() -> T + Send,
+    ) -> T {
+        if bytes >= DETACH_BYTES || self.engine.config().device != Device::Cpu {
+            py.detach(f)
+        } else {
+            f()
+        }
+    }
+
     /// An allocation may read disk blocks (a prefix hit on the disk tier): with a disk tier
     /// the GIL is released around it so other Python threads keep running.
     fn without_gil_if_disk<T: Send>(&self, py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
@@ -630,7 +639,7 @@ impl PyEngine {
         let rid = convert::request_id(request_id)?;
         let k = convert::bytes_of(k, "k")?;
         let v = convert::bytes_of(v, "v")?;
-        detach_if_large(py, k.len(), || {
+        self.detach_if_large(py, k.len(), || {
             self.engine.write_kv(&rid, layer, start, &k, &v)
         })
         .py_err()
@@ -651,7 +660,7 @@ impl PyEngine {
         let rid = convert::request_id(request_id)?;
         let mut k = convert::staging(nbytes, "k_out")?;
         let mut v = convert::staging(nbytes, "v_out")?;
-        detach_if_large(py, nbytes, || {
+        self.detach_if_large(py, nbytes, || {
             self.engine.read_kv(&rid, layer, start, &mut k, &mut v)
         })
         .py_err()?;
