@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv build run test rust-checks rust-test fuzz fuzz-smoke py-lint py-test bench clean
+.PHONY: venv build run test rust-checks rust-test fuzz fuzz-smoke py-lint py-test bench gpu-check clean
 
 $(VENV)/.ready: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,8 @@ fuzz-smoke:
 	scripts/fuzz.sh $(FUZZ_SMOKE_SECS)
 
 py-lint: venv
-	ruff check python tests benches examples
-	ruff format --check python tests benches examples
+	ruff check python tests benches examples scripts
+	ruff format --check python tests benches examples scripts
 
 py-test: build
 	$(PY) -m pytest
@@ -52,6 +52,12 @@ test: rust-checks rust-test fuzz-smoke py-lint py-test
 
 bench: build
 	$(PY) -m ferrumkv bench
+
+# Issue 13's device check, local part (scripts/gpu_check.sh): the manylinux_2_28 wheel built with
+# zig and the test-only wheels the GPU machine lacks, into dist/gpu; prints the one device `run`
+# call that runs scripts/gpu_device.sh there.
+gpu-check: venv
+	VENV=$(VENV) scripts/gpu_check.sh
 
 clean:
 	cargo clean

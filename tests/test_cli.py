@@ -343,6 +343,21 @@ def test_failed_run_exits_1() -> None:
     assert "run failed" in result.stderr and "CUDA" in result.stderr
 
 
+def test_swaps_slower_than_the_wait_timeout_finish(tmp_path: Path) -> None:
+    # 512 KiB blocks: every swap is copied on the worker and outlasts a 0.5 ms wait timeout.
+    # The replay used to put that timeout around `swap_in`; timing out the await does not stop
+    # the copy (API: a swap in flight finishes), so its retry found the swap still in
+    # progress and the run failed ("cannot swap in ...: a swap is in progress").
+    figures = replay_json(
+        tmp_path, "--requests", "64", "--num-layers", "8", "--num-kv-heads", "8",
+        "--head-dim", "128", "--block-size", "16", "--num-blocks", "300",
+        "--host-blocks", "4000", "--wait-timeout", "0.0005",
+    )  # fmt: skip
+    assert figures["swap_outs"] > 0, figures
+    assert figures["swap_ins"] == figures["swap_outs"], figures
+    assert figures["requests_done"] == 64, figures
+
+
 def test_a_refused_disk_path_is_a_failed_run_not_a_traceback(tmp_path: Path) -> None:
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")

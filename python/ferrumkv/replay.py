@@ -444,8 +444,10 @@ class _Replayer:
         """Bring a preempted sequence back; False when its blocks are not available yet."""
         try:
             if seq.swapped:
-                async with asyncio.timeout(self._options.wait_timeout_s):
-                    await self._engine(self._cache.swap_in(seq.request_id))
+                # No timeout here: swap_in never waits for blocks (it raises OutOfBlocksError
+                # at once), and timing out its copy would not stop it (a swap in flight
+                # finishes), so a retry would find the swap still in progress.
+                await self._engine(self._cache.swap_in(seq.request_id))
                 self.counters.swap_ins += 1
             else:
                 # preempted=True: the lookup of a resumed request stays out of the hit rates
