@@ -196,6 +196,55 @@ def _touch(cache: KvCache) -> None:
             np.from_dlpack(cache.kv_view(layer))[...] = 1
 
 
+class _Swaps:
+    """One case pair's samples: swap_out then swap_in of sequence "s", each beside the
+    baseline's copy of the same bytes, with the engine's own copy time and the copies (runs)
+    each swap made."""
+
+    def __init__(self) -> None:
+        self.ours: tuple[list[float], list[float]] = ([], [])
+        self.engine: tuple[list[float], list[float]] = ([], [])
+        self.base: tuple[list[float], list[float]] = ([], [])
+        self.runs: tuple[list[int], list[int]] = ([], [])
+
+    async def time_pair(self, cache: KvCache, base: Baseline, h: Any) -> Any:
+        """Times one swap out and back of "s" (whose handle is `h`); its handle after."""
+        timed = Timer(base)
+        s0 = cache.stats()
+        self.base[0].append(base.d2h())
+        t, o = await timed(cache.swap_out("s"))
+        self.ours[0].append(t)
+        s1 = cache.stats()
+        self.base[1].append(base.h2d())
+        t, i = await timed(cache.swap_in("s"))
+        self.ours[1].append(t)
+        s2 = cache.stats()
+        self.engine[0].append((s1.d2h_transfer_ns - s0.d2h_transfer_ns) / 1e9)
+        self.engine[1].append((s2.h2d_transfer_ns - s1.h2d_transfer_ns) / 1e9)
+        self.runs[0].append(_runs(h.block_ids, o.block_ids))
+        self.runs[1].append(_runs(o.block_ids, i.block_ids))
+        return i
+
+    def rows(
+        self, label: str, bpb: int, n: int, nbytes: int, base_name: str, cases: tuple[str, ...]
+    ) -> list[dict[str, Any]]:
+        return [
+            _row(
+                label,
+                bpb,
+                cases[d],
+                n,
+                nbytes,
+                self.ours[d],
+                self.base[d],
+                base_name,
+                engine_s=self.engine[d],
+                runs=self.runs[d],
+            )
+            for d in (0, 1)
+        ]
+
+
 def _row(
     size: str,
     block_bytes: int,
@@ -250,61 +299,29 @@ async def bench_size(
     tokens = np.arange(n * BLOCK_SIZE, dtype=np.int64)
 
     # 1. Coalesced swaps: a fresh cache each round, ascending runs on both tiers.
-    out_s, in_s, out_e, in_e, bd2h, bh2d = [], [], [], [], [], []
-    out_runs, in_runs = [], []
+    fresh = _Swaps()
     for r in range(rounds):
         with KvCache(CacheConfig(**kw, num_blocks=2 * n, host_blocks=n)) as cache:
             _touch(cache)
             h = await cache.allocate("s", tokens + r * 10**7)
             s0 = cache.stats()
-            bd2h.append(base.d2h())
-            t, o = await timed(cache.swap_out("s"))
-            out_s.append(t)
-            s1 = cache.stats()
-            bh2d.append(base.h2d())
-            t, i = await timed(cache.swap_in("s"))
-            in_s.append(t)
+            await fresh.time_pair(cache, base, h)
             s2 = cache.stats()
-            if (s1.d2h_blocks_copied - s0.d2h_blocks_copied, s2.h2d_blocks_copied) != (n, n):
+            if (s2.d2h_blocks_copied - s0.d2h_blocks_copied, s2.h2d_blocks_copied) != (n, n):
                 raise RuntimeError(f"{label}: the swaps did not move {n} blocks: {s2}")
-            out_e.append((s1.d2h_transfer_ns - s0.d2h_transfer_ns) / 1e9)
-            in_e.append((s2.h2d_transfer_ns - s1.h2d_transfer_ns) / 1e9)
-            out_runs.append(_runs(h.block_ids, o.block_ids))
-            in_runs.append(_runs(o.block_ids, i.block_ids))
-    for case, ours, eng, b, runs in (
-        (SWAP_CASES[0], out_s, out_e, bd2h, out_runs),
-        (SWAP_CASES[1], in_s, in_e, bh2d, in_runs),
-    ):
-        rows.append(_row(label, bpb, case, n, nbytes, ours, b, base.name, engine_s=eng, runs=runs))
+    rows += fresh.rows(label, bpb, n, nbytes, base.name, SWAP_CASES)
 
     # 2. The same swaps back and forth on one cache (the free lists pick the block ids).
-    out_s, in_s, out_e, in_e, bd2h, bh2d = [], [], [], [], [], []
-    out_runs, in_runs = [], []
+    reused = _Swaps()
     with KvCache(CacheConfig(**kw, num_blocks=2 * n, host_blocks=n)) as cache:
         _touch(cache)
         h = await cache.allocate("s", tokens)
         await cache.swap_out("s")  # warm-up: the host tier's pages fault in once, untimed
         h = await cache.swap_in("s")
         for _ in range(rounds):
-            s0 = cache.stats()
-            bd2h.append(base.d2h())
-            t, o = await timed(cache.swap_out("s"))
-            out_s.append(t)
-            s1 = cache.stats()
-            bh2d.append(base.h2d())
-            t, i = await timed(cache.swap_in("s"))
-            in_s.append(t)
-            s2 = cache.stats()
-            out_e.append((s1.d2h_transfer_ns - s0.d2h_transfer_ns) / 1e9)
-            in_e.append((s2.h2d_transfer_ns - s1.h2d_transfer_ns) / 1e9)
-            out_runs.append(_runs(h.block_ids, o.block_ids))
-            in_runs.append(_runs(o.block_ids, i.block_ids))
-            h = i
-    for case, ours, eng, b, runs in (
-        ("d2h swap_out, reused cache", out_s, out_e, bd2h, out_runs),
-        ("h2d swap_in, reused cache", in_s, in_e, bh2d, in_runs),
-    ):
-        rows.append(_row(label, bpb, case, n, nbytes, ours, b, base.name, engine_s=eng, runs=runs))
+            h = await reused.time_pair(cache, base, h)
+    cases = ("d2h swap_out, reused cache", "h2d swap_in, reused cache")
+    rows += reused.rows(label, bpb, n, nbytes, base.name, cases)
 
     # 3. Offload (eviction to the host tier) and onboard (a prefix hit found there).
     off_s, on_s, bd2h, bh2d, off_bytes, on_bytes = [], [], [], [], [], []

@@ -235,18 +235,27 @@ class Runner:
             step.status = "fail"
         return step
 
+    def run_json(
+        self, step: Step, cmd: list[str], log: Path, js: Path, later: int, mode: str = "w"
+    ) -> dict[str, Any] | None:
+        """Runs a step whose command writes JSON to `js`: the document, or None when the step
+        timed out or wrote none (the step then says so)."""
+        self.run(step, cmd, log, self.limit_for(step.name, later), mode=mode)
+        if step.status == "timeout":
+            return None
+        try:
+            return json.loads(js.read_text())
+        except (OSError, ValueError) as exc:
+            step.status, step.figures = "fail", f"no JSON ({exc.__class__.__name__})"
+            return None
+
     def bandwidth(self, later: int) -> Step:
         step = Step("bandwidth")
         log, js = self.out / "bandwidth.log", self.out / "bandwidth.json"
         cmd = [self.py, "benches/gpu_bandwidth.py", "--device", self.args.device, "--json"]
         cmd += [str(js)] + (["--quick"] if self.args.quick else [])
-        self.run(step, cmd, log, self.limit_for(step.name, later))
-        if step.status == "timeout":
-            return step
-        try:
-            doc = json.loads(js.read_text())
-        except (OSError, ValueError) as exc:
-            step.status, step.figures = "fail", f"no JSON ({exc.__class__.__name__})"
+        doc = self.run_json(step, cmd, log, js, later)
+        if doc is None:
             return step
         s = doc["summary"]
         goal = {True: "met", False: "MISSED", None: "n/a on cpu"}[s["goal_met"]]
@@ -273,13 +282,8 @@ class Runner:
         js = self.scratch / f"{step.name}.json"
         cmd = [self.py, "-m", "ferrumkv", "replay", "--trace", TRACE]
         cmd += [*shlex.split(self.args.replay_args), "--device", device, "--json", str(js)]
-        self.run(step, cmd, log, self.limit_for(step.name, later), mode="a")
-        if step.status == "timeout":
-            return step
-        try:
-            doc = json.loads(js.read_text())
-        except (OSError, ValueError) as exc:
-            step.status, step.figures = "fail", f"no JSON ({exc.__class__.__name__})"
+        doc = self.run_json(step, cmd, log, js, later, mode="a")
+        if doc is None:
             return step
         runs[device] = doc
         done, total = doc["requests_done"], doc["requests"]
