@@ -54,6 +54,26 @@ def test_a_prompt_that_never_fits_is_skipped_alike() -> None:
     assert simulated_hit_rate(prompts, BS, 6).hit_blocks == 2
 
 
+def test_adaptive_follows_the_rule_the_traffic_favours() -> None:
+    """32 blocks. Frequency wins when 4 hot prompts come back every 80 prompts between
+    one-time prompts (76 blocks between two uses of one: LRU never keeps them); recency
+    wins when each phase cycles 12 new prompts 10 times (LRU keeps the phase, `lfu` keeps
+    the last phase's counted blocks). `adaptive` gets what the better rule gets, nearly."""
+    hot = [prompt(10**6 * (k + 1), 5) for k in range(4)]
+    frequency = [hot[(i // 20) % 4] if i % 20 == 0 else prompt(10 * i, 5) for i in range(4000)]
+    recency = [prompt(10**7 + 100 * (ph * 12 + j % 12), 5) for ph in range(60) for j in range(120)]
+
+    def hits(prompts: list[Prompt], policy: str) -> int:
+        return engine_hit_rate(prompts, BS, 32, policy).hit_blocks
+
+    lru, lfu, adaptive = (hits(frequency, p) for p in ("lru", "lfu", "adaptive"))
+    assert lru == 0 and lfu > 150, (lru, lfu)
+    assert adaptive >= 0.95 * lfu, (adaptive, lfu)
+    lru, lfu, adaptive = (hits(recency, p) for p in ("lru", "lfu", "adaptive"))
+    assert lfu < 0.7 * lru, (lru, lfu)
+    assert adaptive >= 0.99 * lru, (adaptive, lru)
+
+
 @pytest.fixture(scope="module")
 def trace_prompts() -> list[Prompt]:
     return prompts_of(load_trace(TRACE, vocab_size=DEFAULT_VOCAB_SIZE, limit=60), 16)

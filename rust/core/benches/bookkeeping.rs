@@ -25,7 +25,12 @@ fn engine(prefix: bool) -> Engine {
 }
 
 fn engine_of(prefix: bool, num_blocks: i64) -> Engine {
+    engine_with(prefix, num_blocks, "lru")
+}
+
+fn engine_with(prefix: bool, num_blocks: i64, policy: &str) -> Engine {
     let mut c = ConfigInput::small(num_blocks);
+    c.eviction_policy = policy.into();
     c.num_layers = 1;
     c.num_kv_heads = 1;
     c.head_dim = 8;
@@ -177,33 +182,36 @@ fn trace_replay() {
     let prompts = trace_prompts();
     let blocks: usize = prompts.iter().map(|p| p.len().div_ceil(16)).sum();
     let hasher = Hasher::new(HashAlgo::Xxh3_128);
-    let (mut replay, mut floor) = (vec![], vec![]);
-    for _ in 0..5 {
-        let e = engine_of(true, 60_000);
-        let t0 = Instant::now();
-        for (i, p) in prompts.iter().enumerate() {
-            let rid = RequestId::Int(i as i64);
-            e.allocate(rid.clone(), p.clone(), None, false).unwrap();
-            e.deallocate(&rid).unwrap();
-        }
-        replay.push(t0.elapsed().as_secs_f64() * 1e9 / blocks as f64);
-        let t0 = Instant::now();
-        for p in &prompts {
-            std::hint::black_box(hasher.chain(0, p, 16));
-        }
-        floor.push(t0.elapsed().as_secs_f64() * 1e9 / blocks as f64);
-    }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!(
-        "synthetic trace replay ({} prompts, {blocks} blocks, 60k device blocks): {:.0} ns/block; \
-         hashing the same tokens alone: {:.0} ns/block",
-        prompts.len(),
-        median(replay),
-        median(floor)
-    );
+    // Every policy, each beside the floor measured in its own rounds.
+    for policy in ferrumkv_core::eviction::POLICY_NAMES {
+        let (mut replay, mut floor) = (vec![], vec![]);
+        for _ in 0..5 {
+            let e = engine_with(true, 60_000, policy);
+            let t0 = Instant::now();
+            for (i, p) in prompts.iter().enumerate() {
+                let rid = RequestId::Int(i as i64);
+                e.allocate(rid.clone(), p.clone(), None, false).unwrap();
+                e.deallocate(&rid).unwrap();
+            }
+            replay.push(t0.elapsed().as_secs_f64() * 1e9 / blocks as f64);
+            let t0 = Instant::now();
+            for p in &prompts {
+                std::hint::black_box(hasher.chain(0, p, 16));
+            }
+            floor.push(t0.elapsed().as_secs_f64() * 1e9 / blocks as f64);
+        }
+        println!(
+            "synthetic trace replay ({} prompts, {blocks} blocks, 60k device blocks, {policy}): \
+             {:.0} ns/block; hashing the same tokens alone: {:.0} ns/block",
+            prompts.len(),
+            median(replay),
+            median(floor)
+        );
+    }
 }
 
 /// Resident memory of this process in bytes (Linux).

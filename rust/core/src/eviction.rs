@@ -34,13 +34,20 @@
 //!   it to LRU, traffic where frequency wins to `Lfu`. Each evictable block is in its class
 //!   queue and in a release-order queue; the ghost holds `LECAR_GHOST_PER_BLOCK` entries per
 //!   block. Leaves first as under either expert.
+//! - `Adaptive` (set dueling): the same two experts, but every eviction follows the one whose
+//!   sampled simulation (`shadow`: LRU and `Lfu` run on one in `rate` block lookups, at the
+//!   tier's capacity scaled down alike) has hit more lately; LRU until the other leads. No
+//!   draws, so it is one rule or the other at any time, never a mix, and it switches within a
+//!   few cache turnovers when the traffic changes. Data as `Lecar`'s (class queues, release
+//!   order, `Lfu`'s ghost) plus the two shadows (about `SHADOW_SLOTS` entries each, whatever
+//!   the tier's size). Leaves first as under either expert.
 //!
 //! Every policy evicts only free blocks (no sequence or pin holds them).
 
 use crate::error::{Error, Result};
 
 /// The names `CacheConfig(eviction_policy=...)` accepts, in the order of `EvictionPolicy`.
-pub const POLICY_NAMES: [&str; 3] = ["lru", "lfu", "lecar"];
+pub const POLICY_NAMES: [&str; 4] = ["lru", "lfu", "lecar", "adaptive"];
 
 /// Hits beyond this count no more (the top class of `Lfu`).
 pub const MAX_HITS: u8 = 4;
@@ -64,6 +71,7 @@ pub enum EvictionPolicy {
     Lru,
     Lfu,
     Lecar,
+    Adaptive,
 }
 
 impl EvictionPolicy {
@@ -72,6 +80,7 @@ impl EvictionPolicy {
             "lru" => Ok(EvictionPolicy::Lru),
             "lfu" => Ok(EvictionPolicy::Lfu),
             "lecar" => Ok(EvictionPolicy::Lecar),
+            "adaptive" => Ok(EvictionPolicy::Adaptive),
             _ => Err(Error::config(
                 "eviction_policy",
                 format!("{s:?} is not one of {}", POLICY_NAMES.join(", ")),
@@ -87,7 +96,9 @@ impl EvictionPolicy {
     pub fn classes(self) -> usize {
         match self {
             EvictionPolicy::Lru => 1,
-            EvictionPolicy::Lfu | EvictionPolicy::Lecar => MAX_HITS as usize + 1,
+            EvictionPolicy::Lfu | EvictionPolicy::Lecar | EvictionPolicy::Adaptive => {
+                MAX_HITS as usize + 1
+            }
         }
     }
 
@@ -95,9 +106,21 @@ impl EvictionPolicy {
     pub fn ghost_capacity(self, num_blocks: usize) -> usize {
         match self {
             EvictionPolicy::Lru => 0,
-            EvictionPolicy::Lfu => num_blocks.saturating_mul(LFU_GHOST_PER_BLOCK),
+            EvictionPolicy::Lfu | EvictionPolicy::Adaptive => {
+                num_blocks.saturating_mul(LFU_GHOST_PER_BLOCK)
+            }
             EvictionPolicy::Lecar => num_blocks.saturating_mul(LECAR_GHOST_PER_BLOCK),
         }
+    }
+
+    /// Whether evictable blocks also sit in a release-order queue (the LRU expert).
+    pub fn keeps_release_order(self) -> bool {
+        matches!(self, EvictionPolicy::Lecar | EvictionPolicy::Adaptive)
+    }
+
+    /// Whether a block's hits count (its class), and come back from the ghost.
+    pub fn counts_hits(self) -> bool {
+        !matches!(self, EvictionPolicy::Lru)
     }
 
     /// The most a block's hit count reaches.
@@ -115,7 +138,7 @@ mod tests {
         for n in POLICY_NAMES {
             assert_eq!(EvictionPolicy::parse(n).unwrap().name(), n);
         }
-        assert_eq!(POLICY_NAMES.len(), EvictionPolicy::Lecar as usize + 1);
+        assert_eq!(POLICY_NAMES.len(), EvictionPolicy::Adaptive as usize + 1);
         let e = EvictionPolicy::parse("mru").unwrap_err();
         assert!(e.to_string().contains("eviction_policy"), "{e}");
     }

@@ -2,7 +2,7 @@
 //! and stats, with no Python in sight (the bindings live in `rust/py`).
 //!
 //! Map: `config` (validated settings), `layout` (byte geometry), `storage` (memory),
-//! `pool` (refcounts and free queues), `prefix` (hashes and the cached-block index),
+//! `pool` (refcounts and free queues), `eviction` / `ghost` / `shadow` (the policies), `prefix` (hashes and the cached-block index),
 //! `sequence`, `waiters` (tickets of calls that wait for blocks), `state` (the bookkeeping
 //! under the lock), `engine` (the lock, the notifier and the public calls), `stats`,
 //! `events`, `residency`, `pressure`, `notify`, `clock`, `cuda`, `error`, `fallible`
@@ -25,6 +25,7 @@ pub mod prefix;
 pub mod pressure;
 pub mod residency;
 pub mod sequence;
+pub mod shadow;
 pub mod slots;
 pub mod state;
 pub mod stats;

@@ -24,6 +24,7 @@ use crate::error::Result;
 use crate::eviction::{EvictionPolicy, LECAR_LEARNING_RATE, LFU_EXPERT, LRU_EXPERT};
 use crate::fallible::{vec_of, zeroed};
 use crate::ghost::{fingerprint, Ghost, Remembered};
+use crate::shadow::Shadows;
 use crate::types::{BlockHash, BlockId};
 
 const NIL: u32 = u32::MAX;
@@ -150,13 +151,16 @@ pub struct BlockPool {
     policy: EvictionPolicy,
     queues: Queues,
     ghost: Ghost,
-    /// `Lecar`: the evictable blocks in release order (empty under other policies), the
-    /// experts' weights, evictions so far, the regret discount and the draw's generator.
+    /// `Lecar`, `Adaptive`: the evictable blocks in release order (empty under other
+    /// policies). `Lecar`: the experts' weights, evictions so far, the regret discount and
+    /// the draw's generator.
     order: Queues,
     weights: [f64; 2],
     evictions: u32,
     discount: f64,
     rng: u64,
+    /// `Adaptive`: the sampled simulations that pick the expert (boxed: absent elsewhere).
+    shadows: Option<Box<Shadows>>,
 }
 
 impl BlockPool {
@@ -180,8 +184,12 @@ impl BlockPool {
         let hits = zeroed(num_blocks, "the block pool's hit counts")?;
         let fp = zeroed(num_blocks, "the block pool's hash fingerprints")?;
         let ghost = Ghost::try_new(policy.ghost_capacity(num_blocks))?;
-        let lecar = policy == EvictionPolicy::Lecar;
-        let order = Queues::try_new(if lecar { num_blocks } else { 0 }, 1)?;
+        let ordered = policy.keeps_release_order();
+        let order = Queues::try_new(if ordered { num_blocks } else { 0 }, 1)?;
+        let shadows = match policy {
+            EvictionPolicy::Adaptive => Some(Box::new(Shadows::try_new(num_blocks)?)),
+            _ => None,
+        };
         for b in 0..num_blocks as u32 {
             queues.push_back(BLANK, b);
         }
@@ -198,14 +206,16 @@ impl BlockPool {
             evictions: 0,
             discount: 0.005f64.powf(1.0 / num_blocks.max(1) as f64),
             rng: 0x9E37_79B9_7F4A_7C15,
+            shadows,
         })
     }
 
-    /// Queues a free cached block (its class queue, and the release order under `Lecar`).
+    /// Queues a free cached block (its class queue, and the release order under `Lecar`
+    /// and `Adaptive`).
     fn enqueue_evictable(&mut self, b: u32) {
         let class = self.class_of(b);
         self.queues.push_back(EVICTABLE + class as u8, b);
-        if self.policy == EvictionPolicy::Lecar {
+        if self.policy.keeps_release_order() {
             self.order.push_back(EVICTABLE, b);
         }
     }
@@ -214,7 +224,7 @@ impl BlockPool {
     fn unqueue(&mut self, b: u32) {
         let evictable = self.queues.is_evictable(b);
         self.queues.remove(b);
-        if evictable && self.policy == EvictionPolicy::Lecar {
+        if evictable && self.policy.keeps_release_order() {
             self.order.remove(b);
         }
     }
@@ -238,14 +248,7 @@ impl BlockPool {
         } else {
             LFU_EXPERT
         };
-        let b = if expert == LRU_EXPERT {
-            self.order.head[EVICTABLE as usize]
-        } else {
-            let q = (EVICTABLE as usize..self.queues.head.len())
-                .find(|&q| self.queues.head[q] != NIL)?;
-            self.queues.head[q]
-        };
-        self.unqueue(b);
+        let b = self.pop_expert(expert)?;
         self.evictions = self.evictions.wrapping_add(1);
         let noted = Remembered {
             hits: self.hits[b as usize],
@@ -254,6 +257,40 @@ impl BlockPool {
         };
         self.ghost.insert(self.fp[b as usize], noted);
         Some(b)
+    }
+
+    /// Takes the victim of `expert` out of its queues: the least recently released block
+    /// (LRU), or the head of the lowest class (`Lfu`'s rule).
+    fn pop_expert(&mut self, expert: u8) -> Option<u32> {
+        let b = if expert == LRU_EXPERT {
+            self.order.head[EVICTABLE as usize]
+        } else {
+            let q = (EVICTABLE as usize..self.queues.head.len())
+                .find(|&q| self.queues.head[q] != NIL)?;
+            self.queues.head[q]
+        };
+        if b == NIL {
+            return None;
+        }
+        self.unqueue(b);
+        Some(b)
+    }
+
+    /// `Adaptive`'s victim: the leading expert picks it; the ghost keeps its count.
+    fn pop_adaptive(&mut self) -> Option<u32> {
+        let expert = self.shadows.as_ref().map_or(LRU_EXPERT, |s| s.leader());
+        let b = self.pop_expert(expert)?;
+        let noted = Remembered {
+            hits: self.hits[b as usize],
+            ..Default::default()
+        };
+        self.ghost.insert(self.fp[b as usize], noted);
+        Some(b)
+    }
+
+    /// `Adaptive`: which expert evictions follow now (None under other policies).
+    pub fn adaptive_leader(&self) -> Option<u8> {
+        self.shadows.as_ref().map(|s| s.leader())
     }
 
     /// `Lecar`: the expert that evicted a block now cached again pays for it.
@@ -275,7 +312,9 @@ impl BlockPool {
         let b = b as usize;
         match self.policy {
             EvictionPolicy::Lru => 0,
-            EvictionPolicy::Lfu | EvictionPolicy::Lecar => self.hits[b] as usize,
+            EvictionPolicy::Lfu | EvictionPolicy::Lecar | EvictionPolicy::Adaptive => {
+                self.hits[b] as usize
+            }
         }
     }
 
@@ -293,6 +332,7 @@ impl BlockPool {
                 Some(b)
             }
             EvictionPolicy::Lecar => self.pop_lecar(),
+            EvictionPolicy::Adaptive => self.pop_adaptive(),
         }
     }
 
@@ -369,11 +409,15 @@ impl BlockPool {
         self.ref_cnt[b.idx()] += 1;
     }
 
-    /// `acquire` for a prefix hit: the block also counts one more hit (see `eviction`).
+    /// `acquire` for a prefix hit: the block also counts one more hit (see `eviction`),
+    /// and `Adaptive`'s shadows see the lookup.
     pub fn acquire_hit(&mut self, b: BlockId) {
         self.acquire(b);
         let h = &mut self.hits[b.idx()];
         *h = h.saturating_add(1).min(self.policy.max_hits());
+        if let Some(s) = self.shadows.as_deref_mut() {
+            s.reference(self.fp[b.idx()]);
+        }
     }
 
     /// Prefix hits the block served since it was cached (saturating).
@@ -410,14 +454,18 @@ impl BlockPool {
         self.cached[i] = true;
         self.fp[i] = fp;
         let cap = parent.map_or(self.policy.max_hits(), |p| self.hits[p.idx()]);
-        self.hits[i] = match (self.policy, remembered) {
-            (EvictionPolicy::Lfu | EvictionPolicy::Lecar, Some(r)) => r
+        self.hits[i] = match remembered {
+            Some(r) if self.policy.counts_hits() => r
                 .hits
                 .saturating_add(1)
                 .min(self.policy.max_hits())
                 .min(cap),
             _ => 0,
         };
+        // A block computed and cached now is a lookup that missed.
+        if let Some(s) = self.shadows.as_deref_mut() {
+            s.reference(fp);
+        }
         if let (EvictionPolicy::Lecar, Some(r)) = (self.policy, remembered) {
             self.regret(r);
         }
@@ -436,6 +484,9 @@ impl BlockPool {
     /// Forgets what the policy remembers of evicted blocks (a prefix-cache reset).
     pub fn forget_evicted(&mut self) {
         self.ghost.clear();
+        if let Some(s) = self.shadows.as_deref_mut() {
+            s.clear();
+        }
     }
 
     /// Entries the policy's ghost holds (evicted hashes it remembers).
@@ -486,7 +537,7 @@ impl BlockPool {
             counted[at as usize] += 1;
         }
         assert_eq!(counted, self.queues.len, "queue lengths");
-        if self.policy == EvictionPolicy::Lecar {
+        if self.policy.keeps_release_order() {
             let n = self.order.iter(EVICTABLE).count();
             assert_eq!(
                 n,
@@ -706,6 +757,36 @@ mod tests {
         p.release(BlockId(3));
         assert_eq!(evict_all(&mut p), [0, 1, 2, 4, 5, 6, 7, 3]);
         p.check_invariants();
+    }
+
+    #[test]
+    fn adaptive_evicts_by_the_leading_shadow() {
+        // Fresh, the shadows tie and LRU leads: release order, hits or not.
+        let mut p = cached_pool(8, EvictionPolicy::Adaptive);
+        assert_eq!(p.adaptive_leader(), Some(LRU_EXPERT));
+        p.acquire_hit(BlockId(0));
+        p.release(BlockId(0));
+        assert_eq!(evict_all(&mut p), [1, 2, 3, 4, 5, 6, 7, 0]);
+        // Traffic where frequency wins (4 hot blocks between scans longer than the tier)
+        // makes the LFU shadow lead: then hit blocks go last, least recent first.
+        let mut p = cached_pool(8, EvictionPolicy::Adaptive);
+        let shadows = p.shadows.as_deref_mut().unwrap();
+        for i in 0..4000u64 {
+            let k = if i % 3 == 0 { i % 4 } else { 1000 + i };
+            shadows.reference(fingerprint(
+                u128::from(k).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ));
+        }
+        assert_eq!(p.adaptive_leader(), Some(LFU_EXPERT));
+        p.acquire_hit(BlockId(7));
+        p.release(BlockId(7));
+        p.acquire_hit(BlockId(3));
+        p.release(BlockId(3));
+        assert_eq!(evict_all(&mut p), [0, 1, 2, 4, 5, 6, 7, 3]);
+        p.check_invariants();
+        // A prefix-cache reset forgets the shadows too: LRU again.
+        p.forget_evicted();
+        assert_eq!(p.adaptive_leader(), Some(LRU_EXPERT));
     }
 
     #[test]

@@ -39,3 +39,9 @@ fn lru_evicts_the_least_recently_released() {
 fn lfu_evicts_the_never_hit_block_first() {
     assert_eq!(survivor("lfu"), (4, 0));
 }
+
+#[test]
+fn adaptive_starts_as_lru() {
+    // Two references are no evidence: the shadows tie, and LRU leads until the other wins.
+    assert_eq!(survivor("adaptive"), (0, 4));
+}
