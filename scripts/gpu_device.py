@@ -5,9 +5,11 @@ installs the wheels `scripts/gpu_check.sh` built (into /tmp/site) and runs this;
 
 Steps, each with its own time limit (killed at it), none stopping the next:
 
-1. `pytest_cuda`: `python -m pytest -m cuda` over the test suite (tests/test_cuda.py, the
-   `cuda` params of tests/test_real_model.py and tests/test_torch_ops.py). Without a driver
-   tests/conftest.py deselects them all: reported as `deselected`, not as passed.
+1. `pytest_cuda`: `python -m pytest -m cuda` over the test modules that mark tests `cuda`
+   (tests/test_cuda.py, the `cuda` params of tests/test_real_model.py and
+   tests/test_torch_ops.py; the other modules may import packages the machine lacks).
+   Without a driver tests/conftest.py deselects them all: reported as `deselected`, not as
+   passed.
 2. `bandwidth`: benches/gpu_bandwidth.py (H2D / D2H swaps, offload / onboard and
    copy-on-write copies against torch's copies of the same bytes, in the same run).
 3. `replay_cuda` and `replay_cpu`: `python -m ferrumkv replay` of the Mooncake synthetic trace
@@ -343,6 +345,12 @@ class Runner:
         return 0 if ok else 1
 
 
+def cuda_test_files() -> list[str]:
+    """The test modules with `cuda`-marked tests, relative to the repo root."""
+    tests = sorted((ROOT / "tests").glob("test_*.py"))
+    return [str(p.relative_to(ROOT)) for p in tests if "mark.cuda" in p.read_text()]
+
+
 def parse_pytest(text: str) -> dict[str, Any]:
     """The counts of pytest's closing line ("3 passed, 600 deselected in 12.3s")."""
     counts: dict[str, Any] = {}
@@ -423,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--pytest-targets",
         nargs="+",
-        default=shlex.split(env.get("FERRUMKV_GPU_CHECK_PYTEST", "tests")),
+        default=shlex.split(env.get("FERRUMKV_GPU_CHECK_PYTEST", "")) or cuda_test_files(),
+        help="default: the test modules that mark tests `cuda` (the others may import "
+        "packages the GPU machine lacks)",
     )
     p.add_argument("--replay-args", default=env.get("FERRUMKV_GPU_CHECK_REPLAY_ARGS"))
     p.add_argument("--expect-site", type=Path, help="ferrumkv must import from here")

@@ -370,6 +370,10 @@ def test_to_dict_repr_eq() -> None:
         "enable_kv_events": True,
         "seed": 7,
         "eviction_policy": "lru",
+        "kv_events_endpoint": None,
+        "kv_events_replay_endpoint": None,
+        "kv_events_topic": "kv-events",
+        "kv_events_format": "array",
     }
     r = repr(cfg)
     assert r.startswith("CacheConfig(") and r.endswith(")")

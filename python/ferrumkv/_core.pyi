@@ -30,6 +30,10 @@ class CacheConfig:
         enable_kv_events: bool = True,
         seed: int = 0,
         eviction_policy: str = "lru",
+        kv_events_endpoint: str | None = None,
+        kv_events_replay_endpoint: str | None = None,
+        kv_events_topic: str = "kv-events",
+        kv_events_format: str = "array",
     ) -> None: ...
     num_layers: int
     num_kv_heads: int
@@ -52,6 +56,10 @@ class CacheConfig:
     enable_kv_events: bool
     seed: int
     eviction_policy: str
+    kv_events_endpoint: str | None
+    kv_events_replay_endpoint: str | None
+    kv_events_topic: str
+    kv_events_format: str
     @property
     def bytes_per_block(self) -> int: ...
     def to_dict(self) -> dict[str, Any]: ...

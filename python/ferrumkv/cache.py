@@ -30,7 +30,8 @@ import numpy as np
 
 from . import _core
 from ._dispatch import Dispatcher, close_dropped
-from .errors import CacheClosedError, OutOfBlocksError
+from .errors import CacheClosedError, InvalidStateError, OutOfBlocksError
+from .kv_events import KvEventPublisher
 from .types import (
     CacheStats,
     EvictionEvent,
@@ -102,6 +103,13 @@ class KvCache:
         what = f"ferrumkv.KvCache(device={config.device!r}, disk_path={config.disk_path!r})"
         self._finalizer = weakref.finalize(self, close_dropped, self._core, self._dispatcher, what)
         self._finalizer.atexit = False  # at exit the engine is torn down as it always was
+        self._publisher: KvEventPublisher | None = None
+        if config.kv_events_endpoint is not None:
+            try:
+                self._publisher = KvEventPublisher(self._core, config)
+            except BaseException:
+                self.close()
+                raise
 
     # ----- lifecycle -----------------------------------------------------------------------
 
@@ -123,6 +131,8 @@ class KvCache:
             return
         self._closed = True
         self._finalizer.detach()
+        if self._publisher is not None:
+            self._publisher.close()  # publishes what is pending first
         self._core.close()
         self._dispatcher.close()
         self._subs.clear()
@@ -488,6 +498,13 @@ class KvCache:
         return IterationStats._from_core(self._core.iteration_stats())
 
     def drain_events(self) -> list[KvEvent]:
+        """The KV events recorded since the last drain, oldest first. With
+        `kv_events_endpoint` set they are published there instead (InvalidStateError)."""
+        if self._publisher is not None:
+            raise InvalidStateError(
+                f"KV events are published on {self.config.kv_events_endpoint}: the publisher "
+                "is their consumer"
+            )
         return [_event_from_core(e) for e in self._core.drain_events()]
 
     def drain_eviction_events(self) -> list[EvictionEvent]:

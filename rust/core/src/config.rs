@@ -170,6 +170,13 @@ pub struct ConfigInput {
     pub layout: String,
     pub enable_kv_events: bool,
     pub seed: u64,
+    /// ZMQ PUB endpoint of KV events in vLLM's wire format (`tcp://`, `ipc://`, `inproc://`).
+    pub kv_events_endpoint: Option<String>,
+    /// ZMQ ROUTER endpoint answering replay requests (needs `kv_events_endpoint`).
+    pub kv_events_replay_endpoint: Option<String>,
+    pub kv_events_topic: String,
+    /// `"array"` (vLLM's array-like structs) or `"map"` (the tagged-map form).
+    pub kv_events_format: String,
 }
 
 impl ConfigInput {
@@ -196,6 +203,10 @@ impl ConfigInput {
             layout: "block_major".into(),
             enable_kv_events: true,
             seed: 0,
+            kv_events_endpoint: None,
+            kv_events_replay_endpoint: None,
+            kv_events_topic: "kv-events".into(),
+            kv_events_format: "array".into(),
         }
     }
 }
@@ -222,6 +233,58 @@ pub struct CacheConfig {
     pub layout: LayoutKind,
     pub enable_kv_events: bool,
     pub seed: u64,
+    pub kv_events_endpoint: Option<String>,
+    pub kv_events_replay_endpoint: Option<String>,
+    pub kv_events_topic: String,
+    pub kv_events_format: KvEventsFormat,
+}
+
+/// How KV events are encoded on the wire (vLLM's msgspec structs, see `ferrumkv.kv_events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvEventsFormat {
+    /// `KVEventBatch` and each event as arrays, the tag first (vLLM's `array_like` form).
+    Array,
+    /// Maps with a `"type"` tag (the newer vLLM form).
+    Map,
+}
+
+impl KvEventsFormat {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "array" => Ok(KvEventsFormat::Array),
+            "map" => Ok(KvEventsFormat::Map),
+            _ => Err(Error::config(
+                "kv_events_format",
+                format!("{s:?} is not \"array\" or \"map\""),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvEventsFormat::Array => "array",
+            KvEventsFormat::Map => "map",
+        }
+    }
+}
+
+/// A ZMQ endpoint: `tcp://HOST:PORT`, `ipc://PATH` or `inproc://NAME`, nothing empty.
+fn zmq_endpoint(field: &'static str, e: &str) -> Result<String> {
+    let ok = match e.split_once("://") {
+        Some(("tcp", rest)) => rest
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+        Some(("ipc" | "inproc", rest)) => !rest.is_empty(),
+        _ => false,
+    };
+    if ok {
+        Ok(e.to_string())
+    } else {
+        Err(Error::config(
+            field,
+            format!("{e:?} is not a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH, inproc://NAME)"),
+        ))
+    }
 }
 
 /// Largest block count of one tier (block ids are u32; keep clear of the list sentinel).
@@ -352,6 +415,29 @@ impl CacheConfig {
                 format!("{high_watermark} must be below low_watermark ({low_watermark})"),
             ));
         }
+        let kv_events_endpoint = c
+            .kv_events_endpoint
+            .as_deref()
+            .map(|e| zmq_endpoint("kv_events_endpoint", e))
+            .transpose()?;
+        let kv_events_replay_endpoint = c
+            .kv_events_replay_endpoint
+            .as_deref()
+            .map(|e| zmq_endpoint("kv_events_replay_endpoint", e))
+            .transpose()?;
+        if kv_events_replay_endpoint.is_some() && kv_events_endpoint.is_none() {
+            return Err(Error::config(
+                "kv_events_replay_endpoint",
+                "replays the batches of kv_events_endpoint, which is not set",
+            ));
+        }
+        if kv_events_endpoint.is_some() && !c.enable_kv_events {
+            return Err(Error::config(
+                "kv_events_endpoint",
+                "publishes KV events, so it needs enable_kv_events=True",
+            ));
+        }
+        let kv_events_format = KvEventsFormat::parse(&c.kv_events_format)?;
         let rate = c.residency_sample_rate;
         if !(rate > 0.0 && rate <= 1.0) {
             return Err(Error::config(
@@ -379,6 +465,10 @@ impl CacheConfig {
             layout,
             enable_kv_events: c.enable_kv_events,
             seed: c.seed,
+            kv_events_endpoint,
+            kv_events_replay_endpoint,
+            kv_events_topic: c.kv_events_topic.clone(),
+            kv_events_format,
         })
     }
 
@@ -403,6 +493,30 @@ mod tests {
         match CacheConfig::validate(c) {
             Err(Error::InvalidConfig { field, .. }) => field,
             other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn zmq_endpoints_are_checked() {
+        for ok in [
+            "tcp://127.0.0.1:5557",
+            "tcp://*:5557",
+            "tcp://[::1]:1",
+            "ipc:///tmp/x",
+            "inproc://k",
+        ] {
+            assert_eq!(zmq_endpoint("e", ok).unwrap(), ok);
+        }
+        for bad in [
+            "",
+            "tcp://",
+            "tcp://host",
+            "tcp://:1",
+            "tcp://h:70000",
+            "ipc://",
+            "udp://h:1",
+        ] {
+            assert!(zmq_endpoint("e", bad).is_err(), "{bad}");
         }
     }
 
@@ -444,6 +558,15 @@ mod tests {
             (|c| c.residency_sample_rate = 0.0, "residency_sample_rate"),
             (|c| c.host_blocks = -1, "host_blocks"),
             (|c| c.disk_blocks = 4, "disk_path"),
+            (
+                |c| c.kv_events_endpoint = Some("localhost:1".into()),
+                "kv_events_endpoint",
+            ),
+            (
+                |c| c.kv_events_replay_endpoint = Some("ipc:///tmp/r".into()),
+                "kv_events_replay_endpoint",
+            ),
+            (|c| c.kv_events_format = "json".into(), "kv_events_format"),
         ];
         for (mutate, field) in cases {
             let mut c = ConfigInput::small(8);

@@ -37,7 +37,9 @@ impl PyCacheConfig {
         device="cpu".to_string(), num_blocks=None, memory_bytes=None, host_blocks=None, disk_path=None,
         disk_blocks=None, enable_prefix_cache=true, hash_algo="xxh3_128".to_string(), low_watermark=0.3,
         high_watermark=0.1, residency_sample_rate=0.01, layout="block_major".to_string(),
-        enable_kv_events=true, seed=None, eviction_policy="lru".to_string()), text_signature = "(*, num_layers, num_kv_heads, head_dim, block_size=16, dtype='float16', device='cpu', num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None, disk_blocks=0, enable_prefix_cache=True, hash_algo='xxh3_128', low_watermark=0.3, high_watermark=0.1, residency_sample_rate=0.01, layout='block_major', enable_kv_events=True, seed=0, eviction_policy='lru')")]
+        enable_kv_events=true, seed=None, eviction_policy="lru".to_string(), kv_events_endpoint=None,
+        kv_events_replay_endpoint=None, kv_events_topic="kv-events".to_string(),
+        kv_events_format="array".to_string()), text_signature = "(*, num_layers, num_kv_heads, head_dim, block_size=16, dtype='float16', device='cpu', num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None, disk_blocks=0, enable_prefix_cache=True, hash_algo='xxh3_128', low_watermark=0.3, high_watermark=0.1, residency_sample_rate=0.01, layout='block_major', enable_kv_events=True, seed=0, eviction_policy='lru', kv_events_endpoint=None, kv_events_replay_endpoint=None, kv_events_topic='kv-events', kv_events_format='array')")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_layers: &Bound<'_, PyAny>,
@@ -60,6 +62,10 @@ impl PyCacheConfig {
         enable_kv_events: bool,
         seed: Option<&Bound<'_, PyAny>>,
         eviction_policy: String,
+        kv_events_endpoint: Option<String>,
+        kv_events_replay_endpoint: Option<String>,
+        kv_events_topic: String,
+        kv_events_format: String,
     ) -> PyResult<Self> {
         let opt = |name, v: Option<&Bound<'_, PyAny>>| {
             v.filter(|o| !o.is_none())
@@ -88,6 +94,10 @@ impl PyCacheConfig {
             enable_kv_events,
             seed: u64::try_from(opt("seed", seed)?.unwrap_or(0))
                 .map_err(|_| PyValueError::new_err("invalid seed: must be >= 0"))?,
+            kv_events_endpoint,
+            kv_events_replay_endpoint,
+            kv_events_topic,
+            kv_events_format,
         };
         let config = CacheConfig::validate(&input).py_err()?;
         Ok(PyCacheConfig { input, config })
@@ -180,6 +190,27 @@ impl PyCacheConfig {
     fn seed(&self) -> u64 {
         self.config.seed
     }
+    /// ZMQ PUB endpoint the KV events are published on in vLLM's wire format (None: not
+    /// published; `drain_events` returns them instead). README, "KV events on the wire".
+    #[getter]
+    fn kv_events_endpoint(&self) -> Option<String> {
+        self.config.kv_events_endpoint.clone()
+    }
+    /// ZMQ ROUTER endpoint that replays buffered batches from a sequence number.
+    #[getter]
+    fn kv_events_replay_endpoint(&self) -> Option<String> {
+        self.config.kv_events_replay_endpoint.clone()
+    }
+    /// The first frame of every published message.
+    #[getter]
+    fn kv_events_topic(&self) -> String {
+        self.config.kv_events_topic.clone()
+    }
+    /// "array" (vLLM's array-like structs) or "map" (tagged maps).
+    #[getter]
+    fn kv_events_format(&self) -> &'static str {
+        self.config.kv_events_format.name()
+    }
     /// block_size x num_layers x 2 x num_kv_heads x head_dim x itemsize.
     #[getter]
     fn bytes_per_block(&self) -> usize {
@@ -209,6 +240,13 @@ impl PyCacheConfig {
         d.set_item("enable_kv_events", c.enable_kv_events)?;
         d.set_item("seed", c.seed)?;
         d.set_item("eviction_policy", c.eviction_policy.name())?;
+        d.set_item("kv_events_endpoint", c.kv_events_endpoint.clone())?;
+        d.set_item(
+            "kv_events_replay_endpoint",
+            c.kv_events_replay_endpoint.clone(),
+        )?;
+        d.set_item("kv_events_topic", c.kv_events_topic.clone())?;
+        d.set_item("kv_events_format", c.kv_events_format.name())?;
         Ok(d)
     }
 

@@ -1,0 +1,223 @@
+"""KV events on the wire: a ZMQ publisher in vLLM's KV-event format, for KV-aware routers.
+
+With ``CacheConfig(kv_events_endpoint=...)`` a cache publishes every KV event it records
+(blocks stored and removed in every tier, the prefix cache cleared) the way vLLM's
+``ZmqEventPublisher`` does, so routers that index vLLM replicas (llm-d's kv-cache indexer,
+NVIDIA Dynamo's router) index ferrumkv replicas unchanged:
+
+- PUB messages of three frames: the topic (``kv_events_topic``), the batch's sequence number
+  (8 bytes, big-endian, from 0), and the msgpack batch.
+- A batch is ``KVEventBatch``: ``[ts, events, data_parallel_rank]`` (``kv_events_format=
+  "array"``, vLLM's ``array_like`` structs) or ``{"ts": ..., "events": [...],
+  "data_parallel_rank": ...}`` (``"map"``). Each event is tagged with its struct name:
+  ``["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium,
+  lora_name]``, ``["BlockRemoved", block_hashes, medium]``, ``["AllBlocksCleared"]`` (or maps
+  with ``"type"`` and those field names). Block hashes are unsigned 64-bit ints (the low 64
+  bits of the engine's 128-bit chained hash; a block's Stored and Removed carry the same);
+  ``medium`` is ``"GPU"`` for the device tier, ``"CPU"`` for the host tier, ``"DISK"`` for the
+  disk tier; ``token_ids`` are the stored blocks' tokens, so a router can compute its own
+  hashes; ``lora_id`` and ``lora_name`` are null.
+- An optional ROUTER socket (``kv_events_replay_endpoint``): a client (DEALER) sends
+  ``[b"", start_seq as 8 bytes big-endian]`` and receives ``[b"", seq, payload]`` for every
+  buffered batch from ``start_seq`` on (the last ``REPLAY_BATCHES``), then ``[b"", -1 as 8
+  signed bytes, b""]``.
+- Endpoints follow vLLM's convention: a wildcard (``tcp://*:P``), ``ipc://`` or
+  ``inproc://`` endpoint is bound, any other ``tcp://HOST:PORT`` is connected to (the
+  subscriber binds). The replay socket is always bound.
+
+Design: one daemon thread per cache owns both sockets (ZMQ sockets are not thread safe). It
+takes the engine's pending events every ``POLL_S`` (so an event is on the wire well within a
+second of its call), encodes them as one batch and sends it without blocking: with no
+subscriber, or a slow one past the high-water mark, PUB drops the message (ZMQ's PUB
+semantics, as in vLLM; the replay socket can send it again), and the engine call that caused
+the events never waits for the network. While
+the publisher runs it is the events' one consumer: ``KvCache.drain_events`` raises
+``InvalidStateError``. ``close()`` publishes what is pending before the sockets close.
+Needs ``pyzmq`` and ``msgpack`` (``pip install ferrumkv[events]``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any
+
+__all__ = ["MEDIUM", "REPLAY_BATCHES", "KvEventPublisher", "encode_batch"]
+
+MEDIUM = {"device": "GPU", "host": "CPU", "disk": "DISK"}
+"""The ``medium`` of each tier's events."""
+
+REPLAY_BATCHES = 10_000
+"""Batches the replay socket can send again (vLLM's default ``buffer_steps``)."""
+
+POLL_S = 0.02
+"""How often the publisher takes the engine's pending events."""
+
+HIGH_WATER_MARK = 100_000
+"""Messages PUB queues for a subscriber before it drops (vLLM's default ``hwm``)."""
+
+CLOSE_LINGER_MS = 500
+"""How long closing waits for batches still queued to a subscriber."""
+
+_MASK64 = (1 << 64) - 1
+_END = (-1).to_bytes(8, "big", signed=True)
+
+
+def _hash64(h: int) -> int:
+    return h & _MASK64
+
+
+def _event(raw: tuple[Any, ...], fmt: str) -> list[Any] | dict[str, Any]:
+    """One engine event (``_core.drain_events``' tuples) in vLLM's struct layout."""
+    kind = raw[0]
+    if kind == "stored":
+        _, hashes, parent, tokens, block_size, tier = raw
+        fields: dict[str, Any] = {
+            "block_hashes": [_hash64(h) for h in hashes],
+            "parent_block_hash": None if parent is None else _hash64(parent),
+            "token_ids": list(tokens),
+            "block_size": block_size,
+            "lora_id": None,
+            "medium": MEDIUM[tier],
+            "lora_name": None,
+        }
+        tag = "BlockStored"
+    elif kind == "removed":
+        _, hashes, tier = raw
+        fields = {"block_hashes": [_hash64(h) for h in hashes], "medium": MEDIUM[tier]}
+        tag = "BlockRemoved"
+    elif kind == "cleared":
+        fields, tag = {}, "AllBlocksCleared"
+    else:
+        raise ValueError(f"unknown engine event {kind!r}")
+    if fmt == "map":
+        return {"type": tag, **fields}
+    return [tag, *fields.values()]
+
+
+def encode_batch(
+    raw_events: list[tuple[Any, ...]], ts: float, fmt: str = "array", dp_rank: int | None = 0
+) -> bytes:
+    """The msgpack ``KVEventBatch`` of ``raw_events`` (engine tuples) at time ``ts``."""
+    import msgpack
+
+    events = [_event(e, fmt) for e in raw_events]
+    batch: Any = (
+        {"ts": ts, "events": events, "data_parallel_rank": dp_rank}
+        if fmt == "map"
+        else [ts, events, dp_rank]
+    )
+    return msgpack.packb(batch, use_bin_type=True)
+
+
+def _binds(endpoint: str) -> bool:
+    """vLLM's convention: bind wildcards and local transports, connect to a named host."""
+    return (
+        "*" in endpoint
+        or "::" in endpoint
+        or endpoint.startswith("ipc://")
+        or endpoint.startswith("inproc://")
+    )
+
+
+class KvEventPublisher:
+    """Publishes a cache's KV events on ZMQ from a thread of its own (see the module)."""
+
+    def __init__(self, core: Any, config: Any) -> None:
+        try:
+            import msgpack  # noqa: F401  (encode_batch needs it: fail here, not in the thread)
+            import zmq
+        except ImportError as e:
+            raise ImportError(
+                f"kv_events_endpoint needs pyzmq and msgpack ({e}): pip install ferrumkv[events]"
+            ) from None
+
+        self._zmq = zmq
+        self._core = core
+        self._fmt: str = config.kv_events_format
+        self._topic = config.kv_events_topic.encode()
+        self._ctx = zmq.Context.instance()
+        self._pub = self._ctx.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
+        self._pub.setsockopt(zmq.LINGER, 0)
+        self._replay = None
+        try:
+            endpoint = config.kv_events_endpoint
+            (self._pub.bind if _binds(endpoint) else self._pub.connect)(endpoint)
+            if config.kv_events_replay_endpoint is not None:
+                self._replay = self._ctx.socket(zmq.ROUTER)
+                self._replay.setsockopt(zmq.LINGER, 0)
+                self._replay.bind(config.kv_events_replay_endpoint)
+        except zmq.ZMQError as e:
+            self._close_sockets()
+            raise ValueError(f"invalid kv_events endpoint: {e}") from None
+        self._buffer: deque[tuple[int, bytes]] = deque(maxlen=REPLAY_BATCHES)
+        self._seq = 0
+        self.published = 0
+        """Batches handed to PUB."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ferrumkv-kv-events", daemon=True)
+        self._thread.start()
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next batch gets."""
+        return self._seq
+
+    def _publish_pending(self) -> None:
+        raw = self._core.drain_events()
+        if not raw:
+            return
+        payload = encode_batch(raw, time.time(), self._fmt)
+        seq = self._seq
+        self._seq += 1
+        self._buffer.append((seq, payload))
+        # PUB never blocks: past the high-water mark it drops the message for that peer.
+        self._pub.send_multipart(
+            [self._topic, seq.to_bytes(8, "big"), payload], flags=self._zmq.NOBLOCK
+        )
+        self.published += 1
+
+    def _serve_replay(self) -> None:
+        assert self._replay is not None
+        while self._replay.poll(0):
+            frames = self._replay.recv_multipart()
+            if len(frames) != 3 or len(frames[2]) != 8:
+                continue  # not a replay request: nothing to answer
+            client, _, start = frames
+            first = int.from_bytes(start, "big")
+            for seq, payload in list(self._buffer):
+                if seq >= first:
+                    self._replay.send_multipart([client, b"", seq.to_bytes(8, "big"), payload])
+            self._replay.send_multipart([client, b"", _END, b""])
+
+    def _run(self) -> None:
+        # Ends on close(), or when the engine was closed without it (a dropped cache).
+        while not self._stop.wait(POLL_S) and not self._core.closed:
+            self._step()
+        if not self._core.closed:
+            self._step()  # what close() left pending
+        self._close_sockets()
+
+    def _step(self) -> None:
+        try:
+            self._publish_pending()
+            if self._replay is not None:
+                self._serve_replay()
+        except Exception:  # a closed engine, a socket error: keep the thread alive
+            import logging
+
+            logging.getLogger("ferrumkv").exception("KV event publisher step failed")
+
+    def _close_sockets(self) -> None:
+        # Up to CLOSE_LINGER_MS for the last batches to leave (a gone subscriber loses them).
+        self._pub.close(linger=CLOSE_LINGER_MS)
+        if self._replay is not None:
+            self._replay.close(linger=0)
+
+    def close(self) -> None:
+        """Publishes what is pending, then closes the sockets (idempotent)."""
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join()
