@@ -322,6 +322,27 @@ class KvCache:
             self._pressure_now()
         return await self._settle(r, None)
 
+    async def flush(self, *, timeout: float | None = None) -> None:
+        """Waits until every disk write issued so far has landed (the disk tier writes
+        behind: a spilled block is on disk, readable by later lookups, once its write
+        landed; a failed write is counted in `disk_write_errors` and lands as a miss). Writes
+        issued after the call are not waited for. The event loop keeps running meanwhile;
+        `timeout` (seconds) raises TimeoutError, and cancelling it is safe (a flush holds
+        nothing). Without a disk tier it returns at once. `close()` lands every write too."""
+        self._check_timeout(timeout)
+        ticket = self._core.flush()
+        if ticket is None:
+            return
+        try:
+            await self._dispatcher.wait(ticket, timeout)
+        except TimeoutError:
+            self._core.cancel_ticket(ticket)
+            raise TimeoutError(f"disk writes still in flight after {timeout} s") from None
+        except BaseException:
+            self._core.cancel_ticket(ticket)
+            raise
+        self._core.take_flush(ticket)
+
     async def gc(self, *, target_free_ratio: float | None = None) -> GcStats:
         """Evicts LRU cached blocks until the blank share of the device tier reaches the
         target (default: low_watermark)."""

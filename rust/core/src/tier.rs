@@ -13,6 +13,7 @@
 //! `Error::OutOfMemory` naming the tier (and nothing of it is kept); the disk tier allocates
 //! its bookkeeping before it creates its file, so that failure leaves no file behind.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -131,13 +132,19 @@ impl HostTier {
 /// Disk slots hold cached blocks spilled from the host tier. A slot is written by a disk
 /// worker; until its write finishes it is `pending`, owned (refcount 1) by the write, and
 /// not readable. Then it is evictable and indexed, or, if the write failed, blank again.
+/// Writes are numbered in the order they are issued (from 1), so `flush` can wait for
+/// exactly the writes issued before it: `landed_before` is the lowest number still in
+/// flight (or the next to issue), and every write numbered below it has landed.
 pub struct DiskTier {
     pub file: Arc<DiskFile>,
     pub pool: BlockPool,
     pub index: PrefixIndex,
-    pub pending: Vec<bool>,
-    /// How many of `pending` are set (writes in flight), kept by `reserve` / `finish_write`.
-    num_pending: usize,
+    /// The number of the write in flight to each slot (0: none).
+    pub pending: Vec<u64>,
+    /// The numbers of the writes in flight, kept by `reserve` / `finish_write`.
+    in_flight: BTreeSet<u64>,
+    /// The number the next write gets.
+    next_write: u64,
 }
 
 /// A spilled block on its way to the disk: written by a worker, then `finish_disk_write`.
@@ -160,24 +167,36 @@ impl DiskTier {
         let pool = BlockPool::with_policy(num_slots, policy).map_err(|e| in_tier(tier(), e))?;
         let index = PrefixIndex::try_new(num_slots, block_size).map_err(|e| in_tier(tier(), e))?;
         let pending =
-            vec_of(num_slots, false, "the pending-write marks").map_err(|e| in_tier(tier(), e))?;
+            vec_of(num_slots, 0, "the pending-write marks").map_err(|e| in_tier(tier(), e))?;
         Ok(DiskTier {
             file: Arc::new(DiskFile::create(path, num_slots, bytes_per_block)?),
             pool,
             index,
             pending,
-            num_pending: 0,
+            in_flight: BTreeSet::new(),
+            next_write: 1,
         })
     }
 
     /// Disk writes in flight (O(1)).
     pub fn num_pending(&self) -> usize {
-        self.num_pending
+        self.in_flight.len()
+    }
+
+    /// The number the next write will get: `flush` waits until `landed_before` reaches it.
+    pub fn next_write(&self) -> u64 {
+        self.next_write
+    }
+
+    /// Every write numbered below this has landed (or failed): the lowest number in flight,
+    /// or the next to issue when none is (O(log writes in flight)).
+    pub fn landed_before(&self) -> u64 {
+        self.in_flight.first().copied().unwrap_or(self.next_write)
     }
 
     /// An indexed slot whose write has finished.
     pub fn readable(&self, hash: BlockHash) -> Option<BlockId> {
-        self.index.get(hash).filter(|s| !self.pending[s.idx()])
+        self.index.get(hash).filter(|s| self.pending[s.idx()] == 0)
     }
 
     /// Reserves a slot for `hash` and indexes it as pending; None if the hash is already
@@ -206,8 +225,9 @@ impl DiskTier {
         self.index.insert(slot, hash, parent, first, tokens);
         let parent_block = (!first).then(|| self.index.get(parent)).flatten();
         self.pool.register(slot, hash, parent_block);
-        self.pending[slot.idx()] = true;
-        self.num_pending += 1;
+        self.pending[slot.idx()] = self.next_write;
+        self.in_flight.insert(self.next_write);
+        self.next_write += 1;
         events.stored(hash, (!first).then_some(parent), tokens, Tier::Disk);
         Some(slot)
     }
@@ -221,13 +241,9 @@ impl DiskTier {
         ok: bool,
         events: &mut EventQueue,
     ) {
-        debug_assert!(
-            self.pending[slot.idx()],
-            "slot {} had no write in flight",
-            slot.0
-        );
-        self.pending[slot.idx()] = false;
-        self.num_pending -= 1;
+        let write = std::mem::take(&mut self.pending[slot.idx()]);
+        debug_assert!(write != 0, "slot {} had no write in flight", slot.0);
+        self.in_flight.remove(&write);
         let indexed = self.index.hash_of(slot) == Some(hash);
         if !(ok && indexed) {
             if indexed {
@@ -283,6 +299,32 @@ mod tests {
         );
         let msg = oom_message(HostTier::new(usize::MAX, 1, 2, &device, Default::default()));
         assert!(msg.contains("host tier"), "{msg}");
+    }
+
+    #[test]
+    fn writes_land_in_any_order_and_flush_sees_the_lowest_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = DiskTier::new(&dir.path().join("b"), 4, 1, 8, Default::default()).unwrap();
+        let mut ev = EventQueue::new(false);
+        assert_eq!((d.next_write(), d.landed_before()), (1, 1));
+        let slots: Vec<BlockId> = (0..3u128)
+            .map(|h| d.reserve(h + 1, 0, true, &[h as u32], &mut ev).unwrap())
+            .collect();
+        // Writes 1, 2, 3 in flight; a flush issued now waits for landed_before >= 4.
+        assert_eq!(
+            (d.next_write(), d.landed_before(), d.num_pending()),
+            (4, 1, 3)
+        );
+        d.finish_write(slots[1], 2, true, &mut ev); // write 2 lands first
+        assert_eq!(d.landed_before(), 1, "write 1 is still in flight");
+        d.finish_write(slots[0], 1, false, &mut ev); // write 1 fails: it landed, as a miss
+        assert_eq!(d.landed_before(), 3);
+        let late = d.reserve(9, 0, true, &[9], &mut ev).unwrap(); // write 4, after the flush
+        d.finish_write(slots[2], 3, true, &mut ev);
+        assert_eq!(d.landed_before(), 4, "a flush of writes 1..=3 is answered");
+        d.finish_write(late, 9, true, &mut ev);
+        assert_eq!((d.landed_before(), d.num_pending()), (5, 0));
+        assert!(d.readable(2).is_some() && d.readable(1).is_none());
     }
 
     #[test]

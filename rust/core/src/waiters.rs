@@ -16,6 +16,9 @@
 //!   and published (blocks joined to the sequence, full blocks registered, counters counted).
 //! - `Failed`: the waiter gets the error (its request was deallocated, the engine closed).
 //! - `Moving` / `Moved`: a swap whose copy runs on the worker, and its completion.
+//! - `Flushing` / `Flushed`: a `flush` waiting for the disk writes issued before it (queued
+//!   in `flushes` by the write number it waits for, so the earliest is answered first), and
+//!   its answer. Cancel: it leaves the queue; it holds nothing.
 //!
 //! A taken or cancelled ticket is removed. At most one ticket of a request is open (pending or
 //! granted) at a time, so a ticket's undo can never touch a later call of the same request,
@@ -104,6 +107,12 @@ pub enum TicketState {
     Moved {
         rid: RequestId,
     },
+    /// A flush waiting until every disk write numbered below `before` has landed.
+    Flushing {
+        before: u64,
+    },
+    /// Those writes have landed.
+    Flushed,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +127,9 @@ pub struct Waiters {
     open: IdMap<Ticket>,
     /// Finished tickets not yet reported to the event loop.
     pub completed: Vec<Ticket>,
+    /// `Flushing` tickets with the write number each waits for, in issue order (so the
+    /// numbers never decrease).
+    flushes: VecDeque<(Ticket, u64)>,
 }
 
 impl Waiters {
@@ -154,6 +166,40 @@ impl Waiters {
             },
         );
         t
+    }
+
+    /// A flush waiting until every write numbered below `before` has landed.
+    pub fn push_flush(&mut self, before: u64) -> Ticket {
+        let t = self.next_ticket();
+        self.tickets.insert(t, TicketState::Flushing { before });
+        self.flushes.push_back((t, before));
+        t
+    }
+
+    /// Answers the flushes whose writes have all landed (every write below `landed`);
+    /// whether any was.
+    pub fn serve_flushes(&mut self, landed: u64) -> bool {
+        let mut served = false;
+        while let Some(&(t, before)) = self.flushes.front() {
+            if before > landed {
+                break;
+            }
+            self.flushes.pop_front();
+            self.finish(t, TicketState::Flushed);
+            served = true;
+        }
+        served
+    }
+
+    /// Withdraws a flush whose waiter gave up, answered or not; whether `t` was a flush.
+    pub fn cancel_flush(&mut self, t: Ticket) -> bool {
+        match self.tickets.get(&t) {
+            Some(TicketState::Flushing { .. }) => self.flushes.retain(|&(x, _)| x != t),
+            Some(TicketState::Flushed) => {}
+            _ => return false,
+        }
+        self.remove(t);
+        true
     }
 
     /// The worker finished (or failed) the copy of swap ticket `t`.
@@ -276,6 +322,7 @@ impl Waiters {
         self.extends.clear();
         self.allocates.clear();
         self.open.clear();
+        self.flushes.clear();
         self.tickets.drain().collect()
     }
 

@@ -477,6 +477,15 @@ impl PyEngine {
         self.engine.cancel_ticket(ticket);
     }
 
+    /// None when every disk write issued so far has landed, else a ticket to wait for.
+    fn flush(&self) -> PyResult<Option<u64>> {
+        self.engine.flush().py_err()
+    }
+
+    fn take_flush(&self, ticket: u64) -> PyResult<()> {
+        self.engine.take_flush(ticket).py_err()
+    }
+
     /// `(finished tickets, pressure events as `pressure_tuple`s)`.
     #[allow(clippy::type_complexity)]
     fn drain_notifications(&self) -> (Vec<u64>, Vec<(u8, u8, usize, usize, usize, usize)>) {
@@ -743,6 +752,16 @@ impl PyEngine {
     /// Test hook: holds swap copies on the worker before they start while `on`.
     fn pause_copies(&self, on: bool) {
         self.engine.pause_copies(on);
+    }
+
+    /// Test hook: holds disk writes on the workers before they start while `on`.
+    fn pause_disk_writes(&self, on: bool) {
+        self.engine.pause_disk_writes(on);
+    }
+
+    /// Test hook: tickets in any state (nothing left behind).
+    fn num_tickets(&self) -> usize {
+        self.engine.num_tickets()
     }
 
     /// Test hook: waits until every swap copy handed to the worker so far has finished.

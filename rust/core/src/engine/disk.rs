@@ -7,6 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::state::DiskRead;
+use crate::sync::atomic::Ordering;
 use crate::tier::DiskWrite;
 
 use super::{panic_message, EngineCore};
@@ -23,6 +24,9 @@ impl EngineCore {
         for w in writes {
             let core = core.clone();
             workers.submit(Box::new(move || {
+                while core.disk_writes_paused.load(Ordering::SeqCst) {
+                    crate::sync::poll_sleep(std::time::Duration::from_micros(200));
+                }
                 let file = core.state.lock().disk_file().cloned();
                 let Some(file) = file else { return };
                 // A panic inside the write is a failed write, never a lost answer.
@@ -102,6 +106,24 @@ impl EngineCore {
         }
         file.inject(fault);
         Ok(())
+    }
+
+    /// `flush`: `None` when every disk write issued so far has landed, else a ticket the
+    /// disk workers answer once they have (`take_flush`; `cancel_ticket` withdraws it).
+    /// Never blocks: the waiting is the event loop's.
+    pub fn flush(&self) -> Result<Option<crate::waiters::Ticket>> {
+        self.mutate(false, |st, _| Ok(st.flush()))
+    }
+
+    /// Tickets in any state (tests: nothing is left behind).
+    pub fn num_tickets(&self) -> usize {
+        self.state.lock().num_tickets()
+    }
+
+    /// The answer of a flush ticket (consumed): `Ok` once its writes landed, `Closed` if the
+    /// engine closed first.
+    pub fn take_flush(&self, t: crate::waiters::Ticket) -> Result<()> {
+        self.mutate(false, |st, _| st.take_flush(t))
     }
 
     /// Blocks until every disk write handed to the workers has finished (tests, benches).

@@ -80,6 +80,7 @@ impl Engine {
         self.core.mark_closing();
         self.core.pause_copies(false);
         self.core.pause_fills(false);
+        self.core.pause_disk_writes(false);
         self.copier.shutdown();
         if let Some(w) = &self.core.disk_workers {
             w.shutdown();
@@ -107,6 +108,8 @@ pub struct EngineCore {
     device_fault: AtomicBool,
     /// Worker copies wait while set (`pause_copies`).
     copies_paused: AtomicBool,
+    /// Disk writes wait before they start while set (`pause_disk_writes`).
+    disk_writes_paused: AtomicBool,
     /// Swaps smaller than this copy inline (`set_inline_copy_bytes`).
     inline_copy_bytes: AtomicUsize,
     /// A pressure transition waits to be drained: set by `commit`, cleared by the drains,
@@ -185,9 +188,16 @@ impl EngineCore {
             device_fault: AtomicBool::new(false),
             fills_paused: AtomicBool::new(false),
             copies_paused: AtomicBool::new(false),
+            disk_writes_paused: AtomicBool::new(false),
             inline_copy_bytes: AtomicUsize::new(INLINE_COPY_BYTES),
             pressure_pending: AtomicBool::new(false),
         }))
+    }
+
+    /// Holds disk writes on the workers before they start while `on` (tests: writes stay in
+    /// flight for as long as a test needs, e.g. to watch `flush` wait). `close` lifts it.
+    pub fn pause_disk_writes(&self, on: bool) {
+        self.disk_writes_paused.store(on, Ordering::SeqCst);
     }
 
     /// Holds admissions' fills (run outside the lock) before they start while `on` (tests: a

@@ -140,7 +140,7 @@ impl State {
             self.pool.num_blocks()
         );
         if let Some(d) = &self.disk {
-            let in_flight = d.pending.iter().filter(|&&p| p).count();
+            let in_flight = d.pending.iter().filter(|&&p| p != 0).count();
             assert_eq!(d.num_pending(), in_flight, "disk writes in flight");
         }
         let host_seqs = self.seqs.values().filter(|s| s.phase.tier() == Tier::Host);

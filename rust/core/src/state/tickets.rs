@@ -152,6 +152,9 @@ impl State {
     /// Withdraws a ticket: a pending one leaves its queue, a granted one gives back what it
     /// holds, a swap in flight finishes anyway (its result is dropped).
     pub fn cancel_ticket(&mut self, ctx: &Ctx, t: Ticket) {
+        if self.waiters.cancel_flush(t) {
+            return;
+        }
         if !self.withdraw(t) {
             if let Some(TicketState::Moving { rid, .. }) = self.waiters.remove(t) {
                 let abandoned = TicketState::Moving {

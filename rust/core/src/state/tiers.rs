@@ -111,11 +111,45 @@ impl State {
     }
 
     /// A disk worker finished writing a spilled block.
+    /// `flush`: None when every disk write issued so far has landed (or there is no disk
+    /// tier), else a ticket answered once they have (`Flushed`).
+    pub fn flush(&mut self) -> Option<crate::waiters::Ticket> {
+        let disk = self.disk.as_ref()?;
+        let before = disk.next_write();
+        (disk.landed_before() < before).then(|| self.waiters.push_flush(before))
+    }
+
+    /// Tickets in any state (tests).
+    pub fn num_tickets(&self) -> usize {
+        self.waiters.num_tickets()
+    }
+
+    /// Hands a flush's answer to its waiter (the ticket is consumed).
+    pub fn take_flush(&mut self, t: crate::waiters::Ticket) -> Result<()> {
+        use crate::waiters::TicketState;
+        match self.waiters.remove(t) {
+            Some(TicketState::Flushed) => Ok(()),
+            Some(TicketState::Failed(e)) => Err(e),
+            Some(other) => {
+                self.waiters.restore(t, other);
+                Err(Error::InvalidState(format!(
+                    "ticket {t} is not an answered flush"
+                )))
+            }
+            None => Err(Error::InvalidState(format!(
+                "ticket {t} is unknown or already taken"
+            ))),
+        }
+    }
+
     pub fn finish_disk_write(&mut self, slot: BlockId, hash: BlockHash, ok: bool) {
         let Some(disk) = self.disk.as_mut() else {
             return;
         };
         disk.finish_write(slot, hash, ok, &mut self.events);
+        if self.waiters.serve_flushes(disk.landed_before()) {
+            self.fx.signal = true;
+        }
         self.events.end_op();
         if ok {
             self.counters.disk_blocks_written += 1;
