@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
+import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from ferrumkv.replay import (
     write_json,
     write_plot,
 )
+from ferrumkv.replicas import ROUTERS, replay_replicas
 from ferrumkv.workload import (
     DEFAULT_VOCAB_SIZE,
     TraceError,
@@ -228,6 +230,22 @@ def _add_serving_arguments(group: argparse._ArgumentGroup) -> None:
         "default: ignore them and send requests as fast as the loop admits them",
     )
     group.add_argument(
+        "--replicas",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="serve the workload with N replicas (each a cache of the given size) behind "
+        "a router (default: %(default)s)",
+    )
+    group.add_argument(
+        "--router",
+        choices=ROUTERS,
+        default="round-robin",
+        help="with --replicas: send each request to the next replica, or to the one holding "
+        "the longest prefix of it, learned from the replicas' KV events over ZMQ "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
         "--wait-timeout",
         type=positive_float,
         default=DEFAULT_WAIT_TIMEOUT_S,
@@ -307,6 +325,9 @@ def run_replay(args: argparse.Namespace) -> int:
         progress=args.progress or sys.stderr.isatty(),
         sample_interval_s=PLOT_SAMPLE_INTERVAL_S if args.plot is not None else None,
     )
+    if args.replicas > 1:
+        cache.close()
+        return _run_replicas(args, config, workload, options)
     try:
         result = asyncio.run(replay(cache, config, workload, options))
         admitted = dataclasses.replace(workload, requests=result.admitted)
@@ -386,3 +407,33 @@ def _workload(args: argparse.Namespace) -> Workload:
             file=sys.stderr,
         )
     return workload
+
+
+def _run_replicas(
+    args: argparse.Namespace, config: CacheConfig, workload: Workload, options: ReplayOptions
+) -> int:
+    """``--replicas N``: the fleet's table (per replica and in total) and its JSON."""
+    from ferrumkv.replicas import close_replicas, fleet_summary, format_fleet, open_replicas
+
+    if args.plot is not None:
+        raise UsageError("--plot draws one cache: it does not take --replicas")
+    try:
+        replicas = open_replicas(config, args.replicas, args.router)
+    except (FerrumKVError, OSError, ImportError) as exc:
+        print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        results = asyncio.run(replay_replicas(replicas, config, workload, options))
+        summary = {"workload": workload.description, **fleet_summary(replicas, results)}
+        print(format_fleet(summary))
+        if args.json is not None:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return EXIT_OK if summary["requests_done"] > 0 else EXIT_FAILED
+    except (FerrumKVError, OSError) as exc:
+        print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("ferrumkv replay: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        close_replicas(replicas)

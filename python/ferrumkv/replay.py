@@ -208,8 +208,15 @@ class _Replayer:
     """The serving loop: request tasks, the preemption controller and the observers."""
 
     def __init__(
-        self, cache: KvCache, config: CacheConfig, workload: Workload, options: ReplayOptions
+        self,
+        cache: KvCache,
+        config: CacheConfig,
+        workload: Workload,
+        options: ReplayOptions,
+        finished: dict[str, asyncio.Event] | None = None,
     ) -> None:
+        """`finished`: the requests' completion events, shared by replicas that serve one
+        workload (a conversation's next turn may go to another replica)."""
         self._cache = cache
         self._workload = workload
         self._options = options
@@ -223,7 +230,11 @@ class _Replayer:
         self._running: dict[str, _Sequence] = {}
         self._preempted: list[_Sequence] = []
         self.admitted: list[Request] = []
-        self._finished = {request.request_id: asyncio.Event() for request in workload.requests}
+        self._finished = (
+            finished
+            if finished is not None
+            else {request.request_id: asyncio.Event() for request in workload.requests}
+        )
         self._slots = asyncio.Semaphore(options.max_concurrency)
         self._admission = asyncio.Lock()
         self._changed = _Broadcast()
@@ -238,11 +249,7 @@ class _Replayer:
         self._start = time.perf_counter()
         try:
             async with asyncio.TaskGroup() as group:
-                helpers = [group.create_task(self._control())]
-                if self._options.sample_interval_s is not None:
-                    helpers.append(group.create_task(self._sample_periodically()))
-                if self._options.progress:
-                    helpers.append(group.create_task(self._show_progress()))
+                helpers = self.start_helpers(group, progress=self._options.progress)
                 requests = [group.create_task(self._serve(r)) for r in self._workload.requests]
                 group.create_task(_cancel_when_done(requests, helpers))
         except BaseExceptionGroup as group_error:
@@ -252,16 +259,29 @@ class _Replayer:
         self._sample()
         return time.perf_counter() - self._start
 
+    def start_helpers(self, group: asyncio.TaskGroup, *, progress: bool) -> list[asyncio.Task]:
+        """The preemption controller and the observers, as tasks of `group`."""
+        helpers = [group.create_task(self._control())]
+        if self._options.sample_interval_s is not None:
+            helpers.append(group.create_task(self._sample_periodically()))
+        if progress:
+            helpers.append(group.create_task(self._show_progress()))
+        return helpers
+
     async def _serve(self, request: Request) -> None:
         """One request from arrival to completion (or rejection)."""
         try:
             await self._arrive(request)
-            async with self._slots:
-                seq = await self._admit(request)
-                if seq is not None and await self._decode(seq):
-                    await self._finish(seq)
+            await self.serve_arrived(request)
         finally:
             self._finished[request.request_id].set()
+
+    async def serve_arrived(self, request: Request) -> None:
+        """One request that has arrived, from admission to completion (or rejection)."""
+        async with self._slots:
+            seq = await self._admit(request)
+            if seq is not None and await self._decode(seq):
+                await self._finish(seq)
 
     async def _arrive(self, request: Request) -> None:
         """Wait for the arrival time (scaled by the speedup) and the previous turn."""

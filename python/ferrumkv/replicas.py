@@ -1,0 +1,325 @@
+"""Replicas in the replay: N caches behind a router, as a KV-aware serving fleet runs them.
+
+``python -m ferrumkv replay --replicas N --router round-robin|prefix-aware`` serves one
+workload with N replicas in one process, each a full serving loop (`replay._Replayer`) on a
+cache of its own, and a router that sends each arriving request to one of them:
+
+- ``round-robin``: the next replica in turn (what a KV-unaware load balancer does).
+- ``prefix-aware``: the replica that holds the longest cached prefix of the prompt, learned
+  the way KV-aware routers (llm-d's kv-cache indexer, NVIDIA Dynamo's router) learn it: every
+  replica publishes its KV events on a ZMQ endpoint of its own in vLLM's wire format
+  (`ferrumkv.kv_events`), and the router subscribes to them all and keeps an index of which
+  replica holds which block (in any tier). It hashes blocks its own way, chained over the
+  events' `token_ids`, so it relies on nothing but the wire format. A replica whose queue is
+  full (``max_concurrency`` requests in service) is passed over while another has room; ties
+  go to the least loaded replica, then the lowest index. With no prefix held anywhere the
+  request goes to the least loaded replica.
+
+The index lags the replicas by the publishers' poll (20 ms) and drops nothing it was sent;
+events published before the router's subscription took effect (ZMQ's slow joiner) are missed,
+which only costs routing quality. Cost: one dict lookup per prompt block and per stored
+block, in Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import CacheConfig, KvCache
+from .replay import (
+    ReplayOptions,
+    ReplayResult,
+    _cancel_when_done,
+    _first_leaf,
+    _Replayer,
+)
+from .types import CacheStats
+from .workload import Request, Workload
+
+__all__ = ["ROUTERS", "PrefixIndex", "ReplicaSet", "replay_replicas"]
+
+ROUTERS = ("round-robin", "prefix-aware")
+"""The routers ``--router`` takes."""
+
+_ROOT = 0
+
+
+def _chain(parent: int, tokens: tuple[int, ...]) -> int:
+    """The router's own chained block hash (deterministic: a tuple of ints)."""
+    return hash((parent, tokens))
+
+
+class PrefixIndex:
+    """Which replica holds which block, built from the replicas' KV events on ZMQ."""
+
+    def __init__(self, endpoints: Sequence[str], block_size: int) -> None:
+        import msgpack
+        import zmq
+
+        self._unpack = msgpack.unpackb
+        self._zmq = zmq
+        self.block_size = block_size
+        self._subs = []
+        for endpoint in endpoints:
+            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.connect(endpoint)
+            self._subs.append(sub)
+        n = len(endpoints)
+        # Per replica: router hash -> the media holding it; engine hash -> router hash.
+        self._held: list[dict[int, set[str]]] = [{} for _ in range(n)]
+        self._ours: list[dict[int, int]] = [{} for _ in range(n)]
+        self.batches = 0
+        """KV event batches the index applied."""
+
+    def poll(self) -> None:
+        """Applies every batch that has arrived (never waits)."""
+        for replica, sub in enumerate(self._subs):
+            while True:
+                try:
+                    _, _, payload = sub.recv_multipart(flags=self._zmq.NOBLOCK)
+                except self._zmq.Again:
+                    break
+                _ts, events, _rank = self._unpack(payload)
+                for event in events:
+                    self._apply(replica, event)
+                self.batches += 1
+
+    def _apply(self, replica: int, event: list[Any]) -> None:
+        held, ours = self._held[replica], self._ours[replica]
+        tag = event[0]
+        if tag == "BlockStored":
+            _, hashes, parent, tokens, block_size, _lora, medium = event[:7]
+            h = _ROOT if parent is None else ours.get(parent)
+            if h is None:
+                return  # its parent was never seen (missed before the subscription)
+            for i, engine_hash in enumerate(hashes):
+                h = _chain(h, tuple(tokens[i * block_size : (i + 1) * block_size]))
+                ours[engine_hash] = h
+                held.setdefault(h, set()).add(medium)
+        elif tag == "BlockRemoved":
+            _, hashes, medium = event[:3]
+            for engine_hash in hashes:
+                h = ours.get(engine_hash)
+                media = held.get(h) if h is not None else None
+                if media is None:
+                    continue
+                media.discard(medium)
+                if not media:
+                    del held[h]
+                    del ours[engine_hash]
+        elif tag == "AllBlocksCleared":
+            held.clear()
+            ours.clear()
+
+    def matched_blocks(self, prompt: Sequence[int]) -> list[int]:
+        """Per replica, how many of the prompt's leading full blocks it holds (hashing only
+        as far as some replica still matches)."""
+        bs = self.block_size
+        tokens = [int(t) for t in prompt]
+        out = [0] * len(self._held)
+        alive = [i for i, held in enumerate(self._held) if held]
+        h = _ROOT
+        for b in range(len(tokens) // bs):
+            if not alive:
+                break
+            h = _chain(h, tuple(tokens[b * bs : (b + 1) * bs]))
+            alive = [i for i in alive if h in self._held[i]]
+            for i in alive:
+                out[i] = b + 1
+        return out
+
+    def close(self) -> None:
+        for sub in self._subs:
+            sub.close(linger=0)
+
+
+@dataclass
+class ReplicaSet:
+    """The replicas, the router's choices, and what each served."""
+
+    caches: list[KvCache]
+    router: str
+    index: PrefixIndex | None = None
+    routed: list[int] = field(default_factory=list)
+    in_service: list[int] = field(default_factory=list)
+    prefix_routed: int = 0
+    """Requests the prefix-aware router sent by a held prefix (not by load alone)."""
+    _turn: int = 0
+
+    def pick(self, prompt: Sequence[int], max_concurrency: int) -> int:
+        n = len(self.caches)
+        if self.router == "round-robin":
+            i = self._turn % n
+            self._turn += 1
+            return i
+        assert self.index is not None
+        self.index.poll()
+        matched = self.index.matched_blocks(prompt)
+        room = [i for i in range(n) if self.in_service[i] < max_concurrency] or list(range(n))
+        best = max(room, key=lambda i: (matched[i], -self.in_service[i], -i))
+        if matched[best] > 0:
+            self.prefix_routed += 1
+        return best
+
+
+_FLEETS = itertools.count()
+
+
+def _endpoint(fleet: int, i: int) -> str:
+    return f"inproc://ferrumkv-replica-{os.getpid()}-{fleet}-{i}"
+
+
+def open_replicas(config: CacheConfig, n: int, router: str) -> ReplicaSet:
+    """N caches of `config`; for the prefix-aware router each publishes its KV events."""
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {', '.join(ROUTERS)}, not {router!r}")
+    caches: list[KvCache] = []
+    endpoints: list[str] = []
+    fleet = next(_FLEETS)
+    try:
+        for i in range(n):
+            cfg = config
+            if router == "prefix-aware":
+                endpoints.append(_endpoint(fleet, i))
+                fields = config.to_dict()
+                if fields["memory_bytes"] is not None:
+                    del fields["num_blocks"]  # derived from memory_bytes
+                cfg = CacheConfig(**{**fields, "kv_events_endpoint": endpoints[-1]})
+            caches.append(KvCache(cfg))
+        index = PrefixIndex(endpoints, config.block_size) if endpoints else None
+    except BaseException:
+        for c in caches:
+            c.close()
+        raise
+    return ReplicaSet(caches, router, index, [0] * n, [0] * n)
+
+
+async def replay_replicas(
+    replicas: ReplicaSet, config: CacheConfig, workload: Workload, options: ReplayOptions
+) -> list[ReplayResult]:
+    """Replay `workload` through the router onto the replicas; one result per replica."""
+    finished = {r.request_id: asyncio.Event() for r in workload.requests}
+    replayers = [_Replayer(c, config, workload, options, finished) for c in replicas.caches]
+    pairs = zip(replicas.caches, replayers, strict=True)
+    subscriptions = [c.on_pressure(r._on_pressure) for c, r in pairs]
+    start = time.perf_counter()
+    for r in replayers:
+        r._start = start
+
+    # The router holds arrived requests until the fleet has room (every replica's
+    # `max_concurrency` together), and routes each when it lets it in, with what it knows
+    # then: so a burst of arrivals is routed on fresh KV events, not on an empty index.
+    room = asyncio.Semaphore(options.max_concurrency * len(replayers))
+
+    async def serve(request: Request) -> None:
+        try:
+            await replayers[0]._arrive(request)
+            prompt = request.prompt_tokens(workload.vocab_size)
+            async with room:
+                i = replicas.pick(prompt, options.max_concurrency)
+                replicas.routed[i] += 1
+                replicas.in_service[i] += 1
+                try:
+                    await replayers[i].serve_arrived(request)
+                finally:
+                    replicas.in_service[i] -= 1
+        finally:
+            finished[request.request_id].set()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            helpers = [t for r in replayers for t in r.start_helpers(group, progress=False)]
+            requests = [group.create_task(serve(r)) for r in workload.requests]
+            group.create_task(_cancel_when_done(requests, helpers))
+    except BaseExceptionGroup as group_error:
+        raise _first_leaf(group_error) from None
+    finally:
+        for s in subscriptions:
+            s.cancel()
+    wall_s = time.perf_counter() - start
+    results = []
+    for r, c in zip(replayers, replicas.caches, strict=True):
+        r._sample()
+        results.append(
+            ReplayResult(r.counters, c.stats(), wall_s, tuple(r.samples), tuple(r.admitted))
+        )
+    return results
+
+
+def close_replicas(replicas: ReplicaSet) -> None:
+    for c in replicas.caches:
+        c.close()
+    if replicas.index is not None:
+        replicas.index.close()
+
+
+def fleet_summary(replicas: ReplicaSet, results: list[ReplayResult]) -> dict[str, Any]:
+    """Per-replica and total figures of a replicas replay."""
+    per = []
+    for i, (res, n) in enumerate(zip(results, replicas.routed, strict=True)):
+        s: CacheStats = res.stats
+        per.append(
+            {
+                "replica": i,
+                "requests": n,
+                "done": res.counters.done,
+                "rejected": res.counters.rejected,
+                "reused_blocks": s.reused_blocks,
+                "missed_blocks": s.missed_blocks,
+                "block_hit_rate": s.cache_hit_rate,
+                "token_hit_rate": s.token_hit_rate,
+                "preemptions": res.counters.preemptions,
+            }
+        )
+    reused = sum(p["reused_blocks"] for p in per)
+    missed = sum(p["missed_blocks"] for p in per)
+    cache_tokens = sum(r.stats.cache_tokens for r in results)
+    prompt_tokens = sum(r.stats.prompt_tokens for r in results)
+    return {
+        "replicas": len(per),
+        "router": replicas.router,
+        "prefix_routed": replicas.prefix_routed,
+        "requests_done": sum(p["done"] for p in per),
+        "requests_rejected": sum(p["rejected"] for p in per),
+        "block_hit_rate": reused / (reused + missed) if reused + missed else 0.0,
+        "token_hit_rate": cache_tokens / prompt_tokens if prompt_tokens else 0.0,
+        "preemptions": sum(p["preemptions"] for p in per),
+        "wall_s": results[0].wall_s if results else 0.0,
+        "per_replica": per,
+    }
+
+
+def format_fleet(summary: dict[str, Any]) -> str:
+    """The per-replica table and the totals."""
+    lines = [
+        f"{summary['replicas']} replicas, router {summary['router']}"
+        + (
+            f" ({summary['prefix_routed']} requests routed to a held prefix)"
+            if summary["router"] == "prefix-aware"
+            else ""
+        ),
+        f"{'replica':>8} {'requests':>9} {'done':>6} {'rejected':>9} {'block hit':>10} "
+        f"{'token hit':>10} {'preempt':>8}",
+    ]
+    for p in summary["per_replica"]:
+        lines.append(
+            f"{p['replica']:>8} {p['requests']:>9,} {p['done']:>6,} {p['rejected']:>9,} "
+            f"{100 * p['block_hit_rate']:>9.1f}% {100 * p['token_hit_rate']:>9.1f}% "
+            f"{p['preemptions']:>8,}"
+        )
+    lines.append(
+        f"{'total':>8} {sum(p['requests'] for p in summary['per_replica']):>9,} "
+        f"{summary['requests_done']:>6,} {summary['requests_rejected']:>9,} "
+        f"{100 * summary['block_hit_rate']:>9.1f}% {100 * summary['token_hit_rate']:>9.1f}% "
+        f"{summary['preemptions']:>8,}"
+    )
+    lines.append(f"wall time {summary['wall_s']:.2f} s")
+    return "\n".join(lines)
