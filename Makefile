@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv build run test rust-checks rust-test fuzz fuzz-smoke py-lint py-test bench gpu-check clean
+.PHONY: venv build run test rust-checks rust-test fuzz fuzz-smoke py-lint typecheck py-test bench gpu-check clean
 
 $(VENV)/.ready: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,14 @@ py-lint: venv
 	ruff check python tests benches examples scripts
 	ruff format --check python tests benches examples scripts
 
+# mypy --strict over python/ferrumkv (settings in pyproject.toml, [tool.mypy]).
+typecheck: venv
+	$(PY) -m mypy
+
 py-test: build
 	$(PY) -m pytest
 
-test: rust-checks rust-test fuzz-smoke py-lint py-test
+test: rust-checks rust-test fuzz-smoke py-lint typecheck py-test
 
 bench: build
 	$(PY) -m ferrumkv bench

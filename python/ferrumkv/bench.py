@@ -37,7 +37,7 @@ def _cfg(num_blocks: int, prefix: bool) -> CacheConfig:
     return bookkeeping_config(num_blocks, BLOCK, enable_prefix_cache=prefix)
 
 
-def _median_us(run_round: Callable[[], None], ops: int, rounds: int) -> float:
+def _median_us(run_round: Callable[[], object], ops: int, rounds: int) -> float:
     times = []
     for _ in range(rounds):
         t0 = time.perf_counter_ns()
@@ -224,7 +224,8 @@ async def _decode_step(rounds: int) -> list[tuple[str, float, float, str]]:
         naive = PyDecodeBaseline(base)
 
         async def reset(ids: list[Any] = rids) -> None:
-            for r in [*rids, *str_rids]:
+            all_ids: list[str | int] = [*rids, *str_rids]
+            for r in all_ids:
                 if r in cache:
                     await cache.deallocate(r)
                 if r in base.tables:
@@ -328,7 +329,8 @@ def _stats(rounds: int) -> list[tuple[str, float, float, str]]:
             counters = {k: raw[k] for k in COUNTER_FIELDS}
             gauges = {k: raw[k] for k in raw if k not in counters and k not in tiers}
             gauges["pressure_level"] = PressureLevel(gauges["pressure_level"])
-            return CacheStats(**tiers, **gauges, **counters)
+            fields: dict[str, Any] = {**tiers, **gauges, **counters}
+            return CacheStats(**fields)
 
         if by_fields() != cache.stats():
             raise RuntimeError("stats() and the field-by-field snapshot disagree")
@@ -373,7 +375,7 @@ async def _prefix(rounds: int) -> list[tuple[str, float, float, str]]:
         query = prompt.copy()
         query[-1] += 1  # hits 31 full blocks, then a partial match
         plist = query.tolist()
-        index = {h: i for i, h in enumerate(_py_chain_hashes(prompt.tolist())[:31])}
+        first31 = {h: i for i, h in enumerate(_py_chain_hashes(prompt.tolist())[:31])}
         ops = 200
 
         def ours() -> None:
@@ -382,7 +384,7 @@ async def _prefix(rounds: int) -> list[tuple[str, float, float, str]]:
 
         def theirs() -> None:
             for _ in range(ops):
-                _py_lookup(index, plist)
+                _py_lookup(first31, plist)
 
         rows.append(
             (
@@ -610,7 +612,7 @@ async def _disk(rounds: int) -> list[tuple[str, float, float, str]]:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.posix_fallocate(fd, 0, disk * bpb)
-                view = memoryview(data)
+                view = data.data  # the array's own buffer, no copy
                 t0 = time.perf_counter_ns()
                 for b in range(written):
                     os.pwrite(fd, view[b * bpb : (b + 1) * bpb], b * bpb)

@@ -151,8 +151,8 @@ class KvCache:
 
     # ----- waiting -------------------------------------------------------------------------
 
-    async def _settle(self, result: Any, timeout: float | None) -> SequenceHandle:
-        if type(result) is not int:
+    async def _settle(self, result: SequenceHandle | int, timeout: float | None) -> SequenceHandle:
+        if not isinstance(result, int):
             return result
         ticket = result
         try:
@@ -254,6 +254,7 @@ class KvCache:
             return None
         if self._subs:
             self._pressure_now()
+        assert not isinstance(h, int), "a call that may not wait returns no ticket"
         return h
 
     async def truncate(self, request_id: RequestId, num_tokens: int) -> SequenceHandle:
@@ -434,7 +435,7 @@ class KvCache:
         if self._core.pressure_pending and self._dispatcher.on_loop_thread():
             self._fire_pressure(self._core.drain_pressure())
 
-    def _fire_pressure(self, raws: list[tuple[int, ...]]) -> None:
+    def _fire_pressure(self, raws: Sequence[tuple[int, ...]]) -> None:
         """Delivers transitions, oldest first, each to every subscriber before the next.
         NOTE: a callback's own calls (a CRITICAL handler that frees blocks) queue their
         transitions here and return; this loop delivers them after the current one reached
@@ -513,7 +514,8 @@ class KvCache:
     def stats(self) -> CacheStats:
         """A snapshot of every gauge and counter (a few microseconds; the O(1) gauges
         `num_free_blocks` etc. are cheaper still)."""
-        return self._core.stats_object()
+        stats: CacheStats = self._core.stats_object()
+        return stats
 
     def iteration_stats(self) -> IterationStats:
         return IterationStats._from_core(self._core.iteration_stats())

@@ -108,7 +108,8 @@ def encode_batch(
         if fmt == "map"
         else [ts, events, dp_rank]
     )
-    return msgpack.packb(batch, use_bin_type=True)
+    payload: bytes = msgpack.packb(batch, use_bin_type=True)
+    return payload
 
 
 def _binds(endpoint: str) -> bool:
@@ -137,7 +138,7 @@ class KvEventPublisher:
         self._core = core
         self._fmt: str = config.kv_events_format
         self._topic = config.kv_events_topic.encode()
-        self._ctx = zmq.Context.instance()
+        self._ctx: Any = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
         self._pub.setsockopt(zmq.LINGER, 0)

@@ -367,7 +367,8 @@ class _Histogram:
         total = 0
         for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
             total += n
-            out.append((floatToGoString(bound), total))
+            # prometheus_client's own rendering of a bucket bound (untyped there).
+            out.append((floatToGoString(bound), total))  # type: ignore[no-untyped-call]
         return out
 
 

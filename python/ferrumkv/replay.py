@@ -259,7 +259,9 @@ class _Replayer:
         self._sample()
         return time.perf_counter() - self._start
 
-    def start_helpers(self, group: asyncio.TaskGroup, *, progress: bool) -> list[asyncio.Task]:
+    def start_helpers(
+        self, group: asyncio.TaskGroup, *, progress: bool
+    ) -> list[asyncio.Task[None]]:
         """The preemption controller and the observers, as tasks of `group`."""
         helpers = [group.create_task(self._control())]
         if self._options.sample_interval_s is not None:
@@ -354,7 +356,8 @@ class _Replayer:
                 return False
             if await self._try_extend(seq):
                 return True
-            own_blocks = len(self._cache.get(seq.request_id).block_ids)
+            handle = self._cache.get(seq.request_id)
+            own_blocks = 0 if handle is None else len(handle.block_ids)
             if self._never_fits(seq.num_tokens + 1) or self._hopeless(own_blocks):
                 await self._reject_running(seq)
                 return False
@@ -572,6 +575,7 @@ class _Replayer:
 
     async def _sample_periodically(self) -> None:
         interval = self._options.sample_interval_s
+        assert interval is not None, "started only with a sample interval"
         while True:
             self._sample()
             await asyncio.sleep(interval)
@@ -593,7 +597,9 @@ class _Replayer:
         bar.draw(finished, len(self._running), len(self._preempted), usage, elapsed)
 
 
-async def _cancel_when_done(requests: list[asyncio.Task], helpers: list[asyncio.Task]) -> None:
+async def _cancel_when_done(
+    requests: list[asyncio.Task[None]], helpers: list[asyncio.Task[None]]
+) -> None:
     """Stop the helper tasks once every request task has finished."""
     await asyncio.wait(requests)
     for helper in helpers:
@@ -625,7 +631,9 @@ async def replay(
 # ---------------------------------------------------------------------- reporting
 
 
-def summarize(result: ReplayResult, workload: Workload, infinite: InfiniteCacheHits) -> dict:
+def summarize(
+    result: ReplayResult, workload: Workload, infinite: InfiniteCacheHits
+) -> dict[str, Any]:
     """The figures of a replay as one flat dict (the table's and the JSON file's)."""
     counters, stats = result.counters, result.stats
     return {
@@ -660,7 +668,7 @@ def summarize(result: ReplayResult, workload: Workload, infinite: InfiniteCacheH
     }
 
 
-def format_table(summary: dict) -> str:
+def format_table(summary: dict[str, Any]) -> str:
     """A two-column, human-readable table of a summary."""
     s = summary
     rows = [
@@ -719,7 +727,7 @@ def _bytes(count: float) -> str:
     return f"{count:.1f} TiB"
 
 
-def write_json(path: Path, summary: dict, result: ReplayResult) -> None:
+def write_json(path: Path, summary: dict[str, Any], result: ReplayResult) -> None:
     """Write the summary plus the final ``stats().to_dict()`` under ``"stats"``."""
     document = {**summary, "stats": result.stats.to_dict()}
     path.write_text(json.dumps(document, indent=2) + "\n")

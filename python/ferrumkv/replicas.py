@@ -65,9 +65,9 @@ class PrefixIndex:
         self._unpack = msgpack.unpackb
         self._zmq = zmq
         self.block_size = block_size
-        self._subs = []
+        self._subs: list[Any] = []
         for endpoint in endpoints:
-            sub = zmq.Context.instance().socket(zmq.SUB)
+            sub: Any = zmq.Context.instance().socket(zmq.SUB)
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             sub.setsockopt(zmq.LINGER, 0)
             sub.connect(endpoint)
@@ -107,19 +107,19 @@ class PrefixIndex:
         elif tag == "BlockRemoved":
             _, hashes, medium = event[:3]
             for engine_hash in hashes:
-                h = ours.get(engine_hash)
-                media = held.get(h) if h is not None else None
-                if media is None:
+                ours_h = ours.get(engine_hash)
+                media = held.get(ours_h) if ours_h is not None else None
+                if ours_h is None or media is None:
                     continue
                 media.discard(medium)
                 if not media:
-                    del held[h]
+                    del held[ours_h]
                     del ours[engine_hash]
         elif tag == "AllBlocksCleared":
             held.clear()
             ours.clear()
 
-    def matched_blocks(self, prompt: Sequence[int]) -> list[int]:
+    def matched_blocks(self, prompt: Sequence[int] | Any) -> list[int]:
         """Per replica, how many of the prompt's leading full blocks it holds (hashing only
         as far as some replica still matches)."""
         bs = self.block_size
@@ -154,7 +154,7 @@ class ReplicaSet:
     """Requests the prefix-aware router sent by a held prefix (not by load alone)."""
     _turn: int = 0
 
-    def pick(self, prompt: Sequence[int], max_concurrency: int) -> int:
+    def pick(self, prompt: Sequence[int] | Any, max_concurrency: int) -> int:
         n = len(self.caches)
         if self.router == "round-robin":
             i = self._turn % n

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.dlpack import from_dlpack
 
 __all__ = ["layer_kv", "paged_attention", "write_kv_slots"]
 
@@ -55,7 +56,7 @@ def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     head_dim]` each: zero-copy torch views of `cache.kv_view(layer)` (strided; the last two
     dimensions are contiguous). On a GPU, torch's current stream first waits for the copies
     the engine enqueued, so a block just onboarded or swapped in reads its bytes."""
-    t = torch.from_dlpack(cache.kv_view(layer))
+    t = from_dlpack(cache.kv_view(layer))
     return t[:, 0], t[:, 1]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "COUNTER_FIELDS",
@@ -48,7 +48,7 @@ class _ToDict:
     __slots__ = ()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)  # type: ignore[call-overload]
+        d: dict[str, Any] = asdict(self)  # type: ignore[call-overload]
         for name in getattr(type(self), "_DERIVED", ()):
             d[name] = getattr(self, name)
         return d
@@ -117,7 +117,7 @@ class _Counters(_ToDict):
     preempted_waits: int
     dropped_events: int
 
-    _DERIVED = (
+    _DERIVED: ClassVar[tuple[str, ...]] = (
         "reused_blocks",
         "cache_hit_rate",
         "prompt_tokens",
@@ -179,7 +179,7 @@ class CacheStats(_Counters):
     pressure_level: PressureLevel
     callback_errors: int
 
-    _DERIVED = (*_Counters._DERIVED, "usage")
+    _DERIVED: ClassVar[tuple[str, ...]] = (*_Counters._DERIVED, "usage")
 
     @property
     def usage(self) -> float:
@@ -225,7 +225,7 @@ class PrefixMatch(_ToDict):
     host_tokens: int
     disk_tokens: int
 
-    _DERIVED = ("num_cached_tokens",)
+    _DERIVED: ClassVar[tuple[str, ...]] = ("num_cached_tokens",)
 
     @property
     def num_cached_tokens(self) -> int:

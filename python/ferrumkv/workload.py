@@ -248,7 +248,7 @@ def _count(value: Any, field: str, where: str) -> int:
     """A non-negative JSON integer."""
     if not _is_int(value) or value < 0:
         raise TraceError(f"{where}: '{field}' must be a non-negative integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _hash_ids(value: Any, where: str) -> list[int]:
@@ -463,7 +463,8 @@ def _chained_hashes(tokens: np.ndarray, block_size: int, weights: np.ndarray) ->
     with np.errstate(over="ignore"):
         contents = blocks @ weights
         prefix_sums = np.cumsum(contents * _powers(_CHAIN_BASE_INVERSE, full))
-        return _powers(_CHAIN_BASE, full) * prefix_sums
+        chained: np.ndarray = _powers(_CHAIN_BASE, full) * prefix_sums
+        return chained
 
 
 def _powers(base: np.uint64, count: int) -> np.ndarray:
