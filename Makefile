@@ -45,9 +45,11 @@ py-lint: venv
 	ruff check python tests benches examples scripts
 	ruff format --check python tests benches examples scripts
 
-# mypy --strict over python/ferrumkv (settings in pyproject.toml, [tool.mypy]).
-typecheck: venv
+# mypy --strict over python/ferrumkv (settings in pyproject.toml, [tool.mypy]), and the
+# hand-written stub of the extension checked against the built module.
+typecheck: build
 	$(PY) -m mypy
+	$(PY) -m mypy.stubtest ferrumkv._core
 
 py-test: build
 	$(PY) -m pytest

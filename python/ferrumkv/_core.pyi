@@ -2,13 +2,27 @@
 import os
 from typing import Any
 
+from typing_extensions import Self, final
+
+__all__ = [
+    "CacheConfig",
+    "BatchLayout",
+    "Engine",
+    "SequenceHandle",
+    "KvView",
+    "__version__",
+    "cuda_driver_present",
+    "EVICTION_POLICIES",
+]
+
 __version__: str
 cuda_driver_present: bool
 EVICTION_POLICIES: tuple[str, ...]
 
+@final
 class CacheConfig:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         *,
         num_layers: int,
         num_kv_heads: int,
@@ -34,7 +48,7 @@ class CacheConfig:
         kv_events_replay_endpoint: str | None = None,
         kv_events_topic: str = "kv-events",
         kv_events_format: str = "array",
-    ) -> None: ...
+    ) -> Self: ...
     num_layers: int
     num_kv_heads: int
     head_dim: int
@@ -64,6 +78,7 @@ class CacheConfig:
     def bytes_per_block(self) -> int: ...
     def to_dict(self) -> dict[str, Any]: ...
 
+@final
 class SequenceHandle:
     @property
     def request_id(self) -> str | int: ...
@@ -81,6 +96,7 @@ class SequenceHandle:
     def tier(self) -> str: ...
     def to_dict(self) -> dict[str, Any]: ...
 
+@final
 class BatchLayout:
     @property
     def block_table(self) -> Any: ...
@@ -103,6 +119,7 @@ class BatchLayout:
     def to_torch(self, device: Any = None, *, non_blocking: bool = False) -> BatchLayout: ...
     def to_dict(self) -> dict[str, Any]: ...
 
+@final
 class KvView:
     @property
     def shape(self) -> tuple[int, int, int, int, int]: ...
@@ -122,8 +139,9 @@ class KvView:
     ) -> Any: ...
     def __dlpack_device__(self) -> tuple[int, int]: ...
 
+@final
 class Engine:
-    def __init__(self, config: CacheConfig) -> None: ...
+    def __new__(cls, config: CacheConfig) -> Self: ...
     @staticmethod
     def with_manual_clock(config: CacheConfig, now_s: float) -> Engine: ...
     def set_time(self, now_s: float) -> None: ...
@@ -189,7 +207,7 @@ class Engine:
         self, tokens_or_count: Any, salt: Any = None, num_new_tokens: int | None = None
     ) -> bool: ...
     def get(self, request_id: str | int) -> SequenceHandle | None: ...
-    def __contains__(self, request_id: object) -> bool: ...
+    def __contains__(self, request_id: object, /) -> bool: ...
     def __len__(self) -> int: ...
     def pressure_level(self) -> int: ...
     def block_table(self, request_ids: Any, pad: int) -> tuple[bytearray, int, int]: ...
