@@ -499,3 +499,55 @@ def test_readme_lists_every_metric() -> None:
         name + "_total" if kind == "counter" else name for name, kind in expected_types().items()
     }
     assert listed == exported
+
+
+def vllm_renamed(
+    expected: dict[tuple[str, frozenset[tuple[str, str]]], float],
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """`expected` as `naming="vllm"` exports it: vLLM's names where vLLM has the metric."""
+    simple = {
+        "ferrumkv_usage_ratio": "vllm:kv_cache_usage_perc",
+        "ferrumkv_prefix_cache_queries_tokens_total": "vllm:prefix_cache_queries_total",
+        "ferrumkv_prefix_cache_hits_tokens_total": "vllm:prefix_cache_hits_total",
+    }
+    transfer_type = {"offload": "GPU_to_CPU", "onboard": "CPU_to_GPU"}
+    out = {}
+    for (name, labels), value in expected.items():
+        if name in simple:
+            name = simple[name]
+        elif name == "ferrumkv_transfer_bytes_total":
+            direction = dict(labels)["direction"]
+            if direction not in transfer_type:
+                continue  # copy-on-write bytes: vLLM has no such counter
+            name = "vllm:kv_offload_total_bytes_total"
+            kept = {k: v for k, v in labels if k != "direction"}
+            labels = frozenset({**kept, "transfer_type": transfer_type[direction]}.items())
+        elif any(name.startswith("ferrumkv_" + h) for h in HISTOGRAMS):
+            name = "vllm:kv_" + name.removeprefix("ferrumkv_")
+        out[(name, labels)] = value
+    return out
+
+
+def test_vllm_naming_exports_vllms_names_and_meanings() -> None:
+    cache, events = run_phase1()
+    try:
+        reg = CollectorRegistry()
+        const = {"model_name": "llama-3-8b", "engine": "0"}
+        register(cache, reg, labels=const, naming="vllm")
+        types, samples = parse(generate_latest(reg).decode())
+        assert samples == vllm_renamed(expected_samples(cache.stats(), events, const))
+        assert types["vllm:kv_cache_usage_perc"] == "gauge"
+        assert types["vllm:prefix_cache_queries"] == "counter"
+        assert types["vllm:kv_offload_total_bytes"] == "counter"
+        assert types["vllm:kv_block_idle_before_evict_seconds"] == "histogram"
+        assert "ferrumkv_usage_ratio" not in types  # renamed, not doubled
+        assert types["ferrumkv_evicted_blocks"] == "counter"  # no vLLM name: kept
+        # The offload counters moved real bytes in this scenario.
+        assert samples[
+            ("vllm:kv_offload_total_bytes_total",
+             frozenset({**const, "transfer_type": "GPU_to_CPU"}.items()))
+        ] == cache.stats().offload_bytes  # fmt: skip
+    finally:
+        cache.close()
+    with pytest.raises(ValueError, match="naming"):
+        KvCacheCollector(cache, naming="sglang")

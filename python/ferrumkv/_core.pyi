@@ -1,18 +1,16 @@
 # Typed contract of the Rust extension (hand-written; see rust/py/src).
 import os
-from typing import Any
-
-from typing_extensions import Self, final
+from typing import Any, Self, final
 
 __all__ = [
-    "CacheConfig",
+    "EVICTION_POLICIES",
     "BatchLayout",
+    "CacheConfig",
     "Engine",
-    "SequenceHandle",
     "KvView",
+    "SequenceHandle",
     "__version__",
     "cuda_driver_present",
-    "EVICTION_POLICIES",
 ]
 
 __version__: str

@@ -20,7 +20,10 @@ elsewhere too. An application that needs the events itself passes
 
 A closed cache exports only the residency histograms (its stats are gone).
 Every metric name starts with ``<namespace>_`` (default ``ferrumkv_``); the README's
-"Metrics" section lists them.
+"Metrics" section lists them. ``naming="vllm"`` exports vLLM's names and meanings instead where
+vLLM has the metric (`VLLM_NAMES`: usage, prefix-cache queries and hits in tokens, offload
+bytes, the residency histograms), so dashboards built for vLLM work unchanged; the rest keep
+their ``<namespace>_`` names.
 """
 
 from __future__ import annotations
@@ -112,6 +115,43 @@ def _field(name: str) -> Callable[[CacheStats], _Samples]:
 
 
 _DIRECTIONS = ("onboard", "offload", "intra_device_copy")
+
+#: ``naming="vllm"``: ferrumkv metric -> vLLM's (name, documentation, labels, getter). The
+#: device tier is vLLM's "GPU" (also on ``device="cpu"``), the host tier its "CPU".
+VLLM_NAMES: dict[str, tuple[str, str, tuple[str, ...], Callable[[CacheStats], _Samples]]] = {
+    "usage_ratio": (
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage. 1 means 100 percent usage.",
+        (),
+        _field("usage"),
+    ),
+    "prefix_cache_queries_tokens": (
+        "vllm:prefix_cache_queries",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        (),
+        _field("prompt_tokens"),
+    ),
+    "prefix_cache_hits_tokens": (
+        "vllm:prefix_cache_hits",
+        "Prefix cache hits, in terms of number of cached tokens.",
+        (),
+        _field("cache_tokens"),
+    ),
+    "transfer_bytes": (
+        "vllm:kv_offload_total_bytes",
+        "Bytes moved between the GPU (device) and CPU (host) tiers, by transfer_type "
+        "(GPU_to_CPU: offload; CPU_to_GPU: onboard, disk read-backs included).",
+        ("transfer_type",),
+        _by((("GPU_to_CPU", "offload_bytes"), ("CPU_to_GPU", "onboard_bytes"))),
+    ),
+}
+
+#: ``naming="vllm"``: the residency histograms' vLLM names.
+VLLM_HISTOGRAMS = {
+    "block_lifetime_seconds": "vllm:kv_block_lifetime_seconds",
+    "block_idle_before_evict_seconds": "vllm:kv_block_idle_before_evict_seconds",
+    "block_reuse_gap_seconds": "vllm:kv_block_reuse_gap_seconds",
+}
 
 # The exported metrics, in exposition order. The README's "Metrics" table mirrors this list
 # (tests/test_metrics.py checks that every name is there).
@@ -380,6 +420,9 @@ class KvCacheCollector(Collector):
     `drain_eviction_events`: drain the cache's eviction events at each scrape into the
     residency histograms (default); with False, feed them with `observe_eviction_events`.
     `buckets`: histogram bounds in seconds (increasing; +Inf is implied).
+    `naming`: ``"ferrumkv"`` (every name under `namespace`) or ``"vllm"`` (vLLM's names
+    where vLLM has the metric, `VLLM_NAMES`; vLLM's own labels are ``model_name`` and
+    ``engine``: pass them in `labels`).
 
     Register one collector per cache and namespace: two collectors with the same names on
     one registry clash (`registry.register` raises), because a Prometheus metric family
@@ -394,7 +437,10 @@ class KvCacheCollector(Collector):
         labels: Mapping[str, str] | None = None,
         drain_eviction_events: bool = True,
         buckets: Sequence[float] = DEFAULT_BUCKETS,
+        naming: str = "ferrumkv",
     ) -> None:
+        if naming not in ("ferrumkv", "vllm"):
+            raise ValueError(f'naming must be "ferrumkv" or "vllm", not {naming!r}')
         if not isinstance(namespace, str) or not _NAME_RE.fullmatch(namespace):
             raise ValueError(f"namespace must match [a-zA-Z_][a-zA-Z0-9_]*, got {namespace!r}")
         labels = dict(labels or {})
@@ -420,12 +466,15 @@ class KvCacheCollector(Collector):
         self.labels: dict[str, str] = labels
         self.drain_eviction_events = bool(drain_eviction_events)
         self.buckets = bounds
+        self.naming = naming
         self._label_names = tuple(labels)
         self._label_values = tuple(labels.values())
         self._lock = threading.Lock()
         self._histograms = {name: _Histogram(bounds) for name, _, _ in HISTOGRAMS}
 
     def _name(self, name: str) -> str:
+        if name.startswith("vllm:"):
+            return name
         return f"{self.namespace}_{name}"
 
     def observe_eviction_events(self, events: Iterable[EvictionEvent]) -> None:
@@ -449,13 +498,25 @@ class KvCacheCollector(Collector):
         }[kind]
         return cls(self._name(name), doc, labels=[*self._label_names, *labels])
 
+    def _specs(self) -> Iterator[_Spec]:
+        """The exported metrics under this collector's naming."""
+        for spec in SPECS:
+            if self.naming == "vllm" and spec.name in VLLM_NAMES:
+                name, doc, labels, get = VLLM_NAMES[spec.name]
+                yield _Spec(name, spec.kind, doc, labels, get)
+            else:
+                yield spec
+
+    def _histogram_name(self, name: str) -> str:
+        return VLLM_HISTOGRAMS[name] if self.naming == "vllm" else name
+
     def describe(self) -> Iterator[Metric]:
         """The families without samples: lets a registry check names without a scrape
         (so registering never drains eviction events)."""
-        for spec in SPECS:
+        for spec in self._specs():
             yield self._family(spec.kind, spec.name, spec.doc, spec.labels)
         for name, doc, _ in HISTOGRAMS:
-            yield self._family("histogram", name, doc, ())
+            yield self._family("histogram", self._histogram_name(name), doc, ())
 
     def collect(self) -> Iterator[Metric]:
         """One scrape: a `stats()` snapshot, then the residency histograms (after draining
@@ -474,7 +535,7 @@ class KvCacheCollector(Collector):
             ]
         if stats is not None:
             const = self._label_values
-            for spec in SPECS:
+            for spec in self._specs():
                 family = self._family(spec.kind, spec.name, spec.doc, spec.labels)
                 samples = spec.get(stats)
                 if isinstance(samples, int | float):
@@ -484,7 +545,7 @@ class KvCacheCollector(Collector):
                         family.add_metric([*const, *values], float(value))
                 yield family
         for name, doc, buckets, total in snapshots:
-            family = self._family("histogram", name, doc, ())
+            family = self._family("histogram", self._histogram_name(name), doc, ())
             family.add_metric(list(self._label_values), buckets, total)
             yield family
 
