@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import pytest
 
+import ferrumkv as ferrumkv_pkg
 from ferrumkv import CacheConfig
 from ferrumkv.workload import DEFAULT_VOCAB_SIZE, infinite_cache_hits, load_trace
 
@@ -358,19 +359,63 @@ def test_swaps_slower_than_the_wait_timeout_finish(tmp_path: Path) -> None:
     assert figures["requests_done"] == 64, figures
 
 
-def test_a_refused_disk_path_is_a_failed_run_not_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["symlink", "directory", "missing-dir"])
+def test_a_bad_disk_path_is_a_usage_error_and_touches_nothing(tmp_path: Path, kind: str) -> None:
     precious = tmp_path / "precious.txt"
     precious.write_text("keep me")
-    link = tmp_path / "kv.bin"
-    link.symlink_to(precious)
+    path = {
+        "symlink": tmp_path / "kv.bin",
+        "directory": tmp_path,
+        "missing-dir": tmp_path / "nope" / "kv.bin",
+    }[kind]
+    if kind == "symlink":
+        path.symlink_to(precious)
     result = ferrumkv(
         "replay", "--requests", "2", *SMALL_MODEL, "--host-blocks", "4",
-        "--disk-path", str(link), "--disk-blocks", "8",
+        "--disk-path", str(path), "--disk-blocks", "8",
     )  # fmt: skip
-    assert result.returncode == 1
-    assert "run failed" in result.stderr and "symbolic link" in result.stderr, result.stderr
+    fragment = {"symlink": "symbolic link", "directory": "is a directory",
+                "missing-dir": "does not exist"}[kind]  # fmt: skip
+    assert_usage_error(result, "--disk-path", fragment)
     assert "Traceback" not in result.stderr
     assert precious.read_text() == "keep me"
+
+
+def test_json_to_stdout_puts_the_table_on_stderr() -> None:
+    result = ferrumkv("replay", "--requests", "4", *SMALL_MODEL, "--json", "-")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["requests_done"] == 4 and "stats" in figures
+    assert "block hit rate" in result.stderr
+
+
+def test_a_closed_pipe_ends_the_run_quietly() -> None:
+    # The reader is gone before the first line is written (as with `| head -0`).
+    with subprocess.Popen(
+        [sys.executable, "-m", "ferrumkv", "replay", "--requests", "4", *SMALL_MODEL],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(timeout=120)
+    assert code == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_run_that_served_nothing_fails() -> None:
+    # One 16-token block of device tier: every prompt is larger, every request rejected.
+    result = ferrumkv("replay", "--requests", "3", *SMALL_MODEL, "--num-blocks", "1")
+    assert result.returncode == 1, result.stderr
+    assert "no request was served" in result.stderr
+    assert "3 rejected" in result.stdout
+
+
+def test_version() -> None:
+    result = ferrumkv("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"ferrumkv {ferrumkv_pkg.__version__}"
 
 
 # ---------------------------------------------------------------------- help and bench

@@ -11,12 +11,13 @@ import asyncio
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ferrumkv import EVICTION_POLICIES, CacheConfig, FerrumKVError, KvCache
+from ferrumkv import EVICTION_POLICIES, CacheConfig, FerrumKVError, KvCache, __version__
 from ferrumkv.replay import (
     DEFAULT_WAIT_TIMEOUT_S,
     ReplayOptions,
@@ -40,6 +41,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 DEFAULT_DEVICE_MIB = 512
 """Device tier size when neither --num-blocks nor --memory-mb is given."""
@@ -105,13 +107,33 @@ non_negative_int = _ranged(int, 0, True, "a non-negative integer")
 positive_float = _ranged(float, 0.0, False, "a positive number")
 
 
+STDOUT = Path("-")
+"""``--json -``: the JSON goes to standard output (the table to standard error)."""
+
+
 def _output_path(text: str) -> Path:
-    """A path a file can be written to: its directory exists and it is not a directory."""
+    """A path a file can be written to: its directory exists and it is not a directory;
+    ``-`` is standard output."""
+    if text == "-":
+        return STDOUT
     path = Path(text)
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(f"directory {str(path.parent)!r} does not exist")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    return path
+
+
+def _disk_path(text: str) -> Path:
+    """The disk tier's file: in an existing directory, not a directory, not a symbolic link
+    (the tier never follows one), so a bad path is a usage error before anything runs."""
+    path = Path(text)
+    if path.is_symlink():
+        raise argparse.ArgumentTypeError(f"{text!r} is a symbolic link (never followed)")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {str(path.parent)!r} does not exist")
     return path
 
 
@@ -125,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"ferrumkv {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     replay = commands.add_parser(
         "replay",
@@ -196,7 +219,7 @@ def _add_cache_arguments(group: argparse._ArgumentGroup) -> None:
         metavar="N",
         help="host tier blocks; > 0 makes preemption swap instead of recompute",
     )
-    group.add_argument("--disk-path", type=Path, metavar="FILE", help="disk tier file")
+    group.add_argument("--disk-path", type=_disk_path, metavar="FILE", help="disk tier file")
     group.add_argument("--disk-blocks", type=non_negative_int, default=0, metavar="N")
     group.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     group.add_argument(
@@ -257,7 +280,10 @@ def _add_serving_arguments(group: argparse._ArgumentGroup) -> None:
 
 def _add_output_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--json", type=_output_path, metavar="FILE", help="write the figures as JSON"
+        "--json",
+        type=_output_path,
+        metavar="FILE",
+        help="write the figures as JSON ('-': to standard output, the table to standard error)",
     )
     group.add_argument(
         "--plot",
@@ -276,7 +302,18 @@ def _add_output_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status."""
+    """Run the command line; return the exit status. Output cut short by a closed pipe
+    (``| head``) ends the run quietly with 141, as a process killed by SIGPIPE does."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Whatever is still buffered for the closed pipe must not fail again at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "bench":
@@ -333,11 +370,17 @@ def run_replay(args: argparse.Namespace) -> int:
         admitted = dataclasses.replace(workload, requests=result.admitted)
         infinite = infinite_cache_hits(admitted, config.block_size)
         summary = summarize(result, workload, infinite)
-        print(format_table(summary))
+        table = sys.stderr if args.json == STDOUT else sys.stdout
+        print(format_table(summary), file=table)
         if args.json is not None:
             write_json(args.json, summary, result)
         if args.plot is not None:
             write_plot(args.plot, result.samples, workload.description)
+        if result.counters.done == 0:
+            print("ferrumkv replay: run failed: no request was served", file=sys.stderr)
+            return EXIT_FAILED
+    except BrokenPipeError:
+        raise  # the reader of the output left: `main` ends quietly
     except (FerrumKVError, OSError) as exc:
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -425,10 +468,18 @@ def _run_replicas(
     try:
         results = asyncio.run(replay_replicas(replicas, config, workload, options))
         summary = {"workload": workload.description, **fleet_summary(replicas, results)}
-        print(format_fleet(summary))
-        if args.json is not None:
+        table = sys.stderr if args.json == STDOUT else sys.stdout
+        print(format_fleet(summary), file=table)
+        if args.json == STDOUT:
+            print(json.dumps(summary, indent=2))
+        elif args.json is not None:
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
-        return EXIT_OK if summary["requests_done"] > 0 else EXIT_FAILED
+        if summary["requests_done"] == 0:
+            print("ferrumkv replay: run failed: no request was served", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    except BrokenPipeError:
+        raise  # the reader of the output left: `main` ends quietly
     except (FerrumKVError, OSError) as exc:
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED

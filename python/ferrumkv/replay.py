@@ -662,6 +662,11 @@ def summarize(
         "offload_bytes": stats.offload_bytes,
         "onboard_blocks": stats.onboard_blocks,
         "onboard_bytes": stats.onboard_bytes,
+        "disk_blocks_written": stats.disk_blocks_written,
+        "disk_blocks_read": stats.disk_blocks_read,
+        "disk_errors": stats.disk_write_errors + stats.disk_read_errors,
+        "disk_checksum_failures": stats.disk_checksum_failures,
+        "dropped_events": stats.dropped_events,
         "engine_ops": counters.engine_ops,
         "engine_ops_per_s": counters.engine_ops / result.wall_s if result.wall_s else 0.0,
         "wall_s": result.wall_s,
@@ -705,6 +710,12 @@ def format_table(summary: dict[str, Any]) -> str:
         ),
         ("offloaded", f"{_bytes(s['offload_bytes'])} ({s['offload_blocks']:,} blocks)"),
         ("onboarded", f"{_bytes(s['onboard_bytes'])} ({s['onboard_blocks']:,} blocks)"),
+        (
+            "disk I/O",
+            f"{s['disk_blocks_written']:,} blocks written, {s['disk_blocks_read']:,} read "
+            f"({s['disk_errors']:,} errors, {s['disk_checksum_failures']:,} checksum failures)",
+        ),
+        ("KV events dropped", f"{s['dropped_events']:,} (undrained past the 64 MiB cap)"),
         ("engine ops", f"{s['engine_ops']:,} ({s['engine_ops_per_s']:,.0f}/s)"),
         ("wall time", f"{s['wall_s']:.2f} s"),
     ]
@@ -730,7 +741,11 @@ def _bytes(count: float) -> str:
 def write_json(path: Path, summary: dict[str, Any], result: ReplayResult) -> None:
     """Write the summary plus the final ``stats().to_dict()`` under ``"stats"``."""
     document = {**summary, "stats": result.stats.to_dict()}
-    path.write_text(json.dumps(document, indent=2) + "\n")
+    text = json.dumps(document, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.write_text(text)
 
 
 def write_plot(path: Path, samples: tuple[Sample, ...], title: str) -> None:
