@@ -551,3 +551,48 @@ def test_vllm_naming_exports_vllms_names_and_meanings() -> None:
         cache.close()
     with pytest.raises(ValueError, match="naming"):
         KvCacheCollector(cache, naming="sglang")
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "grafana" / "ferrumkv.json"
+
+
+def test_every_dashboard_query_names_an_exported_metric(tmp_path: Path) -> None:
+    """docs/grafana/ferrumkv.json: each metric a query reads is in a real scrape (with every
+    tier configured), and each label matcher matches an exported sample."""
+    import json
+
+    cfg = ferrumkv.CacheConfig(
+        num_layers=1, num_kv_heads=1, head_dim=8, block_size=BS, num_blocks=8,
+        host_blocks=4, disk_blocks=4, disk_path=str(tmp_path / "kv"),
+    )  # fmt: skip
+    with ferrumkv.KvCache(cfg) as cache:
+        reg = CollectorRegistry()
+        register(cache, reg)
+        _, samples = parse(generate_latest(reg).decode())
+    exported: dict[str, list[dict[str, str]]] = {}
+    for name, labels in samples:
+        exported.setdefault(name, []).append(dict(labels))
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 15
+    seen = set()
+    for expr in exprs:
+        for name, matchers in re.findall(r"(ferrumkv_[a-z0-9_]+)(\{[^}]*\})?", expr):
+            assert name in exported, f"{name} (in {expr!r}) is not exported"
+            seen.add(name)
+            for key, value in re.findall(r'(\w+)="([^"]*)"', matchers):
+                assert any(s.get(key) == value for s in exported[name]), (
+                    f'{name}{{{key}="{value}"}} matches no exported sample'
+                )
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            for label in (x.strip() for x in group.split(",")):
+                assert label == "le" or any(
+                    label in s
+                    for n in re.findall(r"ferrumkv_[a-z0-9_]+", expr)
+                    for s in exported[n]
+                ), f"{expr!r} groups by {label!r}, which its metrics do not carry"
+    # The board covers occupancy, hits, transfers, disk and residency at least.
+    for must in ("ferrumkv_usage_ratio", "ferrumkv_prefix_cache_hits_tokens_total",
+                 "ferrumkv_transfer_bytes_total", "ferrumkv_disk_io_blocks_total",
+                 "ferrumkv_block_idle_before_evict_seconds_bucket"):  # fmt: skip
+        assert must in seen, must
