@@ -98,13 +98,15 @@ def ferrumkv_cli(*args: str) -> subprocess.CompletedProcess[str]:
 SMALL = ["--num-layers", "1", "--num-kv-heads", "1", "--head-dim", "8", "--num-blocks", "2000"]
 
 
+@pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
 @pytest.mark.parametrize("router", ["round-robin", "prefix-aware"])
 def test_replay_with_replicas_prints_each_replica_and_the_total(
-    router: str, tmp_path: Path
+    router: str, processes: bool, tmp_path: Path
 ) -> None:
     out = tmp_path / "fleet.json"
     run = ferrumkv_cli(
-        "--requests", "48", *SMALL, "--replicas", "3", "--router", router, "--json", str(out)
+        "--requests", "48", *SMALL, "--replicas", "3", "--router", router, "--json", str(out),
+        *(["--processes"] if processes else []),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert f"3 replicas, router {router}" in run.stdout and "total" in run.stdout

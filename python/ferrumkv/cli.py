@@ -261,6 +261,12 @@ def _add_serving_arguments(group: argparse._ArgumentGroup) -> None:
         "a router (default: %(default)s)",
     )
     group.add_argument(
+        "--processes",
+        action="store_true",
+        help="with --replicas: run each replica as an OS process of its own (the router "
+        "stays here; prefix-aware routing reads their KV events over ipc:// ZMQ)",
+    )
+    group.add_argument(
         "--router",
         choices=ROUTERS,
         default="round-robin",
@@ -456,17 +462,26 @@ def _run_replicas(
     args: argparse.Namespace, config: CacheConfig, workload: Workload, options: ReplayOptions
 ) -> int:
     """``--replicas N``: the fleet's table (per replica and in total) and its JSON."""
-    from ferrumkv.replicas import close_replicas, fleet_summary, format_fleet, open_replicas
+    from ferrumkv.replicas import (
+        ReplicaSet,
+        close_replicas,
+        fleet_summary,
+        format_fleet,
+        open_replicas,
+        replay_processes,
+    )
 
     if args.plot is not None:
         raise UsageError("--plot draws one cache: it does not take --replicas")
+    replicas: ReplicaSet | None = None
     try:
-        replicas = open_replicas(config, args.replicas, args.router)
-    except (FerrumKVError, OSError, ImportError) as exc:
-        print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    try:
-        results = asyncio.run(replay_replicas(replicas, config, workload, options))
+        if args.processes:
+            replicas, results = asyncio.run(
+                replay_processes(config, args.replicas, args.router, workload, options)
+            )
+        else:
+            replicas = open_replicas(config, args.replicas, args.router)
+            results = asyncio.run(replay_replicas(replicas, config, workload, options))
         summary = {"workload": workload.description, **fleet_summary(replicas, results)}
         table = sys.stderr if args.json == STDOUT else sys.stdout
         print(format_fleet(summary), file=table)
@@ -480,11 +495,12 @@ def _run_replicas(
         return EXIT_OK
     except BrokenPipeError:
         raise  # the reader of the output left: `main` ends quietly
-    except (FerrumKVError, OSError) as exc:
+    except (FerrumKVError, OSError, ImportError, RuntimeError) as exc:
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("ferrumkv replay: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        close_replicas(replicas)
+        if replicas is not None:
+            close_replicas(replicas)

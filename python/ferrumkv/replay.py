@@ -287,13 +287,7 @@ class _Replayer:
 
     async def _arrive(self, request: Request) -> None:
         """Wait for the arrival time (scaled by the speedup) and the previous turn."""
-        if request.after is not None:
-            await self._finished[request.after].wait()
-        if self._options.speedup is not None:
-            due = self._start + request.arrival_s / self._options.speedup
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        await arrival(request, self._finished, self._start, self._options.speedup)
 
     async def _admit(self, request: Request) -> _Sequence | None:
         """Allocate the prompt, first come first served; ``None`` when rejected."""
@@ -595,6 +589,22 @@ class _Replayer:
         usage = self._cache.stats().usage
         elapsed = time.perf_counter() - self._start
         bar.draw(finished, len(self._running), len(self._preempted), usage, elapsed)
+
+
+async def arrival(
+    request: Request,
+    finished: dict[str, asyncio.Event],
+    start: float,
+    speedup: float | None,
+) -> None:
+    """Returns when `request` arrives: after the request it follows (`after`) finished, and
+    not before its arrival time divided by `speedup` from `start` (`perf_counter` seconds)."""
+    if request.after is not None:
+        await finished[request.after].wait()
+    if speedup is not None:
+        delay = start + request.arrival_s / speedup - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
 
 async def _cancel_when_done(

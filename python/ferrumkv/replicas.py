@@ -38,6 +38,7 @@ from .replay import (
     _cancel_when_done,
     _first_leaf,
     _Replayer,
+    arrival,
 )
 from .types import CacheStats
 from .workload import Request, Workload
@@ -147,6 +148,8 @@ class ReplicaSet:
 
     caches: list[KvCache]
     router: str
+    size: int
+    """How many replicas (their caches are here in-process, in other processes else)."""
     index: PrefixIndex | None = None
     routed: list[int] = field(default_factory=list)
     in_service: list[int] = field(default_factory=list)
@@ -155,7 +158,7 @@ class ReplicaSet:
     _turn: int = 0
 
     def pick(self, prompt: Sequence[int] | Any, max_concurrency: int) -> int:
-        n = len(self.caches)
+        n = self.size
         if self.router == "round-robin":
             i = self._turn % n
             self._turn += 1
@@ -199,7 +202,7 @@ def open_replicas(config: CacheConfig, n: int, router: str) -> ReplicaSet:
         for c in caches:
             c.close()
         raise
-    return ReplicaSet(caches, router, index, [0] * n, [0] * n)
+    return ReplicaSet(caches, router, n, index, [0] * n, [0] * n)
 
 
 async def replay_replicas(
@@ -221,7 +224,7 @@ async def replay_replicas(
 
     async def serve(request: Request) -> None:
         try:
-            await replayers[0]._arrive(request)
+            await arrival(request, finished, start, options.speedup)
             prompt = request.prompt_tokens(workload.vocab_size)
             async with room:
                 i = replicas.pick(prompt, options.max_concurrency)
@@ -323,3 +326,156 @@ def format_fleet(summary: dict[str, Any]) -> str:
     )
     lines.append(f"wall time {summary['wall_s']:.2f} s")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- replicas as processes
+#
+# ``--processes``: each replica is an OS process of its own (a cache and its serving loop,
+# `_replica_main`), as replicas of a real fleet are. The router stays in this process: it
+# sends each request to a replica over a pipe when it routes it, and the replica answers when
+# the request has finished; with ``prefix-aware`` it reads the replicas' KV events from their
+# ZMQ endpoints (ipc://, across processes). At the end every replica sends its result back.
+
+
+def _replica_main(conn: Any, fields: dict[str, Any], options: ReplayOptions, vocab: int) -> None:
+    """One replica process: serve the requests that arrive on `conn` until told to stop."""
+    asyncio.run(_replica_loop(conn, CacheConfig(**fields), options, vocab))
+
+
+async def _replica_loop(conn: Any, config: CacheConfig, options: ReplayOptions, vocab: int) -> None:
+    from collections import defaultdict
+
+    workload = Workload((), vocab, "replica")
+    finished: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(conn.recv()))
+    with KvCache(config) as cache:
+        replayer = _Replayer(cache, config, workload, options, finished)
+        subscription = cache.on_pressure(replayer._on_pressure)
+        start = time.perf_counter()
+        replayer._start = start
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def serve(request: Request) -> None:
+            await replayer.serve_arrived(request)
+            conn.send(("done", request.request_id))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                helpers = replayer.start_helpers(group, progress=False)
+                while True:
+                    message = await inbox.get()
+                    if message is None:
+                        break
+                    task = group.create_task(serve(message))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.wait(set(tasks))
+                for h in helpers:
+                    h.cancel()
+        except BaseExceptionGroup as group_error:
+            raise _first_leaf(group_error) from None
+        finally:
+            subscription.cancel()
+            loop.remove_reader(conn.fileno())
+        replayer._sample()
+        result = ReplayResult(
+            replayer.counters,
+            cache.stats(),
+            time.perf_counter() - start,
+            tuple(replayer.samples),
+            tuple(replayer.admitted),
+        )
+        cache.close()
+    conn.send(("result", result))
+    conn.close()
+
+
+async def replay_processes(
+    config: CacheConfig, n: int, router: str, workload: Workload, options: ReplayOptions
+) -> tuple[ReplicaSet, list[ReplayResult]]:
+    """Replay `workload` through the router onto `n` replica processes."""
+    import multiprocessing
+    import tempfile
+
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {', '.join(ROUTERS)}, not {router!r}")
+    ctx = multiprocessing.get_context("spawn")
+    fields = config.to_dict()
+    if fields["memory_bytes"] is not None:
+        del fields["num_blocks"]
+    sockets = tempfile.TemporaryDirectory(prefix="ferrumkv-replicas-")
+    endpoints = [f"ipc://{sockets.name}/replica-{i}" for i in range(n)]
+    conns, procs = [], []
+    for i in range(n):
+        mine = dict(fields)
+        if router == "prefix-aware":
+            mine["kv_events_endpoint"] = endpoints[i]
+        parent_end, child_end = ctx.Pipe()
+        p = ctx.Process(
+            target=_replica_main,
+            args=(child_end, mine, options, workload.vocab_size),
+            name=f"ferrumkv-replica-{i}",
+            daemon=True,
+        )
+        p.start()
+        child_end.close()
+        conns.append(parent_end)
+        procs.append(p)
+    index = PrefixIndex(endpoints, config.block_size) if router == "prefix-aware" else None
+    replicas = ReplicaSet([], router, n, index, [0] * n, [0] * n)
+    finished = {r.request_id: asyncio.Event() for r in workload.requests}
+    results: list[ReplayResult | None] = [None] * n
+    ended = [asyncio.Event() for _ in range(n)]
+    loop = asyncio.get_running_loop()
+
+    def on_message(i: int) -> None:
+        try:
+            kind, value = conns[i].recv()
+        except EOFError:  # the replica died: nothing more will come
+            loop.remove_reader(conns[i].fileno())
+            ended[i].set()
+            return
+        if kind == "done":
+            replicas.in_service[i] -= 1
+            finished[value].set()
+        else:
+            results[i] = value
+            loop.remove_reader(conns[i].fileno())
+            ended[i].set()
+
+    for i, c in enumerate(conns):
+        loop.add_reader(c.fileno(), on_message, i)
+    room = asyncio.Semaphore(options.max_concurrency * n)
+    start = time.perf_counter()
+
+    async def route(request: Request) -> None:
+        await arrival(request, finished, start, options.speedup)
+        prompt = request.prompt_tokens(workload.vocab_size)
+        async with room:
+            i = replicas.pick(prompt, options.max_concurrency)
+            replicas.routed[i] += 1
+            replicas.in_service[i] += 1
+            conns[i].send(request)
+            await finished[request.request_id].wait()
+
+    try:
+        await asyncio.gather(*(route(r) for r in workload.requests))
+        for c in conns:
+            c.send(None)
+        await asyncio.gather(*(e.wait() for e in ended))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+        for c in conns:
+            c.close()
+        if index is not None:
+            index.close()
+        sockets.cleanup()
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise RuntimeError(f"replica process(es) {missing} ended without a result")
+    return replicas, [r for r in results if r is not None]
+
