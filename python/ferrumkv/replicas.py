@@ -478,4 +478,3 @@ async def replay_processes(
     if missing:
         raise RuntimeError(f"replica process(es) {missing} ended without a result")
     return replicas, [r for r in results if r is not None]
-
