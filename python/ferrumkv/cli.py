@@ -381,7 +381,14 @@ def run_replay(args: argparse.Namespace) -> int:
         if args.json is not None:
             write_json(args.json, summary, result)
         if args.plot is not None:
-            write_plot(args.plot, result.samples, workload.description)
+            write_plot(
+                args.plot,
+                result.samples,
+                workload.description,
+                infinite_hit_rate=infinite.block_hit_rate,
+                low_watermark=config.low_watermark,
+                high_watermark=config.high_watermark,
+            )
         if result.counters.done == 0:
             print("ferrumkv replay: run failed: no request was served", file=sys.stderr)
             return EXIT_FAILED

@@ -158,6 +158,11 @@ class KvEventPublisher:
         self.published = 0
         """Batches handed to PUB."""
         self._stop = threading.Event()
+        # `sync`: a caller asks for step `_asked`; the thread reports steps started since.
+        self._wake = threading.Event()
+        self._cond = threading.Condition()
+        self._asked = 0
+        self._done = 0
         self._thread = threading.Thread(target=self._run, name="ferrumkv-kv-events", daemon=True)
         self._thread.start()
 
@@ -195,13 +200,39 @@ class KvEventPublisher:
 
     def _run(self) -> None:
         # Ends on close(), or when the engine was closed without it (a dropped cache).
-        while not self._stop.wait(POLL_S) and not self._core.closed:
+        while not self._stop.is_set() and not self._core.closed:
+            self._wake.wait(POLL_S)
+            self._wake.clear()
             self._step()
         if not self._core.closed:
             self._step()  # what close() left pending
         self._close_sockets()
+        with self._cond:
+            self._done = self._asked  # nothing more will be sent: release every sync()
+            self._cond.notify_all()
 
     def _step(self) -> None:
+        with self._cond:
+            asked = self._asked  # this step covers every event recorded before `asked`
+        self._step_once()
+        with self._cond:
+            self._done = max(self._done, asked)
+            self._cond.notify_all()
+
+    def sync(self, timeout_s: float = 5.0) -> int:
+        """Publishes every event recorded so far and returns the sequence number of the last
+        batch handed to PUB (-1: none yet). For a consumer that must see them before it
+        acts (a router that routes the next request on them); raises TimeoutError if the
+        publisher thread does not get there within `timeout_s`."""
+        with self._cond:
+            self._asked += 1
+            asked = self._asked
+            self._wake.set()
+            if not self._cond.wait_for(lambda: self._done >= asked, timeout_s):
+                raise TimeoutError("the KV event publisher did not catch up")
+            return self._seq - 1
+
+    def _step_once(self) -> None:
         try:
             self._publish_pending()
             if self._replay is not None:
@@ -220,5 +251,6 @@ class KvEventPublisher:
     def close(self) -> None:
         """Publishes what is pending, then closes the sockets (idempotent)."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join()

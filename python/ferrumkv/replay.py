@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -100,12 +101,20 @@ class Counters:
 @dataclass(frozen=True)
 class Sample:
     """One point of the time series: seconds since start, device usage, cumulative block hit
-    rate and pressure level."""
+    rate, pressure level, requests finished (done or rejected) so far, the cumulative
+    preemptions and offloaded / onboarded blocks, and the host and disk tiers' usage (None
+    without that tier)."""
 
     time_s: float
     usage: float
     hit_rate: float
     pressure: int
+    finished: int = 0
+    preemptions: int = 0
+    offload_blocks: int = 0
+    onboard_blocks: int = 0
+    host_usage: float | None = None
+    disk_usage: float | None = None
 
 
 @dataclass(frozen=True)
@@ -563,8 +572,23 @@ class _Replayer:
     def _sample(self) -> None:
         stats = self._cache.stats()
         elapsed = time.perf_counter() - self._start
+
+        def used(tier: Any) -> float | None:
+            return tier.used_blocks / tier.total_blocks if tier.total_blocks else None
+
         self.samples.append(
-            Sample(elapsed, stats.usage, stats.cache_hit_rate, int(stats.pressure_level))
+            Sample(
+                elapsed,
+                stats.usage,
+                stats.cache_hit_rate,
+                int(stats.pressure_level),
+                finished=self.counters.done + self.counters.rejected,
+                preemptions=self.counters.preemptions,
+                offload_blocks=stats.offload_blocks,
+                onboard_blocks=stats.onboard_blocks,
+                host_usage=used(stats.host),
+                disk_usage=used(stats.disk),
+            )
         )
 
     async def _sample_periodically(self) -> None:
@@ -758,23 +782,62 @@ def write_json(path: Path, summary: dict[str, Any], result: ReplayResult) -> Non
         path.write_text(text)
 
 
-def write_plot(path: Path, samples: tuple[Sample, ...], title: str) -> None:
-    """Plot usage, cumulative hit rate and pressure level over time into an image."""
+def write_plot(
+    path: Path,
+    samples: tuple[Sample, ...],
+    title: str,
+    *,
+    infinite_hit_rate: float | None = None,
+    low_watermark: float | None = None,
+    high_watermark: float | None = None,
+) -> None:
+    """The operator's view of a run, against requests finished (the trace's progress):
+    device usage with the pressure thresholds (usage above ``1 - low_watermark`` is HIGH,
+    above ``1 - high_watermark`` CRITICAL) and the host and disk tiers' usage when they
+    exist, preemptions marked where they happened; the cumulative block hit rate on an axis
+    scaled to the data beside the infinite-cache rate; the pressure level; and the blocks
+    offloaded to and onboarded from the host tier."""
     from matplotlib.figure import Figure
 
-    times = [sample.time_s for sample in samples]
-    figure = Figure(figsize=(9, 7), layout="constrained")
-    usage, hits, pressure = figure.subplots(3, 1, sharex=True)
-    usage.plot(times, [sample.usage for sample in samples])
-    usage.set_ylabel("device usage")
+    x = [s.finished for s in samples]
+    figure = Figure(figsize=(10, 9), layout="constrained")
+    usage, hits, pressure, moved = figure.subplots(4, 1, sharex=True)
+    usage.plot(x, [s.usage for s in samples], label="device")
+    for name, values in (
+        ("host", [s.host_usage for s in samples]),
+        ("disk", [s.disk_usage for s in samples]),
+    ):
+        if any(v is not None for v in values):
+            usage.plot(x, [v or 0.0 for v in values], label=name)
+    for wm, level, style in ((low_watermark, "HIGH", ":"), (high_watermark, "CRITICAL", "--")):
+        if wm is not None:
+            usage.axhline(1 - wm, color="tab:red", linestyle=style, linewidth=1, label=level)
+    marks = [(a.finished, b.usage) for a, b in itertools.pairwise(samples)
+             if b.preemptions > a.preemptions]  # fmt: skip
+    if marks:
+        usage.scatter(*zip(*marks, strict=True), marker="v", color="tab:red", s=18,
+                      label="preemption", zorder=3)  # fmt: skip
+    usage.set_ylabel("usage")
     usage.set_ylim(0, 1.05)
-    hits.plot(times, [sample.hit_rate for sample in samples])
-    hits.set_ylabel("block hit rate\n(cumulative)")
-    hits.set_ylim(0, 1.05)
-    pressure.step(times, [sample.pressure for sample in samples], where="post")
+    usage.legend(loc="lower right", fontsize="small", ncols=3)
+    rates = [s.hit_rate for s in samples]
+    hits.plot(x, rates, label="measured (cumulative)")
+    top = max([*rates, infinite_hit_rate or 0.0, 0.01])
+    if infinite_hit_rate is not None:
+        hits.axhline(infinite_hit_rate, color="tab:green", linestyle="--", linewidth=1,
+                     label=f"infinite cache {infinite_hit_rate:.1%}")  # fmt: skip
+    hits.set_ylim(0, min(1.0, top * 1.15))
+    hits.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    hits.set_ylabel("block hit rate")
+    hits.legend(loc="lower right", fontsize="small")
+    pressure.step(x, [s.pressure for s in samples], where="post")
     pressure.set_yticks([level.value for level in PressureLevel])
     pressure.set_yticklabels([level.name for level in PressureLevel])
     pressure.set_ylabel("pressure")
-    pressure.set_xlabel("seconds")
+    moved.plot(x, [s.offload_blocks for s in samples], label="offloaded to host")
+    moved.plot(x, [s.onboard_blocks for s in samples], label="onboarded from host/disk")
+    moved.set_ylabel("blocks (cumulative)")
+    moved.legend(loc="upper left", fontsize="small")
+    moved.set_xlabel("requests finished")
     figure.suptitle(title)
     figure.savefig(path)

@@ -57,9 +57,20 @@ def _chain(parent: int, tokens: tuple[int, ...]) -> int:
 
 
 class PrefixIndex:
-    """Which replica holds which block, built from the replicas' KV events on ZMQ."""
+    """Which replica holds which block, built from the replicas' KV events on ZMQ.
 
-    def __init__(self, endpoints: Sequence[str], block_size: int) -> None:
+    Batches are applied in sequence order per replica. A gap (a batch lost before the
+    subscription took effect, ZMQ's slow joiner, or past the high-water mark) is filled from
+    the replica's replay socket before the next batch is applied, as vLLM's consumers do, so
+    the index misses nothing a replica published. `catch_up` waits until a replica's
+    batches up to a given number are in."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        block_size: int,
+        replay_endpoints: Sequence[str] | None = None,
+    ) -> None:
         import msgpack
         import zmq
 
@@ -73,6 +84,11 @@ class PrefixIndex:
             sub.setsockopt(zmq.LINGER, 0)
             sub.connect(endpoint)
             self._subs.append(sub)
+        self._replay_endpoints = list(replay_endpoints or [])
+        self.seen = [-1] * len(endpoints)
+        """Per replica, the last batch applied (-1: none)."""
+        self.replayed = 0
+        """Batches fetched from the replay sockets (lost on the PUB path)."""
         n = len(endpoints)
         # Per replica: router hash -> the media holding it; engine hash -> router hash.
         self._held: list[dict[int, set[str]]] = [{} for _ in range(n)]
@@ -81,17 +97,63 @@ class PrefixIndex:
         """KV event batches the index applied."""
 
     def poll(self) -> None:
-        """Applies every batch that has arrived (never waits)."""
+        """Applies every batch that has arrived (waits only to fill a gap)."""
         for replica, sub in enumerate(self._subs):
             while True:
                 try:
-                    _, _, payload = sub.recv_multipart(flags=self._zmq.NOBLOCK)
+                    _, seq, payload = sub.recv_multipart(flags=self._zmq.NOBLOCK)
                 except self._zmq.Again:
                     break
-                _ts, events, _rank = self._unpack(payload)
-                for event in events:
-                    self._apply(replica, event)
-                self.batches += 1
+                self._receive(replica, int.from_bytes(seq, "big"), payload)
+
+    def _receive(self, replica: int, seq: int, payload: bytes) -> None:
+        if seq <= self.seen[replica]:
+            return  # already applied (it came from the replay socket too)
+        if seq > self.seen[replica] + 1:
+            self._replay(replica, self.seen[replica] + 1, seq)
+        self._apply_batch(replica, seq, payload)
+
+    def _apply_batch(self, replica: int, seq: int, payload: bytes) -> None:
+        _ts, events, _rank = self._unpack(payload)
+        for event in events:
+            self._apply(replica, event)
+        self.seen[replica] = seq
+        self.batches += 1
+
+    def _replay(self, replica: int, first: int, before: int | None) -> None:
+        """Fetches and applies batches `first` .. `before - 1` (or all from `first`) from
+        the replica's replay socket."""
+        if replica >= len(self._replay_endpoints):
+            return  # no replay socket: the index goes on without those batches
+        zmq = self._zmq
+        dealer = zmq.Context.instance().socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self._replay_endpoints[replica])
+        try:
+            dealer.send_multipart([b"", first.to_bytes(8, "big")])
+            while dealer.poll(5000):
+                _, seq_bytes, payload = dealer.recv_multipart()
+                seq = int.from_bytes(seq_bytes, "big", signed=True)
+                if seq < 0:
+                    return
+                if seq > self.seen[replica] and (before is None or seq < before):
+                    self._apply_batch(replica, seq, payload)
+                    self.replayed += 1
+            raise TimeoutError(f"replica {replica}'s replay socket did not answer")
+        finally:
+            dealer.close()
+
+    def catch_up(self, replica: int, seq: int, timeout_s: float = 5.0) -> None:
+        """Returns once the replica's batches up to `seq` are applied: from the subscription,
+        or from the replay socket when one does not arrive there within 20 ms (lost)."""
+        deadline = time.monotonic() + timeout_s
+        while self.seen[replica] < seq:
+            if self._subs[replica].poll(20):
+                self.poll()
+                continue
+            self._replay(replica, self.seen[replica] + 1, None)
+            if self.seen[replica] < seq and time.monotonic() > deadline:
+                raise TimeoutError(f"replica {replica}'s KV events up to {seq} never came")
 
     def _apply(self, replica: int, event: list[Any]) -> None:
         held, ours = self._held[replica], self._ours[replica]
@@ -155,7 +217,22 @@ class ReplicaSet:
     in_service: list[int] = field(default_factory=list)
     prefix_routed: int = 0
     """Requests the prefix-aware router sent by a held prefix (not by load alone)."""
+    published: list[int] = field(default_factory=list)
+    """Replica processes: the last KV event batch each said it had published."""
     _turn: int = 0
+
+    def _sync(self) -> None:
+        """Brings the index up to every batch the replicas have published, so a request is
+        routed on the blocks of every request that finished before it."""
+        assert self.index is not None
+        self.index.poll()
+        for i in range(self.size):
+            if self.caches:
+                publisher = self.caches[i]._publisher
+                last = publisher.sync() if publisher is not None else -1
+            else:
+                last = self.published[i]
+            self.index.catch_up(i, last)
 
     def pick(self, prompt: Sequence[int] | Any, max_concurrency: int) -> int:
         n = self.size
@@ -164,12 +241,21 @@ class ReplicaSet:
             self._turn += 1
             return i
         assert self.index is not None
-        self.index.poll()
+        self._sync()
         matched = self.index.matched_blocks(prompt)
         room = [i for i in range(n) if self.in_service[i] < max_concurrency] or list(range(n))
-        best = max(room, key=lambda i: (matched[i], -self.in_service[i], -i))
-        if matched[best] > 0:
-            self.prefix_routed += 1
+        longest = max(matched[i] for i in room)
+        if longest == 0:
+            # No prefix held anywhere: round-robin over the replicas with room, as the other
+            # router does, so the comparison isolates what the prefixes buy.
+            order = [*range(self._turn, n), *range(self._turn)]
+            turn = next(r for r in order if r in room)
+            self._turn = (turn + 1) % n
+            return int(turn)
+        self.prefix_routed += 1
+        best: int = min(
+            (i for i in room if matched[i] == longest), key=lambda i: self.in_service[i]
+        )
         return best
 
 
@@ -186,18 +272,26 @@ def open_replicas(config: CacheConfig, n: int, router: str) -> ReplicaSet:
         raise ValueError(f"router must be one of {', '.join(ROUTERS)}, not {router!r}")
     caches: list[KvCache] = []
     endpoints: list[str] = []
+    replays: list[str] = []
     fleet = next(_FLEETS)
     try:
         for i in range(n):
             cfg = config
             if router == "prefix-aware":
                 endpoints.append(_endpoint(fleet, i))
+                replays.append(_endpoint(fleet, i) + "-replay")
                 fields = config.to_dict()
                 if fields["memory_bytes"] is not None:
                     del fields["num_blocks"]  # derived from memory_bytes
-                cfg = CacheConfig(**{**fields, "kv_events_endpoint": endpoints[-1]})
+                cfg = CacheConfig(
+                    **{
+                        **fields,
+                        "kv_events_endpoint": endpoints[-1],
+                        "kv_events_replay_endpoint": replays[-1],
+                    }
+                )
             caches.append(KvCache(cfg))
-        index = PrefixIndex(endpoints, config.block_size) if endpoints else None
+        index = PrefixIndex(endpoints, config.block_size, replays) if endpoints else None
     except BaseException:
         for c in caches:
             c.close()
@@ -359,7 +453,10 @@ async def _replica_loop(conn: Any, config: CacheConfig, options: ReplayOptions, 
 
         async def serve(request: Request) -> None:
             await replayer.serve_arrived(request)
-            conn.send(("done", request.request_id))
+            # The router routes the next turn on this one's blocks: publish them first.
+            publisher = cache._publisher
+            last = publisher.sync() if publisher is not None else -1
+            conn.send(("done", (request.request_id, last)))
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -408,11 +505,13 @@ async def replay_processes(
         del fields["num_blocks"]
     sockets = tempfile.TemporaryDirectory(prefix="ferrumkv-replicas-")
     endpoints = [f"ipc://{sockets.name}/replica-{i}" for i in range(n)]
+    replays = [f"ipc://{sockets.name}/replay-{i}" for i in range(n)]
     conns, procs = [], []
     for i in range(n):
         mine = dict(fields)
         if router == "prefix-aware":
             mine["kv_events_endpoint"] = endpoints[i]
+            mine["kv_events_replay_endpoint"] = replays[i]
         parent_end, child_end = ctx.Pipe()
         p = ctx.Process(
             target=_replica_main,
@@ -424,8 +523,8 @@ async def replay_processes(
         child_end.close()
         conns.append(parent_end)
         procs.append(p)
-    index = PrefixIndex(endpoints, config.block_size) if router == "prefix-aware" else None
-    replicas = ReplicaSet([], router, n, index, [0] * n, [0] * n)
+    index = PrefixIndex(endpoints, config.block_size, replays) if router == "prefix-aware" else None
+    replicas = ReplicaSet([], router, n, index, [0] * n, [0] * n, published=[-1] * n)
     finished = {r.request_id: asyncio.Event() for r in workload.requests}
     results: list[ReplayResult | None] = [None] * n
     ended = [asyncio.Event() for _ in range(n)]
@@ -439,8 +538,10 @@ async def replay_processes(
             ended[i].set()
             return
         if kind == "done":
+            request_id, last = value
             replicas.in_service[i] -= 1
-            finished[value].set()
+            replicas.published[i] = max(replicas.published[i], last)
+            finished[request_id].set()
         else:
             results[i] = value
             loop.remove_reader(conns[i].fileno())
