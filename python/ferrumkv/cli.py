@@ -371,7 +371,8 @@ def run_replay(args: argparse.Namespace) -> int:
     if args.replicas > 1:
         cache.close()
         return _run_replicas(args, config, workload, options)
-    try:
+
+    def run() -> int:
         result = asyncio.run(replay(cache, config, workload, options))
         admitted = dataclasses.replace(workload, requests=result.admitted)
         infinite = infinite_cache_hits(admitted, config.block_size)
@@ -389,20 +390,34 @@ def run_replay(args: argparse.Namespace) -> int:
                 low_watermark=config.low_watermark,
                 high_watermark=config.high_watermark,
             )
-        if result.counters.done == 0:
-            print("ferrumkv replay: run failed: no request was served", file=sys.stderr)
-            return EXIT_FAILED
+        return _served(result.counters.done)
+
+    return _reported(run, cache.close)
+
+
+def _served(done: int) -> int:
+    """The exit status of a run that finished: a run that served nothing failed."""
+    if done == 0:
+        print("ferrumkv replay: run failed: no request was served", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _reported(run: Callable[[], int], cleanup: Callable[[], None]) -> int:
+    """Runs a replay, turning its failures into the command's exit status (a failed run is
+    one line on stderr and 1, Ctrl-C 130; a closed pipe goes up to `main`), then `cleanup`."""
+    try:
+        return run()
     except BrokenPipeError:
         raise  # the reader of the output left: `main` ends quietly
-    except (FerrumKVError, OSError) as exc:
+    except (FerrumKVError, OSError, ImportError, RuntimeError) as exc:
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("ferrumkv replay: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        cache.close()
-    return EXIT_OK
+        cleanup()
 
 
 def _require_matplotlib() -> None:
@@ -480,14 +495,16 @@ def _run_replicas(
 
     if args.plot is not None:
         raise UsageError("--plot draws one cache: it does not take --replicas")
-    replicas: ReplicaSet | None = None
-    try:
+    opened: list[ReplicaSet] = []
+
+    def run() -> int:
         if args.processes:
             replicas, results = asyncio.run(
                 replay_processes(config, args.replicas, args.router, workload, options)
             )
         else:
             replicas = open_replicas(config, args.replicas, args.router)
+            opened.append(replicas)
             results = asyncio.run(replay_replicas(replicas, config, workload, options))
         summary = {"workload": workload.description, **fleet_summary(replicas, results)}
         table = sys.stderr if args.json == STDOUT else sys.stdout
@@ -496,18 +513,10 @@ def _run_replicas(
             print(json.dumps(summary, indent=2))
         elif args.json is not None:
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
-        if summary["requests_done"] == 0:
-            print("ferrumkv replay: run failed: no request was served", file=sys.stderr)
-            return EXIT_FAILED
-        return EXIT_OK
-    except BrokenPipeError:
-        raise  # the reader of the output left: `main` ends quietly
-    except (FerrumKVError, OSError, ImportError, RuntimeError) as exc:
-        print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("ferrumkv replay: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    finally:
-        if replicas is not None:
+        return _served(summary["requests_done"])
+
+    def cleanup() -> None:
+        for replicas in opened:
             close_replicas(replicas)
+
+    return _reported(run, cleanup)

@@ -234,6 +234,13 @@ class ReplicaSet:
                 last = self.published[i]
             self.index.catch_up(i, last)
 
+    def route(self, prompt: Sequence[int] | Any, max_concurrency: int) -> int:
+        """Picks the replica for a request (`pick`) and counts it in service there."""
+        i = self.pick(prompt, max_concurrency)
+        self.routed[i] += 1
+        self.in_service[i] += 1
+        return i
+
     def pick(self, prompt: Sequence[int] | Any, max_concurrency: int) -> int:
         n = self.size
         if self.router == "round-robin":
@@ -321,9 +328,7 @@ async def replay_replicas(
             await arrival(request, finished, start, options.speedup)
             prompt = request.prompt_tokens(workload.vocab_size)
             async with room:
-                i = replicas.pick(prompt, options.max_concurrency)
-                replicas.routed[i] += 1
-                replicas.in_service[i] += 1
+                i = replicas.route(prompt, options.max_concurrency)
                 try:
                     await replayers[i].serve_arrived(request)
                 finally:
@@ -556,9 +561,7 @@ async def replay_processes(
         await arrival(request, finished, start, options.speedup)
         prompt = request.prompt_tokens(workload.vocab_size)
         async with room:
-            i = replicas.pick(prompt, options.max_concurrency)
-            replicas.routed[i] += 1
-            replicas.in_service[i] += 1
+            i = replicas.route(prompt, options.max_concurrency)
             conns[i].send(request)
             await finished[request.request_id].wait()
 
