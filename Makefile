@@ -5,7 +5,10 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: venv build run test rust-checks rust-test fuzz fuzz-smoke py-lint typecheck py-test bench gpu-check clean
+.PHONY: help venv build dev run test rust-checks rust-test fuzz fuzz-smoke py-lint typecheck py-test fmt bench gpu-check clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
 $(VENV)/.ready: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,58 +16,66 @@ $(VENV)/.ready: requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-venv: $(VENV)/.ready
+venv: $(VENV)/.ready ## the virtual environment with the dev requirements
 
-build: venv
+build: venv ## the extension, optimized, into the venv (run, bench and the tests use it)
 	maturin develop --release --quiet
 
-run: build
+dev: venv ## the extension unoptimized, for a quick edit loop (make build again before make run)
+	maturin develop --quiet
+
+run: build ## the main job: replay the default workload
 	$(PY) -m ferrumkv replay
 
-rust-checks: venv
+rust-checks: venv ## rustfmt and clippy (also with shuttle)
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy -p ferrumkv-core --all-targets --features shuttle -- -D warnings
 
 # The second line model-checks the engine's thread handshakes with shuttle (about 10 s).
-rust-test: venv
+rust-test: venv ## cargo test, and the shuttle model check
 	cargo test --workspace
 	cargo test -p ferrumkv-core --features shuttle --test shuttle_handshake
 
 # Coverage-guided fuzzing of the engine (libFuzzer, on stable: scripts/fuzz.sh).
 FUZZ_SECS ?= 300
-fuzz:
+fuzz: ## coverage-guided fuzzing for FUZZ_SECS (default 300)
 	scripts/fuzz.sh $(FUZZ_SECS)
 
 # The bounded run `make test` makes, after the instrumented build (about 45 s on 2 idle cores).
 FUZZ_SMOKE_SECS ?= 30
-fuzz-smoke:
+fuzz-smoke: ## the bounded fuzz run of make test
 	scripts/fuzz.sh $(FUZZ_SMOKE_SECS)
 
-py-lint: venv
+py-lint: venv ## ruff check and ruff format --check
 	ruff check python tests benches examples scripts
 	ruff format --check python tests benches examples scripts
 
 # mypy --strict over python/ferrumkv (settings in pyproject.toml, [tool.mypy]), and the
 # hand-written stub of the extension checked against the built module.
-typecheck: build
+typecheck: build ## mypy --strict and stubtest
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest ferrumkv._core
 
-py-test: build
+py-test: build ## pytest
 	$(PY) -m pytest
 
-test: rust-checks rust-test fuzz-smoke py-lint typecheck py-test
+test: rust-checks rust-test fuzz-smoke py-lint typecheck py-test ## everything CI runs
 
-bench: build
+fmt: venv ## format Rust and Python, and apply ruff's safe fixes
+	cargo fmt --all
+	ruff check --fix python tests benches examples scripts
+	ruff format python tests benches examples scripts
+
+bench: build ## the benchmark suite
 	$(PY) -m ferrumkv bench
 
 # Issue 13's device check, local part (scripts/gpu_check.sh): the manylinux_2_28 wheel built with
 # zig and the test-only wheels the GPU machine lacks, into dist/gpu; prints the one device `run`
 # call that runs scripts/gpu_device.sh there.
-gpu-check: venv
+gpu-check: venv ## the device check's local part; prints the one device call
 	VENV=$(VENV) scripts/gpu_check.sh
 
-clean:
+clean: ## cargo clean and the venv
 	cargo clean
 	rm -rf $(VENV)
