@@ -10,10 +10,11 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
-$(VENV)/.ready: requirements-dev.txt
+# requirements-dev.lock pins every version (and what the requirements pull in) as constraints.
+$(VENV)/.ready: requirements-dev.txt requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c requirements-dev.lock
 	touch $@
 
 venv: $(VENV)/.ready ## the virtual environment with the dev requirements
