@@ -18,11 +18,9 @@ import ferrumkv
 # ----- vLLM's schema, as a router decodes it -------------------------------------------------
 
 
-class _ArrayEvent(msgspec.Struct, array_like=True, omit_defaults=True, tag=True):
-    pass
+class _Stored(msgspec.Struct, omit_defaults=True):
+    """BlockStored's fields, in vLLM's order; each wire form below adds its tagging."""
 
-
-class BlockStored(_ArrayEvent):
     block_hashes: list[int]
     parent_block_hash: int | None
     token_ids: list[int]
@@ -36,13 +34,22 @@ class BlockStored(_ArrayEvent):
     kv_cache_spec_sliding_window: int | None = None
 
 
-class BlockRemoved(_ArrayEvent):
+class _Removed(msgspec.Struct, omit_defaults=True):
     block_hashes: list[int]
     medium: str | None
     group_idx: int | None = None
 
 
-class AllBlocksCleared(_ArrayEvent):
+# The array form: tagged arrays (the tag is the class name), the batch an array too.
+class BlockStored(_Stored, array_like=True, tag=True):
+    pass
+
+
+class BlockRemoved(_Removed, array_like=True, tag=True):
+    pass
+
+
+class AllBlocksCleared(msgspec.Struct, array_like=True, tag=True):
     pass
 
 
@@ -52,23 +59,13 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True):
     data_parallel_rank: int | None = None
 
 
-class _MapEvent(msgspec.Struct, omit_defaults=True, tag=True, tag_field="type"):
+# The tagged-map form: {"type": "BlockStored", ...}.
+class MapBlockStored(_Stored, tag="BlockStored", tag_field="type", forbid_unknown_fields=True):
     pass
 
 
-class MapBlockStored(_MapEvent, tag="BlockStored"):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-
-
-class MapBlockRemoved(_MapEvent, tag="BlockRemoved"):
-    block_hashes: list[int]
-    medium: str | None
+class MapBlockRemoved(_Removed, tag="BlockRemoved", tag_field="type", forbid_unknown_fields=True):
+    pass
 
 
 class MapKVEventBatch(msgspec.Struct, forbid_unknown_fields=True):

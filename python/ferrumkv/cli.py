@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import dataclasses
 import importlib
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from ferrumkv.replay import (
     format_table,
     replay,
     summarize,
+    write_document,
     write_json,
     write_plot,
 )
@@ -509,10 +509,8 @@ def _run_replicas(
         summary = {"workload": workload.description, **fleet_summary(replicas, results)}
         table = sys.stderr if args.json == STDOUT else sys.stdout
         print(format_fleet(summary), file=table)
-        if args.json == STDOUT:
-            print(json.dumps(summary, indent=2))
-        elif args.json is not None:
-            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        if args.json is not None:
+            write_document(args.json, summary)
         return _served(summary["requests_done"])
 
     def cleanup() -> None:

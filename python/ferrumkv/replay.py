@@ -774,7 +774,11 @@ def _bytes(count: float) -> str:
 
 def write_json(path: Path, summary: dict[str, Any], result: ReplayResult) -> None:
     """Write the summary plus the final ``stats().to_dict()`` under ``"stats"``."""
-    document = {**summary, "stats": result.stats.to_dict()}
+    write_document(path, {**summary, "stats": result.stats.to_dict()})
+
+
+def write_document(path: Path, document: dict[str, Any]) -> None:
+    """`document` as indented JSON into `path` (``-``: standard output)."""
     text = json.dumps(document, indent=2) + "\n"
     if str(path) == "-":
         sys.stdout.write(text)
