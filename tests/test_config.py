@@ -374,6 +374,11 @@ def test_to_dict_repr_eq() -> None:
         "kv_events_replay_endpoint": None,
         "kv_events_topic": "kv-events",
         "kv_events_format": "array",
+        "remote_url": None,
+        "remote_namespace": "default",
+        "remote_write": "on_evict",
+        "remote_required": True,
+        "remote_timeout_s": 5.0,
     }
     r = repr(cfg)
     assert r.startswith("CacheConfig(") and r.endswith(")")

@@ -19,6 +19,7 @@ from .errors import (
     FerrumKVError,
     InvalidStateError,
     OutOfBlocksError,
+    RemoteUnavailableError,
     UnknownRequestError,
 )
 from .types import (
@@ -59,6 +60,7 @@ __all__ = [
     "PrefixMatch",
     "PressureEvent",
     "PressureLevel",
+    "RemoteUnavailableError",
     "SequenceHandle",
     "Subscription",
     "TierStats",

@@ -32,6 +32,7 @@ from . import _core
 from ._dispatch import Dispatcher, close_dropped
 from .errors import CacheClosedError, InvalidStateError, OutOfBlocksError
 from .kv_events import KvEventPublisher
+from .remote import RemoteTier
 from .types import (
     CacheStats,
     EvictionEvent,
@@ -104,12 +105,20 @@ class KvCache:
         self._finalizer = weakref.finalize(self, close_dropped, self._core, self._dispatcher, what)
         self._finalizer.atexit = False  # at exit the engine is torn down as it always was
         self._publisher: KvEventPublisher | None = None
-        if config.kv_events_endpoint is not None:
-            try:
+        self._remote: RemoteTier | None = None
+        try:
+            if config.kv_events_endpoint is not None:
                 self._publisher = KvEventPublisher(self._core, config)
-            except BaseException:
-                self.close()
-                raise
+            if config.remote_url is not None:
+                self._remote = RemoteTier(
+                    self._core,
+                    config.remote_url,
+                    timeout=config.remote_timeout_s,
+                    required=config.remote_required,
+                )
+        except BaseException:
+            self.close()
+            raise
 
     # ----- lifecycle -----------------------------------------------------------------------
 
@@ -131,6 +140,8 @@ class KvCache:
             return
         self._closed = True
         self._finalizer.detach()
+        if self._remote is not None:
+            self._remote.close()  # drains the queued writes first
         if self._publisher is not None:
             self._publisher.close()  # publishes what is pending first
         self._core.close()
@@ -200,6 +211,9 @@ class KvCache:
             self._dispatcher.attach()
         if timeout is not None:
             self._check_timeout(timeout)
+        if self._remote is not None:
+            # The store's blocks after the local prefix become cached blocks first.
+            await self._remote.lookup(tokens, salt)
         r = self._core.allocate(request_id, tokens, salt, timeout != 0, num_new_tokens, preempted)
         if self._subs:
             self._pressure_now()
@@ -324,12 +338,14 @@ class KvCache:
         return await self._settle(r, None)
 
     async def flush(self, *, timeout: float | None = None) -> None:
-        """Waits until every disk write issued so far has landed (the disk tier writes
-        behind: a spilled block is on disk, readable by later lookups, once its write
-        landed; a failed write is counted in `disk_write_errors` and lands as a miss). Writes
-        issued after the call are not waited for. The event loop keeps running meanwhile;
-        `timeout` (seconds) raises TimeoutError, and cancelling it is safe (a flush holds
-        nothing). Without a disk tier it returns at once. `close()` lands every write too."""
+        """Waits until every disk and remote write issued so far has landed (both tiers
+        write behind: a spilled block is on disk, readable by later lookups, once its write
+        landed; a failed write is counted in `disk_write_errors` / `remote_dropped_writes`
+        and lands as a miss). Writes issued after the call are not waited for. The event
+        loop keeps running meanwhile; `timeout` (seconds) raises TimeoutError, and
+        cancelling it is safe (a flush holds nothing). Without a write-behind tier it
+        returns at once. `close()` lands every write too (remote ones within
+        `remote_timeout_s`)."""
         self._check_timeout(timeout)
         ticket = self._core.flush()
         if ticket is None:
@@ -338,7 +354,7 @@ class KvCache:
             await self._dispatcher.wait(ticket, timeout)
         except TimeoutError:
             self._core.cancel_ticket(ticket)
-            raise TimeoutError(f"disk writes still in flight after {timeout} s") from None
+            raise TimeoutError(f"writes still in flight after {timeout} s") from None
         except BaseException:
             self._core.cancel_ticket(ticket)
             raise

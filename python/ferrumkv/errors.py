@@ -11,6 +11,7 @@ __all__ = [
     "FerrumKVError",
     "InvalidStateError",
     "OutOfBlocksError",
+    "RemoteUnavailableError",
     "UnknownRequestError",
 ]
 
@@ -55,3 +56,9 @@ class CopyError(FerrumKVError):
 class CudaError(CopyError):
     """The GPU failed after the cache was built (a failed copy, a lost context). The cache
     stops serving: the call that saw it and every later call raise this; close the cache."""
+
+
+class RemoteUnavailableError(FerrumKVError):
+    """The store `remote_url` names could not be reached when the cache was built (within
+    `remote_timeout_s`). With `remote_required=False` the cache runs local-only instead and
+    keeps trying to reconnect."""

@@ -116,6 +116,16 @@ class _Counters(_ToDict):
     swap_in_count: int
     preempted_waits: int
     dropped_events: int
+    remote_hit_blocks: int
+    remote_miss_blocks: int
+    remote_corrupt_blocks: int
+    remote_read_bytes: int
+    remote_write_blocks: int
+    remote_write_bytes: int
+    remote_dropped_writes: int
+    remote_errors: int
+    remote_read_ns: int
+    remote_write_ns: int
 
     _DERIVED: ClassVar[tuple[str, ...]] = (
         "reused_blocks",
@@ -124,7 +134,19 @@ class _Counters(_ToDict):
         "token_hit_rate",
         "d2h_transfer_seconds_total",
         "h2d_transfer_seconds_total",
+        "remote_read_seconds_total",
+        "remote_write_seconds_total",
     )
+
+    @property
+    def remote_read_seconds_total(self) -> float:
+        """Seconds spent in remote lookups (existence checks and gets)."""
+        return self.remote_read_ns / 1e9
+
+    @property
+    def remote_write_seconds_total(self) -> float:
+        """Seconds spent writing blocks to the remote store."""
+        return self.remote_write_ns / 1e9
 
     @property
     def d2h_transfer_seconds_total(self) -> float:

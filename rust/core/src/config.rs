@@ -177,6 +177,17 @@ pub struct ConfigInput {
     pub kv_events_topic: String,
     /// `"array"` (vLLM's array-like structs) or `"map"` (the tagged-map form).
     pub kv_events_format: String,
+    /// The shared store: `mooncake://HOST:PORT?...`, `redis://HOST:PORT`,
+    /// `redis+cluster://HOST:PORT[,HOST:PORT...]` (reached from Python, `ferrumkv.remote`).
+    pub remote_url: Option<String>,
+    /// Namespace of this engine's keys in the store (default `"default"`).
+    pub remote_namespace: Option<String>,
+    /// `"on_evict"` or `"on_store"` (`remote::WriteMode`).
+    pub remote_write: String,
+    /// An unreachable store at construction is an error (else the cache runs local-only).
+    pub remote_required: bool,
+    /// Seconds any one remote call may take before it counts as failed.
+    pub remote_timeout_s: f64,
 }
 
 impl ConfigInput {
@@ -207,6 +218,11 @@ impl ConfigInput {
             kv_events_replay_endpoint: None,
             kv_events_topic: "kv-events".into(),
             kv_events_format: "array".into(),
+            remote_url: None,
+            remote_namespace: None,
+            remote_write: "on_evict".into(),
+            remote_required: true,
+            remote_timeout_s: 5.0,
         }
     }
 }
@@ -237,6 +253,11 @@ pub struct CacheConfig {
     pub kv_events_replay_endpoint: Option<String>,
     pub kv_events_topic: String,
     pub kv_events_format: KvEventsFormat,
+    pub remote_url: Option<String>,
+    pub remote_namespace: String,
+    pub remote_write: crate::remote::WriteMode,
+    pub remote_required: bool,
+    pub remote_timeout_s: f64,
 }
 
 /// How KV events are encoded on the wire (vLLM's msgspec structs, see `ferrumkv.kv_events`).
@@ -285,6 +306,32 @@ fn zmq_endpoint(field: &'static str, e: &str) -> Result<String> {
             format!("{e:?} is not a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH, inproc://NAME)"),
         ))
     }
+}
+
+/// A store URL: `mooncake://HOST:PORT[?...]`, `redis://HOST:PORT[?...]` or
+/// `redis+cluster://HOST:PORT[,HOST:PORT...][?...]`; the backend reads the query.
+fn remote_url(u: &str) -> Result<String> {
+    let bad = |why: &str| {
+        Error::config(
+            "remote_url",
+            format!("{u:?} {why} (mooncake://HOST:PORT?metadata=URL, redis://HOST:PORT, redis+cluster://HOST:PORT[,HOST:PORT...])"),
+        )
+    };
+    let (scheme, rest) = u.split_once("://").ok_or_else(|| bad("has no scheme"))?;
+    if !matches!(scheme, "mooncake" | "redis" | "redis+cluster") {
+        return Err(bad("names no supported store"));
+    }
+    let hosts = rest.split(['?', '/']).next().unwrap_or_default();
+    let ok = !hosts.is_empty()
+        && (scheme == "redis+cluster" || !hosts.contains(','))
+        && hosts.split(',').all(|hp| {
+            hp.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        });
+    if !ok {
+        return Err(bad("has no valid HOST:PORT"));
+    }
+    Ok(u.to_string())
 }
 
 /// Largest block count of one tier (block ids are u32; keep clear of the list sentinel).
@@ -438,6 +485,40 @@ impl CacheConfig {
             ));
         }
         let kv_events_format = KvEventsFormat::parse(&c.kv_events_format)?;
+        let remote_url = c.remote_url.as_deref().map(remote_url).transpose()?;
+        if remote_url.is_some() && !c.enable_prefix_cache {
+            return Err(Error::config(
+                "remote_url",
+                "shares blocks by their chained hashes, so it needs enable_prefix_cache=True",
+            ));
+        }
+        let remote_namespace = c
+            .remote_namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        if remote_namespace.is_empty()
+            || !remote_namespace
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            return Err(Error::config(
+                "remote_namespace",
+                format!("{remote_namespace:?} is not a non-empty name of letters, digits, '-', '_', '.'"),
+            ));
+        }
+        let remote_write = crate::remote::WriteMode::parse(&c.remote_write).ok_or_else(|| {
+            Error::config(
+                "remote_write",
+                format!("{:?} is not \"on_evict\" or \"on_store\"", c.remote_write),
+            )
+        })?;
+        let t = c.remote_timeout_s;
+        if !(t > 0.0 && t <= 3600.0) {
+            return Err(Error::config(
+                "remote_timeout_s",
+                format!("{t} is outside (0, 3600]"),
+            ));
+        }
         let rate = c.residency_sample_rate;
         if !(rate > 0.0 && rate <= 1.0) {
             return Err(Error::config(
@@ -469,6 +550,11 @@ impl CacheConfig {
             kv_events_replay_endpoint,
             kv_events_topic: c.kv_events_topic.clone(),
             kv_events_format,
+            remote_url,
+            remote_namespace,
+            remote_write,
+            remote_required: c.remote_required,
+            remote_timeout_s: t,
         })
     }
 
@@ -567,11 +653,55 @@ mod tests {
                 "kv_events_replay_endpoint",
             ),
             (|c| c.kv_events_format = "json".into(), "kv_events_format"),
+            (
+                |c| c.remote_url = Some("memcached://h:1".into()),
+                "remote_url",
+            ),
+            (|c| c.remote_url = Some("redis://h".into()), "remote_url"),
+            (
+                |c| c.remote_url = Some("redis://a:1,b:2".into()),
+                "remote_url",
+            ),
+            (
+                |c| {
+                    c.remote_url = Some("redis://h:1".into());
+                    c.enable_prefix_cache = false;
+                },
+                "remote_url",
+            ),
+            (
+                |c| c.remote_namespace = Some("a/b".into()),
+                "remote_namespace",
+            ),
+            (|c| c.remote_write = "never".into(), "remote_write"),
+            (|c| c.remote_timeout_s = 0.0, "remote_timeout_s"),
+            (|c| c.remote_timeout_s = f64::NAN, "remote_timeout_s"),
         ];
         for (mutate, field) in cases {
             let mut c = ConfigInput::small(8);
             mutate(&mut c);
             assert_eq!(err_field(&c), field);
+        }
+    }
+
+    #[test]
+    fn store_urls() {
+        for ok in [
+            "redis://127.0.0.1:6379",
+            "redis://127.0.0.1:6379?ttl_s=60",
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+            "mooncake://127.0.0.1:50051?metadata=http://127.0.0.1:8080/metadata",
+        ] {
+            assert_eq!(remote_url(ok).as_deref(), Ok(ok));
+        }
+        for bad in [
+            "redis://:1",
+            "redis://h:0",
+            "redis://h:x",
+            "mooncake://",
+            "h:1",
+        ] {
+            assert!(remote_url(bad).is_err(), "{bad}");
         }
     }
 

@@ -85,6 +85,25 @@ counters! {
     swap_in_count,
     preempted_waits,
     dropped_events,
+    /// Blocks a remote lookup found in the store and imported (checksums verified).
+    remote_hit_blocks,
+    /// Blocks a remote lookup asked for and did not import (absent, refused, failed).
+    remote_miss_blocks,
+    /// Of those, values refused: truncated, corrupted, or another key's or shape's.
+    remote_corrupt_blocks,
+    /// Bytes of the blocks imported from the store.
+    remote_read_bytes,
+    /// Blocks written to the store, and their bytes (the block's bytes, not the framing).
+    remote_write_blocks,
+    remote_write_bytes,
+    /// Writes dropped: the write queue was full, the store refused them (full), or it was
+    /// unreachable.
+    remote_dropped_writes,
+    /// Remote calls that failed or timed out.
+    remote_errors,
+    /// Nanoseconds spent in remote lookups and in remote writes.
+    remote_read_ns,
+    remote_write_ns,
 }
 
 /// Gauges of one tier.

@@ -126,6 +126,22 @@ mod model {
             guard.0 = Some(inner);
         }
 
+        /// `wait` for at most `timeout` (shuttle may also time out at once); whether it
+        /// timed out.
+        pub fn wait_for<T>(
+            &self,
+            guard: &mut MutexGuard<'_, T>,
+            timeout: std::time::Duration,
+        ) -> bool {
+            let inner = guard.0.take().expect(LENT);
+            let (inner, result) = self
+                .0
+                .wait_timeout(inner, timeout)
+                .unwrap_or_else(PoisonError::into_inner);
+            guard.0 = Some(inner);
+            result.timed_out()
+        }
+
         pub fn notify_one(&self) {
             self.0.notify_one();
         }

@@ -16,7 +16,7 @@
 //!   and published (blocks joined to the sequence, full blocks registered, counters counted).
 //! - `Failed`: the waiter gets the error (its request was deallocated, the engine closed).
 //! - `Moving` / `Moved`: a swap whose copy runs on the worker, and its completion.
-//! - `Flushing` / `Flushed`: a `flush` waiting for the disk writes issued before it (queued
+//! - `Flushing` / `Flushed`: a `flush` waiting for the disk and remote writes issued before it (queued
 //!   in `flushes` by the write number it waits for, so the earliest is answered first), and
 //!   its answer. Cancel: it leaves the queue; it holds nothing.
 //!
@@ -34,6 +34,15 @@ use crate::state::Admission;
 use crate::types::{BlockHash, BlockId, IdMap, RequestId};
 
 pub type Ticket = u64;
+
+/// Write numbers of the write-behind tiers (disk, remote), each counted from 1: a flush
+/// waits until every write below both has landed. Later flushes have marks at least as high
+/// in both, so flushes are answered in issue order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushMark {
+    pub disk: u64,
+    pub remote: u64,
+}
 
 /// What a call that may wait returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,9 +116,9 @@ pub enum TicketState {
     Moved {
         rid: RequestId,
     },
-    /// A flush waiting until every disk write numbered below `before` has landed.
+    /// A flush waiting until every disk and remote write numbered below `before` has landed.
     Flushing {
-        before: u64,
+        before: FlushMark,
     },
     /// Those writes have landed.
     Flushed,
@@ -129,7 +138,7 @@ pub struct Waiters {
     pub completed: Vec<Ticket>,
     /// `Flushing` tickets with the write number each waits for, in issue order (so the
     /// numbers never decrease).
-    flushes: VecDeque<(Ticket, u64)>,
+    flushes: VecDeque<(Ticket, FlushMark)>,
 }
 
 impl Waiters {
@@ -168,8 +177,8 @@ impl Waiters {
         t
     }
 
-    /// A flush waiting until every write numbered below `before` has landed.
-    pub fn push_flush(&mut self, before: u64) -> Ticket {
+    /// A flush waiting until every write numbered below `before` has landed, per tier.
+    pub fn push_flush(&mut self, before: FlushMark) -> Ticket {
         let t = self.next_ticket();
         self.tickets.insert(t, TicketState::Flushing { before });
         self.flushes.push_back((t, before));
@@ -178,10 +187,10 @@ impl Waiters {
 
     /// Answers the flushes whose writes have all landed (every write below `landed`);
     /// whether any was.
-    pub fn serve_flushes(&mut self, landed: u64) -> bool {
+    pub fn serve_flushes(&mut self, landed: FlushMark) -> bool {
         let mut served = false;
         while let Some(&(t, before)) = self.flushes.front() {
-            if before > landed {
+            if before.disk > landed.disk || before.remote > landed.remote {
                 break;
             }
             self.flushes.pop_front();

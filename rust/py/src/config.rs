@@ -39,7 +39,8 @@ impl PyCacheConfig {
         high_watermark=0.1, residency_sample_rate=0.01, layout="block_major".to_string(),
         enable_kv_events=true, seed=None, eviction_policy="lru".to_string(), kv_events_endpoint=None,
         kv_events_replay_endpoint=None, kv_events_topic="kv-events".to_string(),
-        kv_events_format="array".to_string()), text_signature = "(*, num_layers, num_kv_heads, head_dim, block_size=16, dtype='float16', device='cpu', num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None, disk_blocks=0, enable_prefix_cache=True, hash_algo='xxh3_128', low_watermark=0.3, high_watermark=0.1, residency_sample_rate=0.01, layout='block_major', enable_kv_events=True, seed=0, eviction_policy='lru', kv_events_endpoint=None, kv_events_replay_endpoint=None, kv_events_topic='kv-events', kv_events_format='array')")]
+        kv_events_format="array".to_string(), remote_url=None, remote_namespace=None,
+        remote_write="on_evict".to_string(), remote_required=true, remote_timeout_s=5.0), text_signature = "(*, num_layers, num_kv_heads, head_dim, block_size=16, dtype='float16', device='cpu', num_blocks=None, memory_bytes=None, host_blocks=0, disk_path=None, disk_blocks=0, enable_prefix_cache=True, hash_algo='xxh3_128', low_watermark=0.3, high_watermark=0.1, residency_sample_rate=0.01, layout='block_major', enable_kv_events=True, seed=0, eviction_policy='lru', kv_events_endpoint=None, kv_events_replay_endpoint=None, kv_events_topic='kv-events', kv_events_format='array', remote_url=None, remote_namespace=None, remote_write='on_evict', remote_required=True, remote_timeout_s=5.0)")]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_layers: &Bound<'_, PyAny>,
@@ -66,6 +67,11 @@ impl PyCacheConfig {
         kv_events_replay_endpoint: Option<String>,
         kv_events_topic: String,
         kv_events_format: String,
+        remote_url: Option<String>,
+        remote_namespace: Option<String>,
+        remote_write: String,
+        remote_required: bool,
+        remote_timeout_s: f64,
     ) -> PyResult<Self> {
         let opt = |name, v: Option<&Bound<'_, PyAny>>| {
             v.filter(|o| !o.is_none())
@@ -98,6 +104,11 @@ impl PyCacheConfig {
             kv_events_replay_endpoint,
             kv_events_topic,
             kv_events_format,
+            remote_url,
+            remote_namespace,
+            remote_write,
+            remote_required,
+            remote_timeout_s,
         };
         let config = CacheConfig::validate(&input).py_err()?;
         Ok(PyCacheConfig { input, config })
@@ -211,6 +222,34 @@ impl PyCacheConfig {
     fn kv_events_format(&self) -> &'static str {
         self.config.kv_events_format.name()
     }
+    /// The shared store (`mooncake://...`, `redis://...`, `redis+cluster://...`), or None.
+    #[getter]
+    fn remote_url(&self) -> Option<String> {
+        self.config.remote_url.clone()
+    }
+    /// Namespace of this cache's keys in the store ("default" when not given).
+    #[getter]
+    fn remote_namespace(&self) -> String {
+        self.config.remote_namespace.clone()
+    }
+    /// "on_evict" (a block is written when it leaves the local tiers) or "on_store" (when
+    /// the sequence that computed it is released).
+    #[getter]
+    fn remote_write(&self) -> &'static str {
+        self.config.remote_write.name()
+    }
+    /// An unreachable store at construction raises RemoteUnavailableError (else the cache
+    /// runs local-only and keeps trying to reconnect).
+    #[getter]
+    fn remote_required(&self) -> bool {
+        self.config.remote_required
+    }
+    /// Seconds one remote call may take before it counts as failed (a lookup's blocks are
+    /// then misses).
+    #[getter]
+    fn remote_timeout_s(&self) -> f64 {
+        self.config.remote_timeout_s
+    }
     /// block_size x num_layers x 2 x num_kv_heads x head_dim x itemsize.
     #[getter]
     fn bytes_per_block(&self) -> usize {
@@ -247,6 +286,11 @@ impl PyCacheConfig {
         )?;
         d.set_item("kv_events_topic", c.kv_events_topic.clone())?;
         d.set_item("kv_events_format", c.kv_events_format.name())?;
+        d.set_item("remote_url", c.remote_url.clone())?;
+        d.set_item("remote_namespace", c.remote_namespace.clone())?;
+        d.set_item("remote_write", c.remote_write.name())?;
+        d.set_item("remote_required", c.remote_required)?;
+        d.set_item("remote_timeout_s", c.remote_timeout_s)?;
         Ok(d)
     }
 

@@ -15,7 +15,7 @@ use ferrumkv_core::state::NewTokens;
 use ferrumkv_core::{Engine, Error, Outcome};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyByteArray, PyDict, PyInt, PyList, PyTuple};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyTuple};
 
 use crate::batch::PyBatchLayout;
 use crate::config::PyCacheConfig;
@@ -477,7 +477,106 @@ impl PyEngine {
         self.engine.cancel_ticket(ticket);
     }
 
-    /// None when every disk write issued so far has landed, else a ticket to wait for.
+    // ----- the remote tier (driven by ferrumkv.remote) -------------------------------------
+
+    /// `(start, keys)`: the index of the prompt's first block not cached locally, and the
+    /// store keys of it and the full blocks after it (`[]` without a remote tier).
+    #[pyo3(signature = (tokens, salt=None))]
+    fn remote_plan(
+        &self,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(usize, Vec<String>)> {
+        let salt = convert::salt(salt)?;
+        self.engine
+            .remote_plan(&convert::tokens(tokens)?, salt.as_ref())
+            .py_err()
+    }
+
+    /// Imports the values fetched for blocks `start..` (None: absent), in chain order;
+    /// `(imported, refused)`. `looked_up`: blocks asked for; `seconds`: the lookup's time.
+    #[pyo3(signature = (tokens, salt, start, values, looked_up, seconds))]
+    #[allow(clippy::too_many_arguments)]
+    fn import_remote(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+        start: usize,
+        values: Vec<Option<Bound<'_, PyBytes>>>,
+        looked_up: usize,
+        seconds: f64,
+    ) -> PyResult<(usize, usize)> {
+        let salt = convert::salt(salt)?;
+        let tokens = convert::tokens(tokens)?;
+        // Borrowed, not copied: bytes are immutable and `values` outlives the call.
+        let views: Vec<Option<&[u8]>> = values
+            .iter()
+            .map(|v| v.as_ref().map(|b| b.as_bytes()))
+            .collect();
+        let elapsed = std::time::Duration::from_secs_f64(seconds.max(0.0));
+        let got = py
+            .detach(|| {
+                self.engine
+                    .import_remote(&tokens, salt.as_ref(), start, &views, looked_up, elapsed)
+            })
+            .py_err()?;
+        Ok((got.blocks, got.refused))
+    }
+
+    /// Counts a lookup whose remote calls failed: `errors` calls, `missed` blocks.
+    fn remote_lookup_failed(&self, errors: u64, missed: u64, seconds: f64) -> PyResult<()> {
+        let elapsed = std::time::Duration::from_secs_f64(seconds.max(0.0));
+        self.engine
+            .remote_lookup_failed(errors, missed, elapsed)
+            .py_err()
+    }
+
+    /// Up to `max` queued writes `(seq, key, value bytes)`, waiting at most `timeout`
+    /// seconds (without the GIL) for one; raises CacheClosedError once closed and drained.
+    fn take_remote_writes<'py>(
+        &self,
+        py: Python<'py>,
+        max: usize,
+        timeout: f64,
+    ) -> PyResult<Vec<(u64, String, Bound<'py, PyBytes>)>> {
+        let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+        let writes = py
+            .detach(|| self.engine.take_remote_writes(max, timeout))
+            .py_err()?;
+        Ok(writes
+            .into_iter()
+            .map(|w| (w.seq, w.key, PyBytes::new(py, &w.value)))
+            .collect())
+    }
+
+    /// The writer finished writes `seqs`: `stored` landed, `dropped` did not (`errors`
+    /// failed calls), in `seconds`.
+    fn finish_remote_writes(
+        &self,
+        seqs: Vec<u64>,
+        stored: u64,
+        dropped: u64,
+        errors: u64,
+        seconds: f64,
+    ) {
+        let elapsed = std::time::Duration::from_secs_f64(seconds.max(0.0));
+        self.engine
+            .finish_remote_writes(&seqs, stored, dropped, errors, elapsed);
+    }
+
+    /// The remote writer is stopping: its waits return at once once nothing is queued.
+    fn wake_remote_writer(&self) {
+        self.engine.wake_remote_writer();
+    }
+
+    /// `(queued, in flight)` remote writes.
+    fn remote_writes_pending(&self) -> (usize, usize) {
+        self.engine.remote_writes_pending()
+    }
+
+    /// None when every disk and remote write issued so far has landed, else a ticket to
+    /// wait for.
     fn flush(&self) -> PyResult<Option<u64>> {
         self.engine.flush().py_err()
     }

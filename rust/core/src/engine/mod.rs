@@ -15,11 +15,13 @@
 //! `set_inline_copy_bytes`, `wait_copies_idle`) hold a swap in flight or fail a copy.
 //!
 //! Split by the data each part serves: `sequences` (allocation, extension, tickets, gc),
+//! `remote` (the shared store's lookups, imports and write queue),
 //! `swap` (whole-sequence moves between tiers), `disk` (the disk tier's I/O jobs), `kv` (K/V
 //! bytes, block tables, views), `stats` (snapshots, notifications, event queues).
 
 mod disk;
 mod kv;
+mod remote;
 mod sequences;
 mod stats;
 mod swap;
@@ -27,7 +29,7 @@ mod swap;
 pub use swap::INLINE_COPY_BYTES;
 
 use crate::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use crate::sync::{Arc, Mutex, MutexGuard, Weak};
+use crate::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
 use crate::clock::Clock;
 use crate::config::{CacheConfig, Device};
@@ -98,6 +100,10 @@ pub struct EngineCore {
     me: Weak<EngineCore>,
     ctx: Ctx,
     state: Mutex<State>,
+    /// The remote writer waits here for queued writes (`take_remote_writes`).
+    remote_ready: Condvar,
+    /// The remote writer is stopping: its waits return at once (`wake_remote_writer`).
+    remote_stopping: AtomicBool,
     notifier: Notifier,
     disk_workers: Option<DiskWorkers>,
     /// Swap copies still to fail on purpose (`inject_copy_faults`).
@@ -182,6 +188,8 @@ impl EngineCore {
             me: me.clone(),
             ctx,
             state,
+            remote_ready: Condvar::new(),
+            remote_stopping: AtomicBool::new(false),
             notifier,
             disk_workers,
             copy_faults: AtomicU32::new(0),
@@ -262,9 +270,13 @@ impl EngineCore {
         }
         let copied = self.run_copies(&mut st);
         let fx = st.take_effects();
+        let remote_queued = st.take_remote_wake();
         drop(st);
         if fx.signal {
             self.notifier.signal();
+        }
+        if remote_queued {
+            self.remote_ready.notify_all();
         }
         copied?;
         self.submit_disk_writes(fx.disk_writes);
@@ -333,6 +345,7 @@ impl EngineCore {
         if self.state.lock().close() {
             self.notifier.signal();
         }
+        self.remote_ready.notify_all();
     }
 
     pub fn is_closed(&self) -> bool {

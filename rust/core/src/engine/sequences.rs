@@ -84,7 +84,7 @@ impl EngineCore {
     }
 
     pub fn deallocate(&self, rid: &RequestId) -> Result<()> {
-        self.mutate(true, |st, _| st.deallocate(rid))
+        self.mutate(true, |st, ctx| st.deallocate(ctx, rid))
     }
 
     pub fn fork(&self, parent: &RequestId, child: RequestId) -> Result<SeqView> {

@@ -45,15 +45,28 @@ enum MemOp {
         at: Vec<(usize, usize)>,
         bytes: Vec<u8>,
     },
-    /// A host block evicted to the disk tier: its bytes are read now and written to `slot`
-    /// by a disk worker after the call.
-    Spill {
+    /// A cached block leaving a tier: its bytes (the runs `at` of `src`, end to end) are
+    /// read now and written elsewhere after the call (`Stage`).
+    Stage {
         src: Memory,
-        offset: usize,
-        len: usize,
-        slot: BlockId,
-        hash: BlockHash,
+        at: Vec<(usize, usize)>,
+        to: Stage,
     },
+}
+
+/// Where a staged block's bytes go.
+#[derive(Debug)]
+pub(crate) enum Stage {
+    /// A host block spilled to disk slot `slot` by a disk worker.
+    Disk { slot: BlockId, hash: BlockHash },
+    /// A block written to the remote store under `key` by the remote writer.
+    Remote { key: String },
+}
+
+/// A sealed value for the remote store (`remote`), staged by `run_memory`.
+pub(crate) struct RemoteStaged {
+    pub key: String,
+    pub value: Vec<u8>,
 }
 
 /// What becomes of a block the memory operations touched once they ran, or if they never
@@ -84,6 +97,8 @@ pub struct Effects {
     pub(crate) disk_reads: Vec<DiskRead>,
     /// Spilled blocks read by `run_memory`, for the disk writers.
     pub(crate) disk_writes: Vec<DiskWrite>,
+    /// Blocks read by `run_memory` for the remote store, queued by `State::settle_effects`.
+    pub(crate) remote_writes: Vec<RemoteStaged>,
     /// Wake the event loop: a ticket finished or the pressure level changed.
     pub(crate) signal: bool,
 }
@@ -125,7 +140,7 @@ impl Effects {
         let mut fill = Effects::default();
         for op in tail {
             match op {
-                MemOp::Spill { .. } | MemOp::Copy { in_lock: true, .. } => self.mem.push(op),
+                MemOp::Stage { .. } | MemOp::Copy { in_lock: true, .. } => self.mem.push(op),
                 _ => fill.mem.push(op),
             }
         }
@@ -153,7 +168,7 @@ impl Effects {
             .map(|op| match op {
                 MemOp::Copy { runs, .. } => runs.bytes(),
                 MemOp::Write { bytes, .. } => bytes.len(),
-                MemOp::Spill { len, .. } => *len,
+                MemOp::Stage { at, .. } => at.iter().map(|r| r.1).sum(),
             })
             .sum()
     }
@@ -224,12 +239,15 @@ impl Effects {
         slot: BlockId,
         hash: BlockHash,
     ) {
-        self.mem.push(MemOp::Spill {
+        self.stage(src, vec![(offset, len)], Stage::Disk { slot, hash });
+    }
+
+    /// Records reading the runs `at` of `src` (end to end) for `to` (see `Stage`).
+    pub(crate) fn stage(&mut self, src: &Memory, at: Vec<(usize, usize)>, to: Stage) {
+        self.mem.push(MemOp::Stage {
             src: src.clone(),
-            offset,
-            len,
-            slot,
-            hash,
+            at,
+            to,
         });
     }
 
@@ -246,8 +264,7 @@ impl Effects {
     /// Runs the memory operations in order (spills become `disk_writes`). Stops at the
     /// first failure (only device memory can fail: a lost GPU context).
     pub(crate) fn run_memory(&mut self) -> Result<()> {
-        let writes = &mut self.disk_writes;
-        for op in self.mem.drain(..) {
+        for op in std::mem::take(&mut self.mem) {
             match op {
                 // Not waited for: on a GPU the stream orders it (`storage::order`).
                 MemOp::Copy { src, dst, runs, .. } => drop(copy_runs(&src, &dst, &runs)?),
@@ -258,21 +275,36 @@ impl Effects {
                         from += len;
                     }
                 }
-                MemOp::Spill {
-                    src,
-                    offset,
-                    len,
-                    slot,
-                    hash,
-                } => {
-                    let mut data = crate::fallible::vec_of(len, 0u8, "a spilled block")?;
-                    src.read(offset, &mut data)?;
-                    writes.push(DiskWrite { slot, hash, data });
+                MemOp::Stage { src, at, to } => {
+                    let len: usize = at.iter().map(|r| r.1).sum();
+                    match to {
+                        Stage::Disk { slot, hash } => {
+                            let mut data = crate::fallible::vec_of(len, 0u8, "a spilled block")?;
+                            read_runs(&src, &at, &mut data)?;
+                            self.disk_writes.push(DiskWrite { slot, hash, data });
+                        }
+                        Stage::Remote { key } => {
+                            let mut value = crate::remote::value_buffer(len)?;
+                            read_runs(&src, &at, &mut value[crate::remote::HEADER..])?;
+                            crate::remote::seal(&key, &mut value);
+                            self.remote_writes.push(RemoteStaged { key, value });
+                        }
+                    }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// Reads the runs `at` of `src` into `dst`, end to end.
+fn read_runs(src: &Memory, at: &[(usize, usize)], dst: &mut [u8]) -> Result<()> {
+    let mut from = 0;
+    for &(off, len) in at {
+        src.read(off, &mut dst[from..from + len])?;
+        from += len;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -312,7 +344,7 @@ mod tests {
         fx.after(After::PartialCopied { src: BlockId(5) });
         let fill = fx.split_fill(m);
         assert_eq!((fx.mem.len(), fill.mem.len()), (3, 1));
-        assert!(matches!(fx.mem[1], MemOp::Spill { .. }));
+        assert!(matches!(fx.mem[1], MemOp::Stage { .. }));
         assert!(matches!(fx.mem[2], MemOp::Copy { in_lock: true, .. }));
         assert_eq!((fx.after.len(), fill.after.len()), (0, 1));
         assert_eq!(fill.bytes(), 2);

@@ -30,6 +30,7 @@ mod batch;
 mod checks;
 mod effects;
 mod extend;
+mod remote;
 mod report;
 mod tickets;
 mod tiers;
@@ -38,6 +39,7 @@ mod truncate;
 pub use alloc::{Admission, Fill, PrefixMatch, Staged};
 pub use batch::{BatchLayout, NewTokens};
 pub use effects::Effects;
+pub use remote::Imported;
 pub use tiers::Swap;
 
 use crate::clock::Clock;
@@ -178,6 +180,10 @@ pub struct State {
     host: Option<HostTier>,
     /// The disk tier, when `disk_blocks > 0` (it spills from the host tier).
     disk: Option<DiskTier>,
+    /// The remote tier's keys and write queue, when `remote_url` is set.
+    remote: Option<crate::remote::RemoteTier>,
+    /// Writes were queued since the engine last woke the remote writer.
+    remote_wake: bool,
     /// What the calls since the last commit left the engine to do (copies, disk I/O, wake).
     fx: Effects,
     /// Waiting allocations whose disk read-ahead is still running (not served before).
@@ -240,6 +246,13 @@ impl State {
                 c.eviction_policy,
             )?),
         };
+        let remote = c.remote_url.as_ref().map(|_| {
+            crate::remote::RemoteTier::new(
+                crate::remote::Keys::new(c, &c.remote_namespace),
+                c.remote_write,
+                ctx.bytes_per_block(),
+            )
+        });
         Ok(State {
             closed: false,
             closing: false,
@@ -248,6 +261,8 @@ impl State {
             index,
             host,
             disk,
+            remote,
+            remote_wake: false,
             fx: Effects::default(),
             loading: Default::default(),
             staged: HashMap::new(),
@@ -277,6 +292,7 @@ impl State {
     pub fn settle_effects(&mut self, ran: bool) {
         let after = std::mem::take(&mut self.fx.after);
         self.settle_after(after, ran);
+        self.queue_remote();
     }
 
     /// The effects recorded so far, to run their memory operations now (a call that
@@ -406,8 +422,12 @@ impl State {
 
     /// Evicts a cached device block: its data and hash move to the host tier when one
     /// exists (offload), its hash leaves the device index. Returns whether it was offloaded.
+    /// A block no host block took leaves the local tiers (staged for the store on evict).
     fn evict_cached(&mut self, ctx: &Ctx, b: BlockId, now: f64) -> bool {
         let offloaded = self.offload(ctx, b);
+        if let (false, Some(h)) = (offloaded, self.index.hash_of(b)) {
+            self.stage_evicted_device(ctx, b, h);
+        }
         if let Some(h) = self.index.remove(b) {
             self.events.removed(h, Tier::Device);
         }
@@ -473,7 +493,7 @@ impl State {
     /// Frees a sequence's blocks; a call of it still waiting (or granted, not taken) fails
     /// and gives back what it held. A request that only waits for its allocation is
     /// withdrawn the same way.
-    pub fn deallocate(&mut self, rid: &RequestId) -> Result<()> {
+    pub fn deallocate(&mut self, ctx: &Ctx, rid: &RequestId) -> Result<()> {
         if self.seqs.get(rid).is_some_and(|s| s.phase.is_moving()) {
             return Err(Error::InvalidState(format!(
                 "cannot deallocate request {rid}: a swap is in progress"
@@ -485,7 +505,10 @@ impl State {
         }
         let failed = self.fail_ticket_of(rid, "it was deallocated while waiting");
         match self.seqs.remove(rid) {
-            Some(s) => self.free_sequence(s),
+            Some(s) => {
+                self.stage_released(ctx, &s);
+                self.free_sequence(s);
+            }
             None if failed => {}
             None => return Err(Error::UnknownRequest(rid.clone())),
         }

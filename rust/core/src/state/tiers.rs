@@ -98,6 +98,10 @@ impl State {
     pub(super) fn take_host_block(&mut self) -> Option<BlockId> {
         let host = self.host.as_mut()?;
         let (b, spilled) = host.take_block(&mut self.events)?;
+        if let Some(sp) = &spilled {
+            self.stage_evicted_host(b, sp.hash);
+        }
+        let host = self.host.as_mut().expect("checked above");
         if let (Some(sp), Some(disk)) = (spilled, self.disk.as_mut()) {
             if let Some(slot) =
                 disk.reserve(sp.hash, sp.parent, sp.first, &sp.tokens, &mut self.events)
@@ -110,13 +114,38 @@ impl State {
         Some(b)
     }
 
-    /// A disk worker finished writing a spilled block.
-    /// `flush`: None when every disk write issued so far has landed (or there is no disk
-    /// tier), else a ticket answered once they have (`Flushed`).
+    /// `flush`: None when every disk and remote write issued so far has landed (or there is
+    /// no write-behind tier), else a ticket answered once they have (`Flushed`).
     pub fn flush(&mut self) -> Option<crate::waiters::Ticket> {
-        let disk = self.disk.as_ref()?;
-        let before = disk.next_write();
-        (disk.landed_before() < before).then(|| self.waiters.push_flush(before))
+        let before = self.write_marks(|d| d.next_write(), |r| r.next_write());
+        let landed = self.landed_marks();
+        (landed.disk < before.disk || landed.remote < before.remote)
+            .then(|| self.waiters.push_flush(before))
+    }
+
+    /// One number per write-behind tier (1 without the tier: nothing to wait for).
+    fn write_marks(
+        &self,
+        disk: impl Fn(&crate::tier::DiskTier) -> u64,
+        remote: impl Fn(&crate::remote::RemoteTier) -> u64,
+    ) -> crate::waiters::FlushMark {
+        crate::waiters::FlushMark {
+            disk: self.disk.as_ref().map_or(1, disk),
+            remote: self.remote.as_ref().map_or(1, remote),
+        }
+    }
+
+    /// Every write below these numbers has landed, per tier.
+    fn landed_marks(&self) -> crate::waiters::FlushMark {
+        self.write_marks(|d| d.landed_before(), |r| r.landed_before())
+    }
+
+    /// Answers the flushes whose writes have all landed.
+    pub(super) fn serve_flushes(&mut self) {
+        let landed = self.landed_marks();
+        if self.waiters.serve_flushes(landed) {
+            self.fx.signal = true;
+        }
     }
 
     /// Tickets in any state (tests).
@@ -142,14 +171,13 @@ impl State {
         }
     }
 
+    /// A disk worker finished writing a spilled block.
     pub fn finish_disk_write(&mut self, slot: BlockId, hash: BlockHash, ok: bool) {
         let Some(disk) = self.disk.as_mut() else {
             return;
         };
         disk.finish_write(slot, hash, ok, &mut self.events);
-        if self.waiters.serve_flushes(disk.landed_before()) {
-            self.fx.signal = true;
-        }
+        self.serve_flushes();
         self.events.end_op();
         if ok {
             self.counters.disk_blocks_written += 1;

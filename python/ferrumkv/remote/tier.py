@@ -1,0 +1,256 @@
+"""``RemoteTier``: one cache's connection to its store: the writer thread, the lookups, and
+local-only operation while the store is away.
+
+Threads: the writer (one per cache) drains the engine's write queue
+(``take_remote_writes`` waits without the GIL) and puts each batch; lookups run on a small
+pool of worker threads and are awaited from the event loop (asyncio or trio) with
+``remote_timeout_s`` as the bound, so a slow or paused store never blocks the loop: the
+lookup gives up, its blocks are misses, and the store is marked down. While down, lookups
+skip the store and writes are dropped (counted) until the backoff (0.1 s doubling to 5 s)
+has passed; then the next call tries again (reconnecting when the store was never reached).
+
+Nothing here holds the engine lock: the engine stages writes and checks values under it;
+this module only moves bytes. Keys written or imported recently are remembered (bounded),
+so a block that comes back from the store and leaves again is not written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from ..errors import CacheClosedError, RemoteUnavailableError
+from .backend import RemoteBackend, open_backend
+
+log = logging.getLogger("ferrumkv")
+T = TypeVar("T")
+
+# Writes per batched put; keys remembered as already in the store.
+_WRITE_BATCH = 64
+_KNOWN_KEYS = 65536
+_BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.1, 5.0
+
+
+class _Known:
+    """A bounded set of keys, oldest forgotten first."""
+
+    def __init__(self, cap: int) -> None:
+        self._d: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cap = cap
+        self._lock = threading.Lock()
+
+    def add(self, keys: Sequence[str]) -> None:
+        with self._lock:
+            for k in keys:
+                self._d[k] = None
+                self._d.move_to_end(k)
+            while len(self._d) > self._cap:
+                self._d.popitem(last=False)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._d
+
+
+class RemoteTier:
+    def __init__(self, core: Any, url: str, *, timeout: float, required: bool) -> None:
+        self._core = core
+        self._url = url
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._backend: RemoteBackend | None = None
+        self._down_until = 0.0
+        self._backoff = _BACKOFF_MIN_S
+        self._known = _Known(_KNOWN_KEYS)
+        self._stopping = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="ferrumkv-remote"
+        )
+        try:
+            self._backend = self._connect()
+        except Exception as e:
+            if required:
+                self._pool.shutdown(wait=False)
+                raise RemoteUnavailableError(
+                    f"the store at {url} is unreachable: {e} (remote_required=False runs "
+                    "local-only and reconnects)"
+                ) from e
+            log.warning("ferrumkv: remote store %s unreachable, running local-only: %s", url, e)
+            self._mark_down()
+        self._writer = threading.Thread(
+            target=self._write_loop, name="ferrumkv-remote-writer", daemon=True
+        )
+        self._writer.start()
+
+    # ----- connection ------------------------------------------------------------------------
+
+    def _connect(self) -> RemoteBackend:
+        """Opens the backend within the timeout (its client may block longer: it runs on a
+        daemon thread, and an unfinished attempt counts as a failure)."""
+        fut: concurrent.futures.Future[RemoteBackend] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(open_backend(self._url, self._timeout))
+            except BaseException as e:
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="ferrumkv-remote-connect", daemon=True).start()
+        try:
+            return fut.result(timeout=self._timeout + 1.0)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"no answer within {self._timeout} s") from None
+
+    @property
+    def connected(self) -> bool:
+        return self._backend is not None and time.monotonic() >= self._down_until
+
+    def _mark_down(self) -> None:
+        with self._lock:
+            self._down_until = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+
+    def _mark_up(self) -> None:
+        with self._lock:
+            self._backoff = _BACKOFF_MIN_S
+
+    def _usable(self) -> RemoteBackend | None:
+        """The backend if the store is not marked down (reconnecting if it never was)."""
+        if time.monotonic() < self._down_until:
+            return None
+        if self._backend is None:
+            try:
+                backend = open_backend(self._url, self._timeout)
+            except Exception as e:
+                log.debug("ferrumkv: remote store %s still unreachable: %s", self._url, e)
+                self._mark_down()
+                return None
+            with self._lock:
+                if self._backend is None:
+                    self._backend = backend
+                    log.info("ferrumkv: remote store %s reached", self._url)
+        return self._backend
+
+    # ----- writes ----------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        core = self._core
+        while True:
+            try:
+                writes = core.take_remote_writes(_WRITE_BATCH, 0.05 if self._stopping else 0.5)
+            except CacheClosedError:
+                return
+            except Exception:  # the engine stopped serving (a device fault)
+                log.exception("ferrumkv: remote writer stopped")
+                return
+            if not writes:
+                if self._stopping:
+                    return
+                continue
+            self._write(writes)
+
+    def _write(self, writes: list[tuple[int, str, bytes]]) -> None:
+        seqs = [w[0] for w in writes]
+        items = [(k, v) for _, k, v in writes if k not in self._known]
+        t0 = time.perf_counter()
+        backend = self._usable() if items else None
+        if items and backend is None:
+            self._core.finish_remote_writes(seqs, 0, len(items), 0, 0.0)
+            return
+        stored = refused = errors = 0
+        if backend is not None:
+            try:
+                r = backend.put(items)
+                stored, refused = r.stored, r.refused
+                self._known.add([k for k, _ in items])
+                self._mark_up()
+            except Exception as e:
+                log.warning("ferrumkv: remote write of %d blocks failed: %s", len(items), e)
+                refused, errors = len(items), 1
+                self._mark_down()
+        self._core.finish_remote_writes(seqs, stored, refused, errors, time.perf_counter() - t0)
+
+    # ----- lookups ---------------------------------------------------------------------------
+
+    async def lookup(self, tokens: Any, salt: Any) -> int:
+        """Imports the blocks of ``tokens`` the store holds after its local prefix; returns
+        how many. Never raises for the store's sake: a failure is counted, and a miss."""
+        if time.monotonic() < self._down_until:
+            return 0
+        start, keys = self._core.remote_plan(tokens, salt)
+        if not keys:
+            return 0
+        t0 = time.perf_counter()
+        backend = await self._call(self._usable)
+        if backend is None:
+            return 0
+        try:
+            present = await self._call(backend.exists, keys)
+            n = 0
+            while n < len(present) and present[n]:
+                n += 1
+            values: list[bytes | None] = await self._call(backend.get, keys[:n]) if n else []
+        except Exception as e:
+            log.warning("ferrumkv: remote lookup of %d blocks failed: %s", len(keys), e)
+            self._mark_down()
+            self._core.remote_lookup_failed(1, len(keys), time.perf_counter() - t0)
+            return 0
+        self._mark_up()
+        imported, _refused = self._core.import_remote(
+            tokens, salt, start, values, len(keys), time.perf_counter() - t0
+        )
+        self._known.add(keys[:imported])
+        return int(imported)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a worker thread, awaited on the running loop (asyncio or trio)
+        for at most the timeout (then TimeoutError; the thread finishes on its own)."""
+        fut = self._pool.submit(fn, *args)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return await _trio_wait(fut, self._timeout)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), self._timeout)
+        except TimeoutError:
+            raise TimeoutError(f"the store did not answer within {self._timeout} s") from None
+
+    # ----- shutdown --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drains the queued writes (bounded by the timeout), then stops."""
+        self._stopping = True
+        self._core.wake_remote_writer()
+        self._writer.join(self._timeout + 1.0)
+        self._pool.shutdown(wait=False)
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception:
+                log.debug("ferrumkv: closing the remote store client failed", exc_info=True)
+
+
+async def _trio_wait(fut: concurrent.futures.Future[T], timeout: float) -> T:
+    import trio
+
+    done = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def wake(_: object) -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # the run ended: nobody waits
+            token.run_sync_soon(done.set)
+
+    fut.add_done_callback(wake)
+    with trio.move_on_after(timeout):
+        await done.wait()
+    if not fut.done():
+        raise TimeoutError(f"the store did not answer within {timeout} s")
+    return fut.result()
