@@ -58,6 +58,13 @@ COUNTERS = {
     "copied_blocks",
     "disk_io_blocks",
     "disk_checksum_failures",
+    "remote_lookup_blocks",
+    "remote_corrupt_blocks",
+    "remote_written_blocks",
+    "remote_bytes",
+    "remote_dropped_writes",
+    "remote_errors",
+    "remote_seconds",
     "callback_errors",
     "dropped_events",
 }
@@ -173,6 +180,16 @@ def expected_samples(
     put("disk_io_blocks_total", s.disk_blocks_written, op="write")
     put("disk_io_blocks_total", s.disk_blocks_read, op="read")
     put("disk_checksum_failures_total", s.disk_checksum_failures)
+    put("remote_lookup_blocks_total", s.remote_hit_blocks, result="hit")
+    put("remote_lookup_blocks_total", s.remote_miss_blocks, result="miss")
+    put("remote_corrupt_blocks_total", s.remote_corrupt_blocks)
+    put("remote_written_blocks_total", s.remote_write_blocks)
+    put("remote_bytes_total", s.remote_read_bytes, op="read")
+    put("remote_bytes_total", s.remote_write_bytes, op="write")
+    put("remote_dropped_writes_total", s.remote_dropped_writes)
+    put("remote_errors_total", s.remote_errors)
+    put("remote_seconds_total", s.remote_read_seconds_total, op="read")
+    put("remote_seconds_total", s.remote_write_seconds_total, op="write")
     put("callback_errors_total", s.callback_errors)
     put("dropped_events_total", s.dropped_events)
     out.update(expected_histograms(events, const))

@@ -72,7 +72,9 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
 TIERS = ("device", "host", "disk")
 _LEVELS = tuple(level.name.lower() for level in PressureLevel)
 _NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_RESERVED_LABELS = frozenset({"le", "state", "tier", "kind", "phase", "direction", "op", "level"})
+_RESERVED_LABELS = frozenset(
+    {"le", "state", "tier", "kind", "phase", "direction", "op", "level", "result"}
+)
 
 # A getter returns a value (no labels) or [(label values, value), ...].
 _Samples = float | Sequence[tuple[tuple[str, ...], float]]
@@ -347,6 +349,59 @@ SPECS: tuple[_Spec, ...] = (
         "Disk-tier blocks whose checksum did not match when read back.",
         (),
         _field("disk_checksum_failures"),
+    ),
+    # ----- the remote tier (counters) -----
+    _Spec(
+        "remote_lookup_blocks",
+        "counter",
+        "Blocks remote lookups asked the store for: hit (imported, checksum verified) or "
+        "miss (absent, refused or failed).",
+        ("result",),
+        _by((("hit", "remote_hit_blocks"), ("miss", "remote_miss_blocks"))),
+    ),
+    _Spec(
+        "remote_corrupt_blocks",
+        "counter",
+        "Values the store returned that were refused: truncated, corrupted, or another "
+        "key's or shape's (each also a miss).",
+        (),
+        _field("remote_corrupt_blocks"),
+    ),
+    _Spec(
+        "remote_written_blocks",
+        "counter",
+        "Blocks written to the store.",
+        (),
+        _field("remote_write_blocks"),
+    ),
+    _Spec(
+        "remote_bytes",
+        "counter",
+        "Block bytes read from (imported) and written to the store (op=read|write).",
+        ("op",),
+        _by((("read", "remote_read_bytes"), ("write", "remote_write_bytes"))),
+    ),
+    _Spec(
+        "remote_dropped_writes",
+        "counter",
+        "Writes that never reached the store: the write queue was full, the store was full, "
+        "or it was unreachable.",
+        (),
+        _field("remote_dropped_writes"),
+    ),
+    _Spec(
+        "remote_errors",
+        "counter",
+        "Remote calls that failed or timed out (the cache ran local-only meanwhile).",
+        (),
+        _field("remote_errors"),
+    ),
+    _Spec(
+        "remote_seconds",
+        "counter",
+        "Seconds spent in remote lookups and writes (op=read|write).",
+        ("op",),
+        _by((("read", "remote_read_seconds_total"), ("write", "remote_write_seconds_total"))),
     ),
     # ----- health (counters) -----
     _Spec(

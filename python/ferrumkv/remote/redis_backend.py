@@ -69,7 +69,7 @@ class RedisBackend:
             pipe.set(k, v, ex=self._ttl)
         stored = refused = 0
         for r in pipe.execute(raise_on_error=False):
-            if isinstance(r, redis.exceptions.ResponseError) and str(r).startswith("OOM"):
+            if isinstance(r, redis.exceptions.OutOfMemoryError):  # maxmemory, noeviction
                 refused += 1
             elif isinstance(r, Exception):
                 raise r
