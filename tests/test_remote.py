@@ -457,3 +457,31 @@ def test_remote_config_is_validated() -> None:
     ]:
         with pytest.raises(ValueError, match=field):
             ferrumkv.CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, num_blocks=4, **bad)
+
+
+# ----- the replay ---------------------------------------------------------------------------
+
+
+def _replay(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "ferrumkv", "replay", "--num-layers", "1", "--num-kv-heads"]
+    cmd += ["1", "--head-dim", "8", "--num-blocks", "400", "--requests", "64", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_replicas_share_a_store_in_the_replay(redis_store: Store) -> None:
+    import json
+
+    out = _replay("--replicas", "2", "--remote-url", redis_store.url, "--json", "-")
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout[out.stdout.index("{") :])
+    assert doc["remote_hit_blocks"] > 0 and doc["remote_write_bytes"] > 0
+    per = doc["per_replica"]
+    assert sum(p["remote_hit_blocks"] for p in per) == doc["remote_hit_blocks"]
+    table = _replay("--replicas", "2", "--remote-url", redis_store.url)
+    assert table.returncode == 0 and "remote hit" in table.stdout
+
+
+def test_the_replay_refuses_an_unreachable_store_in_one_line() -> None:
+    out = _replay("--remote-url", f"redis://127.0.0.1:{free_port()}")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "unreachable" in out.stderr

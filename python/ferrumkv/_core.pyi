@@ -8,6 +8,7 @@ __all__ = [
     "CacheConfig",
     "Engine",
     "KvView",
+    "RemoteValue",
     "SequenceHandle",
     "__version__",
     "cuda_driver_present",
@@ -85,6 +86,12 @@ class CacheConfig:
     @property
     def bytes_per_block(self) -> int: ...
     def to_dict(self) -> dict[str, Any]: ...
+
+@final
+class RemoteValue:
+    """A staged remote value; `memoryview(value)` reads it without a copy."""
+
+    def __len__(self) -> int: ...
 
 @final
 class SequenceHandle:
@@ -202,7 +209,9 @@ class Engine:
         seconds: float,
     ) -> tuple[int, int]: ...
     def remote_lookup_failed(self, errors: int, missed: int, seconds: float) -> None: ...
-    def take_remote_writes(self, max: int, timeout: float) -> list[tuple[int, str, bytes]]: ...
+    def take_remote_writes(
+        self, max: int, timeout: float
+    ) -> list[tuple[int, str, RemoteValue]]: ...
     def finish_remote_writes(
         self, seqs: list[int], stored: int, dropped: int, errors: int, seconds: float
     ) -> None: ...

@@ -115,6 +115,7 @@ class KvCache:
                     config.remote_url,
                     timeout=config.remote_timeout_s,
                     required=config.remote_required,
+                    value_bytes=config.bytes_per_block,
                 )
         except BaseException:
             self.close()

@@ -12,11 +12,19 @@ import dataclasses
 import importlib
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from ferrumkv import EVICTION_POLICIES, CacheConfig, FerrumKVError, KvCache, __version__
+from ferrumkv import (
+    EVICTION_POLICIES,
+    CacheConfig,
+    FerrumKVError,
+    KvCache,
+    RemoteUnavailableError,
+    __version__,
+)
 from ferrumkv.replay import (
     DEFAULT_WAIT_TIMEOUT_S,
     ReplayOptions,
@@ -227,6 +235,25 @@ def _add_cache_arguments(group: argparse._ArgumentGroup) -> None:
         choices=EVICTION_POLICIES,
         default="lru",
         help="which free cached block each tier gives up first (default: lru)",
+    )
+    group.add_argument(
+        "--remote-url",
+        metavar="URL",
+        help="a shared store (redis://HOST:PORT, redis+cluster://HOST:PORT[,...], "
+        "mooncake://HOST:PORT?metadata=URL): with --replicas every replica shares it",
+    )
+    group.add_argument(
+        "--remote-write",
+        choices=("on_evict", "on_store"),
+        default="on_evict",
+        help="with --remote-url: write a block when it leaves the local tiers, or when the "
+        "request that computed it finishes (default: on_evict)",
+    )
+    group.add_argument(
+        "--remote-namespace",
+        metavar="NAME",
+        help="with --remote-url: the namespace of the run's keys (default: a new one per run, "
+        "so every run starts with an empty store)",
     )
 
 
@@ -448,17 +475,30 @@ def _cache_config(args: argparse.Namespace) -> CacheConfig:
             disk_blocks=args.disk_blocks,
             enable_prefix_cache=not args.no_prefix_cache,
             eviction_policy=args.eviction_policy,
+            **_remote_fields(args),
             **size,
         )
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
 
+def _remote_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if args.remote_url is None:
+        return {}
+    ns = args.remote_namespace or f"replay-{os.getpid()}-{time.time_ns()}"
+    return {
+        "remote_url": args.remote_url,
+        "remote_write": args.remote_write,
+        "remote_namespace": ns,
+    }
+
+
 def _open_cache(config: CacheConfig) -> KvCache:
-    """The engine for ``config``; a ValueError (a combination it rejects) is a usage error."""
+    """The engine for ``config``; a ValueError (a combination it rejects) or an unreachable
+    store is a usage error."""
     try:
         return KvCache(config)
-    except ValueError as exc:
+    except (ValueError, RemoteUnavailableError) as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -701,6 +701,13 @@ def summarize(
         "disk_errors": stats.disk_write_errors + stats.disk_read_errors,
         "disk_checksum_failures": stats.disk_checksum_failures,
         "dropped_events": stats.dropped_events,
+        "remote_hit_blocks": stats.remote_hit_blocks,
+        "remote_miss_blocks": stats.remote_miss_blocks,
+        "remote_read_bytes": stats.remote_read_bytes,
+        "remote_write_blocks": stats.remote_write_blocks,
+        "remote_write_bytes": stats.remote_write_bytes,
+        "remote_dropped_writes": stats.remote_dropped_writes,
+        "remote_errors": stats.remote_errors,
         "engine_ops": counters.engine_ops,
         "engine_ops_per_s": counters.engine_ops / result.wall_s if result.wall_s else 0.0,
         "wall_s": result.wall_s,
@@ -750,6 +757,13 @@ def format_table(summary: dict[str, Any]) -> str:
             f"({s['disk_errors']:,} errors, {s['disk_checksum_failures']:,} checksum failures)",
         ),
         ("KV events dropped", f"{s['dropped_events']:,} (undrained past the 64 MiB cap)"),
+        (
+            "remote store",
+            f"{s['remote_hit_blocks']:,} blocks hit ({_bytes(s['remote_read_bytes'])}), "
+            f"{s['remote_miss_blocks']:,} missed; {s['remote_write_blocks']:,} written "
+            f"({_bytes(s['remote_write_bytes'])}), {s['remote_dropped_writes']:,} dropped, "
+            f"{s['remote_errors']:,} errors",
+        ),
         ("engine ops", f"{s['engine_ops']:,} ({s['engine_ops_per_s']:,.0f}/s)"),
         ("wall time", f"{s['wall_s']:.2f} s"),
     ]

@@ -379,6 +379,9 @@ def fleet_summary(replicas: ReplicaSet, results: list[ReplayResult]) -> dict[str
                 "block_hit_rate": s.cache_hit_rate,
                 "token_hit_rate": s.token_hit_rate,
                 "preemptions": res.counters.preemptions,
+                "remote_hit_blocks": s.remote_hit_blocks,
+                "remote_read_bytes": s.remote_read_bytes,
+                "remote_write_bytes": s.remote_write_bytes,
             }
         )
     reused = sum(p["reused_blocks"] for p in per)
@@ -394,6 +397,9 @@ def fleet_summary(replicas: ReplicaSet, results: list[ReplayResult]) -> dict[str
         "block_hit_rate": reused / (reused + missed) if reused + missed else 0.0,
         "token_hit_rate": cache_tokens / prompt_tokens if prompt_tokens else 0.0,
         "preemptions": sum(p["preemptions"] for p in per),
+        "remote_hit_blocks": sum(p["remote_hit_blocks"] for p in per),
+        "remote_read_bytes": sum(p["remote_read_bytes"] for p in per),
+        "remote_write_bytes": sum(p["remote_write_bytes"] for p in per),
         "wall_s": results[0].wall_s if results else 0.0,
         "per_replica": per,
     }
@@ -409,19 +415,27 @@ def format_fleet(summary: dict[str, Any]) -> str:
             else ""
         ),
         f"{'replica':>8} {'requests':>9} {'done':>6} {'rejected':>9} {'block hit':>10} "
-        f"{'token hit':>10} {'preempt':>8}",
+        f"{'token hit':>10} {'preempt':>8} {'remote hit':>11} {'remote in':>10} "
+        f"{'remote out':>11}",
     ]
+
+    def remote(p: dict[str, Any]) -> str:
+        return (
+            f"{p['remote_hit_blocks']:>11,} {p['remote_read_bytes'] / 2**20:>7.1f} MiB "
+            f"{p['remote_write_bytes'] / 2**20:>7.1f} MiB"
+        )
+
     for p in summary["per_replica"]:
         lines.append(
             f"{p['replica']:>8} {p['requests']:>9,} {p['done']:>6,} {p['rejected']:>9,} "
             f"{100 * p['block_hit_rate']:>9.1f}% {100 * p['token_hit_rate']:>9.1f}% "
-            f"{p['preemptions']:>8,}"
+            f"{p['preemptions']:>8,} {remote(p)}"
         )
     lines.append(
         f"{'total':>8} {sum(p['requests'] for p in summary['per_replica']):>9,} "
         f"{summary['requests_done']:>6,} {summary['requests_rejected']:>9,} "
         f"{100 * summary['block_hit_rate']:>9.1f}% {100 * summary['token_hit_rate']:>9.1f}% "
-        f"{summary['preemptions']:>8,}"
+        f"{summary['preemptions']:>8,} {remote(summary)}"
     )
     lines.append(f"wall time {summary['wall_s']:.2f} s")
     return "\n".join(lines)

@@ -78,7 +78,7 @@ class RemoteBackend(Protocol):
         """Each key's value, None when absent (one batched call)."""
         ...
 
-    def put(self, items: Sequence[tuple[str, bytes]]) -> PutResult:
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> PutResult:
         """Stores every value (one batched call); refused values are counted, not raised."""
         ...
 

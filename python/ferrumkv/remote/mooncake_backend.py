@@ -68,7 +68,7 @@ class MooncakeBackend:
             return []
         return [v if v else None for v in self._s.get_batch(list(keys))]
 
-    def put(self, items: Sequence[tuple[str, bytes]]) -> PutResult:
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> PutResult:
         if not items:
             return PutResult(0, 0)
         rc = self._s.put_batch([k for k, _ in items], [v for _, v in items])

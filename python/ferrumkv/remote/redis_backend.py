@@ -59,7 +59,7 @@ class RedisBackend:
             return list(self._r.mget_nonatomic(list(keys)))
         return list(self._r.mget(list(keys)))
 
-    def put(self, items: Sequence[tuple[str, bytes]]) -> PutResult:
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> PutResult:
         import redis
 
         if not items:

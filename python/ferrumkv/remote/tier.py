@@ -1,8 +1,8 @@
 """``RemoteTier``: one cache's connection to its store: the writer thread, the lookups, and
 local-only operation while the store is away.
 
-Threads: the writer (one per cache) drains the engine's write queue
-(``take_remote_writes`` waits without the GIL) and puts each batch; lookups run on a small
+Threads: writers (two for Redis, one for Mooncake) drain the engine's write queue
+(``take_remote_writes`` waits without the GIL) and put each batch they take; lookups run on a small
 pool of worker threads and are awaited from the event loop (asyncio or trio) with
 ``remote_timeout_s`` as the bound, so a slow or paused store never blocks the loop: the
 lookup gives up, its blocks are misses, and the store is marked down. While down, lookups
@@ -26,15 +26,21 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from ..errors import CacheClosedError, RemoteUnavailableError
-from .backend import RemoteBackend, open_backend
+from ..errors import CacheClosedError, FerrumKVError, RemoteUnavailableError
+from .backend import RemoteBackend, open_backend, parse_url
 
 log = logging.getLogger("ferrumkv")
 T = TypeVar("T")
 
-# Writes per batched put; keys remembered as already in the store.
-_WRITE_BATCH = 64
+# Values per batched call: at most 64, and at most about 16 MiB (Mooncake's client moves a
+# batch through its local buffer; smaller batches also let a lookup import one chunk while
+# the next is on the wire). Keys remembered as already in the store.
+_BATCH_VALUES = 64
+_BATCH_BYTES = 16 << 20
 _KNOWN_KEYS = 65536
+# Writer threads per backend: Redis gains from two batches in flight (one is framed while the
+# other is on the wire); Mooncake's client loses (measured: benches/remote_store.py).
+_WRITERS = {"redis": 2, "redis+cluster": 2, "mooncake": 1}
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.1, 5.0
 
 
@@ -60,8 +66,11 @@ class _Known:
 
 
 class RemoteTier:
-    def __init__(self, core: Any, url: str, *, timeout: float, required: bool) -> None:
+    def __init__(
+        self, core: Any, url: str, *, timeout: float, required: bool, value_bytes: int
+    ) -> None:
         self._core = core
+        self._batch = max(1, min(_BATCH_VALUES, _BATCH_BYTES // value_bytes))
         self._url = url
         self._timeout = timeout
         self._lock = threading.Lock()
@@ -84,10 +93,14 @@ class RemoteTier:
                 ) from e
             log.warning("ferrumkv: remote store %s unreachable, running local-only: %s", url, e)
             self._mark_down()
-        self._writer = threading.Thread(
-            target=self._write_loop, name="ferrumkv-remote-writer", daemon=True
-        )
-        self._writer.start()
+        self._writers = [
+            threading.Thread(
+                target=self._write_loop, name=f"ferrumkv-remote-writer-{i}", daemon=True
+            )
+            for i in range(_WRITERS.get(parse_url(url).scheme, 1))
+        ]
+        for w in self._writers:
+            w.start()
 
     # ----- connection ------------------------------------------------------------------------
 
@@ -144,7 +157,7 @@ class RemoteTier:
         core = self._core
         while True:
             try:
-                writes = core.take_remote_writes(_WRITE_BATCH, 0.05 if self._stopping else 0.5)
+                writes = core.take_remote_writes(self._batch, 0.05 if self._stopping else 0.5)
             except CacheClosedError:
                 return
             except Exception:  # the engine stopped serving (a device fault)
@@ -156,9 +169,10 @@ class RemoteTier:
                 continue
             self._write(writes)
 
-    def _write(self, writes: list[tuple[int, str, bytes]]) -> None:
+    def _write(self, writes: list[tuple[int, str, Any]]) -> None:
         seqs = [w[0] for w in writes]
-        items = [(k, v) for _, k, v in writes if k not in self._known]
+        # Views of the engine's staged buffers: the client reads them, nothing copies them.
+        items = [(k, memoryview(v)) for _, k, v in writes if k not in self._known]
         t0 = time.perf_counter()
         backend = self._usable() if items else None
         if items and backend is None:
@@ -191,28 +205,57 @@ class RemoteTier:
         backend = await self._call(self._usable)
         if backend is None:
             return 0
+        imported = asked = 0
         try:
             present = await self._call(backend.exists, keys)
             n = 0
             while n < len(present) and present[n]:
                 n += 1
-            values: list[bytes | None] = await self._call(backend.get, keys[:n]) if n else []
+            # The run found, in chunks: the next chunk is fetched while this one is imported.
+            chunks = [keys[i : i + self._batch] for i in range(0, n, self._batch)]
+            fetch = self._pool.submit(backend.get, chunks[0]) if chunks else None
+            for i, chunk in enumerate(chunks):
+                assert fetch is not None
+                values: list[bytes | None] = await self._wait(fetch)
+                fetch = (
+                    self._pool.submit(backend.get, chunks[i + 1]) if i + 1 < len(chunks) else None
+                )
+                last = fetch is None
+                # The chunk's import counts its misses; the last counts the keys never fetched.
+                looked_up = len(keys) - asked if last else len(chunk)
+                got, _refused = self._core.import_remote(
+                    tokens, salt, start + asked, values, looked_up, time.perf_counter() - t0
+                )
+                t0 = time.perf_counter()
+                asked += looked_up
+                imported += got
+                self._known.add(chunk[:got])
+                if got < len(chunk):  # the chain ends here: the rest cannot be used
+                    if fetch is not None:
+                        fetch.cancel()
+                    self._core.remote_lookup_failed(0, len(keys) - asked, 0.0)
+                    break
+            if not chunks:
+                self._core.import_remote(
+                    tokens, salt, start, [], len(keys), time.perf_counter() - t0
+                )
+        except FerrumKVError:
+            raise  # the engine's own (closed, stopped): not the store's fault
         except Exception as e:
             log.warning("ferrumkv: remote lookup of %d blocks failed: %s", len(keys), e)
             self._mark_down()
-            self._core.remote_lookup_failed(1, len(keys), time.perf_counter() - t0)
-            return 0
+            self._core.remote_lookup_failed(1, len(keys) - asked, time.perf_counter() - t0)
+            return imported
         self._mark_up()
-        imported, _refused = self._core.import_remote(
-            tokens, salt, start, values, len(keys), time.perf_counter() - t0
-        )
-        self._known.add(keys[:imported])
-        return int(imported)
+        return imported
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a worker thread, awaited on the running loop (asyncio or trio)
         for at most the timeout (then TimeoutError; the thread finishes on its own)."""
-        fut = self._pool.submit(fn, *args)
+        return await self._wait(self._pool.submit(fn, *args))
+
+    async def _wait(self, fut: concurrent.futures.Future[T]) -> T:
+        """Awaits a worker thread's call for at most the timeout (see `_call`)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -228,7 +271,9 @@ class RemoteTier:
         """Drains the queued writes (bounded by the timeout), then stops."""
         self._stopping = True
         self._core.wake_remote_writer()
-        self._writer.join(self._timeout + 1.0)
+        deadline = time.monotonic() + self._timeout + 1.0
+        for w in self._writers:
+            w.join(max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=False)
         backend, self._backend = self._backend, None
         if backend is not None:

@@ -22,6 +22,7 @@ use crate::config::PyCacheConfig;
 use crate::convert;
 use crate::errors::IntoPy;
 use crate::handle::PySequenceHandle;
+use crate::remote::PyRemoteValue;
 use crate::stats;
 use crate::view::PyKvView;
 
@@ -532,21 +533,22 @@ impl PyEngine {
             .py_err()
     }
 
-    /// Up to `max` queued writes `(seq, key, value bytes)`, waiting at most `timeout`
-    /// seconds (without the GIL) for one; raises CacheClosedError once closed and drained.
-    fn take_remote_writes<'py>(
+    /// Up to `max` queued writes `(seq, key, value)` (a `RemoteValue`: pass
+    /// `memoryview(value)`, no copy), waiting at most `timeout` seconds (without the GIL) for
+    /// one; raises CacheClosedError once closed and drained.
+    fn take_remote_writes(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
         max: usize,
         timeout: f64,
-    ) -> PyResult<Vec<(u64, String, Bound<'py, PyBytes>)>> {
+    ) -> PyResult<Vec<(u64, String, PyRemoteValue)>> {
         let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
         let writes = py
             .detach(|| self.engine.take_remote_writes(max, timeout))
             .py_err()?;
         Ok(writes
             .into_iter()
-            .map(|w| (w.seq, w.key, PyBytes::new(py, &w.value)))
+            .map(|w| (w.seq, w.key, PyRemoteValue::new(w.value)))
             .collect())
     }
 

@@ -8,6 +8,7 @@ mod dlpack;
 mod engine;
 mod errors;
 mod handle;
+mod remote;
 mod stats;
 mod view;
 
@@ -20,6 +21,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<handle::PySequenceHandle>()?;
     m.add_class::<view::PyKvView>()?;
+    m.add_class::<remote::PyRemoteValue>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("cuda_driver_present", ferrumkv_core::cuda::driver_present())?;
     m.add(
