@@ -100,8 +100,8 @@ def client_round(backend: Any, layers: int, n: int) -> tuple[float, float]:
     keys = [f"raw/{uuid.uuid4().hex}/{i}" for i in range(n)]
     t0 = time.perf_counter()
     for i in range(0, n, batch):
-        r = backend.put(list(zip(keys[i : i + batch], values[i : i + batch], strict=True)))
-        assert r.stored == len(keys[i : i + batch]), r
+        landed = backend.put(list(zip(keys[i : i + batch], values[i : i + batch], strict=True)))
+        assert all(landed), landed
     write_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     assert all(backend.exists(keys))

@@ -485,3 +485,27 @@ def test_the_replay_refuses_an_unreachable_store_in_one_line() -> None:
     out = _replay("--remote-url", f"redis://127.0.0.1:{free_port()}")
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "unreachable" in out.stderr
+
+
+@pytest.mark.anyio
+async def test_blocks_that_landed_in_the_store_are_announced(redis_store: Store) -> None:
+    ns = namespace()
+    with ferrumkv.KvCache(config(redis_store.url, ns, remote_write="on_store")) as a:
+        await a.allocate("p", PROMPT)
+        await a.deallocate("p")
+        local = [e for e in a.drain_events() if isinstance(e, ferrumkv.BlockStored)]
+        await a.flush(timeout=10)
+        remote = [e for e in a.drain_events() if isinstance(e, ferrumkv.BlockStored)]
+    assert [e.tier for e in local] == ["device"]
+    assert all(e.tier == "remote" for e in remote)
+    # The same blocks, hashes, parents and tokens as the device tier announced.
+    flat = lambda evs: [  # noqa: E731
+        (h, t) for e in evs for h, t in zip(e.block_hashes, _blocks(e.token_ids), strict=True)
+    ]
+    assert sorted(flat(remote)) == sorted(flat(local))
+    assert {e.parent_block_hash for e in remote} <= {None, *local[0].block_hashes}
+
+
+def _blocks(tokens: Any) -> list[tuple[int, ...]]:
+    t = list(tokens)
+    return [tuple(t[i : i + BS]) for i in range(0, len(t), BS)]

@@ -15,8 +15,9 @@ NVIDIA Dynamo's router) index ferrumkv replicas unchanged:
   with ``"type"`` and those field names). Block hashes are unsigned 64-bit ints (the low 64
   bits of the engine's 128-bit chained hash; a block's Stored and Removed carry the same);
   ``medium`` is ``"GPU"`` for the device tier, ``"CPU"`` for the host tier, ``"DISK"`` for the
-  disk tier; ``token_ids`` are the stored blocks' tokens, so a router can compute its own
-  hashes; ``lora_id`` and ``lora_name`` are null.
+  disk tier, ``"REMOTE"`` for a block written to the shared store (``remote_url``; stored
+  only: the store's own evictions are not seen); ``token_ids`` are the stored blocks'
+  tokens, so a router can compute its own hashes; ``lora_id`` and ``lora_name`` are null.
 - An optional ROUTER socket (``kv_events_replay_endpoint``): a client (DEALER) sends
   ``[b"", start_seq as 8 bytes big-endian]`` and receives ``[b"", seq, payload]`` for every
   buffered batch from ``start_seq`` on (the last ``REPLAY_BATCHES``), then ``[b"", -1 as 8

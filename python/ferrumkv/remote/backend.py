@@ -57,14 +57,6 @@ def probe(host: str, port: int, timeout: float) -> None:
         pass
 
 
-@dataclass(frozen=True)
-class PutResult:
-    """What one batched put did: values stored, and values the store refused (full)."""
-
-    stored: int
-    refused: int
-
-
 class RemoteBackend(Protocol):
     """A store of byte values under string keys, called from worker threads."""
 
@@ -78,8 +70,9 @@ class RemoteBackend(Protocol):
         """Each key's value, None when absent (one batched call)."""
         ...
 
-    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> PutResult:
-        """Stores every value (one batched call); refused values are counted, not raised."""
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> list[bool]:
+        """Stores every value (one batched call): whether each landed. A value the store
+        refuses (full) is False, not an error; a failed call raises."""
         ...
 
     def close(self) -> None: ...

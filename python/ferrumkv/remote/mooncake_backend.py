@@ -22,7 +22,7 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-from .backend import PutResult, StoreUrl, parse_bytes, probe
+from .backend import StoreUrl, parse_bytes, probe
 
 # Mooncake's error codes for a full store (no segment has room for the value).
 _NO_SPACE = (-200,)
@@ -68,14 +68,12 @@ class MooncakeBackend:
             return []
         return [v if v else None for v in self._s.get_batch(list(keys))]
 
-    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> PutResult:
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> list[bool]:
         if not items:
-            return PutResult(0, 0)
+            return []
         rc = self._s.put_batch([k for k, _ in items], [v for _, v in items])
-        if rc == 0:
-            return PutResult(len(items), 0)
-        if rc in _NO_SPACE:
-            return PutResult(0, len(items))
+        if rc == 0 or rc in _NO_SPACE:  # the batch's answer is one code: all or none
+            return [rc == 0] * len(items)
         raise ConnectionError(f"mooncake put_batch failed with code {rc}")
 
     def close(self) -> None:

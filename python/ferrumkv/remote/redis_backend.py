@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .backend import PutResult, StoreUrl, probe
+from .backend import StoreUrl, probe
 
 
 class RedisBackend:
@@ -59,23 +59,23 @@ class RedisBackend:
             return list(self._r.mget_nonatomic(list(keys)))
         return list(self._r.mget(list(keys)))
 
-    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> PutResult:
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> list[bool]:
         import redis
 
         if not items:
-            return PutResult(0, 0)
+            return []
         pipe = self._r.pipeline(transaction=False)
         for k, v in items:
             pipe.set(k, v, ex=self._ttl)
-        stored = refused = 0
+        landed = []
         for r in pipe.execute(raise_on_error=False):
             if isinstance(r, redis.exceptions.OutOfMemoryError):  # maxmemory, noeviction
-                refused += 1
+                landed.append(False)
             elif isinstance(r, Exception):
                 raise r
             else:
-                stored += 1
-        return PutResult(stored, refused)
+                landed.append(True)
+        return landed
 
     def close(self) -> None:
         self._r.close()

@@ -172,18 +172,22 @@ class RemoteTier:
     def _write(self, writes: list[tuple[int, str, Any]]) -> None:
         seqs = [w[0] for w in writes]
         # Views of the engine's staged buffers: the client reads them, nothing copies them.
-        items = [(k, memoryview(v)) for _, k, v in writes if k not in self._known]
+        fresh = [(s, k, v) for s, k, v in writes if k not in self._known]
+        item_seqs = [s for s, _, _ in fresh]
+        items = [(k, memoryview(v)) for _, k, v in fresh]
         t0 = time.perf_counter()
         backend = self._usable() if items else None
         if items and backend is None:
-            self._core.finish_remote_writes(seqs, 0, len(items), 0, 0.0)
+            self._core.finish_remote_writes(seqs, [], len(items), 0, 0.0)
             return
-        stored = refused = errors = 0
+        stored: list[int] = []
+        refused = errors = 0
         if backend is not None:
             try:
-                r = backend.put(items)
-                stored, refused = r.stored, r.refused
-                self._known.add([k for k, _ in items])
+                landed = backend.put(items)
+                stored = [s for s, ok in zip(item_seqs, landed, strict=True) if ok]
+                refused = len(items) - len(stored)
+                self._known.add([k for (k, _), ok in zip(items, landed, strict=True) if ok])
                 self._mark_up()
             except Exception as e:
                 log.warning("ferrumkv: remote write of %d blocks failed: %s", len(items), e)

@@ -15,6 +15,10 @@
 //!   tiers). `decode` accepts a value only if it is exactly one block long and its checksum
 //!   matches *this* key: a truncated or corrupted value, or a valid value copied under
 //!   another key, is a miss, never data.
+//! - A write that landed in the store is announced as a `BlockStored` KV event of the remote
+//!   tier (medium `"REMOTE"`), with the block's parent and token ids, so a router knows the
+//!   store holds it; the store's own evictions and expiries are not seen, so nothing
+//!   announces their removal.
 //! - Writes are numbered in the order they are staged (from 1); `landed_before` is the
 //!   lowest number still queued or in flight (or the next to issue), so `flush` waits for
 //!   exactly the writes staged before it. A full queue drops the write (counted), never
@@ -23,7 +27,7 @@
 //! Cost: one key `format!` and one `VecDeque` push per staged write (the bytes are read into
 //! the value's buffer by the memory operation, one copy); O(log in-flight) per landed write.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -148,6 +152,15 @@ pub fn decode<'a>(key: &str, value: &'a [u8], len: usize) -> Result<&'a [u8], Re
     Ok(payload)
 }
 
+/// What a `BlockStored` event of a block written to the store says (medium `"REMOTE"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub hash: BlockHash,
+    /// None for a chain's first block.
+    pub parent: Option<BlockHash>,
+    pub tokens: Vec<u32>,
+}
+
 /// A staged write: its number, key and sealed value.
 #[derive(Debug)]
 pub struct Write {
@@ -156,15 +169,23 @@ pub struct Write {
     pub value: Vec<u8>,
 }
 
+/// A queued write: the write and what its event will say once it landed.
+#[derive(Debug)]
+struct Queued {
+    write: Write,
+    stored: Option<Stored>,
+}
+
 /// The remote tier's state in the engine: its keys, write mode and write queue.
 #[derive(Debug)]
 pub struct RemoteTier {
     pub keys: Keys,
     pub mode: WriteMode,
-    queue: VecDeque<Write>,
+    queue: VecDeque<Queued>,
     queued_bytes: usize,
     limit_bytes: usize,
-    in_flight: BTreeSet<u64>,
+    /// Writes taken by the writer, by number, with their events.
+    in_flight: BTreeMap<u64, Option<Stored>>,
     next: u64,
 }
 
@@ -176,39 +197,49 @@ impl RemoteTier {
             queue: VecDeque::new(),
             queued_bytes: 0,
             limit_bytes: QUEUE_BYTES.max(8 * (HEADER + bytes_per_block)),
-            in_flight: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
             next: 1,
         }
     }
 
-    /// Queues a sealed write; false (dropped, nothing queued) when the queue is full.
-    pub fn push(&mut self, key: String, value: Vec<u8>) -> bool {
+    /// Queues a sealed write (with its event); false (dropped, nothing queued) when the
+    /// queue is full.
+    pub fn push(&mut self, key: String, value: Vec<u8>, stored: Option<Stored>) -> bool {
         if self.queued_bytes + value.len() > self.limit_bytes {
             return false;
         }
         self.queued_bytes += value.len();
         let seq = self.next;
         self.next += 1;
-        self.queue.push_back(Write { seq, key, value });
+        let write = Write { seq, key, value };
+        self.queue.push_back(Queued { write, stored });
         true
     }
 
     /// Up to `max` queued writes, oldest first, now in flight until `finish`.
     pub fn take(&mut self, max: usize) -> Vec<Write> {
         let n = max.min(self.queue.len());
-        let out: Vec<Write> = self.queue.drain(..n).collect();
-        for w in &out {
-            self.queued_bytes -= w.value.len();
-            self.in_flight.insert(w.seq);
+        let mut out = Vec::with_capacity(n);
+        for q in self.queue.drain(..n) {
+            self.queued_bytes -= q.write.value.len();
+            self.in_flight.insert(q.write.seq, q.stored);
+            out.push(q.write);
         }
         out
     }
 
-    /// Writes landed (stored, refused by the store, or failed): no longer in flight.
-    pub fn finish(&mut self, seqs: &[u64]) {
+    /// Writes landed (stored, refused by the store, or failed): no longer in flight. The
+    /// events of those in `stored` (which landed in the store), in `seqs` order.
+    pub fn finish(&mut self, seqs: &[u64], stored: &[u64]) -> Vec<Stored> {
+        let mut events = vec![];
         for s in seqs {
-            self.in_flight.remove(s);
+            if let Some(Some(e)) = self.in_flight.remove(s) {
+                if stored.contains(s) {
+                    events.push(e);
+                }
+            }
         }
+        events
     }
 
     /// Writes queued, not yet taken by the writer.
@@ -229,8 +260,8 @@ impl RemoteTier {
     /// Every write numbered below this has landed: the lowest queued or in flight, or the
     /// next to issue when none is.
     pub fn landed_before(&self) -> u64 {
-        let queued = self.queue.front().map(|w| w.seq);
-        let flying = self.in_flight.first().copied();
+        let queued = self.queue.front().map(|q| q.write.seq);
+        let flying = self.in_flight.keys().next().copied();
         match (queued, flying) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
@@ -293,18 +324,35 @@ mod tests {
         let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4);
         assert_eq!(r.landed_before(), 1);
         for i in 0..3 {
-            assert!(r.push(format!("k{i}"), vec![0; 16]));
+            assert!(r.push(format!("k{i}"), vec![0; 16], None));
         }
         assert_eq!((r.landed_before(), r.next_write()), (1, 4));
         let taken = r.take(2);
         assert_eq!(taken.iter().map(|w| w.seq).collect::<Vec<_>>(), [1, 2]);
-        r.finish(&[2]);
+        r.finish(&[2], &[]);
         assert_eq!(r.landed_before(), 1); // write 1 is still in flight
-        r.finish(&[1]);
+        r.finish(&[1], &[]);
         assert_eq!(r.landed_before(), 3); // write 3 is still queued
         let rest = r.take(10);
-        r.finish(&[rest[0].seq]);
+        r.finish(&[rest[0].seq], &[]);
         assert_eq!(r.landed_before(), 4);
+    }
+
+    #[test]
+    fn only_writes_that_landed_in_the_store_have_events() {
+        let c = CacheConfig::validate(&crate::config::ConfigInput::small(8)).unwrap();
+        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4);
+        let ev = |h| Stored {
+            hash: h,
+            parent: None,
+            tokens: vec![1, 2, 3, 4],
+        };
+        r.push("a".into(), vec![0; 16], Some(ev(1)));
+        r.push("b".into(), vec![0; 16], Some(ev(2)));
+        r.push("c".into(), vec![0; 16], None);
+        let w = r.take(3);
+        assert_eq!(r.finish(&[w[0].seq, w[1].seq, w[2].seq], &[w[1].seq, w[2].seq]), [ev(2)]);
+        assert_eq!(r.num_in_flight(), 0);
     }
 
     #[test]
@@ -312,11 +360,11 @@ mod tests {
         let c = CacheConfig::validate(&crate::config::ConfigInput::small(8)).unwrap();
         let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4);
         r.limit_bytes = 40;
-        assert!(r.push("a".into(), vec![0; 20]));
-        assert!(r.push("b".into(), vec![0; 20]));
-        assert!(!r.push("c".into(), vec![0; 1]));
+        assert!(r.push("a".into(), vec![0; 20], None));
+        assert!(r.push("b".into(), vec![0; 20], None));
+        assert!(!r.push("c".into(), vec![0; 1], None));
         assert_eq!((r.num_queued(), r.next_write()), (2, 3));
         r.take(1);
-        assert!(r.push("c".into(), vec![0; 20]));
+        assert!(r.push("c".into(), vec![0; 20], None));
     }
 }

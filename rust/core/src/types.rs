@@ -141,6 +141,8 @@ pub enum Tier {
     Device,
     Host,
     Disk,
+    /// The shared store (`remote`): only KV events name it; no sequence lives there.
+    Remote,
 }
 
 impl Tier {
@@ -149,6 +151,7 @@ impl Tier {
             Tier::Device => "device",
             Tier::Host => "host",
             Tier::Disk => "disk",
+            Tier::Remote => "remote",
         }
     }
 }

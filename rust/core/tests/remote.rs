@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use common::*;
 use ferrumkv_core::clock::Clock;
-use ferrumkv_core::config::{CacheConfig, ConfigInput};
+use ferrumkv_core::config::{CacheConfig, ConfigInput, HashAlgo};
+use ferrumkv_core::prefix::Hasher;
+use ferrumkv_core::events::KvEvent;
 use ferrumkv_core::remote::{decode, encode, Write, HEADER};
+use ferrumkv_core::types::Tier;
 use ferrumkv_core::Engine;
 
 fn remote_engine(num_blocks: i64, host_blocks: i64, mode: &str) -> Engine {
@@ -70,7 +73,32 @@ fn blocks_leaving_the_device_tier_are_staged_and_import_into_another_engine() {
         assert_eq!(w.value.len(), HEADER + bpb);
         assert!(decode(&w.key, &w.value, bpb).is_ok());
     }
-    a.finish_remote_writes(&[1, 2], 2, 0, 0, Duration::from_millis(1));
+    a.drain_events().unwrap();
+    a.finish_remote_writes(&[1, 2], &[1, 2], 0, 0, Duration::from_millis(1));
+    // Announced as stored in the remote tier, in the order they were written (one run
+    // each: the tail block's parent is the head block).
+    let events = a.drain_events().unwrap();
+    let stored: Vec<_> = events
+        .iter()
+        .map(|e| match e {
+            KvEvent::Stored {
+                block_hashes,
+                parent_block_hash,
+                token_ids,
+                tier,
+                ..
+            } => (block_hashes.clone(), *parent_block_hash, token_ids.clone(), *tier),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let hashes = Hasher::new(HashAlgo::Xxh3_128).chain(0, &prompt, 4);
+    assert_eq!(
+        stored,
+        [
+            (vec![hashes[1]], Some(hashes[0]), (5..=8).collect(), Tier::Remote),
+            (vec![hashes[0]], None, (1..=4).collect(), Tier::Remote),
+        ]
+    );
 
     // Another engine imports them by key, in chain order, and serves the prefix.
     let b = remote_engine(4, 0, "on_evict");
@@ -229,7 +257,7 @@ fn flush_waits_for_writes_queued_and_in_flight() {
         a.take_flush(t).is_err(),
         "not answered while the write is in flight"
     );
-    a.finish_remote_writes(&[writes[0].seq], 0, 1, 1, Duration::ZERO);
+    a.finish_remote_writes(&[writes[0].seq], &[], 1, 1, Duration::ZERO);
     a.take_flush(t).unwrap();
     let c = a.stats().unwrap().counters;
     assert_eq!((c.remote_dropped_writes, c.remote_errors), (1, 1));

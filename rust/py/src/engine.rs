@@ -552,19 +552,19 @@ impl PyEngine {
             .collect())
     }
 
-    /// The writer finished writes `seqs`: `stored` landed, `dropped` did not (`errors`
-    /// failed calls), in `seconds`.
+    /// The writer finished writes `seqs`: those in `stored` landed, `dropped` did not
+    /// (`errors` failed calls), in `seconds`.
     fn finish_remote_writes(
         &self,
         seqs: Vec<u64>,
-        stored: u64,
+        stored: Vec<u64>,
         dropped: u64,
         errors: u64,
         seconds: f64,
     ) {
         let elapsed = std::time::Duration::from_secs_f64(seconds.max(0.0));
         self.engine
-            .finish_remote_writes(&seqs, stored, dropped, errors, elapsed);
+            .finish_remote_writes(&seqs, &stored, dropped, errors, elapsed);
     }
 
     /// The remote writer is stopping: its waits return at once once nothing is queued.

@@ -74,12 +74,12 @@ impl EngineCore {
         }
     }
 
-    /// The writer finished writes `seqs` (see `State::finish_remote_writes`); answers the
-    /// flushes that waited for them.
+    /// The writer finished writes `seqs`, of which `stored` landed (see
+    /// `State::finish_remote_writes`); answers the flushes that waited for them.
     pub fn finish_remote_writes(
         &self,
         seqs: &[u64],
-        stored: u64,
+        stored: &[u64],
         dropped: u64,
         errors: u64,
         elapsed: Duration,

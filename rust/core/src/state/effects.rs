@@ -59,14 +59,19 @@ enum MemOp {
 pub(crate) enum Stage {
     /// A host block spilled to disk slot `slot` by a disk worker.
     Disk { slot: BlockId, hash: BlockHash },
-    /// A block written to the remote store under `key` by the remote writer.
-    Remote { key: String },
+    /// A block written to the remote store under `key` by the remote writer (`stored`: its
+    /// event once it landed).
+    Remote {
+        key: String,
+        stored: Option<crate::remote::Stored>,
+    },
 }
 
 /// A sealed value for the remote store (`remote`), staged by `run_memory`.
 pub(crate) struct RemoteStaged {
     pub key: String,
     pub value: Vec<u8>,
+    pub stored: Option<crate::remote::Stored>,
 }
 
 /// What becomes of a block the memory operations touched once they ran, or if they never
@@ -283,11 +288,11 @@ impl Effects {
                             read_runs(&src, &at, &mut data)?;
                             self.disk_writes.push(DiskWrite { slot, hash, data });
                         }
-                        Stage::Remote { key } => {
+                        Stage::Remote { key, stored } => {
                             let mut value = crate::remote::value_buffer(len)?;
                             read_runs(&src, &at, &mut value[crate::remote::HEADER..])?;
                             crate::remote::seal(&key, &mut value);
-                            self.remote_writes.push(RemoteStaged { key, value });
+                            self.remote_writes.push(RemoteStaged { key, value, stored });
                         }
                     }
                 }

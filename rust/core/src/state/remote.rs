@@ -41,34 +41,63 @@ impl State {
             .is_some_and(|r| r.mode == crate::remote::WriteMode::OnEvict)
     }
 
-    /// Stages device block `b` (cached under `hash`) for the store, if it leaves on evict.
+    /// Stages device block `b` (cached under `hash`, still indexed) for the store, if
+    /// blocks go there on evict.
     pub(super) fn stage_evicted_device(&mut self, ctx: &Ctx, b: BlockId, hash: BlockHash) {
         if self.writes_on_evict() {
-            self.stage_device(ctx, b, hash);
+            let stored = self.stored_of(b, hash);
+            self.stage_device(ctx, b, hash, stored);
         }
     }
 
-    /// Stages host block `hb` (cached under `hash`) for the store, if it leaves on evict.
-    pub(super) fn stage_evicted_host(&mut self, hb: BlockId, hash: BlockHash) {
+    /// Stages host block `hb`, just evicted from the host tier with what it held, for the
+    /// store, if blocks go there on evict.
+    pub(super) fn stage_evicted_host(&mut self, hb: BlockId, sp: &crate::tier::Spilled) {
         if self.writes_on_evict() {
-            self.stage_host(hb, hash);
+            let stored = crate::remote::Stored {
+                hash: sp.hash,
+                parent: (!sp.first).then_some(sp.parent),
+                tokens: sp.tokens.clone(),
+            };
+            self.stage_host(hb, sp.hash, Some(stored));
         }
     }
 
-    fn stage_device(&mut self, ctx: &Ctx, b: BlockId, hash: BlockHash) {
+    /// The event of device block `b` cached under `hash` (or of the block the device index
+    /// holds under it), from the device index.
+    fn stored_of(&self, b: BlockId, hash: BlockHash) -> Option<crate::remote::Stored> {
+        let b = if self.index.hash_of(b) == Some(hash) {
+            b
+        } else {
+            self.index.get(hash)?
+        };
+        Some(crate::remote::Stored {
+            hash,
+            parent: (!self.index.is_first(b)).then(|| self.index.parent_of(b)).flatten(),
+            tokens: self.index.tokens_of(b).to_vec(),
+        })
+    }
+
+    fn stage_device(
+        &mut self,
+        ctx: &Ctx,
+        b: BlockId,
+        hash: BlockHash,
+        stored: Option<crate::remote::Stored>,
+    ) {
         let Some(r) = &self.remote else { return };
         let key = r.keys.key(hash);
         let at = ctx.layout.block_runs(b.idx()).collect();
-        self.fx.stage(&ctx.memory, at, Stage::Remote { key });
+        self.fx.stage(&ctx.memory, at, Stage::Remote { key, stored });
     }
 
-    fn stage_host(&mut self, hb: BlockId, hash: BlockHash) {
+    fn stage_host(&mut self, hb: BlockId, hash: BlockHash, stored: Option<crate::remote::Stored>) {
         let (Some(r), Some(host)) = (&self.remote, &self.host) else {
             return;
         };
         let key = r.keys.key(hash);
         let at = vec![(host.offset(hb), host.bytes_per_block)];
-        self.fx.stage(&host.slab, at, Stage::Remote { key });
+        self.fx.stage(&host.slab, at, Stage::Remote { key, stored });
     }
 
     /// `on_store`: stages the full blocks sequence `s` computed, as it is released.
@@ -88,9 +117,23 @@ impl State {
         };
         let end = s.hashes.len().min(s.blocks.len());
         for i in s.own_from.min(end)..end {
+            let (b, hash) = (s.blocks[i], s.hashes[i]);
             match tier {
-                Tier::Device => self.stage_device(ctx, s.blocks[i], s.hashes[i]),
-                _ => self.stage_host(s.blocks[i], s.hashes[i]),
+                Tier::Device => {
+                    let stored = self.stored_of(b, hash);
+                    self.stage_device(ctx, b, hash, stored);
+                }
+                _ => {
+                    // A swapped-out sequence's blocks are in no index: its parents and
+                    // tokens are its own.
+                    let parent = if i == 0 { None } else { Some(s.hashes[i - 1]) };
+                    let stored = self.index.get(hash).map(|d| crate::remote::Stored {
+                        hash,
+                        parent,
+                        tokens: self.index.tokens_of(d).to_vec(),
+                    });
+                    self.stage_host(b, hash, stored);
+                }
             }
         }
     }
@@ -103,7 +146,7 @@ impl State {
             return;
         };
         for w in staged {
-            if r.push(w.key, w.value) {
+            if r.push(w.key, w.value, w.stored) {
                 self.remote_wake = true;
             } else {
                 self.counters.remote_dropped_writes += 1;
@@ -129,21 +172,27 @@ impl State {
         self.remote.as_mut().map_or_else(Vec::new, |r| r.take(max))
     }
 
-    /// The writer finished writes `seqs` in `ns` nanoseconds: `stored` landed in the store,
-    /// `dropped` did not (the store refused them, or it failed: `errors` failed calls).
+    /// The writer finished writes `seqs` in `ns` nanoseconds: those in `stored` landed in
+    /// the store (announced as `BlockStored` events of the remote tier), `dropped` did not
+    /// (the store refused them, or it failed: `errors` failed calls).
     pub fn finish_remote_writes(
         &mut self,
         seqs: &[u64],
-        stored: u64,
+        stored_seqs: &[u64],
         dropped: u64,
         errors: u64,
         ns: u64,
     ) {
+        let stored = stored_seqs.len() as u64;
         let bytes = stored * self.bytes_per_block;
         let Some(r) = self.remote.as_mut() else {
             return;
         };
-        r.finish(seqs);
+        for e in r.finish(seqs, stored_seqs) {
+            self.events
+                .stored(e.hash, e.parent, &e.tokens, Tier::Remote);
+        }
+        self.events.end_op();
         let c = &mut self.counters;
         c.remote_write_blocks += stored;
         c.remote_write_bytes += bytes;

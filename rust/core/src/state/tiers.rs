@@ -99,7 +99,7 @@ impl State {
         let host = self.host.as_mut()?;
         let (b, spilled) = host.take_block(&mut self.events)?;
         if let Some(sp) = &spilled {
-            self.stage_evicted_host(b, sp.hash);
+            self.stage_evicted_host(b, sp);
         }
         let host = self.host.as_mut().expect("checked above");
         if let (Some(sp), Some(disk)) = (spilled, self.disk.as_mut()) {
