@@ -10,20 +10,19 @@ skip the store and writes are dropped (counted) until the backoff (0.1 s doublin
 has passed; then the next call tries again (reconnecting when the store was never reached).
 
 Nothing here holds the engine lock: the engine stages writes and checks values under it;
-this module only moves bytes. Keys written or imported recently are remembered (bounded),
-so a block that comes back from the store and leaves again is not written twice.
+this module only moves bytes (the engine remembers which blocks the store has lately, so a
+block that came from the store, or was written to it, is not written again when it leaves).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..errors import CacheClosedError, FerrumKVError, RemoteUnavailableError
@@ -34,35 +33,13 @@ T = TypeVar("T")
 
 # Values per batched call: at most 64, and at most about 16 MiB (Mooncake's client moves a
 # batch through its local buffer; smaller batches also let a lookup import one chunk while
-# the next is on the wire). Keys remembered as already in the store.
+# the next is on the wire).
 _BATCH_VALUES = 64
 _BATCH_BYTES = 16 << 20
-_KNOWN_KEYS = 65536
 # Writer threads per backend: Redis gains from two batches in flight (one is framed while the
 # other is on the wire); Mooncake's client loses (measured: benches/remote_store.py).
 _WRITERS = {"redis": 2, "redis+cluster": 2, "mooncake": 1}
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.1, 5.0
-
-
-class _Known:
-    """A bounded set of keys, oldest forgotten first."""
-
-    def __init__(self, cap: int) -> None:
-        self._d: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._cap = cap
-        self._lock = threading.Lock()
-
-    def add(self, keys: Sequence[str]) -> None:
-        with self._lock:
-            for k in keys:
-                self._d[k] = None
-                self._d.move_to_end(k)
-            while len(self._d) > self._cap:
-                self._d.popitem(last=False)
-
-    def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._d
 
 
 class RemoteTier:
@@ -77,7 +54,6 @@ class RemoteTier:
         self._backend: RemoteBackend | None = None
         self._down_until = 0.0
         self._backoff = _BACKOFF_MIN_S
-        self._known = _Known(_KNOWN_KEYS)
         self._stopping = False
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=2, thread_name_prefix="ferrumkv-remote"
@@ -172,9 +148,7 @@ class RemoteTier:
     def _write(self, writes: list[tuple[int, str, Any]]) -> None:
         seqs = [w[0] for w in writes]
         # Views of the engine's staged buffers: the client reads them, nothing copies them.
-        fresh = [(s, k, v) for s, k, v in writes if k not in self._known]
-        item_seqs = [s for s, _, _ in fresh]
-        items = [(k, memoryview(v)) for _, k, v in fresh]
+        items = [(k, memoryview(v)) for _, k, v in writes]
         t0 = time.perf_counter()
         backend = self._usable() if items else None
         if items and backend is None:
@@ -185,9 +159,8 @@ class RemoteTier:
         if backend is not None:
             try:
                 landed = backend.put(items)
-                stored = [s for s, ok in zip(item_seqs, landed, strict=True) if ok]
+                stored = [s for s, ok in zip(seqs, landed, strict=True) if ok]
                 refused = len(items) - len(stored)
-                self._known.add([k for (k, _), ok in zip(items, landed, strict=True) if ok])
                 self._mark_up()
             except Exception as e:
                 log.warning("ferrumkv: remote write of %d blocks failed: %s", len(items), e)
@@ -233,7 +206,6 @@ class RemoteTier:
                 t0 = time.perf_counter()
                 asked += looked_up
                 imported += got
-                self._known.add(chunk[:got])
                 if got < len(chunk):  # the chain ends here: the rest cannot be used
                     if fetch is not None:
                         fetch.cancel()

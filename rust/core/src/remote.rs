@@ -169,11 +169,42 @@ pub struct Write {
     pub value: Vec<u8>,
 }
 
-/// A queued write: the write and what its event will say once it landed.
+/// A queued write: the write, its block's hash, and what its event will say once it landed.
 #[derive(Debug)]
 struct Queued {
     write: Write,
+    hash: BlockHash,
     stored: Option<Stored>,
+}
+
+/// Blocks this engine wrote to the store or imported from it lately, by the low 64 bits of
+/// their hashes (FIFO, bounded): one among them is not written again when it leaves (a
+/// block imported and evicted would otherwise go back to the store it came from). A block
+/// the store dropped meanwhile, or a shared fingerprint, only costs a write that is skipped.
+#[derive(Debug)]
+struct Known {
+    set: std::collections::HashSet<u64>,
+    order: VecDeque<u64>,
+    cap: usize,
+}
+
+impl Known {
+    fn insert(&mut self, h: BlockHash) {
+        let f = h as u64;
+        if self.cap == 0 || !self.set.insert(f) {
+            return;
+        }
+        self.order.push_back(f);
+        if self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, h: BlockHash) -> bool {
+        self.set.contains(&(h as u64))
+    }
 }
 
 /// The remote tier's state in the engine: its keys, write mode and write queue.
@@ -184,13 +215,15 @@ pub struct RemoteTier {
     queue: VecDeque<Queued>,
     queued_bytes: usize,
     limit_bytes: usize,
-    /// Writes taken by the writer, by number, with their events.
-    in_flight: BTreeMap<u64, Option<Stored>>,
+    /// Writes taken by the writer, by number, with their hashes and events.
+    in_flight: BTreeMap<u64, (BlockHash, Option<Stored>)>,
     next: u64,
+    known: Known,
 }
 
 impl RemoteTier {
-    pub fn new(keys: Keys, mode: WriteMode, bytes_per_block: usize) -> Self {
+    /// `remember`: how many written or imported blocks to remember (see `Known`).
+    pub fn new(keys: Keys, mode: WriteMode, bytes_per_block: usize, remember: usize) -> Self {
         RemoteTier {
             keys,
             mode,
@@ -199,12 +232,33 @@ impl RemoteTier {
             limit_bytes: QUEUE_BYTES.max(8 * (HEADER + bytes_per_block)),
             in_flight: BTreeMap::new(),
             next: 1,
+            known: Known {
+                set: Default::default(),
+                order: VecDeque::new(),
+                cap: remember,
+            },
         }
+    }
+
+    /// Whether block `hash` is known to be in the store (written or imported lately).
+    pub fn is_known(&self, hash: BlockHash) -> bool {
+        self.known.contains(hash)
+    }
+
+    /// Remembers that block `hash` is in the store (imported from it).
+    pub fn remember(&mut self, hash: BlockHash) {
+        self.known.insert(hash);
     }
 
     /// Queues a sealed write (with its event); false (dropped, nothing queued) when the
     /// queue is full.
-    pub fn push(&mut self, key: String, value: Vec<u8>, stored: Option<Stored>) -> bool {
+    pub fn push(
+        &mut self,
+        hash: BlockHash,
+        key: String,
+        value: Vec<u8>,
+        stored: Option<Stored>,
+    ) -> bool {
         if self.queued_bytes + value.len() > self.limit_bytes {
             return false;
         }
@@ -212,7 +266,11 @@ impl RemoteTier {
         let seq = self.next;
         self.next += 1;
         let write = Write { seq, key, value };
-        self.queue.push_back(Queued { write, stored });
+        self.queue.push_back(Queued {
+            write,
+            hash,
+            stored,
+        });
         true
     }
 
@@ -222,21 +280,24 @@ impl RemoteTier {
         let mut out = Vec::with_capacity(n);
         for q in self.queue.drain(..n) {
             self.queued_bytes -= q.write.value.len();
-            self.in_flight.insert(q.write.seq, q.stored);
+            self.in_flight.insert(q.write.seq, (q.hash, q.stored));
             out.push(q.write);
         }
         out
     }
 
-    /// Writes landed (stored, refused by the store, or failed): no longer in flight. The
-    /// events of those in `stored` (which landed in the store), in `seqs` order.
+    /// Writes landed (stored, refused by the store, or failed): no longer in flight. Those
+    /// in `stored` landed in the store: they are remembered, and their events returned, in
+    /// `seqs` order.
     pub fn finish(&mut self, seqs: &[u64], stored: &[u64]) -> Vec<Stored> {
         let mut events = vec![];
         for s in seqs {
-            if let Some(Some(e)) = self.in_flight.remove(s) {
-                if stored.contains(s) {
-                    events.push(e);
-                }
+            let Some((hash, event)) = self.in_flight.remove(s) else {
+                continue;
+            };
+            if stored.contains(s) {
+                self.known.insert(hash);
+                events.extend(event);
             }
         }
         events
@@ -321,10 +382,10 @@ mod tests {
     #[test]
     fn flush_sees_the_lowest_write_queued_or_in_flight() {
         let c = CacheConfig::validate(&crate::config::ConfigInput::small(8)).unwrap();
-        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4);
+        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4, 8);
         assert_eq!(r.landed_before(), 1);
         for i in 0..3 {
-            assert!(r.push(format!("k{i}"), vec![0; 16], None));
+            assert!(r.push(i, format!("k{i}"), vec![0; 16], None));
         }
         assert_eq!((r.landed_before(), r.next_write()), (1, 4));
         let taken = r.take(2);
@@ -341,30 +402,51 @@ mod tests {
     #[test]
     fn only_writes_that_landed_in_the_store_have_events() {
         let c = CacheConfig::validate(&crate::config::ConfigInput::small(8)).unwrap();
-        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4);
+        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4, 8);
         let ev = |h| Stored {
             hash: h,
             parent: None,
             tokens: vec![1, 2, 3, 4],
         };
-        r.push("a".into(), vec![0; 16], Some(ev(1)));
-        r.push("b".into(), vec![0; 16], Some(ev(2)));
-        r.push("c".into(), vec![0; 16], None);
+        r.push(1, "a".into(), vec![0; 16], Some(ev(1)));
+        r.push(2, "b".into(), vec![0; 16], Some(ev(2)));
+        r.push(3, "c".into(), vec![0; 16], None);
         let w = r.take(3);
-        assert_eq!(r.finish(&[w[0].seq, w[1].seq, w[2].seq], &[w[1].seq, w[2].seq]), [ev(2)]);
+        assert_eq!(
+            r.finish(&[w[0].seq, w[1].seq, w[2].seq], &[w[1].seq, w[2].seq]),
+            [ev(2)]
+        );
         assert_eq!(r.num_in_flight(), 0);
+        // What landed is remembered; what did not is written again when it leaves again.
+        assert_eq!(
+            (r.is_known(1), r.is_known(2), r.is_known(3)),
+            (false, true, true)
+        );
+    }
+
+    #[test]
+    fn the_known_blocks_are_bounded_oldest_forgotten_first() {
+        let c = CacheConfig::validate(&crate::config::ConfigInput::small(8)).unwrap();
+        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4, 2);
+        for h in [1, 2, 2, 3] {
+            r.remember(h);
+        }
+        assert_eq!(
+            (r.is_known(1), r.is_known(2), r.is_known(3)),
+            (false, true, true)
+        );
     }
 
     #[test]
     fn a_full_queue_drops_new_writes() {
         let c = CacheConfig::validate(&crate::config::ConfigInput::small(8)).unwrap();
-        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4);
+        let mut r = RemoteTier::new(Keys::new(&c, "ns"), WriteMode::OnEvict, 4, 8);
         r.limit_bytes = 40;
-        assert!(r.push("a".into(), vec![0; 20], None));
-        assert!(r.push("b".into(), vec![0; 20], None));
-        assert!(!r.push("c".into(), vec![0; 1], None));
+        assert!(r.push(1, "a".into(), vec![0; 20], None));
+        assert!(r.push(2, "b".into(), vec![0; 20], None));
+        assert!(!r.push(3, "c".into(), vec![0; 1], None));
         assert_eq!((r.num_queued(), r.next_write()), (2, 3));
         r.take(1);
-        assert!(r.push("c".into(), vec![0; 20], None));
+        assert!(r.push(3, "c".into(), vec![0; 20], None));
     }
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use common::*;
 use ferrumkv_core::clock::Clock;
 use ferrumkv_core::config::{CacheConfig, ConfigInput, HashAlgo};
-use ferrumkv_core::prefix::Hasher;
 use ferrumkv_core::events::KvEvent;
+use ferrumkv_core::prefix::Hasher;
 use ferrumkv_core::remote::{decode, encode, Write, HEADER};
 use ferrumkv_core::types::Tier;
 use ferrumkv_core::Engine;
@@ -87,7 +87,12 @@ fn blocks_leaving_the_device_tier_are_staged_and_import_into_another_engine() {
                 token_ids,
                 tier,
                 ..
-            } => (block_hashes.clone(), *parent_block_hash, token_ids.clone(), *tier),
+            } => (
+                block_hashes.clone(),
+                *parent_block_hash,
+                token_ids.clone(),
+                *tier,
+            ),
             other => panic!("unexpected {other:?}"),
         })
         .collect();
@@ -95,7 +100,12 @@ fn blocks_leaving_the_device_tier_are_staged_and_import_into_another_engine() {
     assert_eq!(
         stored,
         [
-            (vec![hashes[1]], Some(hashes[0]), (5..=8).collect(), Tier::Remote),
+            (
+                vec![hashes[1]],
+                Some(hashes[0]),
+                (5..=8).collect(),
+                Tier::Remote
+            ),
             (vec![hashes[0]], None, (1..=4).collect(), Tier::Remote),
         ]
     );

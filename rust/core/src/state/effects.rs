@@ -59,9 +59,10 @@ enum MemOp {
 pub(crate) enum Stage {
     /// A host block spilled to disk slot `slot` by a disk worker.
     Disk { slot: BlockId, hash: BlockHash },
-    /// A block written to the remote store under `key` by the remote writer (`stored`: its
-    /// event once it landed).
+    /// Block `hash` written to the remote store under `key` by the remote writer
+    /// (`stored`: its event once it landed).
     Remote {
+        hash: BlockHash,
         key: String,
         stored: Option<crate::remote::Stored>,
     },
@@ -69,6 +70,7 @@ pub(crate) enum Stage {
 
 /// A sealed value for the remote store (`remote`), staged by `run_memory`.
 pub(crate) struct RemoteStaged {
+    pub hash: BlockHash,
     pub key: String,
     pub value: Vec<u8>,
     pub stored: Option<crate::remote::Stored>,
@@ -288,11 +290,16 @@ impl Effects {
                             read_runs(&src, &at, &mut data)?;
                             self.disk_writes.push(DiskWrite { slot, hash, data });
                         }
-                        Stage::Remote { key, stored } => {
+                        Stage::Remote { hash, key, stored } => {
                             let mut value = crate::remote::value_buffer(len)?;
                             read_runs(&src, &at, &mut value[crate::remote::HEADER..])?;
                             crate::remote::seal(&key, &mut value);
-                            self.remote_writes.push(RemoteStaged { key, value, stored });
+                            self.remote_writes.push(RemoteStaged {
+                                hash,
+                                key,
+                                value,
+                                stored,
+                            });
                         }
                     }
                 }

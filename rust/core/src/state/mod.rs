@@ -247,10 +247,13 @@ impl State {
             )?),
         };
         let remote = c.remote_url.as_ref().map(|_| {
+            // Remember about twice the blocks the local tiers hold (at most 2^20).
+            let local = c.num_blocks + c.host_blocks + c.disk_blocks;
             crate::remote::RemoteTier::new(
                 crate::remote::Keys::new(c, &c.remote_namespace),
                 c.remote_write,
                 ctx.bytes_per_block(),
+                local.saturating_mul(2).min(1 << 20),
             )
         });
         Ok(State {

@@ -1,7 +1,8 @@
 //! The remote tier's bookkeeping: staging blocks for the store, and importing the blocks a
 //! lookup found there (see `crate::remote` for keys, values and the write queue).
 //!
-//! Writes are staged as memory operations (`Stage::Remote`), so a block's bytes are read in
+//! A block known to be in the store (written or imported lately, see `remote::Known`) is not
+//! staged again. Writes are staged as memory operations (`Stage::Remote`), so a block's bytes are read in
 //! recording order, before the call that evicted it reuses it; `settle_effects` queues them
 //! (`queue_remote`). `remote_write="on_evict"` stages a cached block when it leaves the local
 //! tiers: evicted from the host tier, or from the device tier when no host block took it.
@@ -73,7 +74,9 @@ impl State {
         };
         Some(crate::remote::Stored {
             hash,
-            parent: (!self.index.is_first(b)).then(|| self.index.parent_of(b)).flatten(),
+            parent: (!self.index.is_first(b))
+                .then(|| self.index.parent_of(b))
+                .flatten(),
             tokens: self.index.tokens_of(b).to_vec(),
         })
     }
@@ -85,19 +88,26 @@ impl State {
         hash: BlockHash,
         stored: Option<crate::remote::Stored>,
     ) {
-        let Some(r) = &self.remote else { return };
+        let Some(r) = self.remote.as_ref().filter(|r| !r.is_known(hash)) else {
+            return;
+        };
         let key = r.keys.key(hash);
         let at = ctx.layout.block_runs(b.idx()).collect();
-        self.fx.stage(&ctx.memory, at, Stage::Remote { key, stored });
+        self.fx
+            .stage(&ctx.memory, at, Stage::Remote { hash, key, stored });
     }
 
     fn stage_host(&mut self, hb: BlockId, hash: BlockHash, stored: Option<crate::remote::Stored>) {
-        let (Some(r), Some(host)) = (&self.remote, &self.host) else {
+        let (Some(r), Some(host)) = (
+            self.remote.as_ref().filter(|r| !r.is_known(hash)),
+            &self.host,
+        ) else {
             return;
         };
         let key = r.keys.key(hash);
         let at = vec![(host.offset(hb), host.bytes_per_block)];
-        self.fx.stage(&host.slab, at, Stage::Remote { key, stored });
+        self.fx
+            .stage(&host.slab, at, Stage::Remote { hash, key, stored });
     }
 
     /// `on_store`: stages the full blocks sequence `s` computed, as it is released.
@@ -146,7 +156,7 @@ impl State {
             return;
         };
         for w in staged {
-            if r.push(w.key, w.value, w.stored) {
+            if r.push(w.hash, w.key, w.value, w.stored) {
                 self.remote_wake = true;
             } else {
                 self.counters.remote_dropped_writes += 1;
@@ -303,6 +313,7 @@ impl State {
             if !self.cache_imported(ctx, hash, parent, root, block_tokens, payload) {
                 break;
             }
+            self.remote.as_mut().expect("checked").remember(hash);
             done.blocks += 1;
         }
         match self.host.as_mut() {
