@@ -294,3 +294,31 @@ def test_an_endpoint_zmq_refuses_is_a_value_error_and_leaves_nothing_open() -> N
         except ValueError:
             assert time.monotonic() < deadline, "the endpoints stayed bound"
             time.sleep(0.05)
+
+
+def test_blocks_written_to_the_store_are_published_as_remote(sub) -> None:
+    from servers import redis_server
+
+    _, endpoint = sub
+    rep = f"tcp://127.0.0.1:{free_port()}"
+    with redis_server() as store:
+        cfg = config(
+            kv_events_endpoint=endpoint,
+            kv_events_replay_endpoint=rep,
+            remote_url=store.url,
+            remote_write="on_store",
+        )
+        with ferrumkv.KvCache(cfg) as cache:
+            cache.try_allocate("a", list(range(9)))  # 2 full blocks
+            cache._core.deallocate("a")  # written to the store
+            deadline = time.monotonic() + 5
+            stored: list[BlockStored] = []
+            while time.monotonic() < deadline and len(stored) < 4:
+                events = [e for _, p in replay(rep, 0) for e in ARRAY.decode(p).events]
+                stored = [e for e in events if isinstance(e, BlockStored)]
+                time.sleep(0.05)
+    by_medium = {m: [e for e in stored if e.medium == m] for m in ("GPU", "REMOTE")}
+    gpu = sorted(h for e in by_medium["GPU"] for h in e.block_hashes)
+    remote = sorted(h for e in by_medium["REMOTE"] for h in e.block_hashes)
+    assert len(gpu) == 2 and remote == gpu
+    assert all(len(e.token_ids) == 4 * len(e.block_hashes) for e in by_medium["REMOTE"])

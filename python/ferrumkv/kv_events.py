@@ -46,7 +46,7 @@ from typing import Any
 
 __all__ = ["MEDIUM", "REPLAY_BATCHES", "KvEventPublisher", "encode_batch"]
 
-MEDIUM = {"device": "GPU", "host": "CPU", "disk": "DISK"}
+MEDIUM = {"device": "GPU", "host": "CPU", "disk": "DISK", "remote": "REMOTE"}
 """The ``medium`` of each tier's events."""
 
 REPLAY_BATCHES = 10_000
