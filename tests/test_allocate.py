@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 import ferrumkv
-from conftest import (
+from ferrumkv import (
+    CacheClosedError,
+    DuplicateRequestError,
+    FerrumKVError,
+    OutOfBlocksError,
+    UnknownRequestError,
+)
+from helpers import (
     BS,
     SMALL_BYTES_PER_BLOCK,
     alloc,
@@ -23,13 +30,6 @@ from conftest import (
     make_config,
     new_cache,
     stats_dict,
-)
-from ferrumkv import (
-    CacheClosedError,
-    DuplicateRequestError,
-    FerrumKVError,
-    OutOfBlocksError,
-    UnknownRequestError,
 )
 
 

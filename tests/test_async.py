@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 import ferrumkv
-from conftest import check_invariants, drive, gauges, make_config, stats_dict, wait_until
 from ferrumkv import CacheClosedError, OutOfBlocksError, PressureEvent, PressureLevel
+from helpers import check_invariants, drive, gauges, make_config, stats_dict, wait_until
 
 pytestmark = pytest.mark.anyio
 

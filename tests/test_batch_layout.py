@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import ferrumkv
-from conftest import (
+from ferrumkv import InvalidStateError, UnknownRequestError
+from helpers import (
     alloc,
     assert_stats_unchanged,
     check_invariants,
@@ -19,7 +20,6 @@ from conftest import (
     new_cache,
     stats_dict,
 )
-from ferrumkv import InvalidStateError, UnknownRequestError
 
 
 def mixed() -> ferrumkv.KvCache:

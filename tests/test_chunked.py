@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import ferrumkv
-from conftest import (
+from ferrumkv import InvalidStateError, OutOfBlocksError, PrefixMatch, UnknownRequestError
+from helpers import (
     alloc,
     assert_stats_unchanged,
     check_invariants,
@@ -23,7 +24,6 @@ from conftest import (
     stats_dict,
     wait_until,
 )
-from ferrumkv import InvalidStateError, OutOfBlocksError, PrefixMatch, UnknownRequestError
 
 
 def toks(start: int, n: int) -> list[int]:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import ferrumkv
-from conftest import SMALL, SMALL_BYTES_PER_BLOCK, make_config
 from ferrumkv import _core
+from helpers import SMALL, SMALL_BYTES_PER_BLOCK, make_config
 
 # (overrides, the field the error must name)
 BAD_VALUES = [

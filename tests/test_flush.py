@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 import ferrumkv
-from conftest import make_config
+from helpers import make_config
 
 pytestmark = pytest.mark.anyio
 

@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 import ferrumkv
-from conftest import alloc, check_invariants, dealloc, drive, make_config, new_cache, wait_until
 from ferrumkv import CacheClosedError, CacheStats, IterationStats, PressureLevel, TierStats
+from helpers import alloc, check_invariants, dealloc, drive, make_config, new_cache, wait_until
 
 
 def gauges(cache: ferrumkv.KvCache) -> tuple[int, int, int, int]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import ferrumkv
-from conftest import drive, make_config
+from helpers import drive, make_config
 
 LAYOUTS = ["block_major", "layer_major"]
 # dtype -> (numpy dtype of the cache's arrays, unsigned int of the same width)

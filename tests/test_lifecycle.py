@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 import ferrumkv
-from conftest import make_config, wait_until
+from helpers import make_config, wait_until
 
 
 def num_threads() -> int:

@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import ferrumkv
-from conftest import make_config
 from ferrumkv import CopyError, InvalidStateError, OutOfBlocksError
+from helpers import make_config
 
 BS, DEVICE, HOST, DISK, LAYERS = 4, 10, 6, 12, 2
 EXAMPLES = int(os.environ.get("FERRUMKV_MODEL_EXAMPLES", "1100"))

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 import ferrumkv
-from conftest import (
+from ferrumkv import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    DuplicateRequestError,
+    EvictionEvent,
+    GcStats,
+    UnknownRequestError,
+)
+from helpers import (
     SMALL_BYTES_PER_BLOCK,
     alloc,
     assert_stats_unchanged,
@@ -19,15 +28,6 @@ from conftest import (
     make_config,
     new_cache,
     stats_dict,
-)
-from ferrumkv import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    DuplicateRequestError,
-    EvictionEvent,
-    GcStats,
-    UnknownRequestError,
 )
 
 

@@ -11,8 +11,8 @@ import threading
 import anyio
 import pytest
 
-from conftest import drive, new_cache, wait_until
 from ferrumkv import PressureEvent, PressureLevel
+from helpers import drive, new_cache, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ferrumkv
-from conftest import check_invariants, drive, gauges, make_config
 from ferrumkv import OutOfBlocksError
+from helpers import check_invariants, drive, gauges, make_config
 
 BS = 4
 NUM_BLOCKS = 12

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 import ferrumkv
-from conftest import check_invariants
+from helpers import check_invariants
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))

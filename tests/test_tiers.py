@@ -1,7 +1,7 @@
 """The secondary tiers: host memory (swaps, offload on eviction, onboard on a prefix hit) and
 the disk file (spills of evicted host blocks, checksummed read-back), byte for byte.
 
-Where a block goes (small config of conftest: 2 layers, 2 heads, head_dim 4, block_size 4,
+Where a block goes (`helpers.make_config`: 2 layers, 2 heads, head_dim 4, block_size 4,
 256-byte blocks): a device cache evicts its least recently released cached block first, and
 a sequence releases its blocks tail first, so of a prompt's full blocks A0, A1, A2 the
 eviction order is A2, A1, A0. The host tier does the same; disk slots are handed out blank
@@ -28,7 +28,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import ferrumkv
-from conftest import (
+from ferrumkv import (
+    CacheClosedError,
+    DuplicateRequestError,
+    InvalidStateError,
+    OutOfBlocksError,
+    UnknownRequestError,
+)
+from helpers import (
     BS,
     SMALL_BYTES_PER_BLOCK,
     alloc,
@@ -40,13 +47,6 @@ from conftest import (
     new_cache,
     stats_dict,
     wait_until,
-)
-from ferrumkv import (
-    CacheClosedError,
-    DuplicateRequestError,
-    InvalidStateError,
-    OutOfBlocksError,
-    UnknownRequestError,
 )
 
 HEADS, HEAD_DIM, LAYERS = 2, 4, 2
@@ -626,7 +626,7 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 import pathlib, pytest, ferrumkv
-from conftest import make_config
+from helpers import make_config
 path = pathlib.Path({str(path)!r})
 cfg = make_config(num_blocks=4, host_blocks=1, disk_blocks=64, head_dim=1024, disk_path=str(path))
 path.write_bytes(b"")

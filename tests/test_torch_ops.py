@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ferrumkv
-from conftest import alloc
 from ferrumkv.torch import layer_kv, paged_attention, write_kv_slots
+from helpers import alloc
 
 HEADS, KV_HEADS, HEAD_DIM, BS = 4, 2, 8, 4
 DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.cuda)]
