@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help venv build dev run test rust-checks rust-test fuzz fuzz-smoke py-lint typecheck py-test fmt bench gpu-check clean
+.PHONY: help venv build dev run test check rust-checks rust-test cargo-test fuzz fuzz-smoke py-lint typecheck py-test py-test-fast fmt bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -34,18 +34,20 @@ rust-checks: venv ## rustfmt and clippy (also with shuttle)
 	cargo clippy -p ferrumkv-core --all-targets --features shuttle -- -D warnings
 
 # The second line model-checks the engine's thread handshakes with shuttle (about 10 s).
-rust-test: venv ## cargo test, and the shuttle model check
-	cargo test --workspace
+rust-test: cargo-test ## cargo test, and the shuttle model check
 	cargo test -p ferrumkv-core --features shuttle --test shuttle_handshake
+
+cargo-test: venv ## cargo test
+	cargo test --workspace
 
 # Coverage-guided fuzzing of the engine (libFuzzer, on stable: scripts/fuzz.sh).
 FUZZ_SECS ?= 300
 fuzz: ## coverage-guided fuzzing for FUZZ_SECS (default 300)
 	scripts/fuzz.sh $(FUZZ_SECS)
 
-# The bounded run `make test` makes, after the instrumented build (about 45 s on 2 idle cores).
+# The bounded run `make check` makes, after the instrumented build (about 45 s on 2 idle cores).
 FUZZ_SMOKE_SECS ?= 30
-fuzz-smoke: ## the bounded fuzz run of make test
+fuzz-smoke: ## the bounded fuzz run of make check
 	scripts/fuzz.sh $(FUZZ_SMOKE_SECS)
 
 py-lint: venv ## ruff check and ruff format --check
@@ -58,10 +60,17 @@ typecheck: build ## mypy --strict and stubtest
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest ferrumkv._core
 
-py-test: build ## pytest
+py-test: build ## pytest, every test (the slow ones too)
 	$(PY) -m pytest
 
-test: rust-checks rust-test fuzz-smoke py-lint typecheck py-test ## everything CI runs
+# The edit loop's tests: no `slow` test (subprocesses, stress, the CLI), and any test that
+# runs past 60 s fails.
+py-test-fast: build ## pytest without the slow tests, 60 s a test at most
+	$(PY) -m pytest -m "not slow" --timeout 60
+
+test: rust-checks cargo-test py-lint typecheck py-test-fast ## the fast suite (the edit loop)
+
+check: rust-checks rust-test fuzz-smoke py-lint typecheck py-test ## everything: CI runs this
 
 fmt: venv ## format Rust and Python, and apply ruff's safe fixes
 	cargo fmt --all

@@ -5,7 +5,7 @@
 # the checked-in seed corpus. Fails on any crash, panic, hang (-timeout) or leak of memory
 # past -rss_limit_mb; the input that failed is written to target/fuzz/artifacts/ops/.
 #
-#   scripts/fuzz.sh [SECONDS]         # make fuzz runs it for 300 s, make test for a short run
+#   scripts/fuzz.sh [SECONDS]         # make fuzz runs it for 300 s, make check for a short run
 #   FUZZ_ARGS="-jobs=2" scripts/fuzz.sh 600
 #
 # New inputs go to target/fuzz/corpus/ops (kept between local runs); the checked-in corpus

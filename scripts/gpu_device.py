@@ -1,7 +1,7 @@
 """Issue 13's device check, the part that runs on the GPU machine: `scripts/gpu_device.sh`
 installs the wheels `scripts/gpu_check.sh` built (into /tmp/site) and runs this; with
 `--device cpu` (local mode) it runs here on the in-place build instead, which is what
-`tests/test_gpu_check.py` exercises in `make test`.
+`tests/test_gpu_check.py` exercises in `make check`.
 
 Steps, each with its own time limit (killed at it), none stopping the next:
 

@@ -15,7 +15,8 @@
 //! Submodules add to `State`, each owning one kind of change: `alloc` (a new sequence:
 //! plan, reserve, publish), `extend` (growing a sequence, copy-on-write), `effects` (what
 //! a call leaves the engine to do), `tickets`
-//! (waiters: serve, take, cancel), `tiers` (offload, onboard, disk, swaps), `truncate`
+//! (waiters: serve, take, cancel), `tiers` (offload, onboard, disk, swaps), `remote` (blocks
+//! staged for the shared store, blocks imported from it), `truncate`
 //! (shrinking a sequence), `checks` (the invariants below); two only read: `report`
 //! (snapshots, queues, block tables) and `batch` (the attention metadata of one forward step).
 //! Invariants (checked by `check_invariants`): every block's refcount equals the number of
