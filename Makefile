@@ -63,10 +63,10 @@ typecheck: build ## mypy --strict and stubtest
 py-test: build ## pytest, every test (the slow ones too)
 	$(PY) -m pytest
 
-# The edit loop's tests: no `slow` test (subprocesses, stress, the CLI), and any test that
-# runs past 60 s fails.
+# The edit loop's tests: no `slow` test (subprocesses, stress, the CLI), the model-based
+# test at 150 examples instead of 1,100, and any test that runs past 60 s fails.
 py-test-fast: build ## pytest without the slow tests, 60 s a test at most
-	$(PY) -m pytest -m "not slow" --timeout 60
+	FERRUMKV_MODEL_EXAMPLES=150 $(PY) -m pytest -m "not slow" --timeout 60 --durations=5
 
 test: rust-checks cargo-test py-lint typecheck py-test-fast ## the fast suite (the edit loop)
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from .backend import StoreUrl, probe
 
-
 _EXISTS_ALL = """
 local found = {}
 for i, key in ipairs(KEYS) do found[i] = redis.call('EXISTS', key) end
