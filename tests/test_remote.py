@@ -479,6 +479,11 @@ def test_replicas_share_a_store_in_the_replay(redis_store: Store) -> None:
     assert sum(p["remote_hit_blocks"] for p in per) == doc["remote_hit_blocks"]
     table = _replay("--replicas", "2", "--remote-url", redis_store.url)
     assert table.returncode == 0 and "remote hit" in table.stdout
+    # Replicas as OS processes share it the same way.
+    procs = _replay("--replicas", "2", "--processes", "--remote-url", redis_store.url)
+    assert procs.returncode == 0, procs.stderr[-2000:]
+    total = next(line for line in procs.stdout.splitlines() if line.strip().startswith("total"))
+    assert int(total.split()[7].replace(",", "")) > 0  # the total's remote hits
 
 
 def test_the_replay_refuses_an_unreachable_store_in_one_line() -> None:

@@ -24,6 +24,7 @@ import inspect
 import logging
 import sys
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -67,6 +68,7 @@ class Dispatcher:
         # The thread of the loop watching the fd (pressure is delivered there).
         self._thread: int | None = None
         self._closed = False
+        self.incidents = IncidentLog()
 
     # ----- attaching to the running loop -----------------------------------------------
 
@@ -119,7 +121,9 @@ class Dispatcher:
     # ----- draining --------------------------------------------------------------------
 
     def drain(self) -> None:
-        """Runs on the loop thread: wakes finished waiters, fires pressure callbacks."""
+        """Runs on the loop thread: wakes finished waiters, fires pressure callbacks, logs
+        the engine's incidents."""
+        self.incidents.log(self._core)
         tickets, pressure = self._core.drain_notifications()
         on_pressure = self._on_pressure()
         for t in tickets:
@@ -223,6 +227,38 @@ async def _trio_watch(ref: weakref.ref[Dispatcher], core: Any, fd: int, token: A
         d = ref()
         if d is not None and d._trio_token is token:
             d._trio_token = None
+
+
+class IncidentLog:
+    """Logs the engine's incidents (failures it got over: a disk block that failed its
+    checksum, a failed disk read or write, KV events dropped) as WARNINGs of the "ferrumkv"
+    logger, at most one record per kind every `every_s` seconds; a record says how many of
+    its kind were held back since the last one. Drained when the event loop is woken (the
+    engine wakes it for each incident) and by `KvCache.stats()`."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        self._every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def log(self, core: Any) -> None:
+        incidents, dropped = core.drain_incidents()
+        if dropped:
+            incidents.append(("incidents_dropped", f"{dropped} more incidents were not kept"))
+        if not incidents:
+            return
+        now = time.monotonic()
+        with self._lock:
+            for kind, message in incidents:
+                last = self._last.get(kind)
+                if last is not None and now - last < self._every_s:
+                    self._held[kind] = self._held.get(kind, 0) + 1
+                    continue
+                self._last[kind] = now
+                held = self._held.pop(kind, 0)
+                more = f" ({held} more of this kind since the last report)" if held else ""
+                log.warning("ferrumkv: %s%s", message, more)
 
 
 def close_dropped(core: Any, dispatcher: Dispatcher, what: str) -> None:

@@ -530,7 +530,9 @@ class KvCache:
 
     def stats(self) -> CacheStats:
         """A snapshot of every gauge and counter (a few microseconds; the O(1) gauges
-        `num_free_blocks` etc. are cheaper still)."""
+        `num_free_blocks` etc. are cheaper still). Logs the engine's incidents since the
+        last look (see `_dispatch.IncidentLog`)."""
+        self._dispatcher.incidents.log(self._core)
         stats: CacheStats = self._core.stats_object()
         return stats
 

@@ -5,7 +5,7 @@
 //! `pool` (refcounts and free queues), `eviction` / `ghost` / `shadow` (the policies), `prefix` (hashes and the cached-block index),
 //! `sequence`, `waiters` (tickets of calls that wait for blocks), `state` (the bookkeeping
 //! under the lock), `engine` (the lock, the notifier and the public calls), `stats`,
-//! `events`, `remote` (the shared store's keys, values and write queue), `residency`, `pressure`, `notify`, `clock`, `cuda`, `error`, `fallible`
+//! `events`, `incidents` (failures the engine got over, for the log), `remote` (the shared store's keys, values and write queue), `residency`, `pressure`, `notify`, `clock`, `cuda`, `error`, `fallible`
 //! (bookkeeping allocations that fail with `Error::OutOfMemory` instead of aborting), `sync`
 //! (the locks, atomics and threads of the worker handshakes; shuttle's under `--features shuttle`).
 
@@ -18,6 +18,7 @@ pub mod events;
 pub mod eviction;
 pub mod fallible;
 pub mod ghost;
+pub mod incidents;
 pub mod layout;
 pub mod notify;
 pub mod pool;

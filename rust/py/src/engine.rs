@@ -587,6 +587,16 @@ impl PyEngine {
         self.engine.take_flush(ticket).py_err()
     }
 
+    /// `([(kind, message)], dropped)`: failures the engine got over since the last call
+    /// (disk checksum failures, disk I/O errors, dropped KV events), for the log.
+    fn drain_incidents(&self) -> (Vec<(&'static str, String)>, u64) {
+        let (incidents, dropped) = self.engine.drain_incidents();
+        (
+            incidents.into_iter().map(|i| (i.kind, i.message)).collect(),
+            dropped,
+        )
+    }
+
     /// `(finished tickets, pressure events as `pressure_tuple`s)`.
     #[allow(clippy::type_complexity)]
     fn drain_notifications(&self) -> (Vec<u64>, Vec<(u8, u8, usize, usize, usize, usize)>) {

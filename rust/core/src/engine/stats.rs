@@ -21,6 +21,12 @@ impl EngineCore {
         st.drain_notifications()
     }
 
+    /// Failures the engine got over since the last drain (see `incidents`), and how many
+    /// did not fit its bounded queue.
+    pub fn drain_incidents(&self) -> (Vec<crate::incidents::Incident>, u64) {
+        self.state.lock().drain_incidents()
+    }
+
     /// Pressure transitions since the last drain, for the caller to deliver now (the
     /// finished tickets and the eventfd are left to the event loop).
     pub fn drain_pressure(&self) -> Vec<PressureEvent> {

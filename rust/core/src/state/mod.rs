@@ -208,6 +208,10 @@ pub struct State {
     pressure_events: Vec<PressureEvent>,
     events: EventQueue,
     residency: Residency,
+    /// Failures got over (disk checksum, disk I/O, dropped events), for the log.
+    incidents: crate::incidents::Incidents,
+    /// Dropped KV events already reported as an incident.
+    reported_dropped_events: u64,
     callback_errors: u64,
     scratch: Vec<u8>,
 }
@@ -282,6 +286,8 @@ impl State {
             pressure_events: Vec::new(),
             events: EventQueue::new(c.enable_kv_events),
             residency,
+            incidents: Default::default(),
+            reported_dropped_events: 0,
             callback_errors: 0,
             scratch: Vec::new(),
         })
@@ -580,6 +586,30 @@ impl State {
     pub fn sync_dropped_counts(&mut self) {
         self.counters.dropped_events = self.events.dropped;
         self.counters.dropped_eviction_events = self.residency.dropped;
+    }
+
+    /// Records a failure the engine got over, for the log (and wakes the event loop).
+    pub(super) fn incident(&mut self, kind: &'static str, message: String) {
+        self.incidents.push(kind, message);
+        self.fx.signal = true;
+    }
+
+    /// The incidents since the last drain (KV events dropped meanwhile become one), and how
+    /// many did not fit the bounded queue.
+    pub fn drain_incidents(&mut self) -> (Vec<crate::incidents::Incident>, u64) {
+        let dropped = self.events.dropped;
+        if dropped > self.reported_dropped_events {
+            let n = dropped - self.reported_dropped_events;
+            self.reported_dropped_events = dropped;
+            self.incidents.push(
+                "dropped_events",
+                format!(
+                    "{n} KV events dropped ({dropped} in all): drain_events() fell behind \
+                     the bounded queue (or set enable_kv_events=False)"
+                ),
+            );
+        }
+        self.incidents.drain()
     }
 
     // ----- pressure -----------------------------------------------------------------------

@@ -183,6 +183,10 @@ impl State {
             self.counters.disk_blocks_written += 1;
         } else {
             self.counters.disk_write_errors += 1;
+            self.incident(
+                "disk_write_error",
+                format!("disk tier: the write of slot {} failed; the block is not kept on disk", slot.0),
+            );
         }
     }
 
@@ -209,16 +213,24 @@ impl State {
             match read {
                 Ok(buf) => out.push(buf),
                 Err(e) => {
-                    if matches!(e, ReadError::Corrupt { .. }) {
+                    let (kind, what) = if matches!(e, ReadError::Corrupt { .. }) {
                         self.counters.disk_checksum_failures += 1;
+                        ("disk_checksum_failure", "failed its checksum")
                     } else {
                         self.counters.disk_read_errors += 1;
-                    }
+                        ("disk_read_error", "could not be read")
+                    };
+                    let message = format!(
+                        "disk tier: slot {} {what} ({e}); it is a miss, recomputed, and \
+                         dropped from the disk tier",
+                        slot.0
+                    );
                     if disk.index.hash_of(slot) == Some(hash) {
                         disk.drop_corrupt(slot, &mut self.events);
                     }
                     plan.from_disk.truncate(i);
                     plan.partial = None; // it was planned after the lost blocks
+                    self.incident(kind, message);
                     break;
                 }
             }
