@@ -95,7 +95,7 @@ HUGE_INTS = [
 
 
 def test_out_of_range_huge_int_is_a_value_error_naming_the_field() -> None:
-    # Any invalid value raises ValueError naming the field (API.md), also past 64 bits.
+    # Any invalid value raises ValueError naming the field, also past 64 bits.
     wrong = []
     for overrides in HUGE_INTS:
         field = next(k for k, v in overrides.items() if v is not None)

@@ -9,7 +9,7 @@ copy-on-write, a swap, an offload / onboard or a recompute that served one wrong
 the logits by far more than that (they are O(1)); the error the paged path itself adds (the
 attention over gathered blocks instead of one matrix) measures about 2e-6.
 
-Chunked prefill, `truncate` and `batch_layout` (the second-round API, API.md) are tested
+Chunked prefill, `truncate` and `batch_layout` (README, "A scheduler step, end to end") are tested
 here on the model too; the model's layout is the engine's `batch_layout`.
 
 Cost: one model per device, a few dozen steps of 2 layers per test: each test takes under a

@@ -79,7 +79,8 @@ class Subscription:
 
 
 class KvCache:
-    """A paged KV cache. See the README and API.md for the contract."""
+    """A paged KV cache: block pools, a prefix cache, tiers, and the calls a serving
+    scheduler makes (README: "Concepts", "Guarantees", "A scheduler step, end to end")."""
 
     def __init__(self, config: CacheConfig, *, clock_start: float | None = None) -> None:
         """`clock_start`: run on a manual clock starting there (tests); see `set_time`."""

@@ -1,4 +1,4 @@
-"""The exception tree of ferrumkv (see API.md "Errors")."""
+"""The exception tree of ferrumkv: every error the engine raises is a `FerrumKVError`."""
 
 from __future__ import annotations
 

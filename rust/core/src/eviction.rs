@@ -4,7 +4,7 @@
 //! owner releases it; the pool keeps one intrusive FIFO queue per class (`pool`) and a ghost
 //! of recently evicted hashes (`ghost`). All are O(1) per release, hit and eviction.
 //!
-//! Leaves first, under every policy (API.md): a block goes only after every cached block
+//! Leaves first, under every policy (README, "Eviction policies"): a block goes only after every cached block
 //! that extends it (in the same tier). Under `Lru` because a sequence releases its tail first
 //! and a hit on a child is a hit on its parent. Under `Lfu` (and `Lecar`'s LFU expert) also
 //! because a block's count never exceeds its parent's: a hit on a child is a hit on every

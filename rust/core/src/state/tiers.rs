@@ -185,7 +185,10 @@ impl State {
             self.counters.disk_write_errors += 1;
             self.incident(
                 "disk_write_error",
-                format!("disk tier: the write of slot {} failed; the block is not kept on disk", slot.0),
+                format!(
+                    "disk tier: the write of slot {} failed; the block is not kept on disk",
+                    slot.0
+                ),
             );
         }
     }
