@@ -90,8 +90,9 @@ def batch_layout(
     cache: ferrumkv.KvCache, request_ids: Sequence[Any], num_new_tokens: int | Sequence[int]
 ) -> BatchLayout:
     """The layout of one step in which each sequence computes its last `num_new_tokens`:
-    `KvCache.batch_layout` (README, "A decode step"), in one engine call. tests/test_real_model.py checks it
-    against a layout built from `block_table` and the handles' `num_tokens`."""
+    `KvCache.batch_layout` (README, "A decode step"), in one engine call.
+    tests/test_real_model.py checks it against a layout built from `block_table` and the
+    handles' `num_tokens`."""
     return cache.batch_layout(list(request_ids), num_new_tokens)
 
 
