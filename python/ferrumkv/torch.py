@@ -18,9 +18,9 @@ plain torch operations: a reference implementation that is exact, not a fast ker
 
 `layout` is what `KvCache.batch_layout(request_ids, num_new_tokens)` returns (README, "A
 decode step"): numpy or torch `block_table` int32 `[B, max_blocks]`, `seq_lens` int32 `[B]`,
-`query_start_loc` int32 `[B + 1]`, `slot_mapping` int64 `[num_tokens]`; the new tokens of sequence i are its
-last `query_start_loc[i + 1] - query_start_loc[i]` tokens, rows `query_start_loc[i] ..` of
-`q` / `k` / `v`.
+`query_start_loc` int32 `[B + 1]`, `slot_mapping` int64 `[num_tokens]`; the new tokens of
+sequence i are its last `query_start_loc[i + 1] - query_start_loc[i]` tokens, rows
+`query_start_loc[i] ..` of `q` / `k` / `v`.
 
 Ordering on a GPU. The engine's own copies (swap, offload, onboard, copy-on-write, a partial
 prefix copy) run on its copy stream, ordered against one compute stream of yours: call
