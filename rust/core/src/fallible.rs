@@ -60,10 +60,13 @@ pub fn zeroed<T: Zeroable>(n: usize, what: &str) -> Result<Vec<T>> {
     if ptr.is_null() {
         return Err(oom());
     }
+    // Length and capacity are both `n`: exactly `n` were allocated, all initialized.
+    #[allow(clippy::same_length_and_capacity)]
     // SAFETY: `ptr` was allocated by the global allocator with `T`'s alignment and
     // `n * size_of::<T>()` bytes (exactly `layout`, which is what `Vec` deallocates with); its
     // `n` elements are initialized, all-zero bits being a valid `T` (`Zeroable`).
-    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+    let v = unsafe { Vec::from_raw_parts(ptr, n, n) };
+    Ok(v)
 }
 
 #[cfg(test)]

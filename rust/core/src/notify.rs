@@ -38,7 +38,7 @@ impl Notifier {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A full counter
         // (EAGAIN) still leaves the fd readable, which is all a signal needs.
-        unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+        unsafe { libc::write(self.fd(), (&raw const one).cast(), 8) };
     }
 
     /// Resets the fd to not readable.
@@ -46,7 +46,7 @@ impl Notifier {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64 from our own non-blocking eventfd; EAGAIN
         // (nothing pending) is fine.
-        unsafe { libc::read(self.fd(), (&mut v as *mut u64).cast(), 8) };
+        unsafe { libc::read(self.fd(), (&raw mut v).cast(), 8) };
     }
 
     /// Whether a signal is pending (for tests).
@@ -57,7 +57,7 @@ impl Notifier {
             revents: 0,
         };
         // SAFETY: polls one valid pollfd without blocking.
-        unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        unsafe { libc::poll(&raw mut p, 1, 0) == 1 }
     }
 }
 

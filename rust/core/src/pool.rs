@@ -296,7 +296,7 @@ impl BlockPool {
     /// `Lecar`: the expert that evicted a block now cached again pays for it.
     fn regret(&mut self, noted: Remembered) {
         let age = self.evictions.wrapping_sub(noted.at);
-        let loss = self.discount.powf(age as f64);
+        let loss = self.discount.powf(f64::from(age));
         self.weights[noted.expert as usize] *= (-LECAR_LEARNING_RATE * loss).exp();
         let total = self.weights[0] + self.weights[1];
         self.weights = [self.weights[0] / total, self.weights[1] / total];
@@ -566,7 +566,7 @@ mod tests {
         assert_eq!(got, [0, 1, 2, 3]);
         assert!(p.take_blank().is_none());
         for b in [3, 1] {
-            p.register(BlockId(b), b as u128, None);
+            p.register(BlockId(b), u128::from(b), None);
         }
         // release order: 3 (cached), 2, 1 (cached), 0
         assert_eq!(p.release(BlockId(3)), Released::Evictable);
@@ -589,7 +589,7 @@ mod tests {
         let mut p = BlockPool::new(3);
         for _ in 0..3 {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128, None);
+            p.register(b, u128::from(b.0), None);
         }
         for b in [0, 1, 2] {
             p.release(BlockId(b));
@@ -611,7 +611,7 @@ mod tests {
         let mut p = BlockPool::with_policy(4, EvictionPolicy::Lfu).unwrap();
         for _ in 0..4 {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128, None);
+            p.register(b, u128::from(b.0), None);
         }
         // Hits: block 0 twice, block 1 once, 2 and 3 none (6 hits on 3 saturate at 4: later).
         for b in [0, 0, 1] {
@@ -645,7 +645,7 @@ mod tests {
         let mut p = BlockPool::with_policy(n as usize, policy).unwrap();
         for _ in 0..n {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128, None);
+            p.register(b, u128::from(b.0), None);
         }
         for b in 0..n {
             p.release(BlockId(b));
@@ -718,7 +718,7 @@ mod tests {
             let mut p = BlockPool::with_policy(2, EvictionPolicy::Lecar).unwrap();
             for _ in 0..2 {
                 let b = p.take_blank().unwrap();
-                p.register(b, b.0 as u128, None);
+                p.register(b, u128::from(b.0), None);
             }
             p.acquire_hit(BlockId(0));
             p.release(BlockId(0));
@@ -728,7 +728,7 @@ mod tests {
             let victim = p.evict_lru().unwrap();
             p.check_invariants();
             assert_eq!(p.lru_weight(), 0.5);
-            p.register(victim, victim.0 as u128, None); // the evicted hash was needed after all
+            p.register(victim, u128::from(victim.0), None); // the evicted hash was needed after all
             (victim, p.lru_weight())
         };
         let (victim, w) = run();
@@ -794,7 +794,7 @@ mod tests {
         let mut p = BlockPool::new(2);
         for _ in 0..2 {
             let b = p.take_blank().unwrap();
-            p.register(b, b.0 as u128, None);
+            p.register(b, u128::from(b.0), None);
         }
         p.acquire_hit(BlockId(0));
         p.release(BlockId(1));

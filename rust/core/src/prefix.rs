@@ -50,7 +50,7 @@ impl Hasher {
         Hasher { algo }
     }
 
-    fn digest(&self, bytes: &[u8]) -> BlockHash {
+    fn digest(self, bytes: &[u8]) -> BlockHash {
         match self.algo {
             HashAlgo::Xxh3_128 => xxh3_128(bytes),
             HashAlgo::Sha256 => {

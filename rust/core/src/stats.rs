@@ -25,6 +25,7 @@ macro_rules! counters {
             }
 
             /// `self - earlier`, field by field.
+            #[must_use]
             pub fn since(&self, earlier: &Counters) -> Counters {
                 Counters { $($name: self.$name - earlier.$name,)* }
             }

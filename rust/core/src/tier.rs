@@ -212,15 +212,14 @@ impl DiskTier {
         if self.index.get(hash).is_some() {
             return None;
         }
-        let slot = match self.pool.take_blank() {
-            Some(s) => s,
-            None => {
-                let s = self.pool.evict_lru()?;
-                if let Some(h) = self.index.remove(s) {
-                    events.removed(h, Tier::Disk);
-                }
-                s
+        let slot = if let Some(s) = self.pool.take_blank() {
+            s
+        } else {
+            let s = self.pool.evict_lru()?;
+            if let Some(h) = self.index.remove(s) {
+                events.removed(h, Tier::Disk);
             }
+            s
         };
         self.index.insert(slot, hash, parent, first, tokens);
         let parent_block = (!first).then(|| self.index.get(parent)).flatten();

@@ -120,7 +120,7 @@ fn bad_batches_fail_and_change_nothing() {
             ("unknown", Err(Error::UnknownRequest(r))) => assert_eq!(r, rid("zz")),
             ("swapped", Err(Error::InvalidState(m))) => assert!(m.contains("swapped out"), "{m}"),
             ("past the end", Err(Error::InvalidArgument(m))) => {
-                assert!(m.contains("exceeds its 5 tokens"), "{m}")
+                assert!(m.contains("exceeds its 5 tokens"), "{m}");
             }
             ("length", Err(Error::InvalidArgument(m))) => assert!(m.contains("2 num_new"), "{m}"),
             ("twice", Err(Error::InvalidArgument(m))) => assert!(m.contains("twice"), "{m}"),

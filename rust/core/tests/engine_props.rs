@@ -270,7 +270,7 @@ fn run(ops: Vec<Op>, prefix: bool) {
                     }
                     Err(Error::UnknownRequest(_)) => assert!(!m.seqs.contains_key(&id)),
                     Err(Error::InvalidState(_)) => {
-                        assert!(m.seqs.contains_key(&id) && !m.swapped.contains(&id))
+                        assert!(m.seqs.contains_key(&id) && !m.swapped.contains(&id));
                     }
                     Err(Error::OutOfBlocks { .. }) => assert_eq!(snapshot(&e), before),
                     Err(other) => panic!("swap_in: {other:?}"),

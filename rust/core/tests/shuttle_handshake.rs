@@ -226,7 +226,7 @@ fn signalled(fd: i32) -> bool {
     };
     // SAFETY: `p` is one initialized pollfd that lives across the call; with a timeout of 0,
     // poll returns at once and writes only `p.revents`. A closed fd is reported in revents.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
+    unsafe { libc::poll(&raw mut p, 1, 0) == 1 && p.revents & libc::POLLIN != 0 }
 }
 
 /// What the event loop saw of one ticket.
@@ -470,7 +470,7 @@ fn swap_in_flight() {
                 .unwrap()
             {
                 Outcome::Ready(v) => assert_eq!(v.num_tokens, 8),
-                other => panic!("extend of b: {other:?}"),
+                other @ Outcome::Waiting(_) => panic!("extend of b: {other:?}"),
             }
             // The device is full until the swap gives a's blocks back: a third request
             // that gets them writes its own K/V there, which the copy must never see.

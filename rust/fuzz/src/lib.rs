@@ -709,8 +709,9 @@ impl Harness {
         let want = match &self.m.seqs[r] {
             None => Some(Kind::Unknown),
             Some(s) => match (&s.phase, out) {
-                (PhaseM::Moving { .. }, _) => Some(Kind::InvalidState),
-                (PhaseM::Swapped, true) | (PhaseM::Resident, false) => Some(Kind::InvalidState),
+                (PhaseM::Moving { .. }, _)
+                | (PhaseM::Swapped, true)
+                | (PhaseM::Resident, false) => Some(Kind::InvalidState),
                 (PhaseM::Resident, true) if self.m.open_ticket(r).is_some() => {
                     Some(Kind::InvalidState)
                 }

@@ -211,7 +211,7 @@ macro_rules! token_int {
     ($($t:ty),*) => {$(impl TokenInt for $t {
         #[inline]
         fn to_i128(self) -> i128 {
-            self as i128
+            i128::from(self)
         }
     })*};
 }
@@ -233,7 +233,7 @@ fn from_buffer<T: TokenInt, O>(
         ))));
     }
     let vals: Vec<T> = match buf.as_slice(obj.py()) {
-        Some(cells) => cells.iter().map(|c| c.get()).collect(),
+        Some(cells) => cells.iter().map(pyo3::buffer::ReadOnlyCell::get).collect(),
         None => match buf.to_vec(obj.py()) {
             Ok(v) => v, // strided: copied into order once
             Err(e) => return Some(Err(e)),
@@ -401,8 +401,7 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
     let ty = obj
         .get_type()
         .name()
-        .map(|n| n.to_string())
-        .unwrap_or_else(|_| "?".into());
+        .map_or_else(|_| "?".into(), |n| n.to_string());
     match obj.getattr("dtype") {
         Ok(d) => format!(
             "{ty} of dtype {}",

@@ -44,7 +44,7 @@ fn outcome(py: Python<'_>, o: Outcome) -> PyResult<Py<PyAny>> {
     }
 }
 
-fn event_tuple<'py>(py: Python<'py>, e: KvEvent) -> PyResult<Bound<'py, PyTuple>> {
+fn event_tuple(py: Python<'_>, e: KvEvent) -> PyResult<Bound<'_, PyTuple>> {
     match e {
         KvEvent::Stored {
             block_hashes,
@@ -513,7 +513,7 @@ impl PyEngine {
         // Borrowed, not copied: bytes are immutable and `values` outlives the call.
         let views: Vec<Option<&[u8]>> = values
             .iter()
-            .map(|v| v.as_ref().map(|b| b.as_bytes()))
+            .map(|v| v.as_ref().map(pyo3::types::PyBytesMethods::as_bytes))
             .collect();
         let elapsed = std::time::Duration::from_secs_f64(seconds.max(0.0));
         let got = py

@@ -481,11 +481,14 @@ impl State {
         let Some((adm, tokens, withdrawn)) = self.filling.remove(rid) else {
             return Err(Error::Closed); // `close` gave it back
         };
-        let withdrawn = || match withdrawn {
-            true => Err(Error::InvalidState(format!(
-                "request {rid}: it was deallocated while waiting"
-            ))),
-            false => Ok(()),
+        let withdrawn = || {
+            if withdrawn {
+                Err(Error::InvalidState(format!(
+                    "request {rid}: it was deallocated while waiting"
+                )))
+            } else {
+                Ok(())
+            }
         };
         if let Err(e) = copied
             .and_then(|()| self.check_open())

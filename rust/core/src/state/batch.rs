@@ -110,7 +110,8 @@ impl State {
         }
         if seqs.len() > 1 {
             // Two rows of one sequence would write its new slots twice.
-            let mut ptrs: Vec<*const Sequence> = seqs.iter().map(|s| *s as *const _).collect();
+            let mut ptrs: Vec<*const Sequence> =
+                seqs.iter().map(|s| std::ptr::from_ref(*s)).collect();
             ptrs.sort_unstable();
             if ptrs.windows(2).any(|w| w[0] == w[1]) {
                 let mut seen = std::collections::HashSet::with_capacity(rids.len());

@@ -369,7 +369,7 @@ impl State {
                 }
                 let s = self.resident(rid, "extend")?;
                 let need = self.need_of(ctx, rid, s, append)?;
-                Ok((s as *const Sequence, need))
+                Ok((std::ptr::from_ref::<Sequence>(s), need))
             })();
             // A failure reports the first bad item in order, a repeat being bad where it
             // repeats (as one check per item in turn would).
@@ -380,12 +380,11 @@ impl State {
             seen.push(s);
             any_cow |= cow;
             new_blocks.push(blocks);
-            needed = match needed.checked_add(blocks + usize::from(cow)) {
-                Some(k) => k,
-                None => {
-                    let e = Error::InvalidArgument("the batch's block count overflows".into());
-                    return Err(first_repeat(i + 1).map_or(e, twice));
-                }
+            needed = if let Some(k) = needed.checked_add(blocks + usize::from(cow)) {
+                k
+            } else {
+                let e = Error::InvalidArgument("the batch's block count overflows".into());
+                return Err(first_repeat(i + 1).map_or(e, twice));
             };
         }
         // A sequence twice would be extended twice; compared by address (one per request).

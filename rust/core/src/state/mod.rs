@@ -418,13 +418,12 @@ impl State {
 
     /// Takes one block (blank first, then LRU eviction). The caller checked availability.
     fn alloc_block(&mut self, ctx: &Ctx, now: f64) -> BlockId {
-        let b = match self.pool.take_blank() {
-            Some(b) => b,
-            None => {
-                let b = self.pool.evict_lru().expect("availability was checked");
-                self.evict_cached(ctx, b, now);
-                b
-            }
+        let b = if let Some(b) = self.pool.take_blank() {
+            b
+        } else {
+            let b = self.pool.evict_lru().expect("availability was checked");
+            self.evict_cached(ctx, b, now);
+            b
         };
         self.residency.on_allocate(b, now);
         b

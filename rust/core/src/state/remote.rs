@@ -128,22 +128,19 @@ impl State {
         let end = s.hashes.len().min(s.blocks.len());
         for i in s.own_from.min(end)..end {
             let (b, hash) = (s.blocks[i], s.hashes[i]);
-            match tier {
-                Tier::Device => {
-                    let stored = self.stored_of(b, hash);
-                    self.stage_device(ctx, b, hash, stored);
-                }
-                _ => {
-                    // A swapped-out sequence's blocks are in no index: its parents and
-                    // tokens are its own.
-                    let parent = if i == 0 { None } else { Some(s.hashes[i - 1]) };
-                    let stored = self.index.get(hash).map(|d| crate::remote::Stored {
-                        hash,
-                        parent,
-                        tokens: self.index.tokens_of(d).to_vec(),
-                    });
-                    self.stage_host(b, hash, stored);
-                }
+            if tier == Tier::Device {
+                let stored = self.stored_of(b, hash);
+                self.stage_device(ctx, b, hash, stored);
+            } else {
+                // A swapped-out sequence's blocks are in no index: its parents and
+                // tokens are its own.
+                let parent = if i == 0 { None } else { Some(s.hashes[i - 1]) };
+                let stored = self.index.get(hash).map(|d| crate::remote::Stored {
+                    hash,
+                    parent,
+                    tokens: self.index.tokens_of(d).to_vec(),
+                });
+                self.stage_host(b, hash, stored);
             }
         }
     }
@@ -284,19 +281,16 @@ impl State {
         let local = plan.hits.len() + plan.onboard.len() + plan.from_disk.len();
         let mut done = Imported::default();
         // The tier's own prefix blocks, pinned while room is made (see the module header).
-        let pinned: Vec<BlockId> = match self.host.as_mut() {
-            Some(h) => {
-                for &b in &plan.onboard {
-                    h.pool.acquire(b);
-                }
-                plan.onboard.clone()
+        let pinned: Vec<BlockId> = if let Some(h) = self.host.as_mut() {
+            for &b in &plan.onboard {
+                h.pool.acquire(b);
             }
-            None => {
-                for &b in &plan.hits {
-                    self.pool.acquire(b);
-                }
-                plan.hits.clone()
+            plan.onboard.clone()
+        } else {
+            for &b in &plan.hits {
+                self.pool.acquire(b);
             }
+            plan.hits.clone()
         };
         let key_of = |st: &State, h: BlockHash| st.remote.as_ref().expect("checked").keys.key(h);
         for i in local.max(start)..max_full {

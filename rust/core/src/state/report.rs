@@ -17,7 +17,7 @@ use crate::waiters::Ticket;
 use super::{Ctx, State};
 
 impl State {
-    fn snapshot(&self, ctx: &Ctx, counters: Counters) -> Snapshot {
+    fn snapshot(&self, ctx: &Ctx, counters: &Counters) -> Snapshot {
         let bpb = ctx.bytes_per_block();
         let tier = |p: &crate::pool::BlockPool| {
             TierStats::new(
@@ -47,14 +47,14 @@ impl State {
             num_waiting: self.waiters.num_pending(),
             pressure_level: self.level() as u8,
             callback_errors: self.callback_errors,
-            counters,
+            counters: *counters,
         }
     }
 
     /// Gauges now and cumulative counters since start.
     pub fn stats(&mut self, ctx: &Ctx) -> Snapshot {
         self.sync_dropped_counts();
-        self.snapshot(ctx, self.counters)
+        self.snapshot(ctx, &self.counters)
     }
 
     /// Gauges now and counters since the previous call (which this call resets).
@@ -62,7 +62,7 @@ impl State {
         self.sync_dropped_counts();
         let delta = self.counters.since(&self.iter_mark);
         self.iter_mark = self.counters;
-        self.snapshot(ctx, delta)
+        self.snapshot(ctx, &delta)
     }
 
     /// Pressure transitions since the last drain (the finished tickets stay queued).

@@ -117,7 +117,10 @@ impl State {
     /// `flush`: None when every disk and remote write issued so far has landed (or there is
     /// no write-behind tier), else a ticket answered once they have (`Flushed`).
     pub fn flush(&mut self) -> Option<crate::waiters::Ticket> {
-        let before = self.write_marks(|d| d.next_write(), |r| r.next_write());
+        let before = self.write_marks(
+            super::super::tier::DiskTier::next_write,
+            super::super::remote::RemoteTier::next_write,
+        );
         let landed = self.landed_marks();
         (landed.disk < before.disk || landed.remote < before.remote)
             .then(|| self.waiters.push_flush(before))
@@ -137,7 +140,10 @@ impl State {
 
     /// Every write below these numbers has landed, per tier.
     fn landed_marks(&self) -> crate::waiters::FlushMark {
-        self.write_marks(|d| d.landed_before(), |r| r.landed_before())
+        self.write_marks(
+            super::super::tier::DiskTier::landed_before,
+            super::super::remote::RemoteTier::landed_before,
+        )
     }
 
     /// Answers the flushes whose writes have all landed.

@@ -97,7 +97,7 @@ impl Memory {
             Memory::Host(s) => s.write(off, src),
             Memory::Pinned(dev, s) => {
                 dev.host_access()?;
-                s.write(off, src)
+                s.write(off, src);
             }
             Memory::Cuda(dev, s) => dev.write_sync(s, off, src)?,
         }
@@ -111,7 +111,7 @@ impl Memory {
             Memory::Host(s) => s.read(off, dst),
             Memory::Pinned(dev, s) => {
                 dev.host_access()?;
-                s.read(off, dst)
+                s.read(off, dst);
             }
             Memory::Cuda(dev, s) => dev.read_sync(s, off, dst)?,
         }

@@ -75,7 +75,7 @@ impl RawBytes {
         // is not slab memory (no reference to slab bytes exists) and cannot overlap. Foreign
         // writers racing this copy can only tear the bytes (module header).
         unsafe {
-            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len())
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off), src.len());
         }
     }
 
@@ -85,7 +85,7 @@ impl RawBytes {
         // SAFETY: as in `write`: in bounds of live memory; `dst` is a Rust slice, so not slab
         // memory and not overlapping. A racing foreign write can only tear the bytes read.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len())
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len());
         }
     }
 }
