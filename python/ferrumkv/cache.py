@@ -57,7 +57,7 @@ _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32, "uint8": np.uint8
 
 
 class Subscription:
-    """A registered pressure callback; `cancel()` removes it (idempotent)."""
+    """A registered pressure callback (`callback`); `cancel()` removes it (idempotent)."""
 
     __slots__ = ("_cache", "_queue", "_running", "callback")
 
@@ -69,12 +69,14 @@ class Subscription:
         self._running = False
 
     def cancel(self) -> None:
+        """Removes the callback; events already queued for it are not delivered."""
         cache, self._cache = self._cache, None
         if cache is not None:
             cache._unsubscribe(self)
 
     @property
     def active(self) -> bool:
+        """Whether the callback is still registered."""
         return self._cache is not None
 
 
@@ -152,6 +154,7 @@ class KvCache:
 
     @property
     def closed(self) -> bool:
+        """Whether `close()` was called."""
         return self._closed
 
     def _check_open(self) -> None:
@@ -384,6 +387,7 @@ class KvCache:
         return self._core.can_allocate(tokens_or_count, salt, num_new_tokens)
 
     def get(self, request_id: RequestId) -> SequenceHandle | None:
+        """The live sequence of `request_id` as it is now, or None."""
         return self._core.get(request_id)
 
     def __contains__(self, request_id: object) -> bool:
@@ -423,6 +427,7 @@ class KvCache:
 
     @property
     def pressure_level(self) -> PressureLevel:
+        """The device tier's pressure now (LOW, HIGH or CRITICAL; see the watermarks)."""
         return PressureLevel(self._core.pressure_level())
 
     def on_pressure(self, callback: PressureCallback) -> Subscription:
@@ -538,6 +543,8 @@ class KvCache:
         return stats
 
     def iteration_stats(self) -> IterationStats:
+        """The counters' changes since the previous call (one serving iteration), with the
+        tiers' block counts now."""
         return IterationStats._from_core(self._core.iteration_stats())
 
     def drain_events(self) -> list[KvEvent]:
@@ -551,6 +558,8 @@ class KvCache:
         return [_event_from_core(e) for e in self._core.drain_events()]
 
     def drain_eviction_events(self) -> list[EvictionEvent]:
+        """The sampled blocks evicted since the last drain, with their residency (what
+        `ferrumkv.metrics` turns into histograms; a bounded queue)."""
         return [
             EvictionEvent(life, idle, tuple(gaps))
             for life, idle, gaps in self._core.drain_eviction_events()

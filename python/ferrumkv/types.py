@@ -56,6 +56,11 @@ class _ToDict:
 
 @dataclass(frozen=True, slots=True)
 class PressureEvent(_ToDict):
+    """A change of the device tier's pressure level, delivered to `on_pressure` callbacks:
+    the new `level` and the `previous` one, and at that moment the tier's `free_blocks`
+    (blank and evictable), `evictable_blocks`, `total_blocks`, and the `needed_blocks` that
+    waiting calls ask for."""
+
     level: PressureLevel
     previous: PressureLevel
     free_blocks: int
@@ -66,8 +71,9 @@ class PressureEvent(_ToDict):
 
 @dataclass(frozen=True)
 class TierStats(_ToDict):
-    """Blocks of one tier: used (owned by a live sequence) + free == total; evictable
-    blocks are free blocks that still hold cached data."""
+    """Blocks of one tier: `used_blocks` (owned by a live sequence) + `free_blocks` ==
+    `total_blocks`; `evictable_blocks` are free blocks that still hold cached data;
+    `total_bytes` and `used_bytes` are the same in bytes."""
 
     total_blocks: int
     free_blocks: int
@@ -239,9 +245,9 @@ class IterationStats(_Counters):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class PrefixMatch(_ToDict):
-    """What `allocate` would reuse of a prompt now (`lookup_prefix`), per tier: device hits
-    (shared whole, plus a partly matching block's tokens, copied), host and disk hits
-    (onboarded). Local tiers only."""
+    """What `allocate` would reuse of a prompt now (`lookup_prefix`), per tier:
+    `device_tokens` (full hits shared whole, plus a partly matching block's tokens, copied),
+    `host_tokens` and `disk_tokens` (onboarded). Local tiers only."""
 
     device_tokens: int
     host_tokens: int
@@ -268,6 +274,10 @@ class PrefixMatch(_ToDict):
 
 @dataclass(frozen=True, slots=True)
 class GcStats(_ToDict):
+    """What `gc()` did: cached blocks it evicted (`evicted_blocks`), of which it offloaded
+    `offloaded_blocks` to the host tier, the bytes it made blank (`freed_bytes`), and how
+    long it took (`duration_s`)."""
+
     evicted_blocks: int
     offloaded_blocks: int
     freed_bytes: int
@@ -276,7 +286,9 @@ class GcStats(_ToDict):
 
 @dataclass(frozen=True, slots=True)
 class EvictionEvent(_ToDict):
-    """Residency of a sampled block at its eviction."""
+    """Residency of a sampled block at its eviction (`residency_sample_rate`): seconds from
+    allocation to eviction (`lifetime_seconds`), from its last access to eviction
+    (`idle_seconds`), and between its last accesses (`reuse_gaps_seconds`, at most 3)."""
 
     lifetime_seconds: float
     idle_seconds: float
@@ -285,6 +297,11 @@ class EvictionEvent(_ToDict):
 
 @dataclass(frozen=True, slots=True)
 class BlockStored(_ToDict):
+    """Blocks became cached in a tier (`tier`: "device", "host", "disk" or "remote"):
+    `block_hashes` in chain order (the engine's 128-bit chained hashes), the hash of the
+    first one's parent (`parent_block_hash`, None for a chain's first block), their
+    `token_ids` end to end, and `block_size`."""
+
     block_hashes: tuple[int, ...]
     parent_block_hash: int | None
     token_ids: tuple[int, ...]
@@ -294,6 +311,8 @@ class BlockStored(_ToDict):
 
 @dataclass(frozen=True, slots=True)
 class BlockRemoved(_ToDict):
+    """Blocks (`block_hashes`) left a tier's prefix cache (`tier`)."""
+
     block_hashes: tuple[int, ...]
     tier: str
 

@@ -10,6 +10,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyByteArray, PyDict};
 
+/// The attention metadata of one forward step over a batch of sequences
+/// (`KvCache.batch_layout`), as numpy arrays (`to_torch()` for tensors): the block table,
+/// sequence lengths, query start offsets and each new token's slot.
 #[pyclass(frozen, name = "BatchLayout", module = "ferrumkv._core")]
 pub struct PyBatchLayout {
     /// int32 `[num_seqs, max_blocks]`, padded with the pad (0 by default).
@@ -24,15 +27,19 @@ pub struct PyBatchLayout {
     /// int64 `[num_tokens]`.
     #[pyo3(get)]
     slot_mapping: Py<PyAny>,
+    /// Sequences in the batch (rows of `block_table`).
     #[pyo3(get)]
     num_seqs: usize,
+    /// Columns of `block_table`: the most blocks any sequence of the batch has.
     #[pyo3(get)]
     max_blocks: usize,
     /// New tokens of the step (`len(slot_mapping)`).
     #[pyo3(get)]
     num_tokens: usize,
+    /// The most new tokens any sequence of the step computes.
     #[pyo3(get)]
     max_query_len: usize,
+    /// The longest sequence of the batch, in tokens.
     #[pyo3(get)]
     max_seq_len: usize,
 }
@@ -156,6 +163,7 @@ impl PyBatchLayout {
         })
     }
 
+    /// Every field by name.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (name, a) in FIELDS.iter().zip(self.arrays()) {

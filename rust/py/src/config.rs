@@ -24,6 +24,8 @@ fn int_field(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<i64> {
     })
 }
 
+/// The cache's settings, validated when made (keyword-only; a bad value raises ValueError
+/// naming the field). Frozen; compare with `==`, copy with `CacheConfig(**c.to_dict())`.
 #[pyclass(frozen, name = "CacheConfig", module = "ferrumkv._core")]
 pub struct PyCacheConfig {
     pub input: ConfigInput,
@@ -114,30 +116,37 @@ impl PyCacheConfig {
         Ok(PyCacheConfig { input, config })
     }
 
+    /// Transformer layers whose K/V the cache holds.
     #[getter]
     fn num_layers(&self) -> usize {
         self.config.num_layers
     }
+    /// KV heads per layer (after grouped-query sharing).
     #[getter]
     fn num_kv_heads(&self) -> usize {
         self.config.num_kv_heads
     }
+    /// Elements of one head of one token.
     #[getter]
     fn head_dim(&self) -> usize {
         self.config.head_dim
     }
+    /// Tokens per block (a page of the paged cache).
     #[getter]
     fn block_size(&self) -> usize {
         self.config.block_size
     }
+    /// Element type of K and V: "float16", "bfloat16", "float32" or "uint8".
     #[getter]
     fn dtype(&self) -> &'static str {
         self.config.dtype.name()
     }
+    /// Bytes of one element of `dtype`.
     #[getter]
     fn itemsize(&self) -> usize {
         self.config.dtype.itemsize()
     }
+    /// "cpu" (host memory) or "cuda:N" (GPU memory from the CUDA driver).
     #[getter]
     fn device(&self) -> String {
         self.config.device.name()
@@ -147,26 +156,32 @@ impl PyCacheConfig {
     fn num_blocks(&self) -> usize {
         self.config.num_blocks
     }
+    /// The device tier's budget in bytes when it sized `num_blocks`, else None.
     #[getter]
     fn memory_bytes(&self) -> Option<i64> {
         self.input.memory_bytes
     }
+    /// Blocks of the host tier (swap-outs and offloaded cached blocks); 0: none.
     #[getter]
     fn host_blocks(&self) -> usize {
         self.config.host_blocks
     }
+    /// The disk tier's file (spills of evicted host blocks), or None.
     #[getter]
     fn disk_path(&self) -> Option<String> {
         self.config.disk_path.clone()
     }
+    /// Blocks of the disk tier; 0: none.
     #[getter]
     fn disk_blocks(&self) -> usize {
         self.config.disk_blocks
     }
+    /// Whether full blocks are cached under chained hashes and reused.
     #[getter]
     fn enable_prefix_cache(&self) -> bool {
         self.config.enable_prefix_cache
     }
+    /// "xxh3_128" (default) or "sha256": the chained block hash.
     #[getter]
     fn hash_algo(&self) -> &'static str {
         self.config.hash_algo.name()
@@ -177,26 +192,32 @@ impl PyCacheConfig {
     fn eviction_policy(&self) -> &'static str {
         self.config.eviction_policy.name()
     }
+    /// Blank share of the device tier under which pressure is HIGH (and gc's default target).
     #[getter]
     fn low_watermark(&self) -> f64 {
         self.config.low_watermark
     }
+    /// Blank share under which pressure is CRITICAL (below `low_watermark`).
     #[getter]
     fn high_watermark(&self) -> f64 {
         self.config.high_watermark
     }
+    /// Share of blocks whose residency (lifetime, idle time, reuse gaps) is sampled.
     #[getter]
     fn residency_sample_rate(&self) -> f64 {
         self.config.residency_sample_rate
     }
+    /// "block_major" (each block's K/V contiguous) or "layer_major" (vLLM's per-layer tensors).
     #[getter]
     fn layout(&self) -> &'static str {
         self.config.layout.name()
     }
+    /// Whether BlockStored / BlockRemoved events are queued (`drain_events`).
     #[getter]
     fn enable_kv_events(&self) -> bool {
         self.config.enable_kv_events
     }
+    /// Seed of the sampled statistics (residency, the adaptive policy's shadows).
     #[getter]
     fn seed(&self) -> u64 {
         self.config.seed
@@ -256,6 +277,7 @@ impl PyCacheConfig {
         self.config.bytes_per_block()
     }
 
+    /// Every setting by name, as `CacheConfig(**d)` takes them.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = &self.config;
         let d = PyDict::new(py);

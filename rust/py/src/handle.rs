@@ -6,6 +6,8 @@ use pyo3::types::{PyDict, PyTuple};
 
 use crate::convert::request_id_to_py;
 
+/// A sequence as a call left it (frozen: later calls return new handles): its request id,
+/// tokens, the prefix it got from the cache, its blocks and the tier they are in.
 #[pyclass(frozen, name = "SequenceHandle", module = "ferrumkv._core")]
 pub struct PySequenceHandle {
     pub view: SeqView,
@@ -13,16 +15,19 @@ pub struct PySequenceHandle {
 
 #[pymethods]
 impl PySequenceHandle {
+    /// The id given to `allocate` (a str or an int).
     #[getter]
     fn request_id<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         request_id_to_py(py, &self.view.request_id)
     }
 
+    /// Tokens with slots (prompt and generated).
     #[getter]
     fn num_tokens(&self) -> usize {
         self.view.num_tokens
     }
 
+    /// Prompt tokens served from the cache at allocation (their K/V is already there).
     #[getter]
     fn num_cached_tokens(&self) -> usize {
         self.view.num_cached_tokens
@@ -41,16 +46,19 @@ impl PySequenceHandle {
         PyTuple::new(py, &self.view.block_ids)
     }
 
+    /// Blocks the sequence holds (`len(block_ids)`).
     #[getter]
     fn num_blocks(&self) -> usize {
         self.view.block_ids.len()
     }
 
+    /// "device", or "host" while swapped out.
     #[getter]
     fn tier(&self) -> &'static str {
         self.view.tier.as_str()
     }
 
+    /// Every field by name.
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("request_id", self.request_id(py)?)?;

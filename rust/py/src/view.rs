@@ -23,6 +23,9 @@ use crate::dlpack::{export_capsule, wants_versioned, DlDevice, DlDtype, TensorDe
 const KDL_CPU: i32 = 1;
 const KDL_CUDA: i32 = 2;
 
+/// A zero-copy view of one layer's K/V memory (`KvCache.kv_view(layer)`): DLPack
+/// (`torch.from_dlpack`, `np.from_dlpack`) over the engine's own memory, kept alive while
+/// the view is.
 #[pyclass(frozen, name = "KvView", module = "ferrumkv._core")]
 pub struct PyKvView {
     memory: Memory,
@@ -112,6 +115,7 @@ impl PyKvView {
         (s[0], s[1], s[2], s[3], s[4])
     }
 
+    /// Element type, as `CacheConfig.dtype`.
     #[getter]
     fn dtype(&self) -> &'static str {
         self.dtype.name()
