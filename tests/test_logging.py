@@ -12,7 +12,7 @@ import pytest
 
 import ferrumkv
 from helpers import make_config
-from test_tiers import alloc_from_disk, disk_cache, spill_chain
+from tiers_helpers import alloc_from_disk, disk_cache, spill_chain
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
