@@ -1,5 +1,6 @@
-"""The tiers against a model: random programs of allocations, swaps, evictions and disk faults,
-checked byte for byte against `TierModel`.
+"""The tiers against a model: a hypothesis state machine of allocations (new prompts and
+prefixes asked for again), swaps, extends, rewrites, deallocations and gc over all three
+tiers, every live sequence checked byte for byte against `TierModel` after each rule.
 
 Shared setup: `tiers_helpers` (what goes where, the helpers).
 """
@@ -13,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import ferrumkv
 from ferrumkv import InvalidStateError, OutOfBlocksError
@@ -46,29 +48,6 @@ p_prompts = st.builds(
 
 
 p_pick = st.integers(0, 50)
-
-
-p_ops = st.one_of(
-    st.tuples(st.just("alloc"), p_prompts),
-    st.tuples(st.just("alloc"), p_prompts),
-    st.tuples(st.just("again"), p_pick, st.integers(1, 4)),
-    st.tuples(st.just("again"), p_pick, st.integers(1, 4)),
-    st.tuples(st.just("again"), p_pick, st.integers(1, 4)),
-    st.tuples(st.just("swap_out"), p_pick),
-    st.tuples(st.just("swap_out"), p_pick),
-    st.tuples(st.just("swap_in"), p_pick),
-    st.tuples(st.just("swap_in"), p_pick),
-    st.tuples(st.just("dealloc"), p_pick),
-    st.tuples(st.just("dealloc"), p_pick),
-    st.tuples(
-        st.just("extend"),
-        p_pick,
-        st.one_of(st.lists(st.integers(0, 9), min_size=1, max_size=6), st.integers(1, 4)),
-    ),
-    st.tuples(st.just("rewrite"), p_pick),
-    st.tuples(st.just("gc"), st.sampled_from([0.5, 1.0])),
-    st.tuples(st.just("gc"), st.just(1.0)),
-)
 
 
 _ROWS: dict[tuple[tuple[int, ...], int], tuple[np.ndarray, np.ndarray]] = {}
@@ -144,115 +123,206 @@ def check_model(cache: ferrumkv.KvCache, model: TierModel) -> None:
     assert_tiers_consistent(cache)
 
 
-def run_program(program: list[tuple[Any, ...]], disk_path: str) -> None:
-    cfg = make_config(
-        num_blocks=P_DEVICE, host_blocks=P_HOST, disk_path=disk_path, disk_blocks=P_DISK
+class TierMachine(RuleBasedStateMachine):
+    """One cache with all three tiers, driven by rules; `TierModel` holds what every live
+    sequence's K/V must be, and `check_model` reads every one of them back after each rule.
+    Before each rule the disk writes have landed (deterministic spills)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._dir = tempfile.TemporaryDirectory()
+        cfg = make_config(
+            num_blocks=P_DEVICE,
+            host_blocks=P_HOST,
+            disk_path=os.path.join(self._dir.name, "kv.bin"),
+            disk_blocks=P_DISK,
+        )
+        self.cache = ferrumkv.KvCache(cfg)
+        self.model = TierModel()
+
+    def _settled(self) -> dict[str, Any]:
+        self.cache._core.wait_disk_idle()
+        return stats_dict(self.cache)
+
+    def _allocate(self, prompt: list[int]) -> None:
+        before = self._settled()
+        model, cache = self.model, self.cache
+        model.prompts.append(prompt)
+        rid = model.next_id
+        model.next_id += 1
+        looked_up = cache.lookup_prefix(prompt).num_cached_tokens
+        try:
+            h = drive(cache.allocate(rid, prompt, timeout=0))
+        except OutOfBlocksError:
+            assert_stats_unchanged(cache, before)
+        else:
+            assert h.num_cached_tokens <= min(looked_up, len(prompt) - 1)
+            model.tokens[rid] = list(prompt)
+            write_model(cache, model, rid, h.num_cached_tokens)
+
+    @rule(prompt=p_prompts)
+    def alloc(self, prompt: list[int]) -> None:
+        self._allocate(prompt)
+
+    @precondition(lambda self: self.model.prompts)
+    @rule(pick=p_pick, blocks=st.integers(1, 4))
+    def again(self, pick: int, blocks: int) -> None:
+        """An earlier prompt's first blocks and a token: a prefix that may have been evicted
+        to the host or the disk tier is asked for again."""
+        prompt = self.model.prompts[pick % len(self.model.prompts)]
+        self._allocate(prompt[: blocks * BS + 1])
+
+    # The rules' weights (the number of rules of each kind): alloc 2, again 3, swap_out 2,
+    # swap_in 2, deallocate 2, gc 2, extend 1, rewrite 1; so prefixes go through every tier
+    # and are asked for again, and swapped sequences come back, often.
+    @rule(prompt=p_prompts)
+    def alloc_2(self, prompt: list[int]) -> None:
+        self._allocate(prompt)
+
+    @precondition(lambda self: self.model.prompts)
+    @rule(pick=p_pick, blocks=st.integers(1, 4))
+    def again_2(self, pick: int, blocks: int) -> None:
+        self.again(pick, blocks)
+
+    @precondition(lambda self: self.model.prompts)
+    @rule(pick=p_pick, blocks=st.integers(1, 4))
+    def again_3(self, pick: int, blocks: int) -> None:
+        self.again(pick, blocks)
+
+    @rule(pick=p_pick)
+    def swap_out(self, pick: int) -> None:
+        rid = self.model.pick(pick, swapped_first=False)
+        if rid is None:
+            return
+        before = self._settled()
+        cache = self.cache
+        if rid in self.model.swapped:
+            with pytest.raises(InvalidStateError):
+                drive(cache.swap_out(rid))
+            assert_stats_unchanged(cache, before)
+        elif len(cache.get(rid).block_ids) > cache.stats().host.free_blocks:
+            with pytest.raises(OutOfBlocksError):
+                drive(cache.swap_out(rid))
+            assert_stats_unchanged(cache, before)
+        else:
+            assert drive(cache.swap_out(rid)).tier == "host"
+            self.model.swapped.add(rid)
+
+    @rule(pick=p_pick)
+    def swap_in(self, pick: int) -> None:
+        rid = self.model.pick(pick, swapped_first=True)
+        if rid is None:
+            return
+        before = self._settled()
+        cache = self.cache
+        if rid not in self.model.swapped:
+            with pytest.raises(InvalidStateError):
+                drive(cache.swap_in(rid))
+            assert_stats_unchanged(cache, before)
+        elif len(cache.get(rid).block_ids) > cache.stats().device.free_blocks:
+            with pytest.raises(OutOfBlocksError):
+                drive(cache.swap_in(rid))
+            assert_stats_unchanged(cache, before)
+        else:
+            assert drive(cache.swap_in(rid)).tier == "device"
+            self.model.swapped.discard(rid)
+
+    @rule(pick=p_pick)
+    def deallocate(self, pick: int) -> None:
+        rid = self.model.pick(pick, swapped_first=False)
+        if rid is None:
+            return
+        self._settled()
+        dealloc(self.cache, rid)
+        del self.model.tokens[rid]
+        self.model.swapped.discard(rid)
+
+    @rule(
+        pick=p_pick,
+        new=st.one_of(st.lists(st.integers(0, 9), min_size=1, max_size=6), st.integers(1, 4)),
     )
-    cache = ferrumkv.KvCache(cfg)
-    model = TierModel()
-    try:
-        for op in program:
-            kind = op[0]
-            cache._core.wait_disk_idle()  # deterministic: every spill has landed
-            before = stats_dict(cache)
-            if kind in ("alloc", "again"):
-                if kind == "again" and not model.prompts:
-                    continue
-                prompt = op[1] if kind == "alloc" else model.prompts[op[1] % len(model.prompts)]
-                if kind == "again":
-                    prompt = prompt[: op[2] * BS + 1]  # the first op[2] blocks and a token
-                model.prompts.append(prompt)
-                rid = model.next_id
-                model.next_id += 1
-                looked_up = cache.lookup_prefix(prompt).num_cached_tokens
-                try:
-                    h = drive(cache.allocate(rid, prompt, timeout=0))
-                except OutOfBlocksError:
-                    assert_stats_unchanged(cache, before)
-                else:
-                    assert h.num_cached_tokens <= min(looked_up, len(prompt) - 1)
-                    model.tokens[rid] = list(prompt)
-                    write_model(cache, model, rid, h.num_cached_tokens)
-            elif kind == "gc":
-                drive(cache.gc(target_free_ratio=op[1]))
-            else:
-                rid = model.pick(op[1], swapped_first=kind == "swap_in")
-                if rid is None:
-                    continue
-                swapped = rid in model.swapped
-                nblocks = len(cache.get(rid).block_ids)
-                if kind == "swap_out":
-                    if swapped:
-                        with pytest.raises(InvalidStateError):
-                            drive(cache.swap_out(rid))
-                        assert_stats_unchanged(cache, before)
-                    elif nblocks > cache.stats().host.free_blocks:
-                        with pytest.raises(OutOfBlocksError):
-                            drive(cache.swap_out(rid))
-                        assert_stats_unchanged(cache, before)
-                    else:
-                        assert drive(cache.swap_out(rid)).tier == "host"
-                        model.swapped.add(rid)
-                elif kind == "swap_in":
-                    if not swapped:
-                        with pytest.raises(InvalidStateError):
-                            drive(cache.swap_in(rid))
-                        assert_stats_unchanged(cache, before)
-                    elif nblocks > cache.stats().device.free_blocks:
-                        with pytest.raises(OutOfBlocksError):
-                            drive(cache.swap_in(rid))
-                        assert_stats_unchanged(cache, before)
-                    else:
-                        assert drive(cache.swap_in(rid)).tier == "device"
-                        model.swapped.discard(rid)
-                elif kind == "dealloc":
-                    dealloc(cache, rid)
-                    del model.tokens[rid]
-                    model.swapped.discard(rid)
-                elif kind == "extend":
-                    new = op[2]
-                    if swapped:
-                        with pytest.raises(InvalidStateError):
-                            drive(cache.extend(rid, new, timeout=0))
-                        assert_stats_unchanged(cache, before)
-                        continue
-                    try:
-                        drive(cache.extend(rid, new, timeout=0))
-                    except OutOfBlocksError:
-                        assert_stats_unchanged(cache, before)
-                    else:
-                        start = len(model.tokens[rid])
-                        model.tokens[rid] += [-1] * new if isinstance(new, int) else new
-                        write_model(cache, model, rid, start)
-                elif kind == "rewrite" and not swapped:
-                    # The same bytes again: shared blocks are copied first (copy-on-write).
-                    try:
-                        write_model(cache, model, rid, 0)
-                    except OutOfBlocksError:
-                        assert_stats_unchanged(cache, before)
-            check_model(cache, model)
-        s = cache.stats()
-        event(f"swaps out/in > 0: {s.swap_out_count > 0}/{s.swap_in_count > 0}")
-        event(f"host onboards > 0: {s.onboard_blocks - s.disk_blocks_read > 0}")
-        event(f"disk reads > 0: {s.disk_blocks_read > 0}")
-        event(f"partial reuse > 0: {s.partial_reused_blocks > 0}")
-        for rid in list(model.tokens):
-            dealloc(cache, rid)
-        assert_all_unused(cache)
-        assert cache.reset_prefix_cache()
-        cache._core.wait_disk_idle()
-        s = cache.stats()
-        assert [getattr(s, t).evictable_blocks for t in TIERS] == [0, 0, 0]
-    finally:
-        cache.close()
+    def extend(self, pick: int, new: list[int] | int) -> None:
+        rid = self.model.pick(pick, swapped_first=False)
+        if rid is None:
+            return
+        before = self._settled()
+        cache, model = self.cache, self.model
+        if rid in model.swapped:
+            with pytest.raises(InvalidStateError):
+                drive(cache.extend(rid, new, timeout=0))
+            assert_stats_unchanged(cache, before)
+            return
+        try:
+            drive(cache.extend(rid, new, timeout=0))
+        except OutOfBlocksError:
+            assert_stats_unchanged(cache, before)
+        else:
+            start = len(model.tokens[rid])
+            model.tokens[rid] += [-1] * new if isinstance(new, int) else new
+            write_model(cache, model, rid, start)
+
+    @rule(pick=p_pick)
+    def rewrite(self, pick: int) -> None:
+        """The same bytes again: shared blocks are copied first (copy-on-write)."""
+        rid = self.model.pick(pick, swapped_first=False)
+        if rid is None or rid in self.model.swapped:
+            return
+        before = self._settled()
+        try:
+            write_model(self.cache, self.model, rid, 0)
+        except OutOfBlocksError:
+            assert_stats_unchanged(self.cache, before)
+
+    @rule(target_free=st.sampled_from([0.5, 1.0]))
+    def gc(self, target_free: float) -> None:
+        self._settled()
+        drive(self.cache.gc(target_free_ratio=target_free))
+
+    @rule(pick=p_pick)
+    def swap_out_2(self, pick: int) -> None:
+        self.swap_out(pick)
+
+    @rule(pick=p_pick)
+    def swap_in_2(self, pick: int) -> None:
+        self.swap_in(pick)
+
+    @rule(pick=p_pick)
+    def deallocate_2(self, pick: int) -> None:
+        self.deallocate(pick)
+
+    @rule()
+    def gc_all(self) -> None:
+        self.gc(1.0)
+
+    @invariant()
+    def every_sequence_reads_back_exact(self) -> None:
+        self.cache._core.wait_disk_idle()
+        check_model(self.cache, self.model)
+
+    def teardown(self) -> None:
+        cache = self.cache
+        try:
+            s = cache.stats()
+            event(f"swaps out/in > 0: {s.swap_out_count > 0}/{s.swap_in_count > 0}")
+            event(f"host onboards > 0: {s.onboard_blocks - s.disk_blocks_read > 0}")
+            event(f"disk reads > 0: {s.disk_blocks_read > 0}")
+            event(f"partial reuse > 0: {s.partial_reused_blocks > 0}")
+            for rid in list(self.model.tokens):
+                dealloc(cache, rid)
+            assert_all_unused(cache)
+            assert cache.reset_prefix_cache()
+            cache._core.wait_disk_idle()
+            s = cache.stats()
+            assert [getattr(s, t).evictable_blocks for t in TIERS] == [0, 0, 0]
+        finally:
+            cache.close()
+            self._dir.cleanup()
 
 
-@settings(
+TestTiersAgainstTheModel = TierMachine.TestCase
+TestTiersAgainstTheModel.settings = settings(
     max_examples=40,
+    stateful_step_count=80,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(program=st.lists(p_ops, min_size=30, max_size=80))
-def test_tiers_keep_every_sequence_exact(program: list[tuple[Any, ...]]) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        run_program(program, os.path.join(d, "kv.bin"))
