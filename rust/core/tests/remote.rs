@@ -181,6 +181,20 @@ fn a_refused_or_missing_value_ends_the_chain_and_is_a_miss() {
         (0, 0),
         "block 2 cannot chain past a gap"
     );
+    // Values fetched for blocks after a prefix that is no longer local are not imported.
+    let fresh = remote_engine(8, 0, "on_evict");
+    let block1 = encode(&keys[1], &[6u8; 256]);
+    let got = fresh
+        .import_remote(&prompt, None, 1, &[Some(&block1[..])], 1, Duration::ZERO)
+        .unwrap();
+    assert_eq!((got.blocks, got.refused), (0, 0));
+    assert_eq!(
+        fresh
+            .lookup_prefix(&prompt, None)
+            .unwrap()
+            .num_cached_tokens(),
+        0
+    );
     let c = b.stats().unwrap().counters;
     assert_eq!(
         (

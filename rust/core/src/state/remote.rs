@@ -280,6 +280,11 @@ impl State {
         let max_full = (tokens.len() - 1) / bs;
         let local = plan.hits.len() + plan.onboard.len() + plan.from_disk.len();
         let mut done = Imported::default();
+        if local < start {
+            // The local prefix shrank since the lookup planned (an eviction meanwhile): the
+            // fetched blocks would chain from a block no tier holds.
+            return done;
+        }
         // The tier's own prefix blocks, pinned while room is made (see the module header).
         let pinned: Vec<BlockId> = if let Some(h) = self.host.as_mut() {
             for &b in &plan.onboard {
