@@ -404,6 +404,30 @@ async def test_a_paused_store_times_out_into_misses(store: Store) -> None:
 
 
 @pytest.mark.anyio
+async def test_lookups_keep_timing_out_into_misses_while_the_store_stays_paused(
+    store: Store,
+) -> None:
+    # Calls to a paused store hold the worker threads (a Mooncake call for 30 s): later
+    # lookups must still end within the timeout, as misses, never as an error.
+    ns = namespace()
+    with ferrumkv.KvCache(config(store.url, ns, remote_write="on_store")) as a:
+        await publish(a, "on_store")
+    with ferrumkv.KvCache(config(store.url, ns, remote_timeout_s=0.3)) as b:
+        store.pause()
+        try:
+            for i in range(5):
+                t0 = time.monotonic()
+                h = await b.allocate(f"p{i}", PROMPT)
+                assert h.num_cached_tokens == 0 and time.monotonic() - t0 < 2
+                await b.deallocate(f"p{i}")
+                b.reset_prefix_cache()
+                await anyio.sleep(0.8)  # past the backoff: the next lookup tries again
+            assert b.stats().remote_errors >= 2
+        finally:
+            store.resume()
+
+
+@pytest.mark.anyio
 async def test_cancelling_an_allocate_during_its_lookup_holds_nothing(store: Store) -> None:
     ns = namespace()
     with ferrumkv.KvCache(config(store.url, ns, remote_write="on_store")) as a:

@@ -97,10 +97,6 @@ class RemoteTier:
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"no answer within {self._timeout} s") from None
 
-    @property
-    def connected(self) -> bool:
-        return self._backend is not None and time.monotonic() >= self._down_until
-
     def _mark_down(self) -> None:
         with self._lock:
             self._down_until = time.monotonic() + self._backoff
@@ -122,9 +118,13 @@ class RemoteTier:
                 self._mark_down()
                 return None
             with self._lock:
-                if self._backend is None:
+                spare = self._backend is not None  # another thread connected meanwhile
+                if not spare:
                     self._backend = backend
-                    log.info("ferrumkv: remote store %s reached", self._url)
+            if spare:
+                backend.close()
+            else:
+                log.info("ferrumkv: remote store %s reached", self._url)
         return self._backend
 
     # ----- writes ----------------------------------------------------------------------------
@@ -179,11 +179,12 @@ class RemoteTier:
         if not keys:
             return 0
         t0 = time.perf_counter()
-        backend = await self._call(self._usable)
-        if backend is None:
-            return 0
         imported = asked = 0
         try:
+            # Even this may wait: the worker threads can be held by calls to a paused store.
+            backend = await self._call(self._usable)
+            if backend is None:
+                return 0
             present = await self._call(backend.exists, keys)
             n = 0
             while n < len(present) and present[n]:
