@@ -149,10 +149,38 @@ class _Cluster(Store):
     def _servers(self) -> list[subprocess.Popen[bytes]]:
         return list(self.procs)
 
+    def resume(self) -> None:
+        """Resumes every node and waits until the cluster serves again (each node says
+        `cluster_state:ok` and a client's write goes through)."""
+        super().resume()
+        _wait_cluster(self.ports)
+
+
+def _wait_cluster(ports: list[int]) -> None:
+    import redis
+    import redis.cluster
+
+    def ok() -> bool:
+        for p in ports:
+            if (
+                redis.Redis(host=LOOPBACK, port=p, socket_timeout=1).cluster("info")[
+                    "cluster_state"
+                ]
+                != "ok"
+            ):
+                return False
+        nodes = [redis.cluster.ClusterNode(LOOPBACK, p) for p in ports]  # type: ignore[no-untyped-call]
+        client = redis.cluster.RedisCluster(startup_nodes=nodes, socket_timeout=1)
+        try:
+            return bool(client.set("ferrumkv-probe", b"1")) and client.delete("ferrumkv-probe") == 1
+        finally:
+            client.close()
+
+    _wait(ok, "the redis cluster")
+
 
 @contextlib.contextmanager
 def redis_cluster(n: int = 3) -> Iterator[Store]:
-    import redis
 
     with tempfile.TemporaryDirectory(prefix="ferrumkv-cluster-") as tmp:
         ports = [free_cluster_port() for _ in range(n)]
@@ -173,12 +201,7 @@ def redis_cluster(n: int = 3) -> Iterator[Store]:
             create += [f"{LOOPBACK}:{p}" for p in ports]
             create += ["--cluster-replicas", "0", "--cluster-yes"]
             subprocess.run(create, check=True, capture_output=True, timeout=60)
-
-            def ok() -> bool:
-                info = redis.Redis(host=LOOPBACK, port=ports[0]).cluster("info")
-                return bool(info["cluster_state"] == "ok")
-
-            _wait(ok, "the redis cluster")
+            _wait_cluster(ports)
             yield store
         finally:
             store.stop()
