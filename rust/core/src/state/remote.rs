@@ -35,17 +35,19 @@ pub struct Imported {
 }
 
 impl State {
-    /// Whether blocks leaving the local tiers go to the store.
-    fn writes_on_evict(&self) -> bool {
+    /// Whether block `hash` is written to the store now, in write mode `mode`: there is a
+    /// store, it is written in that mode, and the store does not have the block lately. The
+    /// one check every staging site makes first, before it copies anything.
+    fn writes(&self, hash: BlockHash, mode: crate::remote::WriteMode) -> bool {
         self.remote
             .as_ref()
-            .is_some_and(|r| r.mode == crate::remote::WriteMode::OnEvict)
+            .is_some_and(|r| r.mode == mode && !r.is_known(hash))
     }
 
     /// Stages device block `b` (cached under `hash`, still indexed) for the store, if
     /// blocks go there on evict.
     pub(super) fn stage_evicted_device(&mut self, ctx: &Ctx, b: BlockId, hash: BlockHash) {
-        if self.writes_on_evict() {
+        if self.writes(hash, crate::remote::WriteMode::OnEvict) {
             let stored = self.stored_of(b, hash);
             self.stage_device(ctx, b, hash, stored);
         }
@@ -54,7 +56,7 @@ impl State {
     /// Stages host block `hb`, just evicted from the host tier with what it held, for the
     /// store, if blocks go there on evict.
     pub(super) fn stage_evicted_host(&mut self, hb: BlockId, sp: &crate::tier::Spilled) {
-        if self.writes_on_evict() {
+        if self.writes(sp.hash, crate::remote::WriteMode::OnEvict) {
             let stored = crate::remote::Stored {
                 hash: sp.hash,
                 parent: (!sp.first).then_some(sp.parent),
@@ -88,9 +90,7 @@ impl State {
         hash: BlockHash,
         stored: Option<crate::remote::Stored>,
     ) {
-        let Some(r) = self.remote.as_ref().filter(|r| !r.is_known(hash)) else {
-            return;
-        };
+        let Some(r) = &self.remote else { return };
         let key = r.keys.key(hash);
         let at = ctx.layout.block_runs(b.idx()).collect();
         self.fx
@@ -98,10 +98,7 @@ impl State {
     }
 
     fn stage_host(&mut self, hb: BlockId, hash: BlockHash, stored: Option<crate::remote::Stored>) {
-        let (Some(r), Some(host)) = (
-            self.remote.as_ref().filter(|r| !r.is_known(hash)),
-            &self.host,
-        ) else {
+        let (Some(r), Some(host)) = (&self.remote, &self.host) else {
             return;
         };
         let key = r.keys.key(hash);
@@ -112,11 +109,7 @@ impl State {
 
     /// `on_store`: stages the full blocks sequence `s` computed, as it is released.
     pub(super) fn stage_released(&mut self, ctx: &Ctx, s: &Sequence) {
-        let on_store = self
-            .remote
-            .as_ref()
-            .is_some_and(|r| r.mode == crate::remote::WriteMode::OnStore);
-        if !on_store || self.closing || !s.cacheable {
+        if self.remote.is_none() || self.closing || !s.cacheable {
             return;
         }
         let tier = match s.phase {
@@ -128,6 +121,9 @@ impl State {
         let end = s.hashes.len().min(s.blocks.len());
         for i in s.own_from.min(end)..end {
             let (b, hash) = (s.blocks[i], s.hashes[i]);
+            if !self.writes(hash, crate::remote::WriteMode::OnStore) {
+                continue;
+            }
             if tier == Tier::Device {
                 let stored = self.stored_of(b, hash);
                 self.stage_device(ctx, b, hash, stored);
