@@ -308,3 +308,37 @@ fn the_writer_wakes_when_writes_are_queued_and_when_the_engine_closes() {
     a.close();
     assert!(w.join().unwrap().is_err());
 }
+
+#[test]
+fn on_store_writes_a_swapped_out_sequence_from_its_host_blocks_byte_for_byte() {
+    let a = remote_engine(4, 4, "on_store");
+    let prompt: Vec<u32> = (1..=9).collect();
+    alloc(&a, "p", &prompt);
+    fill_all(&a, "p", 9, 5);
+    let want = kv_bytes(&a, "p", 8);
+    let out = a.swap_out(&rid("p")).unwrap();
+    assert_eq!(settle(&a, out).tier, Tier::Host);
+    assert!(take(&a).is_empty(), "never before release");
+    a.deallocate(&rid("p")).unwrap();
+    let writes = take(&a);
+    assert_eq!(writes.len(), 2);
+    // The values hold the blocks' runs end to end; the device tier's block-major runs are
+    // [layer][K|V][positions] per block, so compare by importing into another engine.
+    let b = remote_engine(4, 0, "on_evict");
+    let (start, keys) = b.remote_plan(&prompt, None).unwrap();
+    let values: Vec<Option<&[u8]>> = keys
+        .iter()
+        .map(|k| {
+            writes
+                .iter()
+                .find(|w| &w.key == k)
+                .map(|w| w.value.as_slice())
+        })
+        .collect();
+    let got = b
+        .import_remote(&prompt, None, start, &values, 2, Duration::ZERO)
+        .unwrap();
+    assert_eq!(got.blocks, 2);
+    alloc(&b, "p", &prompt);
+    assert_eq!(kv_bytes(&b, "p", 8), want);
+}
