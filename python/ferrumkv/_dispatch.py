@@ -28,7 +28,11 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._core import Ticket
+    from .types import PressureEvent
 
 log = logging.getLogger("ferrumkv")
 
@@ -53,16 +57,16 @@ def _running_trio_token() -> Any:
 class Dispatcher:
     """Watches one engine's notify fd and wakes its waiters."""
 
-    def __init__(self, core: Any, on_pressure: Callable[[list[tuple[int, ...]]], None]) -> None:
+    def __init__(self, core: Any, on_pressure: Callable[[list[PressureEvent]], None]) -> None:
         self._core = core
         self._fd: int = core.notify_fd
         # A bound method (the cache's) is held weakly: the dispatcher must not keep it alive.
-        self._on_pressure: Callable[[], Callable[[list[tuple[int, ...]]], None] | None] = (
+        self._on_pressure: Callable[[], Callable[[list[PressureEvent]], None] | None] = (
             weakref.WeakMethod(on_pressure)
             if inspect.ismethod(on_pressure)
             else lambda: on_pressure
         )
-        self._waiters: dict[int, Any] = {}
+        self._waiters: dict[Ticket, Any] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trio_token: Any = None
         # The thread of the loop watching the fd (pressure is delivered there).
@@ -140,7 +144,7 @@ class Dispatcher:
 
     # ----- waiting ---------------------------------------------------------------------
 
-    async def wait(self, ticket: int, timeout: float | None) -> None:
+    async def wait(self, ticket: Ticket, timeout: float | None) -> None:
         """Returns when `ticket` finished; raises TimeoutError after `timeout` seconds."""
         self.attach()
         if self._loop is not None and _running_trio_token() is None:

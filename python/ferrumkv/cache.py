@@ -42,7 +42,6 @@ from .types import (
     PrefixMatch,
     PressureEvent,
     PressureLevel,
-    _event_from_core,
 )
 
 log = logging.getLogger("ferrumkv")
@@ -89,6 +88,7 @@ class KvCache:
         if not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, not {type(config).__name__}")
         self.config = config
+        """The `CacheConfig` the cache was made with."""
         if clock_start is None:
             self._core = _core.Engine(config)
         else:
@@ -97,7 +97,7 @@ class KvCache:
         self._dispatcher = Dispatcher(self._core, self._fire_pressure)
         self._async_tasks: set[Any] = set()
         # Pressure transitions drained but not yet delivered to every subscriber.
-        self._pressure: collections.deque[tuple[int, ...]] = collections.deque()
+        self._pressure: collections.deque[PressureEvent] = collections.deque()
         self._delivering = False
         self._closed = False
         dtype = _NUMPY_DTYPES.get(config.dtype, np.uint16)  # bfloat16: raw uint16 bits
@@ -167,8 +167,10 @@ class KvCache:
 
     # ----- waiting -------------------------------------------------------------------------
 
-    async def _settle(self, result: SequenceHandle | int, timeout: float | None) -> SequenceHandle:
-        if not isinstance(result, int):
+    async def _settle(
+        self, result: SequenceHandle | _core.Ticket, timeout: float | None
+    ) -> SequenceHandle:
+        if not isinstance(result, _core.Ticket):
             return result
         ticket = result
         try:
@@ -273,7 +275,7 @@ class KvCache:
             return None
         if self._subs:
             self._pressure_now()
-        assert not isinstance(h, int), "a call that may not wait returns no ticket"
+        assert not isinstance(h, _core.Ticket), "a call that may not wait returns no ticket"
         return h
 
     async def truncate(self, request_id: RequestId, num_tokens: int) -> SequenceHandle:
@@ -458,21 +460,18 @@ class KvCache:
         if self._core.pressure_pending and self._dispatcher.on_loop_thread():
             self._fire_pressure(self._core.drain_pressure())
 
-    def _fire_pressure(self, raws: Sequence[tuple[int, ...]]) -> None:
+    def _fire_pressure(self, events: Sequence[PressureEvent]) -> None:
         """Delivers transitions, oldest first, each to every subscriber before the next.
         NOTE: a callback's own calls (a CRITICAL handler that frees blocks) queue their
         transitions here and return; this loop delivers them after the current one reached
         every subscriber, so every subscriber sees the levels in the order they happened."""
-        self._pressure.extend(raws)
+        self._pressure.extend(events)
         if self._delivering:
             return
         self._delivering = True
         try:
             while self._pressure:
-                level, previous, free, evictable, total, needed = self._pressure.popleft()
-                event = PressureEvent(
-                    _LEVELS[level], _LEVELS[previous], free, evictable, total, needed
-                )
+                event = self._pressure.popleft()
                 for sub in list(self._subs):
                     if sub.active:
                         self._call_subscriber(sub, event)
@@ -555,15 +554,12 @@ class KvCache:
                 f"KV events are published on {self.config.kv_events_endpoint}: the publisher "
                 "is their consumer"
             )
-        return [_event_from_core(e) for e in self._core.drain_events()]
+        return self._core.drain_events()
 
     def drain_eviction_events(self) -> list[EvictionEvent]:
         """The sampled blocks evicted since the last drain, with their residency (what
         `ferrumkv.metrics` turns into histograms; a bounded queue)."""
-        return [
-            EvictionEvent(life, idle, tuple(gaps))
-            for life, idle, gaps in self._core.drain_eviction_events()
-        ]
+        return self._core.drain_eviction_events()
 
     # ----- data ----------------------------------------------------------------------------
 
@@ -720,9 +716,6 @@ class KvCache:
         state = "closed" if self._closed else f"{len(self)} sequences"
         c = self.config
         return f"KvCache(device={c.device!r}, num_blocks={c.num_blocks}, {state})"
-
-
-_LEVELS = tuple(PressureLevel)  # by value: LOW, HIGH, CRITICAL
 
 
 def _close_awaitable(awaitable: Awaitable[None]) -> None:

@@ -42,7 +42,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
+
+from .types import AllBlocksCleared, BlockRemoved, BlockStored, KvEvent
 
 __all__ = ["MEDIUM", "REPLAY_BATCHES", "KvEventPublisher", "encode_batch"]
 
@@ -69,45 +72,44 @@ def _hash64(h: int) -> int:
     return h & _MASK64
 
 
-def _event(raw: tuple[Any, ...], fmt: str) -> list[Any] | dict[str, Any]:
-    """One engine event (``_core.drain_events``' tuples) in vLLM's struct layout."""
-    kind = raw[0]
-    if kind == "stored":
-        _, hashes, parent, tokens, block_size, tier = raw
-        fields: dict[str, Any] = {
-            "block_hashes": [_hash64(h) for h in hashes],
+def _event(event: KvEvent, fmt: str) -> list[Any] | dict[str, Any]:
+    """One engine event in vLLM's struct layout."""
+    fields: dict[str, Any]
+    if isinstance(event, BlockStored):
+        parent = event.parent_block_hash
+        fields = {
+            "block_hashes": [_hash64(h) for h in event.block_hashes],
             "parent_block_hash": None if parent is None else _hash64(parent),
-            "token_ids": list(tokens),
-            "block_size": block_size,
+            "token_ids": list(event.token_ids),
+            "block_size": event.block_size,
             "lora_id": None,
-            "medium": MEDIUM[tier],
+            "medium": MEDIUM[event.tier],
             "lora_name": None,
         }
         tag = "BlockStored"
-    elif kind == "removed":
-        _, hashes, tier = raw
-        fields = {"block_hashes": [_hash64(h) for h in hashes], "medium": MEDIUM[tier]}
-        tag = "BlockRemoved"
-    elif kind == "cleared":
+    elif isinstance(event, BlockRemoved):
+        hashes = [_hash64(h) for h in event.block_hashes]
+        fields, tag = {"block_hashes": hashes, "medium": MEDIUM[event.tier]}, "BlockRemoved"
+    elif isinstance(event, AllBlocksCleared):
         fields, tag = {}, "AllBlocksCleared"
     else:
-        raise ValueError(f"unknown engine event {kind!r}")
+        raise TypeError(f"not a KV event: {event!r}")
     if fmt == "map":
         return {"type": tag, **fields}
     return [tag, *fields.values()]
 
 
 def encode_batch(
-    raw_events: list[tuple[Any, ...]], ts: float, fmt: str = "array", dp_rank: int | None = 0
+    events: Sequence[KvEvent], ts: float, fmt: str = "array", dp_rank: int | None = 0
 ) -> bytes:
-    """The msgpack ``KVEventBatch`` of ``raw_events`` (engine tuples) at time ``ts``."""
+    """The msgpack ``KVEventBatch`` of ``events`` at time ``ts``."""
     import msgpack
 
-    events = [_event(e, fmt) for e in raw_events]
+    structs = [_event(e, fmt) for e in events]
     batch: Any = (
-        {"ts": ts, "events": events, "data_parallel_rank": dp_rank}
+        {"ts": ts, "events": structs, "data_parallel_rank": dp_rank}
         if fmt == "map"
-        else [ts, events, dp_rank]
+        else [ts, structs, dp_rank]
     )
     payload: bytes = msgpack.packb(batch, use_bin_type=True)
     return payload
@@ -173,10 +175,10 @@ class KvEventPublisher:
         return self._seq
 
     def _publish_pending(self) -> None:
-        raw = self._core.drain_events()
-        if not raw:
+        events = self._core.drain_events()
+        if not events:
             return
-        payload = encode_batch(raw, time.time(), self._fmt)
+        payload = encode_batch(events, time.time(), self._fmt)
         seq = self._seq
         self._seq += 1
         self._buffer.append((seq, payload))

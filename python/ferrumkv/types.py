@@ -324,11 +324,4 @@ class AllBlocksCleared(_ToDict):
 
 KvEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
-
-def _event_from_core(raw: tuple[Any, ...]) -> KvEvent:
-    kind = raw[0]
-    if kind == "stored":
-        return BlockStored(tuple(raw[1]), raw[2], tuple(raw[3]), raw[4], raw[5])
-    if kind == "removed":
-        return BlockRemoved(tuple(raw[1]), raw[2])
-    return AllBlocksCleared()
+"""What `KvCache.drain_events` returns (the extension makes them: `rust/py/src/types.rs`)."""

@@ -9,13 +9,12 @@ use std::sync::Arc;
 
 use ferrumkv_core::clock::Clock;
 use ferrumkv_core::config::Device;
-use ferrumkv_core::events::KvEvent;
 use ferrumkv_core::sequence::{AllocOpts, Append, SeqView};
 use ferrumkv_core::state::NewTokens;
 use ferrumkv_core::{Engine, Error, Outcome};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList, PyTuple};
+use pyo3::types::{PyBool, PyByteArray, PyBytes, PyDict, PyInt, PyList};
 
 use crate::batch::PyBatchLayout;
 use crate::config::PyCacheConfig;
@@ -24,6 +23,8 @@ use crate::errors::IntoPy;
 use crate::handle::PySequenceHandle;
 use crate::remote::PyRemoteValue;
 use crate::stats;
+use crate::ticket::PyTicket;
+use crate::types;
 use crate::view::PyKvView;
 
 #[pyclass(frozen, name = "Engine", module = "ferrumkv._core")]
@@ -40,38 +41,7 @@ fn handle(py: Python<'_>, view: SeqView) -> PyResult<Py<PyAny>> {
 fn outcome(py: Python<'_>, o: Outcome) -> PyResult<Py<PyAny>> {
     match o {
         Outcome::Ready(v) => handle(py, v),
-        Outcome::Waiting(t) => Ok(t.into_pyobject(py)?.into_any().unbind()),
-    }
-}
-
-fn event_tuple(py: Python<'_>, e: KvEvent) -> PyResult<Bound<'_, PyTuple>> {
-    match e {
-        KvEvent::Stored {
-            block_hashes,
-            parent_block_hash,
-            token_ids,
-            block_size,
-            tier,
-        } => PyTuple::new(
-            py,
-            [
-                "stored".into_pyobject(py)?.into_any(),
-                PyList::new(py, block_hashes)?.into_any(),
-                parent_block_hash.into_pyobject(py)?.into_any(),
-                PyList::new(py, token_ids)?.into_any(),
-                block_size.into_pyobject(py)?.into_any(),
-                tier.as_str().into_pyobject(py)?.into_any(),
-            ],
-        ),
-        KvEvent::Removed { block_hashes, tier } => PyTuple::new(
-            py,
-            [
-                "removed".into_pyobject(py)?.into_any(),
-                PyList::new(py, block_hashes)?.into_any(),
-                tier.as_str().into_pyobject(py)?.into_any(),
-            ],
-        ),
-        KvEvent::AllCleared => PyTuple::new(py, ["cleared"]),
+        Outcome::Waiting(id) => Ok(Py::new(py, PyTicket { id })?.into_any()),
     }
 }
 
@@ -470,12 +440,12 @@ impl PyEngine {
         handle(py, self.engine.fork(&p, c).py_err()?)
     }
 
-    fn take_ticket(&self, py: Python<'_>, ticket: u64) -> PyResult<Py<PyAny>> {
-        handle(py, self.engine.take_ticket(ticket).py_err()?)
+    fn take_ticket(&self, py: Python<'_>, ticket: PyTicket) -> PyResult<Py<PyAny>> {
+        handle(py, self.engine.take_ticket(ticket.id).py_err()?)
     }
 
-    fn cancel_ticket(&self, ticket: u64) {
-        self.engine.cancel_ticket(ticket);
+    fn cancel_ticket(&self, ticket: PyTicket) {
+        self.engine.cancel_ticket(ticket.id);
     }
 
     // ----- the remote tier (driven by ferrumkv.remote) -------------------------------------
@@ -579,12 +549,12 @@ impl PyEngine {
 
     /// None when every disk and remote write issued so far has landed, else a ticket to
     /// wait for.
-    fn flush(&self) -> PyResult<Option<u64>> {
-        self.engine.flush().py_err()
+    fn flush(&self) -> PyResult<Option<PyTicket>> {
+        Ok(self.engine.flush().py_err()?.map(|id| PyTicket { id }))
     }
 
-    fn take_flush(&self, ticket: u64) -> PyResult<()> {
-        self.engine.take_flush(ticket).py_err()
+    fn take_flush(&self, ticket: PyTicket) -> PyResult<()> {
+        self.engine.take_flush(ticket.id).py_err()
     }
 
     /// `([(kind, message)], dropped)`: failures the engine got over since the last call
@@ -597,22 +567,28 @@ impl PyEngine {
         )
     }
 
-    /// `(finished tickets, pressure events as `pressure_tuple`s)`.
-    #[allow(clippy::type_complexity)]
-    fn drain_notifications(&self) -> (Vec<u64>, Vec<(u8, u8, usize, usize, usize, usize)>) {
+    /// `(finished tickets, pressure events)`: the tickets as `Ticket`s, the events as
+    /// `ferrumkv.PressureEvent`s, oldest first.
+    fn drain_notifications<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Vec<PyTicket>, Vec<Bound<'py, PyAny>>)> {
         let (tickets, events) = self.engine.drain_notifications();
-        let events = events.into_iter().map(pressure_tuple).collect();
-        (tickets, events)
+        let tickets = tickets.into_iter().map(|id| PyTicket { id }).collect();
+        let events = events
+            .iter()
+            .map(|e| types::pressure_event(py, e))
+            .collect::<PyResult<_>>()?;
+        Ok((tickets, events))
     }
 
     /// Pressure events since the last drain, as `drain_notifications` gives them, for the
     /// caller to deliver at once (tickets stay queued for the event loop).
-    #[allow(clippy::type_complexity)]
-    fn drain_pressure(&self) -> Vec<(u8, u8, usize, usize, usize, usize)> {
+    fn drain_pressure<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.engine
             .drain_pressure()
-            .into_iter()
-            .map(pressure_tuple)
+            .iter()
+            .map(|e| types::pressure_event(py, e))
             .collect()
     }
 
@@ -816,25 +792,25 @@ impl PyEngine {
         stats::snapshot_dict(py, &self.engine.iteration_stats().py_err()?)
     }
 
-    fn drain_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyTuple>>> {
+    /// The KV events since the last drain, as `ferrumkv.BlockStored` / `BlockRemoved` /
+    /// `AllBlocksCleared`, oldest first.
+    fn drain_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
         self.engine
             .drain_events()
             .py_err()?
             .into_iter()
-            .map(|e| event_tuple(py, e))
+            .map(|e| types::kv_event(py, e))
             .collect()
     }
 
-    /// `[(lifetime_s, idle_s, reuse_gaps_s), ...]`.
-    #[allow(clippy::type_complexity)]
-    fn drain_eviction_events(&self) -> PyResult<Vec<(f64, f64, Vec<f64>)>> {
-        Ok(self
-            .engine
+    /// The sampled evictions since the last drain, as `ferrumkv.EvictionEvent`s.
+    fn drain_eviction_events<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        self.engine
             .drain_eviction_events()
             .py_err()?
             .into_iter()
-            .map(|e| (e.lifetime_seconds, e.idle_seconds, e.reuse_gaps_seconds))
-            .collect())
+            .map(|e| types::eviction_event(py, e))
+            .collect()
     }
 
     /// Test hook: injects a disk fault ("fail_next_write", "short_next_read", or "flip"
@@ -903,18 +879,4 @@ impl PyEngine {
     fn check_invariants(&self) {
         self.engine.check_invariants();
     }
-}
-
-/// A pressure event as Python reads it: `(level, previous, free, evictable, total, needed)`.
-fn pressure_tuple(
-    e: ferrumkv_core::pressure::PressureEvent,
-) -> (u8, u8, usize, usize, usize, usize) {
-    (
-        e.level as u8,
-        e.previous as u8,
-        e.free_blocks,
-        e.evictable_blocks,
-        e.total_blocks,
-        e.needed_blocks,
-    )
 }

@@ -10,6 +10,8 @@ mod errors;
 mod handle;
 mod remote;
 mod stats;
+mod ticket;
+mod types;
 mod view;
 
 use pyo3::prelude::*;
@@ -22,6 +24,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handle::PySequenceHandle>()?;
     m.add_class::<view::PyKvView>()?;
     m.add_class::<remote::PyRemoteValue>()?;
+    m.add_class::<ticket::PyTicket>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("cuda_driver_present", ferrumkv_core::cuda::driver_present())?;
     m.add(

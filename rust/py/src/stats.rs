@@ -12,6 +12,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyString};
 
+use crate::types::{types, Types};
+
 const TIER_KEYS: [&str; 6] = [
     "total_blocks",
     "free_blocks",
@@ -47,35 +49,6 @@ fn keys(py: Python<'_>) -> &'static [Py<PyString>] {
             .chain(Counters::NAMES)
             .map(|k| PyString::intern(py, k).unbind())
             .collect()
-    })
-}
-
-/// `ferrumkv.types`' classes and the pressure levels, imported once.
-struct Types {
-    object_new: Py<PyAny>,
-    cache_stats: Py<PyAny>,
-    tier_stats: Py<PyAny>,
-    /// `PressureLevel` members, by value.
-    levels: Vec<Py<PyAny>>,
-}
-
-fn types(py: Python<'_>) -> PyResult<&'static Types> {
-    static TYPES: PyOnceLock<Types> = PyOnceLock::new();
-    TYPES.get_or_try_init(py, || {
-        let t = py.import("ferrumkv.types")?;
-        let level = t.getattr("PressureLevel")?;
-        Ok(Types {
-            object_new: py
-                .import("builtins")?
-                .getattr("object")?
-                .getattr("__new__")?
-                .unbind(),
-            cache_stats: t.getattr("CacheStats")?.unbind(),
-            tier_stats: t.getattr("TierStats")?.unbind(),
-            levels: (0..3u8)
-                .map(|v| level.call1((v,)).map(Bound::unbind))
-                .collect::<PyResult<_>>()?,
-        })
     })
 }
 
