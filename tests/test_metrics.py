@@ -38,7 +38,8 @@ GAUGES = {
     "pressure_state",
     "sequences",
     "sequences_swapped",
-    "waiting_requests",
+    "calls_waiting_for_blocks",
+    "disk_inflight_ops",
 }
 COUNTERS = {
     "prefix_cache_queries_tokens",
@@ -52,12 +53,16 @@ COUNTERS = {
     "evicted_blocks",
     "truncated_blocks",
     "block_waits",
+    "preemptions",
     "swaps",
     "transfer_blocks",
     "transfer_bytes",
     "copied_blocks",
     "disk_io_blocks",
     "disk_checksum_failures",
+    "disk_errors",
+    "swap_transfers",
+    "swap_transfer_seconds",
     "remote_lookup_blocks",
     "remote_corrupt_blocks",
     "remote_written_blocks",
@@ -67,6 +72,7 @@ COUNTERS = {
     "remote_seconds",
     "callback_errors",
     "dropped_events",
+    "dropped_eviction_events",
 }
 HISTOGRAMS = {
     "block_lifetime_seconds": lambda e: [e.lifetime_seconds],
@@ -155,7 +161,8 @@ def expected_samples(
         put("pressure_state", s.pressure_level == level, level=level.name.lower())
     put("sequences", s.num_sequences)
     put("sequences_swapped", s.num_swapped)
-    put("waiting_requests", s.num_waiting)
+    put("calls_waiting_for_blocks", s.num_waiting)
+    put("disk_inflight_ops", s.inflight_disk_ops)
     put("prefix_cache_queries_tokens_total", s.input_tokens + s.cache_tokens)
     put("prefix_cache_hits_tokens_total", s.cache_tokens)
     put("prefix_cache_reused_blocks_total", s.full_reused_blocks, kind="full")
@@ -170,6 +177,8 @@ def expected_samples(
     put("evicted_blocks_total", s.evicted_blocks)
     put("truncated_blocks_total", s.truncated_blocks)
     put("block_waits_total", s.preempted_waits)
+    put("preemptions_total", s.swap_out_count, kind="swap")
+    put("preemptions_total", s.preempted_requests, kind="recompute")
     put("swaps_total", s.swap_out_count, direction="out")
     put("swaps_total", s.swap_in_count, direction="in")
     for d in ("onboard", "offload", "intra_device_copy"):
@@ -180,6 +189,12 @@ def expected_samples(
     put("disk_io_blocks_total", s.disk_blocks_written, op="write")
     put("disk_io_blocks_total", s.disk_blocks_read, op="read")
     put("disk_checksum_failures_total", s.disk_checksum_failures)
+    put("disk_errors_total", s.disk_read_errors, op="read")
+    put("disk_errors_total", s.disk_write_errors, op="write")
+    put("swap_transfers_total", s.d2h_transfers, direction="d2h")
+    put("swap_transfers_total", s.h2d_transfers, direction="h2d")
+    put("swap_transfer_seconds_total", s.d2h_transfer_seconds_total, direction="d2h")
+    put("swap_transfer_seconds_total", s.h2d_transfer_seconds_total, direction="h2d")
     put("remote_lookup_blocks_total", s.remote_hit_blocks, result="hit")
     put("remote_lookup_blocks_total", s.remote_miss_blocks, result="miss")
     put("remote_corrupt_blocks_total", s.remote_corrupt_blocks)
@@ -192,6 +207,7 @@ def expected_samples(
     put("remote_seconds_total", s.remote_write_seconds_total, op="write")
     put("callback_errors_total", s.callback_errors)
     put("dropped_events_total", s.dropped_events)
+    put("dropped_eviction_events_total", s.dropped_eviction_events)
     out.update(expected_histograms(events, const))
     return out
 
@@ -539,6 +555,13 @@ def vllm_renamed(
             name = "vllm:kv_offload_total_bytes_total"
             kept = {k: v for k, v in labels if k != "direction"}
             labels = frozenset({**kept, "transfer_type": transfer_type[direction]}.items())
+        elif name == "ferrumkv_preemptions_total":  # vLLM counts both kinds as one
+            key = (
+                "vllm:num_preemptions_total",
+                frozenset((k, v) for k, v in labels if k != "kind"),
+            )
+            out[key] = out.get(key, 0.0) + value
+            continue
         elif any(name.startswith("ferrumkv_" + h) for h in HISTOGRAMS):
             name = "vllm:kv_" + name.removeprefix("ferrumkv_")
         out[(name, labels)] = value
@@ -556,6 +579,7 @@ def test_vllm_naming_exports_vllms_names_and_meanings() -> None:
         assert types["vllm:kv_cache_usage_perc"] == "gauge"
         assert types["vllm:prefix_cache_queries"] == "counter"
         assert types["vllm:kv_offload_total_bytes"] == "counter"
+        assert types["vllm:num_preemptions"] == "counter"
         assert types["vllm:kv_block_idle_before_evict_seconds"] == "histogram"
         assert "ferrumkv_usage_ratio" not in types  # renamed, not doubled
         assert types["ferrumkv_evicted_blocks"] == "counter"  # no vLLM name: kept
@@ -608,8 +632,12 @@ def test_every_dashboard_query_names_an_exported_metric(tmp_path: Path) -> None:
                     for n in re.findall(r"ferrumkv_[a-z0-9_]+", expr)
                     for s in exported[n]
                 ), f"{expr!r} groups by {label!r}, which its metrics do not carry"
-    # The board covers occupancy, hits, transfers, disk and residency at least.
+    # The board covers occupancy, hits, transfers, disk, preemptions, waits, the remote tier
+    # and residency at least.
     for must in ("ferrumkv_usage_ratio", "ferrumkv_prefix_cache_hits_tokens_total",
                  "ferrumkv_transfer_bytes_total", "ferrumkv_disk_io_blocks_total",
-                 "ferrumkv_block_idle_before_evict_seconds_bucket"):  # fmt: skip
+                 "ferrumkv_block_idle_before_evict_seconds_bucket",
+                 "ferrumkv_preemptions_total", "ferrumkv_disk_errors_total",
+                 "ferrumkv_calls_waiting_for_blocks", "ferrumkv_swap_transfer_seconds_total",
+                 "ferrumkv_remote_lookup_blocks_total"):  # fmt: skip
         assert must in seen, must

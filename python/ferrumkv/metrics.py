@@ -139,6 +139,12 @@ VLLM_NAMES: dict[str, tuple[str, str, tuple[str, ...], Callable[[CacheStats], _S
         (),
         _field("cache_tokens"),
     ),
+    "preemptions": (
+        "vllm:num_preemptions",
+        "Cumulative number of preemption from the engine.",
+        (),
+        lambda s: s.swap_out_count + s.preempted_requests,
+    ),
     "transfer_bytes": (
         "vllm:kv_offload_total_bytes",
         "Bytes moved between the GPU (device) and CPU (host) tiers, by transfer_type "
@@ -218,11 +224,19 @@ SPECS: tuple[_Spec, ...] = (
         _field("num_swapped"),
     ),
     _Spec(
-        "waiting_requests",
+        "calls_waiting_for_blocks",
         "gauge",
-        "allocate/extend calls waiting for blocks now.",
+        "Engine calls (allocate, extend, swap_in) queued now until blocks free up: calls, "
+        "not requests (a request waits in at most one call at a time).",
         (),
         _field("num_waiting"),
+    ),
+    _Spec(
+        "disk_inflight_ops",
+        "gauge",
+        "Disk-tier reads and writes handed to the I/O workers and not finished yet.",
+        (),
+        _field("inflight_disk_ops"),
     ),
     # ----- prefix cache (counters) -----
     _Spec(
@@ -307,6 +321,14 @@ SPECS: tuple[_Spec, ...] = (
         _field("preempted_waits"),
     ),
     _Spec(
+        "preemptions",
+        "counter",
+        "Requests preempted: kind=swap (swapped out to the host tier, swap_out_count) or "
+        "recompute (resumed by allocate(preempted=True), preempted_requests).",
+        ("kind",),
+        _by((("swap", "swap_out_count"), ("recompute", "preempted_requests"))),
+    ),
+    _Spec(
         "swaps",
         "counter",
         "Sequences swapped out to / in from the host tier (direction=out|in).",
@@ -349,6 +371,27 @@ SPECS: tuple[_Spec, ...] = (
         "Disk-tier blocks whose checksum did not match when read back.",
         (),
         _field("disk_checksum_failures"),
+    ),
+    _Spec(
+        "disk_errors",
+        "counter",
+        "Disk-tier reads / writes that failed with an I/O error (op=read|write; logged).",
+        ("op",),
+        _by((("read", "disk_read_errors"), ("write", "disk_write_errors"))),
+    ),
+    _Spec(
+        "swap_transfers",
+        "counter",
+        "Batched copies of swaps: direction=d2h (swap-outs) or h2d (swap-ins).",
+        ("direction",),
+        _by((("d2h", "d2h_transfers"), ("h2d", "h2d_transfers"))),
+    ),
+    _Spec(
+        "swap_transfer_seconds",
+        "counter",
+        "Seconds spent in the copies of swaps, by the same directions as swap_transfers.",
+        ("direction",),
+        _by((("d2h", "d2h_transfer_seconds_total"), ("h2d", "h2d_transfer_seconds_total"))),
     ),
     # ----- the remote tier (counters) -----
     _Spec(
@@ -417,6 +460,14 @@ SPECS: tuple[_Spec, ...] = (
         "KV cache events dropped because drain_events() fell behind (bounded queue).",
         (),
         _field("dropped_events"),
+    ),
+    _Spec(
+        "dropped_eviction_events",
+        "counter",
+        "Sampled eviction events dropped because nothing drained them (bounded queue): the "
+        "residency histograms miss that many samples.",
+        (),
+        _field("dropped_eviction_events"),
     ),
 )
 
