@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: help venv build dev run test check rust-checks rust-test cargo-test fuzz fuzz-smoke py-lint typecheck py-test py-test-fast fmt bench gpu-check clean
+.PHONY: help venv build dev run test check rust-checks rust-test cargo-test fuzz fuzz-smoke py-lint typecheck docs py-test py-test-fast fmt bench gpu-check clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -60,6 +60,12 @@ typecheck: build ## mypy --strict and stubtest
 	$(PY) -m mypy
 	$(PY) -m mypy.stubtest ferrumkv._core
 
+# The API reference from the docstrings (mkdocs.yml, docs/) into site/. --strict fails the build
+# on an object, a cross-reference or a relative link that does not resolve; not -q, which hides
+# the warnings --strict counts. It reads the built extension's docstrings, so it needs build.
+docs: build ## build the API reference into site/ (mkdocs build --strict)
+	mkdocs build --strict
+
 py-test: build ## pytest, every test (the slow ones too)
 	$(PY) -m pytest
 
@@ -68,9 +74,9 @@ py-test: build ## pytest, every test (the slow ones too)
 py-test-fast: build ## pytest without the slow tests, 60 s a test at most
 	FERRUMKV_MODEL_EXAMPLES=150 $(PY) -m pytest -m "not slow" --timeout 60 --durations=5
 
-test: rust-checks cargo-test py-lint typecheck py-test-fast ## the fast suite (the edit loop)
+test: rust-checks cargo-test py-lint typecheck docs py-test-fast ## the fast suite (the edit loop)
 
-check: rust-checks rust-test fuzz-smoke py-lint typecheck py-test ## everything: CI runs this
+check: rust-checks rust-test fuzz-smoke py-lint typecheck docs py-test ## everything: CI runs this
 
 fmt: venv ## format Rust and Python, and apply ruff's safe fixes
 	cargo fmt --all

@@ -1,9 +1,11 @@
 """ferrumkv: a paged KV-cache engine for LLM serving, with a Rust core.
 
-import ferrumkv
-cfg = ferrumkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=128)
-async with ferrumkv.KvCache(cfg) as cache:
-    seq = await cache.allocate("req-1", list(range(100)))
+A cache, and a sequence in it (the README's "Quickstart" runs one end to end):
+
+    import ferrumkv
+    cfg = ferrumkv.CacheConfig(num_layers=2, num_kv_heads=2, head_dim=64, num_blocks=128)
+    async with ferrumkv.KvCache(cfg) as cache:
+        seq = await cache.allocate("req-1", list(range(100)))
 """
 
 from __future__ import annotations
