@@ -43,6 +43,16 @@ def ferrumkv(*args: str, timeout: float = 240) -> Run:
     return run([sys.executable, "-m", "ferrumkv", *args], timeout)
 
 
+WITHOUT_RICH = "import sys; sys.modules['rich'] = None\n"
+"""Code that makes ``rich`` unimportable (as when the ``cli`` extra is not installed)."""
+
+
+def ferrumkv_without_rich(*args: str, timeout: float = 240) -> Run:
+    """Run the command line with ``rich`` hidden: the plain fallbacks draw."""
+    code = f"{WITHOUT_RICH}from ferrumkv.cli import main\nraise SystemExit(main({list(args)!r}))\n"
+    return run([sys.executable, "-c", code], timeout)
+
+
 def replay_json(tmp_path: Path, *args: str) -> dict:
     """Run a replay that must succeed and return its JSON figures."""
     out = tmp_path / "figures.json"
@@ -75,6 +85,8 @@ def assert_consistent(figures: dict) -> None:
     stats = figures["stats"]
     device = stats["device"]
     assert figures["requests_done"] + figures["requests_rejected"] == figures["requests"]
+    reasons = figures["requests_rejected_too_large"] + figures["requests_rejected_no_room"]
+    assert reasons == figures["requests_rejected"]
     assert device["used_blocks"] + device["free_blocks"] == device["total_blocks"]
     assert stats["used_tokens"] + stats["free_tokens"] == stats["total_tokens"]
     assert device["used_blocks"] == 0 and stats["num_sequences"] == 0  # all released
@@ -238,6 +250,17 @@ def test_requests_that_can_never_fit_are_rejected(tmp_path: Path) -> None:
     figures = replay_json(tmp_path, "--trace", str(trace), *SMALL_MODEL, "--num-blocks", "8")
     assert_consistent(figures)
     assert (figures["requests_done"], figures["requests_rejected"]) == (1, 2)
+    assert figures["requests_rejected_too_large"] == 2
+
+
+def test_the_table_gives_the_reason_of_each_rejection(tmp_path: Path) -> None:
+    trace = write_trace(
+        tmp_path,
+        [line(input_length=100, output_length=3), line(input_length=1000, hash_ids=[1, 2])],
+    )
+    result = ferrumkv("replay", "--trace", str(trace), *SMALL_MODEL, "--num-blocks", "8")
+    assert result.returncode == 0, result.stderr
+    assert "2 (1 done, 1 rejected: 1 larger than the device tier)" in result.stdout
 
 
 def test_speedup_follows_arrival_times(tmp_path: Path) -> None:
@@ -257,22 +280,59 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert image.read_bytes()[:8] == PNG_MAGIC
 
 
+TABLE_ROWS = ("workload", "requests", "prompt tokens", "generated tokens", "block hit rate",
+              "token hit rate", "peak usage", "CRITICAL episodes", "preemptions",
+              "recomputed prompts", "offloaded", "onboarded", "disk I/O", "KV events dropped",
+              "remote store", "engine ops", "wall time")  # fmt: skip
+"""Every row of the replay table (its first column)."""
+
+
+def assert_table(text: str) -> None:
+    """`text` is the replay table, one row per line in order, with no terminal codes."""
+    assert "\x1b" not in text
+    labels = [row.split("   ")[0] for row in text.splitlines()]
+    assert labels == list(TABLE_ROWS), text
+    assert "infinite cache" in text
+    assert "blocks written" in text and "blocks hit" in text  # disk and remote I/O
+
+
 def test_default_run_prints_the_table() -> None:
     result = ferrumkv("replay", timeout=120)
     assert result.returncode == 0, result.stderr
-    for row in ("requests", "prompt tokens", "generated tokens", "block hit rate",
-                "token hit rate", "peak usage", "preemptions", "recomputed prompts",
-                "offloaded", "onboarded",
-                "engine ops", "wall time"):  # fmt: skip
-        assert row in result.stdout
-    assert "infinite cache" in result.stdout
+    assert_table(result.stdout)
+    assert "256 (256 done, 0 rejected)" in result.stdout
+
+
+def test_without_rich_the_same_table_prints_plainly() -> None:
+    args = ["replay", "--requests", "5", *SMALL_MODEL, "--num-blocks", "256"]
+    plain = ferrumkv_without_rich(*args)
+    assert plain.returncode == 0, plain.stderr
+    assert_table(plain.stdout)
+    with_rich = ferrumkv(*args)
+
+    def untimed(text: str) -> list[list[str]]:
+        timed = ("engine ops", "wall time")
+        return [row.split() for row in text.splitlines() if not row.startswith(timed)]
+
+    assert untimed(plain.stdout) == untimed(with_rich.stdout)  # the same cells either way
 
 
 def test_progress_bar_only_when_asked() -> None:
     args = ["replay", "--requests", "5", *SMALL_MODEL, "--num-blocks", "256"]
-    assert "\r" not in ferrumkv(*args).stderr
-    forced = ferrumkv(*args, "--progress").stderr
-    assert "\r[" in forced and "5/5 requests" in forced
+    assert ferrumkv(*args).stderr == ""
+    forced = ferrumkv(*args, "--progress")
+    assert forced.returncode == 0, forced.stderr
+    assert "5/5" in forced.stderr and "requests" in forced.stderr and "\x1b[" in forced.stderr
+    assert_table(forced.stdout)  # the table stays free of the bar's codes
+
+
+def test_progress_bar_without_rich_is_one_line_redrawn() -> None:
+    args = ["replay", "--requests", "5", *SMALL_MODEL, "--num-blocks", "256", "--progress"]
+    forced = ferrumkv_without_rich(*args)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.startswith("\r[") and forced.stderr.endswith("\n")
+    assert "[" + "#" * 30 + "] 5/5 requests" in forced.stderr
+    assert "\x1b" not in forced.stderr
 
 
 # ---------------------------------------------------------------------- bad input
@@ -377,8 +437,20 @@ def test_a_bad_disk_path_is_a_usage_error_and_touches_nothing(tmp_path: Path, ki
     fragment = {"symlink": "symbolic link", "directory": "is a directory",
                 "missing-dir": "does not exist"}[kind]  # fmt: skip
     assert_usage_error(result, "--disk-path", fragment)
-    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("ferrumkv replay: error: --disk-path: ")
+    assert result.stderr.count("\n") == 1, result.stderr  # one line, no usage block
     assert precious.read_text() == "keep me"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
+def test_a_disk_path_the_engine_cannot_create_is_a_usage_error() -> None:
+    # /proc exists but takes no new files: the path passes the checks, the engine's open fails.
+    result = ferrumkv(
+        "replay", "--requests", "2", *SMALL_MODEL, "--host-blocks", "4",
+        "--disk-path", "/proc/ferrumkv-kv.bin", "--disk-blocks", "8",
+    )  # fmt: skip
+    assert_usage_error(result, "--disk-path", "/proc/ferrumkv-kv.bin")
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_json_to_stdout_puts_the_table_on_stderr() -> None:
@@ -386,13 +458,16 @@ def test_json_to_stdout_puts_the_table_on_stderr() -> None:
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     assert figures["requests_done"] == 4 and "stats" in figures
-    assert "block hit rate" in result.stderr
+    assert_table(result.stderr)
 
 
-def test_a_closed_pipe_ends_the_run_quietly() -> None:
+@pytest.mark.parametrize("rich", [True, False], ids=["rich", "plain"])
+def test_a_closed_pipe_ends_the_run_quietly(rich: bool) -> None:
     # The reader is gone before the first line is written (as with `| head -0`).
+    args = ["replay", "--requests", "4", *SMALL_MODEL]
+    main = f"from ferrumkv.cli import main; raise SystemExit(main({args!r}))"
     with subprocess.Popen(
-        [sys.executable, "-m", "ferrumkv", "replay", "--requests", "4", *SMALL_MODEL],
+        [sys.executable, "-c", main if rich else WITHOUT_RICH + main],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     ) as proc:
@@ -408,8 +483,8 @@ def test_a_run_that_served_nothing_fails() -> None:
     # One 16-token block of device tier: every prompt is larger, every request rejected.
     result = ferrumkv("replay", "--requests", "3", *SMALL_MODEL, "--num-blocks", "1")
     assert result.returncode == 1, result.stderr
-    assert "no request was served" in result.stderr
-    assert "3 rejected" in result.stdout
+    assert result.stderr == "ferrumkv replay: run failed: no request was served\n"
+    assert "3 (0 done, 3 rejected: 3 larger than the device tier)" in result.stdout
 
 
 def test_version() -> None:

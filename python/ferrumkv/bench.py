@@ -17,6 +17,7 @@ import collections
 import hashlib
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import CacheConfig, CacheStats, KvCache, PressureLevel, TierStats
+from ._console import Column, Table, print_table, render_table
 from .hitrate import bookkeeping_config
 from .types import COUNTER_FIELDS
 
@@ -766,15 +768,29 @@ def _is_rate(unit: str) -> bool:
     return unit.endswith("/s")
 
 
-def format_table(rows: list[Row]) -> str:
-    """One line per case; "speedup" is ferrumkv relative to the baseline (above 1x: faster),
+BENCH_COLUMNS = (
+    Column("case"),
+    Column("ferrumkv", "right"),
+    Column("baseline", "right"),
+    Column("speedup", "right"),
+    Column("unit"),
+)
+"""The suite's table: each case, its two figures, ferrumkv relative to the baseline."""
+
+
+def bench_table(rows: list[Row]) -> Table:
+    """One row per case; "speedup" is ferrumkv relative to the baseline (above 1x: faster),
     so for throughputs (GB/s, MB/s) it is ferrumkv / baseline, e.g. 0.9x = 90% of copyto."""
-    w = max(len(r[0]) for r in rows)
-    lines = [f"{'case':<{w}}  {'ferrumkv':>10}  {'baseline':>10}  {'speedup':>8}  unit"]
+    cells = []
     for name, ours, base, unit in rows:
         ratio = ours / base if _is_rate(unit) else base / ours
-        lines.append(f"{name:<{w}}  {ours:>10.2f}  {base:>10.2f}  {ratio:>7.2f}x  {unit}")
-    return "\n".join(lines)
+        cells.append((name, f"{ours:.2f}", f"{base:.2f}", f"{ratio:.2f}x", unit))
+    return Table(BENCH_COLUMNS, tuple(cells))
+
+
+def format_table(rows: list[Row]) -> str:
+    """The suite's table as plain text (:func:`bench_table`, rendered for a file)."""
+    return render_table(bench_table(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -800,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = asyncio.run(run_suite(args.rounds, args.only))
     if not rows:
         p.error(f"no case matches --only {args.only!r}")
-    print(format_table(rows))
+    print_table(bench_table(rows), sys.stdout)
     return 0
 
 

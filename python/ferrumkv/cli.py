@@ -1,7 +1,12 @@
 """The command line: ``python -m ferrumkv replay`` and ``python -m ferrumkv bench``.
 
-Exit status: 0 on success, 1 when a run fails, 2 for a usage error (bad flags, an unreadable
-or malformed trace, a missing optional package).
+Exit status: 0 on success, 1 when a run fails (a run that served no request fails too), 2 for
+a usage error (bad flags, an unreadable or malformed trace, a disk tier file that cannot be
+used, a missing optional package): one line on stderr, never a traceback. 130 on Ctrl-C, 141
+when the reader of the output went away (``| head``), quietly.
+
+Tables go through :mod:`ferrumkv._console` (``rich`` when the ``ferrumkv[cli]`` extra is
+installed, plain text otherwise); the JSON figures are the same either way.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from ferrumkv import (
     EVICTION_POLICIES,
@@ -25,12 +30,13 @@ from ferrumkv import (
     RemoteUnavailableError,
     __version__,
 )
+from ferrumkv._console import print_table
 from ferrumkv.replay import (
     DEFAULT_WAIT_TIMEOUT_S,
     ReplayOptions,
-    format_table,
     replay,
     summarize,
+    summary_table,
     write_document,
     write_json,
     write_plot,
@@ -132,17 +138,16 @@ def _output_path(text: str) -> Path:
     return path
 
 
-def _disk_path(text: str) -> Path:
-    """The disk tier's file: in an existing directory, not a directory, not a symbolic link
-    (the tier never follows one), so a bad path is a usage error before anything runs."""
-    path = Path(text)
+def _check_disk_path(path: Path) -> None:
+    """The disk tier's file must be in an existing directory, not a directory, not a
+    symbolic link (the tier never follows one): a bad path is a one-line usage error before
+    anything runs (checked after parsing, so argparse prints no usage block)."""
     if path.is_symlink():
-        raise argparse.ArgumentTypeError(f"{text!r} is a symbolic link (never followed)")
+        raise UsageError(f"--disk-path: {str(path)!r} is a symbolic link (never followed)")
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a directory")
+        raise UsageError(f"--disk-path: {str(path)!r} is a directory")
     if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"directory {str(path.parent)!r} does not exist")
-    return path
+        raise UsageError(f"--disk-path: directory {str(path.parent)!r} does not exist")
 
 
 # ---------------------------------------------------------------------- parser
@@ -227,7 +232,7 @@ def _add_cache_arguments(group: argparse._ArgumentGroup) -> None:
         metavar="N",
         help="host tier blocks; > 0 makes preemption swap instead of recompute",
     )
-    group.add_argument("--disk-path", type=_disk_path, metavar="FILE", help="disk tier file")
+    group.add_argument("--disk-path", type=Path, metavar="FILE", help="disk tier file")
     group.add_argument("--disk-blocks", type=non_negative_int, default=0, metavar="N")
     group.add_argument("--no-prefix-cache", action="store_true", help="disable prefix caching")
     group.add_argument(
@@ -384,7 +389,7 @@ def run_replay(args: argparse.Namespace) -> int:
     workload = _workload(args)
     try:
         cache = _open_cache(config)
-    except (FerrumKVError, OSError) as exc:  # OSError: a disk path refused or unusable
+    except FerrumKVError as exc:
         print(f"ferrumkv replay: run failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     options = ReplayOptions(
@@ -404,8 +409,7 @@ def run_replay(args: argparse.Namespace) -> int:
         admitted = dataclasses.replace(workload, requests=result.admitted)
         infinite = infinite_cache_hits(admitted, config.block_size)
         summary = summarize(result, workload, infinite)
-        table = sys.stderr if args.json == STDOUT else sys.stdout
-        print(format_table(summary), file=table)
+        print_table(summary_table(summary), _table_stream(args))
         if args.json is not None:
             write_json(args.json, summary, result)
         if args.plot is not None:
@@ -420,6 +424,11 @@ def run_replay(args: argparse.Namespace) -> int:
         return _served(result.counters.done)
 
     return _reported(run, cache.close)
+
+
+def _table_stream(args: argparse.Namespace) -> TextIO:
+    """Where the table goes: standard output, or standard error when the JSON goes there."""
+    return sys.stderr if args.json == STDOUT else sys.stdout
 
 
 def _served(done: int) -> int:
@@ -457,6 +466,8 @@ def _require_matplotlib() -> None:
 
 def _cache_config(args: argparse.Namespace) -> CacheConfig:
     """The CacheConfig the flags describe; its ValueError becomes a usage error."""
+    if args.disk_path is not None:
+        _check_disk_path(args.disk_path)
     if args.num_blocks is not None:
         size = {"num_blocks": args.num_blocks}
     else:
@@ -494,12 +505,15 @@ def _remote_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _open_cache(config: CacheConfig) -> KvCache:
-    """The engine for ``config``; a ValueError (a combination it rejects) or an unreachable
-    store is a usage error."""
+    """The engine for ``config``; a ValueError (a combination it rejects), an unreachable
+    store or a disk tier file that cannot be created (the engine's only ``OSError`` at
+    construction) is a usage error."""
     try:
         return KvCache(config)
     except (ValueError, RemoteUnavailableError) as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"--disk-path: {exc}") from None
 
 
 def _workload(args: argparse.Namespace) -> Workload:
@@ -528,7 +542,7 @@ def _run_replicas(
         ReplicaSet,
         close_replicas,
         fleet_summary,
-        format_fleet,
+        fleet_table,
         open_replicas,
         replay_processes,
     )
@@ -547,8 +561,7 @@ def _run_replicas(
             opened.append(replicas)
             results = asyncio.run(replay_replicas(replicas, config, workload, options))
         summary = {"workload": workload.description, **fleet_summary(replicas, results)}
-        table = sys.stderr if args.json == STDOUT else sys.stdout
-        print(format_fleet(summary), file=table)
+        print_table(fleet_table(summary), _table_stream(args))
         if args.json is not None:
             write_document(args.json, summary)
         return _served(summary["requests_done"])

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ferrumkv import EVICTION_POLICIES, CacheConfig, KvCache
+from ferrumkv._console import Column, Table, print_table, render_table
 from ferrumkv.workload import Workload, prompt_block_hashes
 
 _NEVER = 1 << 62
@@ -191,10 +192,9 @@ def policy_table(
     return rows
 
 
-def format_policy_table(rows: list[PolicyRow]) -> str:
-    """Rates in percent, each policy after LRU with its ratio to LRU."""
+def policy_table_view(rows: list[PolicyRow]) -> Table:
+    """The rows as a table: rates in percent, each policy after LRU with its ratio to LRU."""
     policies = list(rows[0].rates)
-    head = ["workload", "blocks", *policies, "belady", "infinite"]
     body = []
     for r in rows:
         lru = r.rates.get("lru", 0.0)
@@ -203,15 +203,17 @@ def format_policy_table(rows: list[PolicyRow]) -> str:
             rate = r.rates[p]
             ratio = f" ({rate / lru:.2f}x)" if p != "lru" and lru else ""
             cells.append(f"{rate:.1%}{ratio}")
-        body.append([*cells, f"{r.belady:.1%}", f"{r.infinite:.1%}"])
-    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        body.append((*cells, f"{r.belady:.1%}", f"{r.infinite:.1%}"))
+    columns = (
+        Column("workload"),
+        *(Column(h, "right") for h in ("blocks", *policies, "belady", "infinite")),
+    )
+    return Table(columns, tuple(body))
 
-    def line(row: list[str]) -> str:
-        first = row[0].ljust(widths[0])
-        rest = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
-        return "  ".join([first, *rest])
 
-    return "\n".join(line(row) for row in [head, *body])
+def format_policy_table(rows: list[PolicyRow]) -> str:
+    """`policy_table_view` as plain text (what a pipe or a file gets)."""
+    return render_table(policy_table_view(rows))
 
 
 # ---------------------------------------------------------------------- the command
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             capacities[name] = [int(c) for c in args.capacities.split(",")]
         capacities.setdefault(name, DEFAULT_CAPACITIES["conversation"])
     rows = policy_table(workloads, capacities, progress=True)
-    print(format_policy_table(rows))
+    print_table(policy_table_view(rows), sys.stdout)
     if args.plot is not None:
         write_plot(args.plot, rows)
     return 0

@@ -23,7 +23,8 @@ Scheduling follows vLLM's first-come-first-served policy:
   with them back (or nothing else runs).
 * A request is rejected when it needs more blocks than the device tier holds, or when a
   call for it fails although no other live sequence owns a device block (waiting for
-  releases cannot help then).
+  releases cannot help then). The two reasons are counted apart (``requests_rejected_too_large``,
+  ``requests_rejected_no_room``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import enum
 import itertools
 import json
 import math
@@ -39,7 +41,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +53,7 @@ from ferrumkv import (
     PressureEvent,
     PressureLevel,
 )
+from ferrumkv._console import Column, Progress, Table, progress_bar, render_table
 from ferrumkv.workload import InfiniteCacheHits, Request, Workload
 
 PROGRESS_INTERVAL_S = 0.1
@@ -79,12 +82,22 @@ class ReplayOptions:
     sample_interval_s: float | None = None
 
 
+class Rejection(enum.Enum):
+    """Why the loop rejected a request (the value is what the table says)."""
+
+    TOO_LARGE = "larger than the device tier"
+    """It needs more blocks than the whole device tier holds."""
+    NO_ROOM = "no room on an otherwise empty device"
+    """A call for it failed although no other live sequence owns a device block."""
+
+
 @dataclass
 class Counters:
     """What the serving loop itself counted."""
 
     done: int = 0
-    rejected: int = 0
+    rejected_too_large: int = 0
+    rejected_no_room: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefill_chunks: int = 0
@@ -96,6 +109,18 @@ class Counters:
     engine_ops: int = 0
     peak_usage: float = 0.0
     peak_used_blocks: int = 0
+
+    @property
+    def rejected(self) -> int:
+        """Requests rejected, for either reason."""
+        return self.rejected_too_large + self.rejected_no_room
+
+    def reject(self, reason: Rejection) -> None:
+        """Count one rejection for `reason`."""
+        if reason is Rejection.TOO_LARGE:
+            self.rejected_too_large += 1
+        else:
+            self.rejected_no_room += 1
 
 
 @dataclass(frozen=True)
@@ -183,34 +208,6 @@ class _Broadcast:
 
     async def wait(self) -> None:
         await self._event.wait()
-
-
-class ProgressBar:
-    """A one-line progress bar redrawn in place with ``\r``."""
-
-    def __init__(self, total: int, stream: TextIO, width: int = 30) -> None:
-        self._total = total
-        self._stream = stream
-        self._width = width
-        self._drawn = 0
-
-    def draw(
-        self, finished: int, running: int, preempted: int, usage: float, elapsed: float
-    ) -> None:
-        """Redraw the line for ``finished`` of the total requests."""
-        filled = round(self._width * finished / self._total)
-        bar = "#" * filled + "-" * (self._width - filled)
-        line = (
-            f"[{bar}] {finished}/{self._total} requests  running {running}"
-            f"  preempted {preempted}  usage {usage:6.1%}  {elapsed:6.1f}s"
-        )
-        self._stream.write("\r" + line.ljust(self._drawn))
-        self._stream.flush()
-        self._drawn = len(line)
-
-    def close(self) -> None:
-        self._stream.write("\n")
-        self._stream.flush()
 
 
 class _Replayer:
@@ -316,8 +313,9 @@ class _Replayer:
                     )
                     break
                 except OutOfBlocksError:
-                    if self._never_fits(len(prompt)) or self._hopeless(own_blocks=0):
-                        self.counters.rejected += 1
+                    reason = self._rejection(len(prompt), own_blocks=0)
+                    if reason is not None:
+                        self.counters.reject(reason)
                         return None
         self.admitted.append(request)
         output = request.output_tokens(vocab)
@@ -361,8 +359,9 @@ class _Replayer:
                 return True
             handle = self._cache.get(seq.request_id)
             own_blocks = 0 if handle is None else len(handle.block_ids)
-            if self._never_fits(seq.num_tokens + 1) or self._hopeless(own_blocks):
-                await self._reject_running(seq)
+            reason = self._rejection(seq.num_tokens + 1, own_blocks)
+            if reason is not None:
+                await self._reject_running(seq, reason)
                 return False
             if seq is not self._oldest_running():
                 await self._preempt(seq)
@@ -407,11 +406,11 @@ class _Replayer:
         self.counters.done += 1
         self._notify()
 
-    async def _reject_running(self, seq: _Sequence) -> None:
-        """Drop a sequence that outgrew the whole device tier."""
+    async def _reject_running(self, seq: _Sequence, reason: Rejection) -> None:
+        """Drop a running sequence that cannot take its next step, for `reason`."""
         del self._running[seq.request_id]
         await self._engine(self._cache.deallocate(seq.request_id))
-        self.counters.rejected += 1
+        self.counters.reject(reason)
         self._notify()
 
     # ------------------------------------------------------------------ preemption
@@ -508,7 +507,7 @@ class _Replayer:
         seq.dropped = True
         seq.preempted = False
         seq.resumed.set()
-        self.counters.rejected += 1
+        self.counters.reject(Rejection.NO_ROOM)
         self._notify()
 
     def _newest_preemptible(self) -> _Sequence | None:
@@ -541,6 +540,15 @@ class _Replayer:
     def _timeout_for(self, num_tokens: int) -> float:
         """How long a call for ``num_tokens`` may wait: not at all when it can never fit."""
         return 0.0 if self._never_fits(num_tokens) else self._options.wait_timeout_s
+
+    def _rejection(self, num_tokens: int, own_blocks: int) -> Rejection | None:
+        """Why a call for `num_tokens` by a sequence holding `own_blocks` device blocks,
+        which failed after waiting, rejects it; ``None`` when waiting can still help."""
+        if self._never_fits(num_tokens):
+            return Rejection.TOO_LARGE
+        if self._hopeless(own_blocks):
+            return Rejection.NO_ROOM
+        return None
 
     def _hopeless(self, own_blocks: int) -> bool:
         """Whether waiting cannot help a call that failed after waiting: every device block a
@@ -599,20 +607,21 @@ class _Replayer:
             await asyncio.sleep(interval)
 
     async def _show_progress(self) -> None:
-        bar = ProgressBar(len(self._workload), sys.stderr)
-        try:
-            while True:
+        """Redraw the progress bar on stderr until cancelled, and once more at the end."""
+        with progress_bar(len(self._workload), "requests", sys.stderr) as bar:
+            try:
+                while True:
+                    self._draw(bar)
+                    await asyncio.sleep(PROGRESS_INTERVAL_S)
+            finally:
                 self._draw(bar)
-                await asyncio.sleep(PROGRESS_INTERVAL_S)
-        finally:
-            self._draw(bar)
-            bar.close()
 
-    def _draw(self, bar: ProgressBar) -> None:
-        finished = self.counters.done + self.counters.rejected
+    def _draw(self, bar: Progress) -> None:
         usage = self._cache.stats().usage
-        elapsed = time.perf_counter() - self._start
-        bar.draw(finished, len(self._running), len(self._preempted), usage, elapsed)
+        status = (
+            f"running {len(self._running)}  preempted {len(self._preempted)}  usage {usage:6.1%}"
+        )
+        bar.update(self.counters.done + self.counters.rejected, status)
 
 
 async def arrival(
@@ -675,6 +684,8 @@ def summarize(
         "requests": len(workload),
         "requests_done": counters.done,
         "requests_rejected": counters.rejected,
+        "requests_rejected_too_large": counters.rejected_too_large,
+        "requests_rejected_no_room": counters.rejected_no_room,
         "prompt_tokens": counters.prompt_tokens,
         "generated_tokens": counters.generated_tokens,
         "prefill_chunks": counters.prefill_chunks,
@@ -714,15 +725,12 @@ def summarize(
     }
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """A two-column, human-readable table of a summary."""
+def summary_table(summary: dict[str, Any]) -> Table:
+    """The figures of a summary as label / value rows (what ``ferrumkv replay`` prints)."""
     s = summary
     rows = [
         ("workload", s["workload"]),
-        (
-            "requests",
-            f"{s['requests']} ({s['requests_done']} done, {s['requests_rejected']} rejected)",
-        ),
+        ("requests", _requests_cell(s)),
         ("prompt tokens", f"{s['prompt_tokens']:,} ({s['prefill_chunks']:,} later prefill chunks)"),
         ("generated tokens", f"{s['generated_tokens']:,}"),
         (
@@ -767,10 +775,23 @@ def format_table(summary: dict[str, Any]) -> str:
         ("engine ops", f"{s['engine_ops']:,} ({s['engine_ops_per_s']:,.0f}/s)"),
         ("wall time", f"{s['wall_s']:.2f} s"),
     ]
-    width = max(len(label) for label, _ in rows)
-    rule = "-" * (width + 2 + max(len(value) for _, value in rows))
-    lines = [rule, *(f"{label:<{width}}  {value}" for label, value in rows), rule]
-    return "\n".join(lines)
+    return Table((Column("figure"), Column("value")), tuple(rows), show_header=False)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The table of a summary as plain text (:func:`summary_table`, rendered for a file)."""
+    return render_table(summary_table(summary))
+
+
+def _requests_cell(s: dict[str, Any]) -> str:
+    """Requests done and rejected, each reason of a rejection with its count."""
+    cell = f"{s['requests']:,} ({s['requests_done']:,} done, {s['requests_rejected']:,} rejected"
+    counts = {
+        Rejection.TOO_LARGE: s["requests_rejected_too_large"],
+        Rejection.NO_ROOM: s["requests_rejected_no_room"],
+    }
+    reasons = [f"{n:,} {reason.value}" for reason, n in counts.items() if n]
+    return cell + (": " + ", ".join(reasons) if reasons else "") + ")"
 
 
 def _ratio(num: int, den: int) -> float:

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._console import Column, Table, render_table
 from .cache import CacheConfig, KvCache
 from .replay import (
     ReplayOptions,
@@ -405,40 +406,52 @@ def fleet_summary(replicas: ReplicaSet, results: list[ReplayResult]) -> dict[str
     }
 
 
-def format_fleet(summary: dict[str, Any]) -> str:
-    """The per-replica table and the totals."""
-    lines = [
-        f"{summary['replicas']} replicas, router {summary['router']}"
-        + (
-            f" ({summary['prefix_routed']} requests routed to a held prefix)"
-            if summary["router"] == "prefix-aware"
-            else ""
-        ),
-        f"{'replica':>8} {'requests':>9} {'done':>6} {'rejected':>9} {'block hit':>10} "
-        f"{'token hit':>10} {'preempt':>8} {'remote hit':>11} {'remote in':>10} "
-        f"{'remote out':>11}",
-    ]
-
-    def remote(p: dict[str, Any]) -> str:
-        return (
-            f"{p['remote_hit_blocks']:>11,} {p['remote_read_bytes'] / 2**20:>7.1f} MiB "
-            f"{p['remote_write_bytes'] / 2**20:>7.1f} MiB"
-        )
-
-    for p in summary["per_replica"]:
-        lines.append(
-            f"{p['replica']:>8} {p['requests']:>9,} {p['done']:>6,} {p['rejected']:>9,} "
-            f"{100 * p['block_hit_rate']:>9.1f}% {100 * p['token_hit_rate']:>9.1f}% "
-            f"{p['preemptions']:>8,} {remote(p)}"
-        )
-    lines.append(
-        f"{'total':>8} {sum(p['requests'] for p in summary['per_replica']):>9,} "
-        f"{summary['requests_done']:>6,} {summary['requests_rejected']:>9,} "
-        f"{100 * summary['block_hit_rate']:>9.1f}% {100 * summary['token_hit_rate']:>9.1f}% "
-        f"{summary['preemptions']:>8,} {remote(summary)}"
+_FLEET_COLUMNS = tuple(
+    Column(name, "right")
+    for name in (
+        "replica", "requests", "done", "rejected", "block hit", "token hit", "preempt",
+        "remote hit", "remote in", "remote out",
     )
-    lines.append(f"wall time {summary['wall_s']:.2f} s")
-    return "\n".join(lines)
+)  # fmt: skip
+"""The fleet table's columns, all numbers (right-aligned)."""
+
+
+def fleet_table(summary: dict[str, Any]) -> Table:
+    """One row per replica and the total (of :func:`fleet_summary`, plus ``"workload"``)."""
+    per = summary["per_replica"]
+    title = f"{summary['replicas']} replicas, router {summary['router']}"
+    if summary["router"] == "prefix-aware":
+        title += f" ({summary['prefix_routed']} requests routed to a held prefix)"
+    total = {**summary, "replica": "total", "requests": sum(p["requests"] for p in per)}
+    total |= {"done": summary["requests_done"], "rejected": summary["requests_rejected"]}
+    return Table(
+        _FLEET_COLUMNS,
+        tuple(_fleet_row(p) for p in per),
+        footer=_fleet_row(total),
+        title=title,
+        caption=f"wall time {summary['wall_s']:.2f} s",
+    )
+
+
+def format_fleet(summary: dict[str, Any]) -> str:
+    """The fleet's table as plain text (:func:`fleet_table`, rendered for a file)."""
+    return render_table(fleet_table(summary))
+
+
+def _fleet_row(p: dict[str, Any]) -> tuple[str, ...]:
+    """The cells of one replica (or of the total)."""
+    return (
+        str(p["replica"]),
+        f"{p['requests']:,}",
+        f"{p['done']:,}",
+        f"{p['rejected']:,}",
+        f"{p['block_hit_rate']:.1%}",
+        f"{p['token_hit_rate']:.1%}",
+        f"{p['preemptions']:,}",
+        f"{p['remote_hit_blocks']:,}",
+        f"{p['remote_read_bytes'] / 2**20:.1f} MiB",
+        f"{p['remote_write_bytes'] / 2**20:.1f} MiB",
+    )
 
 
 # ---------------------------------------------------------------------- replicas as processes
