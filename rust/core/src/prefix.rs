@@ -375,6 +375,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_block_hash_digests_the_parent_then_the_tokens_little_endian() {
+        let tokens: Vec<u32> = (0..16).map(|i| 0x0102_0304 * (i + 1)).collect();
+        let parent: BlockHash = 0x1122_3344_5566_7788_99aa_bbcc_ddee_ff00;
+        let mut bytes = parent.to_le_bytes().to_vec();
+        for t in &tokens {
+            bytes.extend_from_slice(&t.to_le_bytes());
+        }
+        let mut scratch = vec![7u8; 3]; // stale bytes from an earlier, shorter use
+        for algo in [HashAlgo::Xxh3_128, HashAlgo::Sha256] {
+            let h = Hasher::new(algo);
+            assert_eq!(h.block_hash(parent, &tokens, &mut scratch), h.digest(&bytes));
+            assert_eq!(h.block_hash(parent, &tokens[..4], &mut scratch), h.digest(&bytes[..32]));
+        }
+        assert_eq!(xxh3_128(&bytes), Hasher::new(HashAlgo::Xxh3_128).digest(&bytes));
+    }
+
+    #[test]
     fn chain_depends_on_prefix_and_salt() {
         for algo in [HashAlgo::Xxh3_128, HashAlgo::Sha256] {
             let h = Hasher::new(algo);
