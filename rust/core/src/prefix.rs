@@ -385,10 +385,19 @@ mod tests {
         let mut scratch = vec![7u8; 3]; // stale bytes from an earlier, shorter use
         for algo in [HashAlgo::Xxh3_128, HashAlgo::Sha256] {
             let h = Hasher::new(algo);
-            assert_eq!(h.block_hash(parent, &tokens, &mut scratch), h.digest(&bytes));
-            assert_eq!(h.block_hash(parent, &tokens[..4], &mut scratch), h.digest(&bytes[..32]));
+            assert_eq!(
+                h.block_hash(parent, &tokens, &mut scratch),
+                h.digest(&bytes)
+            );
+            assert_eq!(
+                h.block_hash(parent, &tokens[..4], &mut scratch),
+                h.digest(&bytes[..32])
+            );
         }
-        assert_eq!(xxh3_128(&bytes), Hasher::new(HashAlgo::Xxh3_128).digest(&bytes));
+        assert_eq!(
+            xxh3_128(&bytes),
+            Hasher::new(HashAlgo::Xxh3_128).digest(&bytes)
+        );
     }
 
     #[test]
