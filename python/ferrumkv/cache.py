@@ -48,6 +48,7 @@ log = logging.getLogger("ferrumkv")
 
 CacheConfig = _core.CacheConfig
 SequenceHandle = _core.SequenceHandle
+Ticket = _core.Ticket
 BatchLayout = _core.BatchLayout
 RequestId = str | int
 PressureCallback = Callable[[PressureEvent], Awaitable[None] | None]
@@ -167,12 +168,9 @@ class KvCache:
 
     # ----- waiting -------------------------------------------------------------------------
 
-    async def _settle(
-        self, result: SequenceHandle | _core.Ticket, timeout: float | None
-    ) -> SequenceHandle:
-        if not isinstance(result, _core.Ticket):
-            return result
-        ticket = result
+    async def _redeem(self, ticket: _core.Ticket, timeout: float | None) -> SequenceHandle:
+        """Waits for a ticket a call returned and takes its answer; a wait that is cancelled
+        or times out withdraws the ticket (the engine gives back what it reserved)."""
         try:
             await self._dispatcher.wait(ticket, timeout)
         except TimeoutError:
@@ -224,7 +222,9 @@ class KvCache:
         r = self._core.allocate(request_id, tokens, salt, timeout != 0, num_new_tokens, preempted)
         if self._subs:
             self._pressure_now()
-        return await self._settle(r, timeout)
+        if isinstance(r, Ticket):  # queued: blocks are short
+            return await self._redeem(r, timeout)
+        return r
 
     def try_allocate(
         self,
@@ -259,7 +259,9 @@ class KvCache:
         r = self._core.extend(request_id, tokens, timeout != 0, num_new_tokens)
         if self._subs:
             self._pressure_now()
-        return await self._settle(r, timeout)
+        if isinstance(r, Ticket):  # queued: blocks are short
+            return await self._redeem(r, timeout)
+        return r
 
     def try_extend(
         self,
@@ -275,7 +277,7 @@ class KvCache:
             return None
         if self._subs:
             self._pressure_now()
-        assert not isinstance(h, _core.Ticket), "a call that may not wait returns no ticket"
+        assert not isinstance(h, Ticket), "a call that may not wait returns no ticket"
         return h
 
     async def truncate(self, request_id: RequestId, num_tokens: int) -> SequenceHandle:
@@ -333,7 +335,9 @@ class KvCache:
         r = self._core.swap_out(request_id)
         if self._subs:
             self._pressure_now()
-        return await self._settle(r, None)
+        if isinstance(r, Ticket):  # queued: blocks are short
+            return await self._redeem(r, None)
+        return r
 
     async def swap_in(self, request_id: RequestId) -> SequenceHandle:
         """Moves a swapped-out sequence back to the device tier (block ids may change).
@@ -342,7 +346,9 @@ class KvCache:
         r = self._core.swap_in(request_id)
         if self._subs:
             self._pressure_now()
-        return await self._settle(r, None)
+        if isinstance(r, Ticket):  # queued: blocks are short
+            return await self._redeem(r, None)
+        return r
 
     async def flush(self, *, timeout: float | None = None) -> None:
         """Waits until every disk and remote write issued so far has landed (both tiers
