@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import ferrumkv
-from helpers import make_config, stats_dict
+from helpers import alloc, dealloc, drive, make_config, stats_dict
 from tiers_helpers import (
     BPB,
     DTYPES,
@@ -185,3 +185,37 @@ async def test_offload_and_onboard_through_the_host_tier() -> None:
         g = await cache.gc(target_free_ratio=1.0)
         assert (g.evicted_blocks, g.offloaded_blocks) == (2, 0)  # A0, A1 are on the host
         assert_all_unused(cache)
+
+
+def test_blocks_read_back_from_disk_go_back_to_it_leaf_first(tmp_path: Any) -> None:
+    """Leaves first in the disk tier too: after a read-back, the chain's last block is the
+    first the full disk tier gives up (the read pins its slots and releases them leaf first,
+    as a sequence releases its blocks)."""
+    from tiers_helpers import alloc_from_disk, spill_chain
+
+    with disk_cache(tmp_path, disk_blocks=2) as cache:
+        prompt, _ = spill_chain(cache, np.random.default_rng(3))  # A2, A1 fill the disk
+        stored = {
+            e.token_ids[i * 4]: h
+            for e in cache.drain_events()
+            if isinstance(e, ferrumkv.BlockStored) and e.tier == "device"
+            for i, h in enumerate(e.block_hashes)
+        }
+        a2 = stored[8]  # the chain's last full block (tokens 8..11)
+        alloc_from_disk(cache, "a2", prompt)  # A1, A2 read back from disk
+        assert cache.stats().disk_blocks_read == 2
+        dealloc(cache, "a2")
+        cache.drain_events()
+        # A new chain pushes blocks down to the full disk tier, which makes room.
+        alloc(cache, "d", list(range(300, 313)))
+        dealloc(cache, "d")
+        drive(cache.gc(target_free_ratio=1.0))
+        cache._core.wait_disk_idle()
+        removed = [
+            h
+            for e in cache.drain_events()
+            if isinstance(e, ferrumkv.BlockRemoved) and e.tier == "disk"
+            for h in e.block_hashes
+        ]
+        assert removed and removed[0] == a2, "the leaf leaves the disk tier first"
+        assert_tiers_consistent(cache)

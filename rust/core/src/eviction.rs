@@ -9,10 +9,14 @@
 //! and a hit on a child is a hit on its parent. Under `Lfu` (and `Lecar`'s LFU expert) also
 //! because a block's count never exceeds its parent's: a hit on a child is a hit on every
 //! ancestor, and a count brought back from the ghost is capped at the parent's when the block
-//! is registered (the parent block is cached then: the registering sequence holds it). Known
-//! gap: in the host and disk tiers blocks arrive in eviction order, a child before its parent,
-//! so a parent offloaded later can bring a lower count than its child's and go first there
-//! under `Lfu` / `Lecar` (the device tier, and every tier under `Lru`, keep the rule). S3-FIFO
+//! is registered (the parent block is cached then: the registering sequence holds it). Every
+//! path that hands a tier several blocks of one chain releases them leaf first (a sequence's
+//! deallocate, an onboard's host blocks, a disk read-ahead's slots, a remote import), so the
+//! order within a class keeps the rule in every tier. Known gap: in the host and disk tiers
+//! blocks arrive in eviction order, a child before its parent, so under `Lfu` / `Lecar` /
+//! `Adaptive` a child whose parent is not in that tier (yet) can bring back a count from the
+//! ghost, or gain hits, that its parent, offloaded later, does not have, and the parent can
+//! go first there (the device tier, and every tier under `Lru`, keep the rule). S3-FIFO
 //! was measured and withdrawn: its FIFO order evicts a parent before a child that entered the
 //! main queue later (BENCHMARKS.md, "Eviction policies").
 //! - `Lru` (one class): the least recently released block first, exactly vLLM's order; a

@@ -110,12 +110,27 @@ impl HostTier {
         first: bool,
         tokens: &[u32],
     ) -> bool {
+        let stored = self.index_block(b, hash, parent, first, tokens);
+        self.pool.release(b);
+        stored
+    }
+
+    /// Indexes an owned host block as a cached copy and keeps it owned: the caller releases
+    /// it, so a chain of such blocks can be released leaf first (an import). False (nothing
+    /// indexed) when another block holds the hash.
+    pub fn index_block(
+        &mut self,
+        b: BlockId,
+        hash: BlockHash,
+        parent: BlockHash,
+        first: bool,
+        tokens: &[u32],
+    ) -> bool {
         let stored = self.index.insert(b, hash, parent, first, tokens);
         if stored {
             let parent_block = (!first).then(|| self.index.get(parent)).flatten();
             self.pool.register(b, hash, parent_block);
         }
-        self.pool.release(b);
         stored
     }
 

@@ -342,3 +342,62 @@ fn on_store_writes_a_swapped_out_sequence_from_its_host_blocks_byte_for_byte() {
     alloc(&b, "p", &prompt);
     assert_eq!(kv_bytes(&b, "p", 8), want);
 }
+
+/// The hashes of the host-tier `BlockRemoved` events drained from `e`, in order.
+fn host_removals(e: &Engine) -> Vec<u128> {
+    e.drain_events()
+        .unwrap()
+        .into_iter()
+        .filter_map(|ev| match ev {
+            KvEvent::Removed {
+                block_hashes,
+                tier: Tier::Host,
+            } => Some(block_hashes),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn an_imported_chain_leaves_the_host_tier_leaf_first() {
+    // Leaves first: the tier must give up the chain's last block before its parents, as
+    // it does for a chain a sequence released (tail first), under every policy.
+    for policy in ferrumkv_core::eviction::POLICY_NAMES {
+        let mut c = ConfigInput::small(2);
+        c.host_blocks = 3;
+        c.eviction_policy = policy.into();
+        c.remote_url = Some("redis://127.0.0.1:6379".into());
+        let e = Engine::with_clock(CacheConfig::validate(&c).unwrap(), Clock::manual(0.0)).unwrap();
+        let chain: Vec<u32> = (1..=13).collect(); // 3 full blocks and 1 token
+        let (start, keys) = e.remote_plan(&chain, None).unwrap();
+        assert_eq!((start, keys.len()), (0, 3));
+        let values: Vec<Vec<u8>> = keys.iter().map(|k| encode(k, &[9u8; 256])).collect();
+        let v: Vec<Option<&[u8]>> = values.iter().map(|x| Some(&x[..])).collect();
+        let done = e
+            .import_remote(&chain, None, 0, &v, 3, Duration::ZERO)
+            .unwrap();
+        assert_eq!(done.blocks, 3, "{policy}");
+        let hashes = Hasher::new(HashAlgo::Xxh3_128).chain(0, &chain, 4);
+        host_removals(&e);
+        // One more block wanted in the full host tier: the chain's leaf makes room.
+        let other: Vec<u32> = (100..=104).collect();
+        let (_, k2) = e.remote_plan(&other, None).unwrap();
+        let v2 = encode(&k2[0], &[3u8; 256]);
+        let done = e
+            .import_remote(&other, None, 0, &[Some(&v2[..])], 1, Duration::ZERO)
+            .unwrap();
+        assert_eq!(done.blocks, 1, "{policy}");
+        assert_eq!(
+            host_removals(&e),
+            vec![hashes[2]],
+            "{policy}: the leaf goes first"
+        );
+        let m = e.lookup_prefix(&chain, None).unwrap();
+        assert_eq!(
+            m.host_tokens, 8,
+            "{policy}: the first two blocks still serve"
+        );
+        e.check_invariants();
+    }
+}

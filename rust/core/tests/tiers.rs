@@ -232,3 +232,43 @@ fn a_sequence_with_an_open_ticket_cannot_be_swapped() {
     settle(&e, e.swap_out(&rid("a")).unwrap());
     e.check_invariants();
 }
+
+#[test]
+fn blocks_onboarded_from_the_host_tier_go_back_to_it_leaf_first() {
+    use ferrumkv_core::config::HashAlgo;
+    use ferrumkv_core::events::KvEvent;
+    use ferrumkv_core::prefix::Hasher;
+    use ferrumkv_core::types::Tier;
+    let host_removed = |e: &Engine| -> Vec<u128> {
+        e.drain_events()
+            .unwrap()
+            .into_iter()
+            .filter_map(|ev| match ev {
+                KvEvent::Removed {
+                    block_hashes,
+                    tier: Tier::Host,
+                } => Some(block_hashes),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    };
+    let e = engine_with_host(4, 3, true);
+    let a = toks(0..13); // 3 full blocks and 1 token
+    let hashes = Hasher::new(HashAlgo::Xxh3_128).chain(0, &a, 4);
+    alloc(&e, "a", &a);
+    e.deallocate(&rid("a")).unwrap();
+    alloc(&e, "b", &toks(100..116)); // 4 blocks: "a"'s 3 cached blocks go to the host tier
+    e.deallocate(&rid("b")).unwrap();
+    let a2 = alloc(&e, "a2", &a); // all 3 onboarded: the host tier holds them meanwhile
+    assert_eq!(a2.num_cached_tokens, 12);
+    assert_eq!(e.stats().unwrap().counters.onboard_blocks, 3);
+    e.deallocate(&rid("a2")).unwrap();
+    assert!(host_removed(&e).is_empty());
+    // A swap-out needs one host block of the full host tier, which gives up one of "a"'s:
+    // the chain's leaf, as when a sequence releases its blocks.
+    alloc(&e, "c", &toks(200..202));
+    settle(&e, e.swap_out(&rid("c")).unwrap());
+    assert_eq!(host_removed(&e), vec![hashes[2]], "the leaf leaves first");
+    e.check_invariants();
+}

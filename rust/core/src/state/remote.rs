@@ -13,8 +13,10 @@
 //! prefix become cached blocks of the host tier (or of the device tier without one), in
 //! chain order, each checked against its own key first; the first value refused or missing
 //! ends the import (a chain is only usable up to its first gap). The local prefix's blocks
-//! of the tier being filled are pinned meanwhile, so making room never evicts the parent an
-//! imported block chains from. Nothing is taken from a live sequence, and a failed import
+//! of the tier being filled, and the blocks imported so far, are held meanwhile, so making
+//! room never evicts the parent an imported block chains from; at the end they are released
+//! leaf first, as a sequence releases its blocks, so the tier gives up the chain's last block
+//! first (leaves first). Nothing is taken from a live sequence, and a failed import
 //! changes nothing but the cache's contents. Cost: O(prompt blocks) hashing (as `allocate`),
 //! one block write per imported value.
 
@@ -293,6 +295,9 @@ impl State {
             }
             plan.hits.clone()
         };
+        // The blocks imported so far, held (so making room for the next cannot evict them)
+        // and released below.
+        let mut imported: Vec<BlockId> = Vec::new();
         let key_of = |st: &State, h: BlockHash| st.remote.as_ref().expect("checked").keys.key(h);
         for i in local.max(start)..max_full {
             let Some(Some(value)) = values.get(i - start) else {
@@ -305,20 +310,26 @@ impl State {
             };
             let parent = if i == 0 { root } else { plan.hashes[i - 1] };
             let block_tokens = &tokens[i * bs..(i + 1) * bs];
-            if !self.cache_imported(ctx, hash, parent, root, block_tokens, payload) {
+            let Some(b) = self.cache_imported(ctx, hash, parent, root, block_tokens, payload)
+            else {
                 break;
-            }
+            };
+            imported.push(b);
             self.remote.as_mut().expect("checked").remember(hash);
             done.blocks += 1;
         }
+        // Released leaf first, the imported blocks then the prefix they extend, as a
+        // sequence releases its blocks: the chain's last block is the first to be evicted
+        // and no parent goes before its child (leaves first).
+        let held = pinned.iter().chain(&imported).rev();
         match self.host.as_mut() {
             Some(h) => {
-                for &b in &pinned {
+                for &b in held {
                     h.pool.release(b);
                 }
             }
             None => {
-                for &b in &pinned {
+                for &b in held {
                     self.release_block(b);
                 }
             }
@@ -327,8 +338,9 @@ impl State {
     }
 
     /// Makes `payload` a cached block under `hash`: in the host tier when there is one, else
-    /// in the device tier. False when no block can be had (every one is held). `root`: the
-    /// hash the chain starts from (the block is a chain's first when `parent == root`).
+    /// in the device tier; the block stays held, for the caller to release. None when no
+    /// block can be had (every one is held). `root`: the hash the chain starts from (the
+    /// block is a chain's first when `parent == root`).
     fn cache_imported(
         &mut self,
         ctx: &Ctx,
@@ -337,12 +349,10 @@ impl State {
         root: BlockHash,
         tokens: &[u32],
         payload: &[u8],
-    ) -> bool {
+    ) -> Option<BlockId> {
         let first = parent == root;
         if self.host.is_some() {
-            let Some(hb) = self.take_host_block() else {
-                return false;
-            };
+            let hb = self.take_host_block()?;
             let host = self.host.as_mut().expect("checked above");
             // Recorded after the spill of what `hb` held: effects run in order.
             self.fx.write(
@@ -350,20 +360,19 @@ impl State {
                 vec![(host.offset(hb), host.bytes_per_block)],
                 payload.to_vec(),
             );
-            if host.cache_block(hb, hash, parent, first, tokens) {
+            if host.index_block(hb, hash, parent, first, tokens) {
                 self.events
                     .stored(hash, (!first).then_some(parent), tokens, Tier::Host);
             }
-            return true;
+            return Some(hb);
         }
         if self.pool.num_free_blocks() == 0 {
-            return false;
+            return None;
         }
         let now = ctx.clock.now();
         let b = self.alloc_block(ctx, now);
         ctx.write_block(&mut self.fx, b, payload.to_vec());
         self.registry().register(b, hash, parent, root, tokens);
-        self.release_block(b);
-        true
+        Some(b)
     }
 }

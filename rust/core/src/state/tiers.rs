@@ -68,7 +68,9 @@ impl State {
             match a {
                 After::Onboarded { host, disk } => {
                     if let Some(h) = self.host.as_mut() {
-                        for &hb in &host {
+                        // Leaf first, as a sequence releases: the chain's root stays the
+                        // most recent, so the tier keeps its rule (leaves first).
+                        for &hb in host.iter().rev() {
                             h.pool.release(hb);
                         }
                     }
@@ -292,7 +294,9 @@ impl State {
     ) {
         let disk = self.disk.as_mut().expect("disk reads imply a disk tier");
         let mut staged = StagedReads::default();
-        for (hash, slot, result) in results {
+        // Leaf first (the reads come in chain order), as a sequence releases its blocks:
+        // the chain's first slot stays the most recent, so the tier keeps leaves first.
+        for (hash, slot, result) in results.into_iter().rev() {
             if disk.index.hash_of(slot).is_none() {
                 disk.pool.unregister(slot); // dropped from the index meanwhile (reset)
             }
