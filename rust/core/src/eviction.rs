@@ -11,12 +11,14 @@
 //! ancestor, and a count brought back from the ghost is capped at the parent's when the block
 //! is registered (the parent block is cached then: the registering sequence holds it). Every
 //! path that hands a tier several blocks of one chain releases them leaf first (a sequence's
-//! deallocate, an onboard's host blocks, a disk read-ahead's slots, a remote import), so the
-//! order within a class keeps the rule in every tier. Known gap: in the host and disk tiers
-//! blocks arrive in eviction order, a child before its parent, so under `Lfu` / `Lecar` /
-//! `Adaptive` a child whose parent is not in that tier (yet) can bring back a count from the
-//! ghost, or gain hits, that its parent, offloaded later, does not have, and the parent can
-//! go first there (the device tier, and every tier under `Lru`, keep the rule). S3-FIFO
+//! deallocate, an onboard's host blocks, a disk read-ahead's slots, a remote import). Known
+//! gap: in the host and disk tiers a chain's blocks need not arrive or be touched together. A
+//! block there can be onboarded (so it moves to the recent end) while its parent's copy there
+//! is not (the parent was a device hit), and under `Lfu` / `Lecar` / `Adaptive` a child whose
+//! parent is not in that tier can bring back a count from the ghost, or gain hits, that the
+//! parent offloaded later lacks. Either lets a parent there go before its child, which may then
+//! be unreachable until it is evicted in turn (space, never wrong data). The device tier keeps the
+//! rule under every policy. S3-FIFO
 //! was measured and withdrawn: its FIFO order evicts a parent before a child that entered the
 //! main queue later (BENCHMARKS.md, "Eviction policies").
 //! - `Lru` (one class): the least recently released block first, exactly vLLM's order; a
