@@ -20,7 +20,6 @@ from tiers_helpers import (
     LAYERS,
     LAYOUTS,
     ONE_BITS,
-    TORCH_BITS,
     assert_all_unused,
     assert_reads,
     disk_cache,
@@ -28,6 +27,9 @@ from tiers_helpers import (
     same_bits,
     spill_chain,
 )
+
+TORCH_BITS = {"float16": torch.int16, "bfloat16": torch.int16, "float32": torch.int32}
+"""The integer dtype of each float dtype's width, to compare tensors bit for bit."""
 
 
 @pytest.mark.anyio

@@ -16,7 +16,6 @@ from typing import Any
 
 import anyio
 import numpy as np
-import torch
 
 import ferrumkv
 from helpers import (
@@ -204,6 +203,3 @@ def flipped(data: Data, position: int, offset: int) -> bytes:
 
 
 ONE_BITS = {"float16": 0x3C00, "bfloat16": 0x3F80, "float32": 0x3F800000}
-
-
-TORCH_BITS = {"float16": torch.int16, "bfloat16": torch.int16, "float32": torch.int32}
