@@ -219,6 +219,18 @@ impl PrefixIndex {
         &self.tokens[b.idx() * self.block_size..(b.idx() + 1) * self.block_size]
     }
 
+    /// Starts fetching what indexing `b` under `hash` (after `parent`, first token `first`)
+    /// touches: its slots in both tables and its entries in the arrays. Registering a
+    /// prompt's new blocks prefetches them all first, so their cache misses overlap.
+    pub fn prefetch_insert(&self, b: BlockId, hash: BlockHash, parent: BlockHash, first: u32) {
+        self.by_hash.prefetch(fingerprint(hash));
+        self.siblings.prefetch(sibling_key((parent, first)));
+        let i = b.idx();
+        crate::slots::prefetch(&self.hash[i]);
+        crate::slots::prefetch(&self.parent[i]);
+        crate::slots::prefetch(&self.tokens[i * self.block_size]);
+    }
+
     /// Indexes `b` under `hash`; returns false (and indexes nothing) if the hash is already
     /// held by another block.
     pub fn insert(

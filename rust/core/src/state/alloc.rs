@@ -398,6 +398,12 @@ impl State {
             // Blocks after the device hits (onboarded, read back or computed) are new.
             for i in device_hits..seq.num_tokens / bs {
                 let parent = if i == 0 { seq.root } else { seq.hashes[i - 1] };
+                let b = seq.blocks[i];
+                self.index
+                    .prefetch_insert(b, seq.hashes[i], parent, tokens[i * bs]);
+            }
+            for i in device_hits..seq.num_tokens / bs {
+                let parent = if i == 0 { seq.root } else { seq.hashes[i - 1] };
                 self.registry().register(
                     seq.blocks[i],
                     seq.hashes[i],
