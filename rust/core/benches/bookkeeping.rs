@@ -13,8 +13,9 @@
 //!
 //! Groups (block_size 16, a tiny model shape, KV events off: `common::engine_with`):
 //! - `alloc_dealloc/{prefix_off,prefix_on}`: allocate + deallocate of one 512-token request,
-//!   cycling through 1,000 prompts (half share a 256-token prefix) on a 4,096-block engine,
-//!   the sampled eviction events drained, untimed, after each cycle. With the cache on, each
+//!   cycling through 1,000 prompts (half share a 256-token prefix) on a 4,096-block engine;
+//!   the sampled eviction events are never drained (their bounded queue drops its oldest in
+//!   O(1): `residency`). With the cache on, each
 //!   request registers the blocks it does not find cached (16 or 32) and evicts as many.
 //! - `lookup_prefix/miss_32k_tokens`: hash + lookup of a 32,768-token prompt that misses.
 //! - `decode_step/{extend_batch_ids,with_batch_layout}`: one decode step of 256 sequences (+1
