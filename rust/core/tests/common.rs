@@ -3,8 +3,9 @@
 
 use ferrumkv_core::clock::Clock;
 use ferrumkv_core::config::{CacheConfig, ConfigInput};
+use ferrumkv_core::events::KvEvent;
 use ferrumkv_core::sequence::{Append, SeqView};
-use ferrumkv_core::types::RequestId;
+use ferrumkv_core::types::{BlockHash, RequestId, Tier};
 use ferrumkv_core::waiters::Ticket;
 use ferrumkv_core::{Engine, Outcome};
 
@@ -92,4 +93,21 @@ pub fn settle(e: &Engine, o: Outcome) -> SeqView {
             }
         }
     }
+}
+
+/// The hashes of the `BlockRemoved` events of `tier` drained from `e`, in order (the other
+/// events are drained too).
+pub fn removed_from(e: &Engine, tier: Tier) -> Vec<BlockHash> {
+    e.drain_events()
+        .unwrap()
+        .into_iter()
+        .filter_map(|ev| match ev {
+            KvEvent::Removed {
+                block_hashes,
+                tier: t,
+            } if t == tier => Some(block_hashes),
+            _ => None,
+        })
+        .flatten()
+        .collect()
 }

@@ -343,22 +343,6 @@ fn on_store_writes_a_swapped_out_sequence_from_its_host_blocks_byte_for_byte() {
     assert_eq!(kv_bytes(&b, "p", 8), want);
 }
 
-/// The hashes of the host-tier `BlockRemoved` events drained from `e`, in order.
-fn host_removals(e: &Engine) -> Vec<u128> {
-    e.drain_events()
-        .unwrap()
-        .into_iter()
-        .filter_map(|ev| match ev {
-            KvEvent::Removed {
-                block_hashes,
-                tier: Tier::Host,
-            } => Some(block_hashes),
-            _ => None,
-        })
-        .flatten()
-        .collect()
-}
-
 #[test]
 fn an_imported_chain_leaves_the_host_tier_leaf_first() {
     // Leaves first: the tier must give up the chain's last block before its parents, as
@@ -379,7 +363,7 @@ fn an_imported_chain_leaves_the_host_tier_leaf_first() {
             .unwrap();
         assert_eq!(done.blocks, 3, "{policy}");
         let hashes = Hasher::new(HashAlgo::Xxh3_128).chain(0, &chain, 4);
-        host_removals(&e);
+        removed_from(&e, Tier::Host);
         // One more block wanted in the full host tier: the chain's leaf makes room.
         let other: Vec<u32> = (100..=104).collect();
         let (_, k2) = e.remote_plan(&other, None).unwrap();
@@ -389,7 +373,7 @@ fn an_imported_chain_leaves_the_host_tier_leaf_first() {
             .unwrap();
         assert_eq!(done.blocks, 1, "{policy}");
         assert_eq!(
-            host_removals(&e),
+            removed_from(&e, Tier::Host),
             vec![hashes[2]],
             "{policy}: the leaf goes first"
         );

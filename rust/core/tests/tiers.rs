@@ -236,23 +236,9 @@ fn a_sequence_with_an_open_ticket_cannot_be_swapped() {
 #[test]
 fn blocks_onboarded_from_the_host_tier_go_back_to_it_leaf_first() {
     use ferrumkv_core::config::HashAlgo;
-    use ferrumkv_core::events::KvEvent;
     use ferrumkv_core::prefix::Hasher;
     use ferrumkv_core::types::Tier;
-    let host_removed = |e: &Engine| -> Vec<u128> {
-        e.drain_events()
-            .unwrap()
-            .into_iter()
-            .filter_map(|ev| match ev {
-                KvEvent::Removed {
-                    block_hashes,
-                    tier: Tier::Host,
-                } => Some(block_hashes),
-                _ => None,
-            })
-            .flatten()
-            .collect()
-    };
+    let host_removed = |e: &Engine| removed_from(e, Tier::Host);
     let e = engine_with_host(4, 3, true);
     let a = toks(0..13); // 3 full blocks and 1 token
     let hashes = Hasher::new(HashAlgo::Xxh3_128).chain(0, &a, 4);
