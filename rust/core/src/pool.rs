@@ -373,6 +373,17 @@ impl BlockPool {
         self.queues.is_evictable(b.0)
     }
 
+    /// Starts fetching what `acquire_hit(b)` reads first (its count, mark and queue links).
+    /// Changes nothing.
+    pub fn prefetch(&self, b: BlockId) {
+        let i = b.idx();
+        crate::slots::prefetch(&self.ref_cnt[i]);
+        crate::slots::prefetch(&self.hits[i]);
+        crate::slots::prefetch(&self.queues.at[i]);
+        crate::slots::prefetch(&self.queues.prev[i]);
+        crate::slots::prefetch(&self.queues.next[i]);
+    }
+
     /// Takes a blank block (FIFO) and gives it one owner.
     pub fn take_blank(&mut self) -> Option<BlockId> {
         let b = self.queues.pop_front(BLANK)?;

@@ -28,7 +28,7 @@ use crate::config::HashAlgo;
 use crate::error::Result;
 use crate::fallible::{out_of_memory, vec_of, zeroed};
 use crate::ghost::fingerprint;
-use crate::slots::SlotTable;
+use crate::slots::{SlotTable, PREFETCH_AHEAD};
 use crate::types::{BlockHash, BlockId};
 
 /// Hashes blocks of token ids under one algorithm.
@@ -108,6 +108,19 @@ impl Hasher {
     }
 }
 
+/// Copies a block's token ids in runs of 8 (32 bytes, moved inline) instead of one
+/// `memcpy` call of a length known only at run time: block sizes are multiples of 8 in
+/// practice, and the call cost more than the copy.
+fn copy_tokens(dst: &mut [u32], src: &[u32]) {
+    assert_eq!(dst.len(), src.len(), "a block's token ids");
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d, s) in (&mut d).zip(&mut s) {
+        d.copy_from_slice(s);
+    }
+    d.into_remainder().copy_from_slice(s.remainder());
+}
+
 /// (parent hash, first token id) of a cached block.
 type SiblingKey = (BlockHash, u32);
 
@@ -184,6 +197,25 @@ impl PrefixIndex {
         (self.hash[b as usize] == h).then_some(BlockId(b))
     }
 
+    /// The blocks holding the longest run of `hashes` from the first that is all indexed (a
+    /// prompt's full hits). Each hash's slot is fetched `PREFETCH_AHEAD` hashes before it is
+    /// looked up, so the misses of consecutive hits overlap (and a few are fetched in vain
+    /// past the first miss).
+    pub fn longest_prefix(&self, hashes: &[BlockHash]) -> Vec<BlockId> {
+        for &h in hashes.iter().take(PREFETCH_AHEAD) {
+            self.by_hash.prefetch(fingerprint(h));
+        }
+        let mut hits = Vec::new();
+        for (i, &h) in hashes.iter().enumerate() {
+            if let Some(&ahead) = hashes.get(i + PREFETCH_AHEAD) {
+                self.by_hash.prefetch(fingerprint(ahead));
+            }
+            let Some(b) = self.get(h) else { break };
+            hits.push(b);
+        }
+        hits
+    }
+
     /// The `by_hash` key of an indexed block.
     fn fp_of(&self, b: u32) -> u64 {
         fingerprint(self.hash[b as usize])
@@ -231,6 +263,33 @@ impl PrefixIndex {
         crate::slots::prefetch(&self.tokens[i * self.block_size]);
     }
 
+    /// Starts fetching block `b`'s entries in the arrays (its hash, parent hash, first token
+    /// and sibling links): the first wave of `prefetch_remove`. Changes nothing.
+    pub fn prefetch_entry(&self, b: BlockId) {
+        let i = b.idx();
+        crate::slots::prefetch(&self.state[i]);
+        crate::slots::prefetch(&self.hash[i]);
+        crate::slots::prefetch(&self.parent[i]);
+        crate::slots::prefetch(&self.tokens[i * self.block_size]);
+        crate::slots::prefetch(&self.next_sib[i]);
+        crate::slots::prefetch(&self.prev_sib[i]);
+    }
+
+    /// Starts fetching the table slots that removing `b` touches (it reads the entries
+    /// `prefetch_entry` fetched: call that first, for every block of a batch). Changes
+    /// nothing.
+    pub fn prefetch_remove(&self, b: BlockId) {
+        let i = b.idx();
+        if self.state[i] == UNINDEXED {
+            return;
+        }
+        self.by_hash.prefetch(fingerprint(self.hash[i]));
+        self.siblings.prefetch(sibling_key((
+            self.parent[i],
+            self.tokens[i * self.block_size],
+        )));
+    }
+
     /// Indexes `b` under `hash`; returns false (and indexes nothing) if the hash is already
     /// held by another block.
     pub fn insert(
@@ -256,7 +315,10 @@ impl PrefixIndex {
         self.state[i] = if first { INDEXED_FIRST } else { INDEXED };
         self.hash[i] = hash;
         self.parent[i] = parent;
-        self.tokens[i * self.block_size..(i + 1) * self.block_size].copy_from_slice(tokens);
+        copy_tokens(
+            &mut self.tokens[i * self.block_size..(i + 1) * self.block_size],
+            tokens,
+        );
         self.link(b, (parent, tokens[0]));
         true
     }

@@ -36,6 +36,12 @@ impl Slot {
     }
 }
 
+/// How many items ahead of the one being worked on (a block evicted, registered or looked
+/// up) their cache lines are fetched: far enough for a miss to arrive in time, near enough
+/// that the lines in flight fit the CPU's miss queue. (4 and 16 were slower on the trace
+/// replay: BENCHMARKS.md.)
+pub const PREFETCH_AHEAD: usize = 8;
+
 /// Hints the CPU to bring the cache line of `value` in (a no-op off x86-64).
 #[inline]
 pub fn prefetch<T>(value: &T) {

@@ -35,7 +35,9 @@
 //! Cost: O(prompt blocks) for hashing and lookups, O(1) per block taken.
 
 use crate::error::{Error, Result};
+use crate::prefix::PrefixIndex;
 use crate::sequence::{AllocOpts, Phase, Prompt, SeqView, Sequence};
+use crate::slots::PREFETCH_AHEAD;
 use crate::types::{blocks_for, BlockHash, BlockId, RequestId};
 use crate::waiters::{Outcome, WaitOp};
 
@@ -201,16 +203,9 @@ impl State {
         let hashes = ctx.hasher.chain(root, tokens, bs);
         // A full hit must end before the last token: one token is always left to compute.
         let max_full = (n - 1) / bs;
-        let hits: Vec<BlockId> = hashes
-            .iter()
-            .take(max_full)
-            .map_while(|&h| self.index.get(h))
-            .collect();
+        let hits = self.index.longest_prefix(&hashes[..max_full]);
         let onboard: Vec<BlockId> = match &self.host {
-            Some(host) => hashes[hits.len()..max_full]
-                .iter()
-                .map_while(|&h| host.index.get(h))
-                .collect(),
+            Some(host) => host.index.longest_prefix(&hashes[hits.len()..max_full]),
             None => vec![],
         };
         let after_host = hits.len() + onboard.len();
@@ -301,7 +296,13 @@ impl State {
         // Commit. What this records from here on is the admission's fill.
         let mark = self.fx.mark();
         let now = ctx.clock.now();
-        for &b in &plan.hits {
+        for &b in plan.hits.iter().take(PREFETCH_AHEAD) {
+            self.pool.prefetch(b);
+        }
+        for (i, &b) in plan.hits.iter().enumerate() {
+            if let Some(&ahead) = plan.hits.get(i + PREFETCH_AHEAD) {
+                self.pool.prefetch(ahead);
+            }
             self.pool.acquire_hit(b);
             self.residency.on_access(b, now);
         }
@@ -316,7 +317,7 @@ impl State {
         }
         let j = plan.onboard.len();
         let mut blocks = plan.hits;
-        blocks.extend((0..new).map(|_| self.alloc_block(ctx, now)));
+        self.alloc_blocks(ctx, new, now, &mut blocks);
         if j > 0 {
             self.onboard(ctx, &plan.onboard, &blocks[k..k + j]);
         }
@@ -395,20 +396,27 @@ impl State {
         // publish, so none of them is granted a hit on blocks whose K/V is not computed yet.
         self.serve_waiters(ctx);
         if seq.cacheable {
-            // Blocks after the device hits (onboarded, read back or computed) are new.
-            for i in device_hits..seq.num_tokens / bs {
+            // Blocks after the device hits (onboarded, read back or computed) are new. Each
+            // is fetched `PREFETCH_AHEAD` blocks before it is registered.
+            let full = seq.num_tokens / bs;
+            let fetch = |index: &PrefixIndex, i: usize| {
                 let parent = if i == 0 { seq.root } else { seq.hashes[i - 1] };
-                let b = seq.blocks[i];
-                self.index
-                    .prefetch_insert(b, seq.hashes[i], parent, tokens[i * bs]);
+                index.prefetch_insert(seq.blocks[i], seq.hashes[i], parent, tokens[i * bs]);
+            };
+            for i in (device_hits..full).take(PREFETCH_AHEAD) {
+                fetch(&self.index, i);
             }
-            for i in device_hits..seq.num_tokens / bs {
+            for i in device_hits..full {
+                if i + PREFETCH_AHEAD < full {
+                    fetch(&self.index, i + PREFETCH_AHEAD);
+                }
                 let parent = if i == 0 { seq.root } else { seq.hashes[i - 1] };
                 self.registry().register(
                     seq.blocks[i],
                     seq.hashes[i],
                     parent,
                     seq.root,
+                    i.checked_sub(1).map(|p| seq.blocks[p]),
                     &tokens[i * bs..(i + 1) * bs],
                 );
             }

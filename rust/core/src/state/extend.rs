@@ -149,7 +149,9 @@ impl State {
             return Vec::new(); // most items of a decode batch: no clock read
         }
         let now = ctx.clock.now();
-        (0..n).map(|_| self.alloc_block(ctx, now)).collect()
+        let mut blocks = Vec::new();
+        self.alloc_blocks(ctx, n, now, &mut blocks);
+        blocks
     }
 
     /// Gives back reserved blocks that were never joined to a sequence.
@@ -481,8 +483,9 @@ fn fill_tail(
         if s.tail.len() == bs {
             let parent = s.last_hash();
             let h = hash(parent, &s.tail);
-            let b = s.blocks[s.hashes.len()];
-            reg.register(b, h, parent, s.root, &s.tail);
+            let i = s.hashes.len();
+            let prev = i.checked_sub(1).map(|p| s.blocks[p]);
+            reg.register(s.blocks[i], h, parent, s.root, prev, &s.tail);
             s.tail.clear();
             s.hashes.push(h);
         }

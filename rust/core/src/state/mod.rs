@@ -53,6 +53,7 @@ use crate::prefix::{Hasher, PrefixIndex};
 use crate::pressure::{Level, Pressure, PressureEvent};
 use crate::residency::Residency;
 use crate::sequence::{Phase, SeqView, Sequence};
+use crate::slots::PREFETCH_AHEAD;
 use crate::stats::Counters;
 use crate::storage::Memory;
 use crate::tier::{DiskTier, HostTier};
@@ -141,17 +142,25 @@ struct Registry<'a> {
 
 impl Registry<'_> {
     /// Indexes a full block of a sequence unless another block already holds its hash.
+    /// `prev` is the block before it in the sequence, if any: the parent block when it holds
+    /// `parent` (no table probe), else the parent is looked up.
     fn register(
         &mut self,
         b: BlockId,
         hash: BlockHash,
         parent: BlockHash,
         root: BlockHash,
+        prev: Option<BlockId>,
         tokens: &[u32],
     ) {
         let first = parent == root;
         if self.index.insert(b, hash, parent, first, tokens) {
-            let parent_block = (!first).then(|| self.index.get(parent)).flatten();
+            let parent_block = if first {
+                None
+            } else {
+                prev.filter(|&p| self.index.hash_of(p) == Some(parent))
+                    .or_else(|| self.index.get(parent))
+            };
             self.pool.register(b, hash, parent_block);
             // The first block of a chain has no parent block (the root is a salt, not a block).
             self.events
@@ -416,17 +425,57 @@ impl State {
 
     // ----- blocks -------------------------------------------------------------------------
 
-    /// Takes one block (blank first, then LRU eviction). The caller checked availability.
+    /// Takes one block (blank first, then the policy's victim). The caller checked
+    /// availability.
     fn alloc_block(&mut self, ctx: &Ctx, now: f64) -> BlockId {
-        let b = if let Some(b) = self.pool.take_blank() {
-            b
-        } else {
-            let b = self.pool.evict_lru().expect("availability was checked");
+        let mut one = Vec::with_capacity(1);
+        self.alloc_blocks(ctx, 1, now, &mut one);
+        one[0]
+    }
+
+    /// Takes `n` blocks onto `out`: blank ones first (FIFO), then the policy's victims in
+    /// its order, each evicted (offloaded or dropped from the index) before it is handed out.
+    /// The caller checked availability.
+    ///
+    /// The victims are popped from the policy's queues first (evicting one never moves
+    /// another in them), then evicted in order while the index entries of those a few places
+    /// behind are fetched in two stages (their array entries `2 * AHEAD` victims ahead, the
+    /// table slots their hashes name `AHEAD` ahead): the cache misses of several victims are
+    /// in flight together instead of stalling each eviction in turn. (Fetching a whole
+    /// prompt's victims up front overflows the CPU's miss queue on long prompts.)
+    fn alloc_blocks(&mut self, ctx: &Ctx, n: usize, now: f64, out: &mut Vec<BlockId>) {
+        out.reserve(n);
+        let mut left = n;
+        while left > 0 {
+            let Some(b) = self.pool.take_blank() else {
+                break;
+            };
+            self.residency.on_allocate(b, now);
+            out.push(b);
+            left -= 1;
+        }
+        if left == 0 {
+            return;
+        }
+        let first = out.len();
+        out.extend((0..left).map(|_| self.pool.evict_lru().expect("availability was checked")));
+        for &b in out[first..].iter().take(2 * PREFETCH_AHEAD) {
+            self.index.prefetch_entry(b);
+        }
+        for &b in out[first..].iter().take(PREFETCH_AHEAD) {
+            self.index.prefetch_remove(b);
+        }
+        for i in first..out.len() {
+            if let Some(&b) = out.get(i + 2 * PREFETCH_AHEAD) {
+                self.index.prefetch_entry(b);
+            }
+            if let Some(&b) = out.get(i + PREFETCH_AHEAD) {
+                self.index.prefetch_remove(b);
+            }
+            let b = out[i];
             self.evict_cached(ctx, b, now);
-            b
-        };
-        self.residency.on_allocate(b, now);
-        b
+            self.residency.on_allocate(b, now);
+        }
     }
 
     /// Evicts a cached device block: its data and hash move to the host tier when one

@@ -372,7 +372,8 @@ impl State {
         let now = ctx.clock.now();
         let b = self.alloc_block(ctx, now);
         ctx.write_block(&mut self.fx, b, payload.to_vec());
-        self.registry().register(b, hash, parent, root, tokens);
+        self.registry()
+            .register(b, hash, parent, root, None, tokens);
         Some(b)
     }
 }

@@ -390,7 +390,8 @@ impl State {
             return Err(short(need, self.pool.num_free_blocks()));
         }
         let now = ctx.clock.now();
-        let to: Vec<BlockId> = (0..need).map(|_| self.alloc_block(ctx, now)).collect();
+        let mut to = Vec::new();
+        self.alloc_blocks(ctx, need, now, &mut to);
         let host = self
             .host
             .as_ref()
