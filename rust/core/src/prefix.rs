@@ -108,17 +108,24 @@ impl Hasher {
     }
 }
 
-/// Copies a block's token ids in runs of 8 (32 bytes, moved inline) instead of one
-/// `memcpy` call of a length known only at run time: block sizes are multiples of 8 in
-/// practice, and the call cost more than the copy.
+/// Copies a block's token ids. The common block sizes are copied as fixed-size arrays,
+/// which compile to a few inline moves: a slice copy of a length known only at run time is a
+/// `memcpy` call, which cost more than the 64 bytes it moved (and a loop of fixed-size
+/// chunks is turned back into that call).
 fn copy_tokens(dst: &mut [u32], src: &[u32]) {
-    assert_eq!(dst.len(), src.len(), "a block's token ids");
-    let mut d = dst.chunks_exact_mut(8);
-    let mut s = src.chunks_exact(8);
-    for (d, s) in (&mut d).zip(&mut s) {
-        d.copy_from_slice(s);
+    fn fixed<const N: usize>(dst: &mut [u32], src: &[u32]) -> bool {
+        match (<&mut [u32; N]>::try_from(dst), <&[u32; N]>::try_from(src)) {
+            (Ok(d), Ok(s)) => {
+                *d = *s;
+                true
+            }
+            _ => false,
+        }
     }
-    d.into_remainder().copy_from_slice(s.remainder());
+    assert_eq!(dst.len(), src.len(), "a block's token ids");
+    if !(fixed::<16>(dst, src) || fixed::<32>(dst, src)) {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// (parent hash, first token id) of a cached block.

@@ -16,11 +16,9 @@
 //! which bytes are served. Cost: a multiply and a compare per reference; one in `rate`
 //! also does a hash-map lookup and a list move in each shadow (O(1)).
 
-use std::collections::HashMap;
-
 use crate::error::Result;
 use crate::eviction::{LFU_EXPERT, LFU_GHOST_PER_BLOCK, LRU_EXPERT, MAX_HITS};
-use crate::ghost::{Ghost, Remembered};
+use crate::ghost::{FingerprintMap, Ghost, Remembered};
 
 /// About how many entries each shadow holds: enough for a stable estimate, few enough to
 /// cost nothing next to the tier.
@@ -40,7 +38,7 @@ struct Shadow {
     lfu: bool,
     capacity: usize,
     /// Fingerprint -> slot.
-    at: HashMap<u64, u32>,
+    at: FingerprintMap<u32>,
     fp: Vec<u64>,
     hits: Vec<u8>,
     prev: Vec<u32>,
@@ -57,7 +55,7 @@ struct Shadow {
 impl Shadow {
     fn try_new(capacity: usize, lfu: bool) -> Result<Self> {
         let classes = if lfu { MAX_HITS as usize + 1 } else { 1 };
-        let mut at = HashMap::new();
+        let mut at = FingerprintMap::default();
         at.try_reserve(capacity).map_err(|_| {
             crate::fallible::out_of_memory("the adaptive policy's shadows", capacity, 16)
         })?;

@@ -162,9 +162,15 @@ impl State {
         }
         // First come, first served: a new prompt overtakes no waiting call.
         if self.waiters.num_pending() == 0 {
-            match self.allocate_now(ctx, &rid, &tokens, root, opts, &mut Default::default()) {
-                Ok(Staged::Done(v)) => return Ok(Staged::Done(Outcome::Ready(v))),
-                Ok(Staged::Fill(f)) => return Ok(Staged::Fill(f)),
+            // Reserve, then admit (or fill) with the prompt moved in, not copied; a failed
+            // reservation changed nothing.
+            match self.reserve_allocate(ctx, &rid, &tokens, root, opts, &mut Default::default()) {
+                Ok(adm) => {
+                    return Ok(match self.publish_or_fill(ctx, adm, tokens) {
+                        Staged::Done(v) => Staged::Done(Outcome::Ready(v)),
+                        Staged::Fill(f) => Staged::Fill(f),
+                    })
+                }
                 Err(Error::OutOfBlocks {
                     never_fits: false, ..
                 }) if wait => {}
@@ -233,21 +239,6 @@ impl State {
             hashes,
             partial,
         }
-    }
-
-    /// Allocates `tokens` for a new sequence now (reserve + admit), or fails with nothing
-    /// changed.
-    pub fn allocate_now(
-        &mut self,
-        ctx: &Ctx,
-        rid: &RequestId,
-        tokens: &[u32],
-        root: BlockHash,
-        opts: AllocOpts,
-        staged: &mut StagedReads,
-    ) -> Result<Staged<SeqView>> {
-        let adm = self.reserve_allocate(ctx, rid, tokens, root, opts, staged)?;
-        Ok(self.publish_or_fill(ctx, adm, tokens.to_vec()))
     }
 
     /// Takes and fills the blocks of a new sequence (step 1 of the module header), or fails
