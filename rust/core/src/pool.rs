@@ -146,7 +146,8 @@ pub struct BlockPool {
     /// Prefix hits served by the block since it was cached, plus what its ghost entry
     /// carried (saturating at `MAX_HITS`).
     hits: Vec<u8>,
-    /// Fingerprint of a cached block's hash (what the ghost remembers at its eviction).
+    /// Fingerprint of a cached block's hash (what the ghost and the shadows see); empty
+    /// under `Lru`, which remembers nothing (8 bytes a block saved).
     fp: Vec<u64>,
     policy: EvictionPolicy,
     queues: Queues,
@@ -182,7 +183,11 @@ impl BlockPool {
         let ref_cnt = zeroed(num_blocks, "the block pool's reference counts")?;
         let cached = zeroed(num_blocks, "the block pool's cached marks")?;
         let hits = zeroed(num_blocks, "the block pool's hit counts")?;
-        let fp = zeroed(num_blocks, "the block pool's hash fingerprints")?;
+        let remembers = policy != EvictionPolicy::Lru;
+        let fp = zeroed(
+            if remembers { num_blocks } else { 0 },
+            "the block pool's hash fingerprints",
+        )?;
         let ghost = Ghost::try_new(policy.ghost_capacity(num_blocks))?;
         let ordered = policy.keeps_release_order();
         let order = Queues::try_new(if ordered { num_blocks } else { 0 }, 1)?;
@@ -463,7 +468,9 @@ impl BlockPool {
         let remembered = self.ghost.take(fp);
         let i = b.idx();
         self.cached[i] = true;
-        self.fp[i] = fp;
+        if let Some(slot) = self.fp.get_mut(i) {
+            *slot = fp;
+        }
         let cap = parent.map_or(self.policy.max_hits(), |p| self.hits[p.idx()]);
         self.hits[i] = match remembered {
             Some(r) if self.policy.counts_hits() => r
