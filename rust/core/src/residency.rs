@@ -85,6 +85,11 @@ impl Residency {
         z ^ (z >> 31)
     }
 
+    /// Starts fetching the mark that `on_evict(b)` reads and clears. Changes nothing.
+    pub fn prefetch(&self, b: BlockId) {
+        crate::slots::prefetch(&self.is_tracked[b.idx()]);
+    }
+
     /// A block was freshly allocated: maybe start tracking it.
     pub fn on_allocate(&mut self, b: BlockId, now: f64) {
         if self.threshold == u64::MAX || self.next() < self.threshold {

@@ -461,6 +461,7 @@ impl State {
         out.extend((0..left).map(|_| self.pool.evict_lru().expect("availability was checked")));
         for &b in out[first..].iter().take(2 * PREFETCH_AHEAD) {
             self.index.prefetch_entry(b);
+            self.residency.prefetch(b);
         }
         for &b in out[first..].iter().take(PREFETCH_AHEAD) {
             self.index.prefetch_remove(b);
@@ -468,6 +469,7 @@ impl State {
         for i in first..out.len() {
             if let Some(&b) = out.get(i + 2 * PREFETCH_AHEAD) {
                 self.index.prefetch_entry(b);
+                self.residency.prefetch(b);
             }
             if let Some(&b) = out.get(i + PREFETCH_AHEAD) {
                 self.index.prefetch_remove(b);
