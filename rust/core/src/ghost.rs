@@ -4,8 +4,9 @@
 //! the eviction (`Remembered`). `take` finds and removes an entry in O(1) when a block with that hash is
 //! cached again (a miss that would have been a hit had the block stayed); once `capacity`
 //! entries are held, each new one forgets the oldest (O(1): a ring of fingerprints beside a
-//! hash map from fingerprint to its ring slot and value; a slot whose entry was taken or
-//! rewritten is skipped when the ring comes round to it).
+//! hash map from fingerprint to its ring slot and value, hashed by passing the fingerprint
+//! through; a slot whose entry was taken or rewritten is skipped when the ring comes round
+//! to it).
 //!
 //! Fingerprints are 64 bits of the 128-bit block hash: two hashes sharing them only make the
 //! policy misjudge one block's history, never serve wrong data (the prefix index, not the

@@ -10,9 +10,10 @@
 //!   has one class, so its order is exactly vLLM's.
 //! - Allocation takes blank blocks first (FIFO), then evicts the policy's victim (`Lru`,
 //!   `Lfu`: the head of the lowest non-empty class; `Lecar`: see `eviction`); the caller
-//!   drops the evicted block's hash from the prefix index. The pool keeps each cached
-//!   block's hash fingerprint, so the policy's ghost remembers what it evicted and a block
-//!   cached again under a remembered hash starts with its history.
+//!   drops the evicted block's hash from the prefix index. Under the policies that remember
+//!   evicted blocks (all but `lru`) the pool keeps each cached block's hash fingerprint, so
+//!   the policy's ghost remembers what it evicted and a block cached again under a
+//!   remembered hash starts with its history.
 //!
 //! Every operation is O(1): queue links are arrays indexed by block id, so removing a block
 //! that is hit from the middle of the evictable queue costs two writes.

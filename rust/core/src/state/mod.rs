@@ -10,8 +10,11 @@
 //! mid-copy. Swaps copy without the lock while their sequence is pinned in a moving `Phase`
 //! (see `sequence`).
 //!
-//! Allocation order: blank blocks first (FIFO), then the least recently released evictable
-//! block (a sequence releases its blocks tail first, so children go before parents).
+//! Allocation order: blank blocks first (FIFO), then the policy's victims (`lru`: the least
+//! recently released evictable block; a sequence releases its blocks tail first, so children
+//! go before parents). A call's victims are popped together and evicted in order while the
+//! index entries of those a few places behind are prefetched (`alloc_blocks`): their cache
+//! misses overlap, which halved the trace replay's cost per block (BENCHMARKS.md).
 //! Submodules add to `State`, each owning one kind of change: `alloc` (a new sequence:
 //! plan, reserve, publish), `extend` (growing a sequence, copy-on-write), `effects` (what
 //! a call leaves the engine to do), `tickets`
