@@ -22,6 +22,9 @@ earliest release, which keeps a chain's leaves ahead of its root):
 - `lru2-new-last`: `lru2`, with blocks seen once evicted newest request first (a request
   re-read after a long gap finds its blocks; one read soon after is the loser).
 - `lfu2-new-last`: `lfu` capped at 2, blocks never hit evicted newest request first.
+- `lru2-new-last-w200`: `lru2-new-last`, a second-to-last access more than 200 requests
+  before the release counted as 200 before it (among blocks whose history is that old, the
+  least recently released go first).
 
 Run: `.venv/bin/python benches/policy_sim.py` (about a minute; `--quick`: the conversation
 only). Results and the conclusions drawn are in BENCHMARKS.md ("Eviction rules in
@@ -115,10 +118,10 @@ class Lfu(Rule):
 
 
 class Lru2(Rule):
-    def __init__(self, history: int, new_last: bool = False) -> None:
+    def __init__(self, history: int, new_last: bool = False, window: int | None = None) -> None:
         self.last2: dict[object, list[int]] = {}
         self.history: OrderedDict[object, int] = OrderedDict()
-        self.limit, self.new_last = history, new_last
+        self.limit, self.new_last, self.window = history, new_last, window
 
     def _access(self, u: object, t: int) -> None:
         a = self.last2.get(u)
@@ -144,7 +147,7 @@ class Lru2(Rule):
     def key(self, u: object, t: int) -> tuple:
         a = self.last2[u]
         if len(a) >= 2:
-            return (1, a[-2])
+            return (1, a[-2] if self.window is None else max(a[-2], t - self.window))
         return (0, -t) if self.new_last else (0, t)
 
 
@@ -210,6 +213,7 @@ RULES: dict[str, Callable[[int], Rule]] = {
     "lru2": lambda units: Lru2(4 * units),
     "lru2-new-last": lambda units: Lru2(4 * units, new_last=True),
     "lfu2-new-last": lambda units: Lfu(2, new_last=True),
+    "lru2-new-last-w200": lambda units: Lru2(4 * units, new_last=True, window=200),
 }
 
 
