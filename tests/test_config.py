@@ -300,7 +300,7 @@ def test_defaults() -> None:
 
 
 def test_eviction_policies_are_listed_and_accepted() -> None:
-    assert ferrumkv.EVICTION_POLICIES == ("lru", "lfu", "lecar", "adaptive")
+    assert ferrumkv.EVICTION_POLICIES == ("lru", "lfu", "lecar", "adaptive", "lru2")
     for name in ferrumkv.EVICTION_POLICIES:
         assert make_config(eviction_policy=name).eviction_policy == name
 

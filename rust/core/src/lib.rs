@@ -20,6 +20,7 @@ pub mod fallible;
 pub mod ghost;
 pub mod incidents;
 pub mod layout;
+pub mod lru2;
 pub mod notify;
 pub mod pool;
 pub mod prefix;

@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::eviction::{EvictionPolicy, LECAR_LEARNING_RATE, LFU_EXPERT, LRU_EXPERT};
 use crate::fallible::{vec_of, zeroed};
 use crate::ghost::{fingerprint, Ghost, Remembered};
+use crate::lru2::{self, Lru2Order};
 use crate::shadow::Shadows;
 use crate::types::{BlockHash, BlockId};
 
@@ -163,6 +164,10 @@ pub struct BlockPool {
     rng: u64,
     /// `Adaptive`: the sampled simulations that pick the expert (boxed: absent elsewhere).
     shadows: Option<Box<Shadows>>,
+    /// `Lru2`: access rounds and the eviction order (boxed: absent elsewhere).
+    lru2: Option<Box<Lru2Order>>,
+    /// The current round (one allocation; `next_round`).
+    round: u32,
 }
 
 impl BlockPool {
@@ -178,8 +183,20 @@ impl BlockPool {
         Self::with_policy(num_blocks, EvictionPolicy::Lru)
     }
 
-    /// `try_new` evicting by `policy`.
+    /// `try_new` evicting by `policy`, as a lower tier (host, disk) does: under `Lru2` its
+    /// blocks seen once go oldest first (they arrive as the tier above evicts them, children
+    /// before parents).
     pub fn with_policy(num_blocks: usize, policy: EvictionPolicy) -> Result<Self> {
+        Self::build(num_blocks, policy, false)
+    }
+
+    /// `with_policy` for the device tier: under `Lru2` its blocks seen once go newest first
+    /// (`lru2`).
+    pub fn for_device(num_blocks: usize, policy: EvictionPolicy) -> Result<Self> {
+        Self::build(num_blocks, policy, true)
+    }
+
+    fn build(num_blocks: usize, policy: EvictionPolicy, device: bool) -> Result<Self> {
         let mut queues = Queues::try_new(num_blocks, policy.classes())?;
         let ref_cnt = zeroed(num_blocks, "the block pool's reference counts")?;
         let cached = zeroed(num_blocks, "the block pool's cached marks")?;
@@ -194,6 +211,10 @@ impl BlockPool {
         let order = Queues::try_new(if ordered { num_blocks } else { 0 }, 1)?;
         let shadows = match policy {
             EvictionPolicy::Adaptive => Some(Box::new(Shadows::try_new(num_blocks)?)),
+            _ => None,
+        };
+        let lru2 = match policy {
+            EvictionPolicy::Lru2 => Some(Box::new(Lru2Order::try_new(num_blocks, device)?)),
             _ => None,
         };
         for b in 0..num_blocks as u32 {
@@ -213,6 +234,8 @@ impl BlockPool {
             discount: 0.005f64.powf(1.0 / num_blocks.max(1) as f64),
             rng: 0x9E37_79B9_7F4A_7C15,
             shadows,
+            lru2,
+            round: 0,
         })
     }
 
@@ -224,6 +247,9 @@ impl BlockPool {
         if self.policy.keeps_release_order() {
             self.order.push_back(EVICTABLE, b);
         }
+        if let Some(o) = self.lru2.as_deref_mut() {
+            o.push(b);
+        }
     }
 
     /// Takes a free block out of its queue(s).
@@ -232,6 +258,9 @@ impl BlockPool {
         self.queues.remove(b);
         if evictable && self.policy.keeps_release_order() {
             self.order.remove(b);
+        }
+        if let (true, Some(o)) = (evictable, self.lru2.as_deref_mut()) {
+            o.remove(b);
         }
     }
 
@@ -317,7 +346,7 @@ impl BlockPool {
     fn class_of(&self, b: u32) -> usize {
         let b = b as usize;
         match self.policy {
-            EvictionPolicy::Lru => 0,
+            EvictionPolicy::Lru | EvictionPolicy::Lru2 => 0,
             EvictionPolicy::Lfu | EvictionPolicy::Lecar | EvictionPolicy::Adaptive => {
                 self.hits[b] as usize
             }
@@ -339,7 +368,24 @@ impl BlockPool {
             }
             EvictionPolicy::Lecar => self.pop_lecar(),
             EvictionPolicy::Adaptive => self.pop_adaptive(),
+            EvictionPolicy::Lru2 => {
+                let o = self.lru2.as_deref_mut().expect("Lru2 keeps its order");
+                let b = o.pop()?;
+                let noted = Remembered {
+                    at: o.last[b as usize],
+                    ..Default::default()
+                };
+                o.forget(b);
+                self.queues.remove(b);
+                self.ghost.insert(self.fp[b as usize], noted);
+                Some(b)
+            }
         }
+    }
+
+    /// Starts the next round (one allocation): `Lru2` counts accesses by round.
+    pub fn next_round(&mut self) {
+        self.round = self.round.wrapping_add(1);
     }
 
     pub fn policy(&self) -> EvictionPolicy {
@@ -402,6 +448,7 @@ impl BlockPool {
     /// from the prefix index.
     pub fn evict_lru(&mut self) -> Option<BlockId> {
         let b = self.pop_victim()?;
+        self.forget_history(b);
         self.ref_cnt[b as usize] = 1;
         self.cached[b as usize] = false;
         self.hits[b as usize] = 0;
@@ -411,6 +458,7 @@ impl BlockPool {
     /// Evicts the block `evict_lru` would into the blank queue (for `gc`).
     pub fn evict_lru_to_blank(&mut self) -> Option<BlockId> {
         let b = self.pop_victim()?;
+        self.forget_history(b);
         self.cached[b as usize] = false;
         self.hits[b as usize] = 0;
         self.queues.push_back(BLANK, b);
@@ -434,6 +482,9 @@ impl BlockPool {
         *h = h.saturating_add(1).min(self.policy.max_hits());
         if let Some(s) = self.shadows.as_deref_mut() {
             s.reference(self.fp[b.idx()]);
+        }
+        if let Some(o) = self.lru2.as_deref_mut() {
+            o.access(b.0, self.round);
         }
     }
 
@@ -488,6 +539,19 @@ impl BlockPool {
         if let (EvictionPolicy::Lecar, Some(r)) = (self.policy, remembered) {
             self.regret(r);
         }
+        if let Some(o) = self.lru2.as_deref_mut() {
+            // The last access the ghost remembers becomes the second-to-last, never later
+            // than the parent's (leaves first; a parent seen once makes its child so too).
+            let second = match (remembered, parent) {
+                (None, _) => lru2::NEVER,
+                (Some(r), None) => r.at,
+                (Some(r), Some(p)) => match o.second[p.idx()] {
+                    lru2::NEVER => lru2::NEVER,
+                    s => r.at.min(s),
+                },
+            };
+            o.cache(b.0, self.round, second);
+        }
     }
 
     /// Drops the cached mark of an owned block (its hash left the index).
@@ -498,6 +562,14 @@ impl BlockPool {
         );
         self.cached[b.idx()] = false;
         self.hits[b.idx()] = 0;
+        self.forget_history(b.0);
+    }
+
+    /// `Lru2`: drops the access rounds of a block that no longer holds a cached block.
+    fn forget_history(&mut self, b: u32) {
+        if let Some(o) = self.lru2.as_deref_mut() {
+            o.forget(b);
+        }
     }
 
     /// Forgets what the policy remembers of evicted blocks (a prefix-cache reset).
@@ -519,6 +591,7 @@ impl BlockPool {
         self.unqueue(b.0);
         self.cached[b.idx()] = false;
         self.hits[b.idx()] = 0;
+        self.forget_history(b.0);
         self.queues.push_back(BLANK, b.0);
     }
 
@@ -570,6 +643,16 @@ impl BlockPool {
         }
         for q in 0..self.queues.len.len() as u8 {
             assert_eq!(self.queues.iter(q).count(), self.queues.len[q as usize]);
+        }
+        if let Some(o) = self.lru2.as_deref() {
+            o.check();
+            for b in 0..self.num_blocks() as u32 {
+                assert_eq!(
+                    o.contains(b),
+                    self.queues.is_evictable(b),
+                    "block {b}: in the lru2 order iff evictable"
+                );
+            }
         }
     }
 }

@@ -187,7 +187,7 @@ impl PyCacheConfig {
         self.config.hash_algo.name()
     }
     /// Which free cached block every tier gives up first: one of `EVICTION_POLICIES`
-    /// ("lru", "lfu", "lecar", "adaptive"; README, "Eviction policies").
+    /// ("lru", "lfu", "lecar", "adaptive", "lru2"; README, "Eviction policies").
     #[getter]
     fn eviction_policy(&self) -> &'static str {
         self.config.eviction_policy.name()

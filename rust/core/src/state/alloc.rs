@@ -287,6 +287,7 @@ impl State {
         // Commit. What this records from here on is the admission's fill.
         let mark = self.fx.mark();
         let now = ctx.clock.now();
+        self.next_round();
         for &b in plan.hits.iter().take(PREFETCH_AHEAD) {
             self.pool.prefetch(b);
         }

@@ -240,7 +240,7 @@ impl State {
     pub fn new(ctx: &Ctx) -> Result<Self> {
         let c = &ctx.config;
         // Bookkeeping first, fallibly (a MemoryError, never an abort), before any file exists.
-        let pool = BlockPool::with_policy(c.num_blocks, c.eviction_policy)?;
+        let pool = BlockPool::for_device(c.num_blocks, c.eviction_policy)?;
         let index = PrefixIndex::try_new(c.num_blocks, c.block_size)?;
         let residency = Residency::try_new(c.residency_sample_rate, c.seed, c.num_blocks)?;
         let host = match c.host_blocks {
@@ -427,6 +427,17 @@ impl State {
     }
 
     // ----- blocks -------------------------------------------------------------------------
+
+    /// An allocation begins: every tier's pool starts its next round (`Lru2`'s clock).
+    fn next_round(&mut self) {
+        self.pool.next_round();
+        if let Some(h) = self.host.as_mut() {
+            h.pool.next_round();
+        }
+        if let Some(d) = self.disk.as_mut() {
+            d.pool.next_round();
+        }
+    }
 
     /// Takes one block (blank first, then the policy's victim). The caller checked
     /// availability.
