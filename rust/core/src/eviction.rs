@@ -42,13 +42,15 @@
 //!   it to LRU, traffic where frequency wins to `Lfu`. Each evictable block is in its class
 //!   queue and in a release-order queue; the ghost holds `LECAR_GHOST_PER_BLOCK` entries per
 //!   block. Leaves first as under either expert.
-//! - `Adaptive` (set dueling): the same two experts, but every eviction follows the one whose
-//!   sampled simulation (`shadow`: LRU and `Lfu` run on one in `rate` block lookups, at the
-//!   tier's capacity scaled down alike) has hit more lately; LRU until the other leads. No
-//!   draws, so it is one rule or the other at any time, never a mix, and it switches within a
-//!   few cache turnovers when the traffic changes. Data as `Lecar`'s (class queues, release
-//!   order, `Lfu`'s ghost) plus the two shadows (about `SHADOW_SLOTS` entries each, whatever
-//!   the tier's size). Leaves first as under either expert.
+//! - `Adaptive` (set dueling): two experts, LRU and `Lru2`'s rule, and every eviction follows
+//!   the one whose sampled simulation (`shadow`: LRU and `Lru2` run on one in `rate` block
+//!   lookups, at the tier's capacity scaled down alike) has hit more lately; LRU until the
+//!   other leads. No draws, so it is one rule or the other at any time, never a mix, and it
+//!   switches within a few cache turnovers when the traffic changes. Data: a release-order
+//!   queue, `Lru2`'s order and ghost, and the two shadows (about `SHADOW_SLOTS` entries each,
+//!   whatever the tier's size). Leaves first as under either expert. (Its second expert was
+//!   `Lfu`'s rule until `Lru2` did better on every workload of the policy table:
+//!   BENCHMARKS.md.)
 //! - `Lru2` (LRU-2, with blocks seen once evicted newest first in the device tier): a round
 //!   is one allocation, and a block is accessed when it is cached or hit. Blocks seen in one
 //!   round only go first: in the device tier the newest round's first (a request re-read
@@ -83,6 +85,8 @@ pub const LECAR_LEARNING_RATE: f64 = 0.45;
 /// `Lecar`'s experts.
 pub const LRU_EXPERT: u8 = 0;
 pub const LFU_EXPERT: u8 = 1;
+/// `Adaptive`'s experts: `LRU_EXPERT` and this, `Lru2`'s rule.
+pub const LRU2_EXPERT: u8 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EvictionPolicy {
@@ -116,10 +120,8 @@ impl EvictionPolicy {
     /// Number of eviction classes (queues) the policy uses.
     pub fn classes(self) -> usize {
         match self {
-            EvictionPolicy::Lru | EvictionPolicy::Lru2 => 1,
-            EvictionPolicy::Lfu | EvictionPolicy::Lecar | EvictionPolicy::Adaptive => {
-                MAX_HITS as usize + 1
-            }
+            EvictionPolicy::Lru | EvictionPolicy::Lru2 | EvictionPolicy::Adaptive => 1,
+            EvictionPolicy::Lfu | EvictionPolicy::Lecar => MAX_HITS as usize + 1,
         }
     }
 
@@ -141,7 +143,7 @@ impl EvictionPolicy {
 
     /// Whether a block's hits count (its class), and come back from the ghost.
     pub fn counts_hits(self) -> bool {
-        !matches!(self, EvictionPolicy::Lru | EvictionPolicy::Lru2)
+        matches!(self, EvictionPolicy::Lfu | EvictionPolicy::Lecar)
     }
 
     /// The most a block's hit count reaches.

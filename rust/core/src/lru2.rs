@@ -108,6 +108,11 @@ impl Lru2Order {
         }
     }
 
+    /// The block the rule gives up first.
+    pub fn peek(&self) -> Option<u32> {
+        self.heap.first().copied()
+    }
+
     /// The block the rule gives up first, taken out.
     pub fn pop(&mut self) -> Option<u32> {
         let b = *self.heap.first()?;

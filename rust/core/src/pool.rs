@@ -210,11 +210,13 @@ impl BlockPool {
         let ordered = policy.keeps_release_order();
         let order = Queues::try_new(if ordered { num_blocks } else { 0 }, 1)?;
         let shadows = match policy {
-            EvictionPolicy::Adaptive => Some(Box::new(Shadows::try_new(num_blocks)?)),
+            EvictionPolicy::Adaptive => Some(Box::new(Shadows::try_new(num_blocks, device)?)),
             _ => None,
         };
         let lru2 = match policy {
-            EvictionPolicy::Lru2 => Some(Box::new(Lru2Order::try_new(num_blocks, device)?)),
+            EvictionPolicy::Lru2 | EvictionPolicy::Adaptive => {
+                Some(Box::new(Lru2Order::try_new(num_blocks, device)?))
+            }
             _ => None,
         };
         for b in 0..num_blocks as u32 {
@@ -311,14 +313,24 @@ impl BlockPool {
         Some(b)
     }
 
-    /// `Adaptive`'s victim: the leading expert picks it; the ghost keeps its count.
+    /// `Adaptive`'s victim: the leading expert picks it (the least recently released block,
+    /// or `Lru2`'s); the ghost keeps its last access.
     fn pop_adaptive(&mut self) -> Option<u32> {
         let expert = self.shadows.as_ref().map_or(LRU_EXPERT, |s| s.leader());
-        let b = self.pop_expert(expert)?;
+        let o = self.lru2.as_deref().expect("Adaptive keeps the lru2 order");
+        let b = if expert == LRU_EXPERT {
+            self.order.head[EVICTABLE as usize]
+        } else {
+            o.peek().unwrap_or(NIL)
+        };
+        if b == NIL {
+            return None;
+        }
         let noted = Remembered {
-            hits: self.hits[b as usize],
+            at: o.last[b as usize],
             ..Default::default()
         };
+        self.unqueue(b);
         self.ghost.insert(self.fp[b as usize], noted);
         Some(b)
     }
@@ -346,10 +358,8 @@ impl BlockPool {
     fn class_of(&self, b: u32) -> usize {
         let b = b as usize;
         match self.policy {
-            EvictionPolicy::Lru | EvictionPolicy::Lru2 => 0,
-            EvictionPolicy::Lfu | EvictionPolicy::Lecar | EvictionPolicy::Adaptive => {
-                self.hits[b] as usize
-            }
+            EvictionPolicy::Lru | EvictionPolicy::Lru2 | EvictionPolicy::Adaptive => 0,
+            EvictionPolicy::Lfu | EvictionPolicy::Lecar => self.hits[b] as usize,
         }
     }
 
@@ -369,14 +379,13 @@ impl BlockPool {
             EvictionPolicy::Lecar => self.pop_lecar(),
             EvictionPolicy::Adaptive => self.pop_adaptive(),
             EvictionPolicy::Lru2 => {
-                let o = self.lru2.as_deref_mut().expect("Lru2 keeps its order");
-                let b = o.pop()?;
+                let o = self.lru2.as_deref().expect("Lru2 keeps its order");
+                let b = o.peek()?;
                 let noted = Remembered {
                     at: o.last[b as usize],
                     ..Default::default()
                 };
-                o.forget(b);
-                self.queues.remove(b);
+                self.unqueue(b);
                 self.ghost.insert(self.fp[b as usize], noted);
                 Some(b)
             }
@@ -481,7 +490,7 @@ impl BlockPool {
         let h = &mut self.hits[b.idx()];
         *h = h.saturating_add(1).min(self.policy.max_hits());
         if let Some(s) = self.shadows.as_deref_mut() {
-            s.reference(self.fp[b.idx()]);
+            s.reference(self.fp[b.idx()], self.round);
         }
         if let Some(o) = self.lru2.as_deref_mut() {
             o.access(b.0, self.round);
@@ -534,7 +543,7 @@ impl BlockPool {
         };
         // A block computed and cached now is a lookup that missed.
         if let Some(s) = self.shadows.as_deref_mut() {
-            s.reference(fp);
+            s.reference(fp, self.round);
         }
         if let (EvictionPolicy::Lecar, Some(r)) = (self.policy, remembered) {
             self.regret(r);
@@ -660,6 +669,7 @@ impl BlockPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eviction::LRU2_EXPERT;
 
     #[test]
     fn blank_fifo_then_lru_eviction() {
@@ -870,16 +880,19 @@ mod tests {
         p.release(BlockId(0));
         assert_eq!(evict_all(&mut p), [1, 2, 3, 4, 5, 6, 7, 0]);
         // Traffic where frequency wins (4 hot blocks between scans longer than the tier)
-        // makes the LFU shadow lead: then hit blocks go last, least recent first.
+        // makes the `lru2` shadow lead.
         let mut p = cached_pool(8, EvictionPolicy::Adaptive);
         let shadows = p.shadows.as_deref_mut().unwrap();
         for i in 0..4000u64 {
             let k = if i % 3 == 0 { i % 4 } else { 1000 + i };
-            shadows.reference(fingerprint(
-                u128::from(k).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            ));
+            let fp = fingerprint(u128::from(k).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            shadows.reference(fp, i as u32);
         }
-        assert_eq!(p.adaptive_leader(), Some(LFU_EXPERT));
+        assert_eq!(p.adaptive_leader(), Some(LRU2_EXPERT));
+        // Under `lru2`'s rule: 7 and 3, hit in a later round, are seen twice and go last;
+        // the rest were seen in one round and go by release (a lower tier's pool: oldest
+        // first).
+        p.next_round();
         p.acquire_hit(BlockId(7));
         p.release(BlockId(7));
         p.acquire_hit(BlockId(3));
