@@ -323,16 +323,20 @@ impl BlockPool {
         } else {
             o.peek().unwrap_or(NIL)
         };
-        if b == NIL {
-            return None;
-        }
+        (b != NIL).then(|| self.evict_remembering_last_access(b))
+    }
+
+    /// Takes free block `b` out of its queues, its last access noted in the ghost (`Lru2`'s
+    /// history, which `Adaptive` keeps too).
+    fn evict_remembering_last_access(&mut self, b: u32) -> u32 {
+        let o = self.lru2.as_deref().expect("a policy with the lru2 order");
         let noted = Remembered {
             at: o.last[b as usize],
             ..Default::default()
         };
         self.unqueue(b);
         self.ghost.insert(self.fp[b as usize], noted);
-        Some(b)
+        b
     }
 
     /// `Adaptive`: which expert evictions follow now (None under other policies).
@@ -379,15 +383,8 @@ impl BlockPool {
             EvictionPolicy::Lecar => self.pop_lecar(),
             EvictionPolicy::Adaptive => self.pop_adaptive(),
             EvictionPolicy::Lru2 => {
-                let o = self.lru2.as_deref().expect("Lru2 keeps its order");
-                let b = o.peek()?;
-                let noted = Remembered {
-                    at: o.last[b as usize],
-                    ..Default::default()
-                };
-                self.unqueue(b);
-                self.ghost.insert(self.fp[b as usize], noted);
-                Some(b)
+                let b = self.lru2.as_deref().expect("Lru2 keeps its order").peek()?;
+                Some(self.evict_remembering_last_access(b))
             }
         }
     }
