@@ -26,6 +26,34 @@ use crate::storage::disk::DiskFile;
 use crate::storage::Memory;
 use crate::types::{BlockHash, BlockId, Tier};
 
+/// Indexes owned block `b` of a tier under `hash` and marks it cached in the tier's pool,
+/// with its parent block there for the policy's leaves-first caps: `prev` when that block
+/// holds `parent` (no probe), else looked up. False, and nothing changed, when another block
+/// holds the hash or its fingerprint. Every tier caches a block through here.
+#[allow(clippy::too_many_arguments)]
+pub fn index_cached(
+    index: &mut PrefixIndex,
+    pool: &mut BlockPool,
+    b: BlockId,
+    hash: BlockHash,
+    parent: BlockHash,
+    first: bool,
+    prev: Option<BlockId>,
+    tokens: &[u32],
+) -> bool {
+    if !index.insert(b, hash, parent, first, tokens) {
+        return false;
+    }
+    let parent_block = if first {
+        None
+    } else {
+        prev.filter(|&p| index.hash_of(p) == Some(parent))
+            .or_else(|| index.get(parent))
+    };
+    pool.register(b, hash, parent_block);
+    true
+}
+
 /// What an evicted cached host block held.
 pub struct Spilled {
     pub hash: BlockHash,
@@ -126,12 +154,16 @@ impl HostTier {
         first: bool,
         tokens: &[u32],
     ) -> bool {
-        let stored = self.index.insert(b, hash, parent, first, tokens);
-        if stored {
-            let parent_block = (!first).then(|| self.index.get(parent)).flatten();
-            self.pool.register(b, hash, parent_block);
-        }
-        stored
+        index_cached(
+            &mut self.index,
+            &mut self.pool,
+            b,
+            hash,
+            parent,
+            first,
+            None,
+            tokens,
+        )
     }
 
     /// Drops every cached host block (reset); owned blocks are untouched.
@@ -236,9 +268,20 @@ impl DiskTier {
             }
             s
         };
-        self.index.insert(slot, hash, parent, first, tokens);
-        let parent_block = (!first).then(|| self.index.get(parent)).flatten();
-        self.pool.register(slot, hash, parent_block);
+        if !index_cached(
+            &mut self.index,
+            &mut self.pool,
+            slot,
+            hash,
+            parent,
+            first,
+            None,
+            tokens,
+        ) {
+            // Another hash holds its fingerprint (1 in 2^64): no write, the slot goes blank.
+            self.pool.release(slot);
+            return None;
+        }
         self.pending[slot.idx()] = self.next_write;
         self.in_flight.insert(self.next_write);
         self.next_write += 1;
@@ -339,6 +382,31 @@ mod tests {
         d.finish_write(late, 9, true, &mut ev);
         assert_eq!((d.landed_before(), d.num_pending()), (5, 0));
         assert!(d.readable(2).is_some() && d.readable(1).is_none());
+    }
+
+    #[test]
+    fn a_hash_whose_fingerprint_is_taken_is_not_written_to_disk() {
+        // Two hashes with the same 64-bit fingerprint (the halves swapped fold alike): the
+        // second cannot be indexed, so no slot may be taken or reported for it.
+        let (a, b) = (1u128 << 64 | 2, 2u128 << 64 | 1);
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = DiskTier::new(&dir.path().join("b"), 4, 1, 8, Default::default()).unwrap();
+        let mut ev = EventQueue::new(true);
+        assert!(d.reserve(a, 0, true, &[1], &mut ev).is_some());
+        let (blank, stored) = (d.pool.num_blank_blocks(), ev.drain().len());
+        assert_eq!(d.reserve(b, 0, true, &[2], &mut ev), None);
+        assert_eq!(
+            (
+                d.num_pending(),
+                d.pool.num_blank_blocks(),
+                ev.drain().len(),
+                stored
+            ),
+            (1, blank, 0, 1),
+            "nothing taken, written or reported for b"
+        );
+        d.pool.check_invariants();
+        d.index.check_invariants();
     }
 
     #[test]

@@ -157,14 +157,7 @@ impl Registry<'_> {
         tokens: &[u32],
     ) {
         let first = parent == root;
-        if self.index.insert(b, hash, parent, first, tokens) {
-            let parent_block = if first {
-                None
-            } else {
-                prev.filter(|&p| self.index.hash_of(p) == Some(parent))
-                    .or_else(|| self.index.get(parent))
-            };
-            self.pool.register(b, hash, parent_block);
+        if crate::tier::index_cached(self.index, self.pool, b, hash, parent, first, prev, tokens) {
             // The first block of a chain has no parent block (the root is a salt, not a block).
             self.events
                 .stored(hash, (!first).then_some(parent), tokens, Tier::Device);
